@@ -1,0 +1,38 @@
+//! ncro — the Nix Cache Route Optimizer.
+//!
+//! A thread-per-core HTTP/1.1 proxy in front of several Nix binary caches.
+//! Each worker thread is pinned to a CPU and runs its own monoio runtime
+//! (io_uring, epoll fallback), its own SO_REUSEPORT listener, its own
+//! upstream connection pools and its own race engine. Shared state is either
+//! lock-free to read (immutable snapshots) or sharded (the route cache).
+//!
+//! # Layout
+//! HOT = on a worker's request path; COLD = startup, control or writer thread.
+//!
+//! | module | temperature | what it owns |
+//! |---|---|---|
+//! | [`cli`] | COLD | clap definitions only |
+//! | [`config`] | COLD | raw TOML -> validated [`config::Config`], env overrides, embedded default |
+//! | [`app`] | COLD | startup wiring: shared state, workers, control and writer threads, shutdown |
+//! | [`worker`] | COLD/HOT | per-core threads, CPU pinning, driver choice, listeners |
+//! | [`serve`] | HOT | per-connection HTTP/1.1 loop and the endpoints |
+//! | [`http`] | HOT | request parsing, response writing, upstream client on httparse |
+//! | [`proto`] | HOT | pure Nix formats: base32, store hashes, narinfo, signatures |
+//! | [`upstream`] | HOT read / COLD write | upstream set snapshot, filters |
+//! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
+//! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
+//! | [`control`] | COLD | control core: probes, DNS refresh; publishes snapshots |
+//! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod race;
+pub mod route;
+pub mod serve;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,8 @@
+//! Pure Nix binary-cache formats. Nothing here does I/O; everything that
+//! parses bytes from the network lives here and is fuzzed.
+
+pub mod base32;
+pub mod cache_info;
+pub mod narinfo;
+pub mod signature;
+pub mod store_path;

@@ -1,0 +1,2 @@
+//! route
+pub mod persist;

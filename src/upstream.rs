@@ -1,0 +1,2 @@
+//! upstream
+pub mod filter;
