@@ -1,0 +1,285 @@
+//! Exactly what a config file said: serde structs mirroring the TOML, with
+//! every ncro 2.2 key, the same defaults, and unknown keys rejected (toml
+//! reports the key and its line).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+use crate::upstream::filter::FilterRule;
+
+/// A duration written as "30s", "10m", "1h", "2h 30m" (humantime).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl fmt::Debug for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (use e.g. \"30s\", \"10m\", \"1h\")"
+            ))
+        })
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+fn secs(n: u64) -> Dur {
+    Dur(Duration::from_secs(n))
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<Vec<RawUpstream>>,
+    pub cache: RawCache,
+    pub timeouts: RawTimeouts,
+    pub health: RawHealth,
+    pub logging: RawLogging,
+    pub discovery: RawDiscovery,
+    pub mesh: RawMesh,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NarRelay {
+    /// Splice where measurement says it wins (epoll driver), copy elsewhere.
+    #[default]
+    Auto,
+    Copy,
+    Splice,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub cache_priority: i32,
+    pub read_timeout: Dur,
+    pub write_timeout: Dur,
+    /// 0 or absent: one worker per CPU in the process's affinity set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_cpu: Option<usize>,
+    pub nar_relay: NarRelay,
+    pub shutdown_grace: Dur,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: ":8080".into(),
+            cache_priority: 30,
+            read_timeout: secs(30),
+            write_timeout: secs(30),
+            workers: None,
+            cpus: None,
+            control_cpu: None,
+            nar_relay: NarRelay::Auto,
+            shutdown_grace: secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub url: String,
+    pub priority: i32,
+    pub public_key: String,
+    /// Several keys for one upstream (key rotation); merged with `public_key`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub public_keys: Vec<String>,
+    pub username: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// File holding the password (kept out of the Nix store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Extra PEM CA bundle trusted for this HTTPS upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterRule>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_path: Option<String>,
+    pub max_entries: i64,
+    pub ttl: Dur,
+    pub negative_ttl: Dur,
+    pub latency_alpha: f64,
+    pub mass_query: RawMassQuery,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            db_path: None,
+            max_entries: 100_000,
+            ttl: secs(3600),
+            negative_ttl: secs(600),
+            latency_alpha: 0.3,
+            mass_query: RawMassQuery::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMassQuery {
+    pub max_concurrent_races: u32,
+    pub per_upstream_max_inflight: u32,
+    pub in_memory_negative_ttl: Dur,
+    pub upstream_cooldown: Dur,
+}
+
+impl Default for RawMassQuery {
+    fn default() -> Self {
+        RawMassQuery {
+            max_concurrent_races: 64,
+            per_upstream_max_inflight: 8,
+            in_memory_negative_ttl: secs(5),
+            upstream_cooldown: secs(15),
+        }
+    }
+}
+
+/// Timeouts ncro 2.2 hard-coded.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    pub race_deadline: Dur,
+    pub connect: Dur,
+    pub first_byte: Dur,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Dur>,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            race_deadline: secs(5),
+            connect: secs(5),
+            first_byte: secs(15),
+            idle: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    pub probe_interval: Dur,
+    pub probe_timeout: Dur,
+    pub hedge_after: Dur,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            probe_interval: secs(30),
+            probe_timeout: secs(5),
+            hedge_after: secs(2),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLogging {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        RawLogging {
+            level: "info".into(),
+            format: "json".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressFamily {
+    #[default]
+    Any,
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDiscovery {
+    pub enabled: bool,
+    pub service_name: String,
+    pub domain: String,
+    pub discovery_time: Dur,
+    pub priority: i32,
+    pub address_family: AddressFamily,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        RawDiscovery {
+            enabled: false,
+            service_name: "_nix-serve._tcp".into(),
+            domain: "local".into(),
+            discovery_time: secs(5),
+            priority: 20,
+            address_family: AddressFamily::Any,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPeer {
+    pub addr: String,
+    pub public_key: String,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMesh {
+    pub enabled: bool,
+    pub bind_addr: String,
+    pub peers: Vec<RawPeer>,
+    pub private_key: String,
+    pub gossip_interval: Dur,
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for RawMesh {
+    fn default() -> Self {
+        RawMesh {
+            enabled: false,
+            bind_addr: "0.0.0.0:7946".into(),
+            peers: Vec::new(),
+            private_key: String::new(),
+            gossip_interval: secs(30),
+            allow_unauthenticated: false,
+        }
+    }
+}

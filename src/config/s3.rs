@@ -1,0 +1,155 @@
+//! `s3://bucket?endpoint=..&scheme=..&region=..&profile=..&addressing-style=..`
+//! upstream URLs, with ncro 2.2's defaults. Unknown parameters are an error
+//! (ncro 2.2 ignored them, hiding typos).
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addressing {
+    Auto,
+    Path,
+    Virtual,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// host[:port] of an S3-compatible service.
+    pub endpoint: Option<String>,
+    pub scheme: String,
+    pub region: String,
+    pub profile: Option<String>,
+    pub addressing: Addressing,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> Result<S3Url, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("s3 upstream {url:?}: not an s3:// URL"))?;
+        let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let bucket = bucket.trim_end_matches('/');
+        if bucket.is_empty() {
+            return Err(format!("s3 upstream {url:?}: missing bucket name"));
+        }
+        if bucket.contains('/') {
+            return Err(format!(
+                "s3 upstream {url:?}: key prefixes are not supported (bucket {bucket:?})"
+            ));
+        }
+        let mut s = S3Url {
+            bucket: bucket.to_owned(),
+            endpoint: None,
+            scheme: "https".into(),
+            region: "us-east-1".into(),
+            profile: None,
+            addressing: Addressing::Auto,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v)
+                .ok_or_else(|| format!("s3 upstream {url:?}: bad percent-encoding in {k}"))?;
+            match k {
+                "endpoint" => {
+                    if v.contains("://") {
+                        return Err(format!("s3 upstream {url:?}: endpoint must be host[:port] without a scheme; use scheme=http|https"));
+                    }
+                    s.endpoint = Some(v)
+                }
+                "scheme" if v == "http" || v == "https" => s.scheme = v,
+                "scheme" => return Err(format!("s3 upstream {url:?}: unsupported scheme {v:?} (http or https)")),
+                "region" if !v.is_empty() => s.region = v,
+                "region" => return Err(format!("s3 upstream {url:?}: empty region")),
+                "profile" => s.profile = Some(v).filter(|p| !p.is_empty()),
+                "addressing-style" => {
+                    s.addressing = match v.as_str() {
+                        "auto" => Addressing::Auto,
+                        "path" => Addressing::Path,
+                        "virtual" => Addressing::Virtual,
+                        _ => return Err(format!("s3 upstream {url:?}: unsupported addressing-style {v:?}")),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "s3 upstream {url:?}: unknown parameter {other:?} (known: endpoint, scheme, region, profile, addressing-style)"
+                    ))
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Path-style requests: forced by `path`, or in `auto` when a custom
+    /// endpoint is set or the bucket name contains a dot.
+    pub fn path_style(&self) -> bool {
+        match self.addressing {
+            Addressing::Path => true,
+            Addressing::Virtual => false,
+            Addressing::Auto => self.endpoint.is_some() || self.bucket.contains('.'),
+        }
+    }
+
+    /// `<scheme>://<endpoint>` when an endpoint is set.
+    pub fn endpoint_url(&self) -> Option<String> {
+        self.endpoint
+            .as_ref()
+            .map(|e| format!("{}://{}", self.scheme, e))
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_params() {
+        let s = S3Url::parse("s3://my-nix-cache").unwrap();
+        assert_eq!(
+            (s.region.as_str(), s.scheme.as_str(), s.path_style()),
+            ("us-east-1", "https", false)
+        );
+        let s =
+            S3Url::parse("s3://c?endpoint=minio.example.com&scheme=http&region=garage&profile=p")
+                .unwrap();
+        assert_eq!(s.endpoint_url().unwrap(), "http://minio.example.com");
+        assert_eq!(s.profile.as_deref(), Some("p"));
+        assert!(s.path_style());
+        let s = S3Url::parse("s3://c?endpoint=e:3900&addressing-style=virtual").unwrap();
+        assert!(!s.path_style());
+        assert!(S3Url::parse("s3://my.cache").unwrap().path_style());
+        assert!(S3Url::parse("s3://c?addressing-style=path")
+            .unwrap()
+            .path_style());
+    }
+
+    #[test]
+    fn errors() {
+        assert!(S3Url::parse("s3://")
+            .unwrap_err()
+            .contains("missing bucket name"));
+        assert!(S3Url::parse("s3://b?addressing-style=odd")
+            .unwrap_err()
+            .contains("unsupported addressing-style"));
+        assert!(S3Url::parse("s3://b?endpoit=x")
+            .unwrap_err()
+            .contains("unknown parameter \"endpoit\""));
+        assert!(S3Url::parse("s3://b?endpoint=http://x")
+            .unwrap_err()
+            .contains("without a scheme"));
+    }
+}
