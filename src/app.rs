@@ -1,6 +1,189 @@
-//! Startup wiring (filled by the foundation work).
+//! Startup and shutdown wiring: config, logging, the listening address,
+//! worker and control threads, signals. COLD.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::{env::ProcessEnv, Config, LogFormat};
+use crate::metrics::Metrics;
+use crate::worker::{self, ListenSource, SharedState};
 
 /// Process entry point; returns the exit code.
 pub fn main_entry() -> i32 {
-    0
+    let cli = Cli::parse();
+    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::CheckConfig => match Config::load(cli.config_path(), &ProcessEnv) {
+            Ok(cfg) => {
+                print!("{}", cfg.render_effective());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        Command::Serve => {
+            let cfg = match Config::load(cli.config_path(), &ProcessEnv) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            };
+            init_logging(&cfg);
+            match serve(cfg) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "ncro failed");
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.logging.level)
+        .unwrap_or_else(|_| "info".into());
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_writer(std::io::stdout);
+    // A second init (tests running in-process) is harmless; ignore it.
+    let _ = match cfg.logging.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves `server.listen` and proves the port is free: monoio sets
+/// SO_REUSEPORT on every listener, so without this check a second ncro (or
+/// anything else using SO_REUSEPORT) would silently share the port.
+pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
+    let addr = listen
+        .to_socket_addrs()
+        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("server.listen {listen:?}: no address"))?;
+    // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
+    // EADDRINUSE if anything is already listening there.
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` holds the signals blocked in every thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
+pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let affinity = worker::affinity_cpus();
+    let plan = worker::plan(&cfg.server, &affinity);
+    let listen = match &cfg.server.listen {
+        Some(l) => ListenSource::Bind(check_listen(l)?),
+        None => bail!("server.listen is empty and no listening socket was inherited"),
+    };
+    let metrics = Arc::new(Metrics::new(plan.worker_cpus.len()));
+    let cache_info = crate::proto::store_path::STORE_DIR;
+    let shared = Arc::new(SharedState {
+        cache_info: format!(
+            "StoreDir: {cache_info}\nWantMassQuery: 1\nPriority: {}\n",
+            cfg.server.cache_priority
+        )
+        .into(),
+        config: cfg.clone(),
+        metrics,
+    });
+
+    // Signals are blocked before any thread starts so every thread inherits
+    // the mask and only sigwait below sees them.
+    let sigset = block_signals();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut workers = Vec::with_capacity(plan.worker_cpus.len());
+    for (i, cpu) in plan.worker_cpus.iter().enumerate() {
+        workers.push(
+            worker::spawn(i, *cpu, shared.clone(), listen, ready_tx.clone())
+                .context("cannot start worker thread")?,
+        );
+    }
+    drop(ready_tx);
+    let mut drivers = Vec::new();
+    for _ in 0..workers.len() {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok((_, d))) => drivers.push(d),
+            Ok(Err(msg)) => {
+                stop_workers(workers, Duration::from_secs(1));
+                bail!(msg);
+            }
+            Err(_) => bail!("workers did not start within 10s"),
+        }
+    }
+    let addr = match listen {
+        ListenSource::Bind(a) => a.to_string(),
+        ListenSource::Inherited(fd) => format!("inherited fd {fd}"),
+    };
+    tracing::info!(
+        addr,
+        upstreams = cfg.upstreams.len(),
+        workers = workers.len(),
+        cpus = ?plan.worker_cpus,
+        driver = drivers.first().copied().unwrap_or("?"),
+        version = env!("CARGO_PKG_VERSION"),
+        "ncro listening"
+    );
+    let sig = wait_signal(&sigset);
+    tracing::info!(
+        signal = if sig == libc::SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        },
+        "shutting down: draining connections"
+    );
+    stop_workers(workers, cfg.server.shutdown_grace);
+    tracing::info!("ncro stopped");
+    Ok(())
+}
+
+fn stop_workers(workers: Vec<worker::WorkerHandle>, grace: Duration) {
+    for w in &workers {
+        let _ = w.stop.try_send(()); // a worker that already exited has dropped its receiver
+    }
+    let deadline = std::time::Instant::now() + grace + Duration::from_secs(2);
+    for w in workers {
+        while !w.thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if w.thread.is_finished() {
+            let _ = w.thread.join();
+        }
+    }
 }

@@ -1,1 +1,311 @@
-//! serve
+//! The per-connection HTTP/1.1 loop and endpoint dispatch. HOT.
+//!
+//! One task per client connection on its worker. Keep-alive and pipelining
+//! are handled here: complete requests already in the read buffer are
+//! answered back to back, and their in-memory responses are written with
+//! one syscall.
+
+pub mod health;
+
+use std::rc::Rc;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::http::request::{self, Method, Parse, Request};
+use crate::http::response::write_simple;
+use crate::worker::WorkerCtx;
+
+/// Responses buffered from pipelined requests before a write is forced.
+const MAX_BUFFERED_OUT: usize = 64 * 1024;
+
+/// What to do with the connection after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    KeepAlive,
+    Close,
+}
+
+pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true); // latency of small responses matters more than segments
+    let mut conn = Conn {
+        stream,
+        rbuf: Vec::with_capacity(4096),
+        wbuf: Vec::with_capacity(4096),
+    };
+    if let Err(e) = conn.run(&ctx).await {
+        tracing::debug!(worker = ctx.index, error = %e, "client connection ended with an error");
+    }
+    ctx.metrics.connections_closed.inc();
+    ctx.active.set(ctx.active.get() - 1);
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    rbuf: Vec<u8>,
+    pub wbuf: Vec<u8>,
+}
+
+enum Head {
+    Ready,
+    Closed,
+}
+
+impl Conn {
+    async fn run(&mut self, ctx: &WorkerCtx) -> std::io::Result<()> {
+        loop {
+            match self.wait_head(ctx).await? {
+                Head::Closed => return self.flush(ctx).await,
+                Head::Ready => {}
+            }
+            let after = self.answer_one(ctx).await?;
+            // Keep buffering pipelined answers while another full head is
+            // already here; otherwise write now.
+            if after == After::Close
+                || !has_full_head(&self.rbuf)
+                || self.wbuf.len() >= MAX_BUFFERED_OUT
+            {
+                self.flush(ctx).await?;
+            }
+            if after == After::Close {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until the buffer holds a complete request head, the peer
+    /// closes, the idle timeout passes, or the worker drains.
+    async fn wait_head(&mut self, ctx: &WorkerCtx) -> std::io::Result<Head> {
+        let timeout = ctx.shared.config.server.read_timeout;
+        while !has_full_head(&self.rbuf) {
+            if self.rbuf.len() > request::MAX_HEAD {
+                return Ok(Head::Ready); // the parser answers 431
+            }
+            if !self.wbuf.is_empty() {
+                self.flush(ctx).await?;
+            }
+            if self.rbuf.is_empty() && ctx.drain.is_fired() {
+                return Ok(Head::Closed);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 2048 {
+                self.rbuf.reserve(8192);
+            }
+            let buf = std::mem::take(&mut self.rbuf);
+            let len = buf.len();
+            let cap = buf.capacity();
+            let read = self.stream.read(buf.slice_mut(len..cap));
+            let (res, slice) = monoio::select! {
+                r = monoio::time::timeout(timeout, read) => match r {
+                    Ok(r) => r,
+                    Err(_) => return Ok(Head::Closed), // idle or slow client: drop it
+                },
+                _ = ctx.drain.wait(), if len == 0 => return Ok(Head::Closed),
+            };
+            self.rbuf = slice.into_inner();
+            if res? == 0 {
+                return Ok(Head::Closed);
+            }
+        }
+        Ok(Head::Ready)
+    }
+
+    async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
+        ctx.metrics.requests_total.inc();
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let (after, consumed) = match request::parse(&rbuf) {
+            Parse::Complete(req, len) => (self.dispatch(ctx, &req).await?, len),
+            Parse::Partial => {
+                unreachable!("wait_head only returns with a full head or an oversized buffer")
+            }
+            Parse::TooLarge => (
+                self.error(ctx, 431, "request header fields too large\n", false),
+                rbuf.len(),
+            ),
+            Parse::Bad(why) => (self.error(ctx, 400, why, false), rbuf.len()),
+        };
+        self.rbuf = rbuf;
+        self.rbuf.drain(..consumed.min(self.rbuf.len()));
+        Ok(after)
+    }
+
+    async fn dispatch(&mut self, ctx: &WorkerCtx, req: &Request<'_>) -> std::io::Result<After> {
+        let keep = req.keep_alive && !ctx.drain.is_fired();
+        if req.method == Method::Other {
+            ctx.metrics.bad_requests.inc();
+            // An unread body may follow an unknown method; close after answering.
+            let date = ctx.date();
+            write_simple(
+                &mut self.wbuf,
+                405,
+                keep && !req.has_body,
+                false,
+                &date,
+                &[("Allow", b"GET, HEAD"), TEXT],
+                b"method not allowed\n",
+            );
+            return Ok(if keep && !req.has_body {
+                After::KeepAlive
+            } else {
+                After::Close
+            });
+        }
+        if req.has_body {
+            return Ok(self.error(ctx, 400, "request bodies are not accepted\n", false));
+        }
+        let head = req.method == Method::Head;
+        let path = req.path;
+        if path == "/nix-cache-info" {
+            ctx.metrics.cache_info_requests.inc();
+            let date = ctx.date();
+            let body = ctx.shared.cache_info.clone();
+            write_simple(
+                &mut self.wbuf,
+                200,
+                keep,
+                head,
+                &date,
+                &[("Content-Type", b"text/x-nix-cache-info")],
+                &body,
+            );
+        } else if path == "/health" {
+            let body = health::render(ctx);
+            let date = ctx.date();
+            write_simple(
+                &mut self.wbuf,
+                200,
+                keep,
+                head,
+                &date,
+                &[("Content-Type", b"application/json")],
+                body.as_bytes(),
+            );
+        } else if path == "/metrics" {
+            let body = ctx.shared.metrics.render();
+            let date = ctx.date();
+            write_simple(
+                &mut self.wbuf,
+                200,
+                keep,
+                head,
+                &date,
+                &[("Content-Type", b"text/plain; version=0.0.4")],
+                body.as_bytes(),
+            );
+        } else if let Some(name) = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix(".narinfo"))
+        {
+            let Some(_hash) = crate::proto::store_path::StoreHash::parse(name.as_bytes()) else {
+                ctx.metrics.narinfo_error.inc();
+                return Ok(self.error(ctx, 400, "invalid store path hash\n", keep));
+            };
+            ctx.metrics.narinfo_error.inc();
+            return Ok(self.error(ctx, 502, "narinfo routing is not available\n", keep));
+        } else if path.starts_with("/nar/") {
+            ctx.metrics.nar_requests.inc();
+            if !valid_nar_path(path) {
+                return Ok(self.error(ctx, 400, "invalid NAR path\n", keep));
+            }
+            return Ok(self.error(ctx, 502, "NAR routing is not available\n", keep));
+        } else {
+            return Ok(self.error(ctx, 404, "not found\n", keep));
+        }
+        Ok(if keep { After::KeepAlive } else { After::Close })
+    }
+
+    /// Buffers a small plain-text error response.
+    pub fn error(&mut self, ctx: &WorkerCtx, status: u16, body: &str, keep: bool) -> After {
+        if matches!(status, 400 | 405 | 431) {
+            ctx.metrics.bad_requests.inc();
+        }
+        let date = ctx.date();
+        write_simple(
+            &mut self.wbuf,
+            status,
+            keep,
+            false,
+            &date,
+            &[TEXT],
+            body.as_bytes(),
+        );
+        if keep {
+            After::KeepAlive
+        } else {
+            After::Close
+        }
+    }
+
+    /// Writes everything buffered, bounded by the write timeout.
+    pub async fn flush(&mut self, ctx: &WorkerCtx) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.wbuf);
+        let timeout = ctx.shared.config.server.write_timeout;
+        let (res, mut buf) = match monoio::time::timeout(timeout, self.stream.write_all(buf)).await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client write timed out",
+                ))
+            }
+        };
+        buf.clear();
+        self.wbuf = buf;
+        res.map(|_| ())
+    }
+}
+
+const TEXT: (&str, &[u8]) = ("Content-Type", b"text/plain; charset=utf-8");
+
+/// True once `buf` holds a request head's terminating blank line.
+fn has_full_head(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+}
+
+/// NAR paths are opaque but must not escape `/nar/` or carry control bytes
+/// into an upstream request line.
+pub fn valid_nar_path(path: &str) -> bool {
+    let rest = &path["/nar/".len()..];
+    !rest.is_empty()
+        && rest
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+=/,".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nar_path_validation() {
+        assert!(valid_nar_path(
+            "/nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz"
+        ));
+        assert!(valid_nar_path("/nar/sub/x.nar"));
+        for bad in [
+            "/nar/",
+            "/nar/../etc/passwd",
+            "/nar/a//b",
+            "/nar/a/./b",
+            "/nar/a%2e%2e",
+            "/nar/a b",
+            "/nar/a\x01",
+        ] {
+            assert!(!valid_nar_path(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn head_detection() {
+        assert!(!has_full_head(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(has_full_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(has_full_head(b"GET / HTTP/1.1\nHost: x\n\n"));
+    }
+}

@@ -1,1 +1,300 @@
-//! worker
+//! Per-core worker threads: CPU pinning, one monoio runtime each
+//! (FusionDriver: io_uring when the kernel allows it, epoll otherwise;
+//! `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll), one SO_REUSEPORT listener
+//! each, and the drain on shutdown.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use monoio::net::{ListenerOpts, TcpListener};
+
+use crate::config::Config;
+use crate::metrics::{Metrics, WorkerMetrics};
+
+/// State shared by every worker. Immutable after start, or internally
+/// synchronised (read lock-free on the request path).
+pub struct SharedState {
+    pub config: Arc<Config>,
+    /// The full `/nix-cache-info` body, rendered once.
+    pub cache_info: Bytes,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Which CPU each worker runs on, and the control thread's CPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub worker_cpus: Vec<Option<usize>>,
+    pub control_cpu: Option<usize>,
+}
+
+/// The CPUs this process may run on (sched_getaffinity), in order.
+pub fn affinity_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Workers default to one per CPU of the affinity set, pinned in order;
+/// explicit `server.cpus` pins exactly there. More workers than CPUs run
+/// unpinned (pinning two to one core would only add contention).
+pub fn plan(server: &crate::config::ServerConfig, affinity: &[usize]) -> Plan {
+    let n = server
+        .workers
+        .or(server.cpus.as_ref().map(Vec::len))
+        .unwrap_or(affinity.len().max(1));
+    let worker_cpus = match &server.cpus {
+        Some(cpus) => cpus.iter().map(|&c| Some(c)).collect(),
+        None if n <= affinity.len() => affinity[..n].iter().map(|&c| Some(c)).collect(),
+        None => vec![None; n],
+    };
+    Plan {
+        worker_cpus,
+        control_cpu: server.control_cpu,
+    }
+}
+
+/// Where workers get their listening socket.
+#[derive(Debug, Clone, Copy)]
+pub enum ListenSource {
+    /// Each worker binds its own SO_REUSEPORT socket on this address.
+    Bind(SocketAddr),
+    /// An inherited listening socket (systemd), shared by all workers.
+    Inherited(RawFd),
+}
+
+/// A one-shot, worker-local broadcast: fired once when the worker drains.
+#[derive(Default)]
+pub struct Drain {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Drain {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Resolves once [`Drain::fire`] was called.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.fired.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
+/// Per-worker context, shared by that worker's connection tasks only.
+pub struct WorkerCtx {
+    pub index: usize,
+    pub shared: Arc<SharedState>,
+    pub metrics: Arc<WorkerMetrics>,
+    pub drain: Drain,
+    /// Connections being served; the drain waits for it to reach zero.
+    pub active: Cell<usize>,
+    date: RefCell<(u64, [u8; 29])>,
+}
+
+impl WorkerCtx {
+    pub fn new(index: usize, shared: Arc<SharedState>) -> WorkerCtx {
+        let metrics = shared.metrics.workers[index].clone();
+        WorkerCtx {
+            index,
+            shared,
+            metrics,
+            drain: Drain::default(),
+            active: Cell::new(0),
+            date: RefCell::new((0, [b' '; 29])),
+        }
+    }
+
+    /// The Date header value for this second (re-rendered once a second).
+    pub fn date(&self) -> [u8; 29] {
+        let now = unix_now();
+        let mut d = self.date.borrow_mut();
+        if d.0 != now {
+            *d = (now, crate::http::response::http_date(now));
+        }
+        d.1
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A running worker: its thread and the sender that stops it.
+pub struct WorkerHandle {
+    pub thread: std::thread::JoinHandle<()>,
+    pub stop: flume::Sender<()>,
+}
+
+/// What a worker reports once its listener is ready (or why it failed).
+pub type Ready = Result<(usize, &'static str), String>;
+
+pub fn spawn(
+    index: usize,
+    cpu: Option<usize>,
+    shared: Arc<SharedState>,
+    listen: ListenSource,
+    ready: std::sync::mpsc::Sender<Ready>,
+) -> std::io::Result<WorkerHandle> {
+    let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    let thread = std::thread::Builder::new().name(format!("ncro-worker-{index}")).spawn(move || {
+        if let Some(cpu) = cpu {
+            if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
+                tracing::warn!(worker = index, cpu, error = ?e, "cannot pin worker to its CPU; running unpinned");
+            }
+        }
+        let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(1024).build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("worker {index}: cannot build runtime: {e}")));
+                return;
+            }
+        };
+        rt.block_on(run(index, shared, listen, stop_rx, ready));
+    })?;
+    Ok(WorkerHandle {
+        thread,
+        stop: stop_tx,
+    })
+}
+
+fn open_listener(listen: ListenSource) -> std::io::Result<TcpListener> {
+    match listen {
+        ListenSource::Bind(addr) => {
+            let opts = ListenerOpts::new()
+                .reuse_port(true)
+                .reuse_addr(true)
+                .backlog(4096);
+            TcpListener::bind_with_config(addr, &opts)
+        }
+        ListenSource::Inherited(fd) => {
+            use std::os::fd::FromRawFd;
+            // Each worker owns a dup of the inherited socket.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let std_listener = unsafe { std::net::TcpListener::from_raw_fd(dup) };
+            std_listener.set_nonblocking(true)?;
+            TcpListener::from_std(std_listener)
+        }
+    }
+}
+
+async fn run(
+    index: usize,
+    shared: Arc<SharedState>,
+    listen: ListenSource,
+    stop: flume::Receiver<()>,
+    ready: std::sync::mpsc::Sender<Ready>,
+) {
+    let driver = if monoio::utils::is_legacy() {
+        "epoll"
+    } else {
+        "io_uring"
+    };
+    let listener = match open_listener(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "worker {index}: cannot listen on {listen:?}: {e}"
+            )));
+            return;
+        }
+    };
+    let _ = shared.metrics.drivers[index].set(driver);
+    let grace = shared.config.server.shutdown_grace;
+    let ctx = Rc::new(WorkerCtx::new(index, shared));
+    let _ = ready.send(Ok((index, driver)));
+    drop(ready);
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    ctx.metrics.connections_total.inc();
+                    ctx.active.set(ctx.active.get() + 1);
+                    monoio::spawn(crate::serve::serve_conn(ctx.clone(), stream));
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker = index, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.recv_async() => break,
+        }
+    }
+    drop(listener);
+    ctx.drain.fire();
+    let deadline = monoio::time::Instant::now() + grace;
+    while ctx.active.get() > 0 && monoio::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if ctx.active.get() > 0 {
+        tracing::warn!(
+            worker = index,
+            open = ctx.active.get(),
+            "shutdown grace period over; closing remaining connections"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(workers: Option<usize>, cpus: Option<Vec<usize>>) -> crate::config::ServerConfig {
+        let c = crate::config::Config::from_toml(
+            "",
+            crate::config::Source::Embedded,
+            "t",
+            &crate::config::env::MapEnv::new(&[]),
+        )
+        .unwrap();
+        let mut s = c.server;
+        s.workers = workers;
+        s.cpus = cpus;
+        s
+    }
+
+    #[test]
+    fn plan_defaults_to_affinity_set() {
+        let p = plan(&server(None, None), &[2, 3, 5]);
+        assert_eq!(p.worker_cpus, vec![Some(2), Some(3), Some(5)]);
+        let p = plan(&server(Some(2), None), &[2, 3, 5]);
+        assert_eq!(p.worker_cpus, vec![Some(2), Some(3)]);
+        let p = plan(&server(Some(4), None), &[0, 1]);
+        assert_eq!(p.worker_cpus, vec![None; 4]);
+        let p = plan(&server(None, Some(vec![7, 1])), &[0, 1]);
+        assert_eq!(p.worker_cpus, vec![Some(7), Some(1)]);
+    }
+}
