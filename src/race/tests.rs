@@ -354,6 +354,20 @@ fn hedged_tier_keeps_the_first_tier_running() {
 }
 
 #[test]
+fn hedges_chain_through_hanging_tiers() {
+    let plan = vec![(HANG, good("t1")), (HANG, good("t2")), (ms(5), good("t3"))];
+    let (run, fake) = race_once(plan, &[0, 1, 2], cfg(ms(10_000), Some(ms(30))));
+    assert_eq!(winner(&run.outcome), 2);
+    assert!(
+        run.elapsed >= ms(60) && run.elapsed < ms(5000),
+        "{:?}",
+        run.elapsed
+    );
+    assert_eq!(fake.started_order(), vec![0, 1, 2]);
+    assert_eq!(run.dropped_at_return, 2);
+}
+
+#[test]
 fn without_hedge_the_next_tier_waits() {
     let plan = vec![(ms(80), good("t1")), (ms(1), good("t2"))];
     let (run, fake) = race_once(plan, &[0, 1], cfg(ms(10_000), None));
