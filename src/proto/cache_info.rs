@@ -80,7 +80,9 @@ pub fn render(store_dir: &str, want_mass_query: bool, priority: Option<i32>) -> 
         u8::from(want_mass_query)
     );
     if let Some(p) = priority {
-        out.push_str(&format!("Priority: {p}\n"));
+        out.push_str("Priority: ");
+        out.push_str(&p.to_string());
+        out.push('\n');
     }
     out
 }

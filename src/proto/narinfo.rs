@@ -1,11 +1,17 @@
 //! The `<hash>.narinfo` format: parse, fingerprint and render.
 //!
-//! The parser is tolerant where Nix clients are (spacing after `:`, empty
-//! lines, unknown keys, an empty `References:`) and strict where passing a
-//! narinfo on would break a client or a signature check: required keys,
-//! store path syntax, hash syntax, sizes, duplicates, and carriage returns
-//! (a CRLF narinfo makes Nix fail with "store path contains illegal
-//! character", so one must never be accepted or emitted).
+//! The parser accepts the variations caches write (no space after `:`, an
+//! empty `References:`, empty lines, unknown keys, no final newline) and is
+//! strict where passing a narinfo on would break a client or a signature
+//! check: required keys, store path syntax, hash syntax, sizes, duplicates
+//! and carriage returns (a CRLF narinfo makes Nix fail with "store path
+//! contains illegal character").
+//!
+//! Nix itself is stricter than this parser. Measured with Nix 2.8: it takes
+//! each value from two bytes after the `:`, so `URL:nar/x` reads as URL
+//! `ar/x`; `References:` with no space swallows the next line and fails;
+//! a missing final newline is "corrupt". So what we serve to clients must
+//! be [`NarInfo::render`]'s output, never an upstream's bytes as received.
 
 use super::base32;
 use super::store_path::{name_of, StoreHash, HASH_LEN, STORE_DIR};
@@ -141,36 +147,35 @@ impl<'a> Partial<'a> {
             });
         }
         self.seen |= bit;
-        let invalid = |why| NarInfoError::Invalid {
+        self.apply(key, value).map_err(|why| NarInfoError::Invalid {
             key: key.name(),
             line,
             why,
-        };
+        })
+    }
+
+    /// Stores one single-valued field; the error says what is wrong with it.
+    fn apply(&mut self, key: Key, value: &'a str) -> Result<(), &'static str> {
         let info = &mut self.info;
         match key {
             Key::StorePath if is_store_path(value) => self.store_path = Some(value),
-            Key::StorePath => return Err(invalid("not a /nix/store/<hash>-<name> path")),
+            Key::StorePath => return Err("not a /nix/store/<hash>-<name> path"),
             Key::Url if !value.is_empty() => self.url = Some(value),
-            Key::Url => return Err(invalid("empty")),
+            Key::Url => return Err("empty"),
             Key::NarHash if parse_hash(value).is_some() => self.nar_hash = Some(value),
-            Key::NarHash => return Err(invalid("not a recognised hash")),
+            Key::NarHash => return Err("not a recognised hash"),
             Key::NarSize => match parse_u64(value) {
-                Some(0) => return Err(invalid("zero")),
+                Some(0) => return Err("zero"),
                 Some(n) => self.nar_size = Some(n),
-                None => return Err(invalid("not a number in u64 range")),
+                None => return Err("not a number in u64 range"),
             },
-            Key::FileSize => {
-                info.file_size = Some(parse_u64(value).ok_or_else(|| invalid("not a u64"))?);
-            }
-            Key::References => {
-                info.references = parse_references(value).ok_or_else(|| invalid("bad basename"))?;
-            }
-            Key::Deriver => {
-                info.deriver = parse_deriver(value).ok_or_else(|| invalid("bad basename"))?;
-            }
+            Key::FileSize => info.file_size = Some(parse_u64(value).ok_or("not a u64")?),
+            Key::References => info.references = parse_references(value).ok_or("bad basename")?,
+            Key::Deriver => info.deriver = parse_deriver(value).ok_or("bad basename")?,
             Key::Compression => info.compression = non_empty(value),
             Key::FileHash => info.file_hash = non_empty(value),
             Key::Ca => info.ca = non_empty(value),
+            // Repeatable; handled by `set` before the duplicate check.
             Key::Sig => {}
         }
         Ok(())
@@ -267,9 +272,11 @@ impl NarInfo {
         fp
     }
 
-    /// Renders the narinfo in Nix's field order with LF line endings.
-    /// `parse(render(x)) == x` for every parsed `x`. Values must not contain
-    /// line breaks; parsed ones never do.
+    /// Renders the narinfo the way Nix writes it: Nix's field order, `": "`
+    /// separators, LF line endings, a final newline, unknown keys dropped
+    /// (clients ignore them). This is the form to serve (see the module
+    /// docs). `parse(render(x)) == x` for every parsed `x`. Values must not
+    /// contain line breaks; parsed ones never do.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(512);
         let mut line = |key: &str, value: &str| {
@@ -584,6 +591,27 @@ Sig: cache-a-1:UNq1BY1CpVIYX894d71znLj/2fxo4JEJhxeFVxwkXZMPBS8ieGP+VgZnxvQ9SLi8D
         assert_eq!(info.deriver, None);
         assert_eq!(info.compression, None);
         assert_eq!(info.ca, None);
+    }
+
+    #[test]
+    fn render_rewrites_forms_nix_misreads() {
+        // Each of these breaks Nix 2.8 when served as-is (measured): the
+        // first byte after "URL:" is eaten, "References:" swallows the next
+        // line, and a missing final newline is "corrupt".
+        let sloppy = "StorePath:/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x\n\
+            URL:nar/x.nar\n\
+            References:\n\
+            NarHash:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n\
+            NarSize:5";
+        let rendered = parse(sloppy).unwrap().render();
+        assert_eq!(
+            rendered,
+            "StorePath: /nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x\n\
+             URL: nar/x.nar\n\
+             NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n\
+             NarSize: 5\n\
+             References: \n"
+        );
     }
 
     #[test]
