@@ -13,8 +13,6 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine;
-
 use raw::RawConfig;
 pub use raw::{AddressFamily, NarRelay};
 
@@ -324,23 +322,6 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-/// Checks a Nix public key `name:base64(32 bytes)`, padding optional.
-pub fn check_public_key(key: &str) -> Result<(), String> {
-    let (name, b64) = key
-        .split_once(':')
-        .ok_or_else(|| "must be in 'name:base64(key)' Nix format (missing ':')".to_string())?;
-    if name.is_empty() {
-        return Err("must be in 'name:base64(key)' Nix format (empty name)".into());
-    }
-    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(b64.trim_end_matches('='))
-        .map_err(|e| format!("invalid base64: {e}"))?;
-    if bytes.len() != 32 {
-        return Err(format!("key is {} bytes, want 32", bytes.len()));
-    }
-    Ok(())
-}
-
 fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     let url = u.url.trim();
     if url.is_empty() {
@@ -358,7 +339,8 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         .chain(u.public_keys.iter())
         .filter(|k| !k.is_empty())
     {
-        check_public_key(k).map_err(|e| invalid(format!("upstream[{i}]: public_key {k:?} {e}")))?;
+        crate::proto::signature::PublicKey::parse(k)
+            .map_err(|e| invalid(format!("upstream[{i}]: invalid public_key {k:?}: {e}")))?;
         if !public_keys.contains(k) {
             public_keys.push(k.clone());
         }

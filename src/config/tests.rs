@@ -90,7 +90,7 @@ fn invalid_values_name_the_key() {
         ("[[upstreams]]\nurl = \"\"\n", "upstream[0]: URL is empty"),
         ("[[upstreams]]\nurl = \"ftp://x\"\n", "scheme must be http, https or s3"),
         ("[[upstreams]]\nurl = \"http://x:99999\"\n", "invalid port"),
-        ("[[upstreams]]\nurl = \"http://x\"\npublic_key = \"nokey\"\n", "missing ':'"),
+        ("[[upstreams]]\nurl = \"http://x\"\npublic_key = \"nokey\"\n", "invalid public_key"),
         ("[[upstreams]]\nurl = \"http://x\"\npublic_key = \"k:AAAA\"\n", "want 32"),
         ("[[upstreams]]\nurl = \"http://x\"\n[[upstreams]]\nurl = \"http://x/\"\n", "duplicate URL"),
         ("[[upstreams]]\nurl = \"http://x\"\n[[upstreams.filters]]\npattern = \"\"\n", "upstream[0].filters[0]: pattern is empty"),

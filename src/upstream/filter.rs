@@ -9,7 +9,7 @@
 use crate::proto::narinfo::NarInfo;
 use serde::Deserialize;
 
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterAction {
     #[default]
@@ -18,7 +18,7 @@ pub enum FilterAction {
 }
 
 /// Which part of the narinfo a pattern is matched against.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterField {
     /// The store path name: what follows the first `-` of the basename.
@@ -33,7 +33,7 @@ pub enum FilterField {
 }
 
 /// One rule as written in the config file.
-#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Deserialize, serde::Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FilterRule {
     #[serde(default)]
