@@ -10,7 +10,11 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 use crate::config::{env::ProcessEnv, Config, LogFormat};
+use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
+use crate::route::persist::{self, WriterConfig, WriterHandle};
+use crate::route::RouteTable;
+use crate::upstream::UpstreamSet;
 use crate::worker::{self, ListenSource, SharedState};
 
 /// Process entry point; returns the exit code.
@@ -169,8 +173,56 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         "shutting down: draining connections"
     );
     stop_workers(workers, cfg.server.shutdown_grace);
+    if let Some((handle, thread)) = writer {
+        if let Err(e) = handle.shutdown_blocking() {
+            tracing::warn!(error = %e, "route database writer did not shut down cleanly");
+        }
+        let _ = thread.join();
+    }
     tracing::info!("ncro stopped");
     Ok(())
+}
+
+type Writer = Option<(WriterHandle, std::thread::JoinHandle<()>)>;
+
+/// Opens the route database, loads every live route into memory, and starts
+/// the writer thread. A database that cannot be opened degrades to
+/// memory-only routing with a loud log rather than refusing to serve.
+fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
+    let c = &cfg.cache;
+    let started = std::time::Instant::now();
+    match persist::open_and_load(&c.db_path, persist::unix_now()) {
+        Ok((loaded, db)) => {
+            let wcfg = WriterConfig { max_entries: c.max_entries, ..WriterConfig::default() };
+            let (handle, thread) = persist::spawn_writer(db, wcfg);
+            let table = RouteTable::new(c.max_entries, Some(handle.clone()));
+            let (n, neg, skipped) = (loaded.routes.len(), loaded.negatives.len(), loaded.skipped);
+            table.load(loaded.routes, loaded.negatives);
+            tracing::info!(db = %c.db_path, routes = n, negatives = neg, skipped, ms = started.elapsed().as_millis() as u64, "route database loaded");
+            Ok((Arc::new(table), Some((handle, thread))))
+        }
+        Err(e) => {
+            tracing::error!(db = %c.db_path, error = %e, "cannot open the route database; routing from memory only, nothing will persist");
+            Ok((Arc::new(RouteTable::new(c.max_entries, None)), None))
+        }
+    }
+}
+
+/// One TLS client configuration for all workers: web PKI roots plus every
+/// upstream's extra CA file.
+fn tls_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let files: Vec<&std::path::Path> = cfg.upstreams.iter().filter_map(|u| u.tls_ca_file.as_deref()).collect();
+    match files.as_slice() {
+        [] => Ok(crate::http::tls::client_config(None)?),
+        [one] => Ok(crate::http::tls::client_config(Some(one))?),
+        many => {
+            let first = many[0];
+            if many.iter().any(|f| *f != first) {
+                bail!("upstreams name different tls_ca_file values; combine them into one PEM bundle");
+            }
+            Ok(crate::http::tls::client_config(Some(first))?)
+        }
+    }
 }
 
 fn stop_workers(workers: Vec<worker::WorkerHandle>, grace: Duration) {

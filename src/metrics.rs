@@ -39,6 +39,14 @@ pub struct WorkerMetrics {
     pub narinfo_error: LocalCounter,
     pub nar_requests: LocalCounter,
     pub bad_requests: LocalCounter,
+    pub narinfo_cache_hits: LocalCounter,
+    pub narinfo_cache_misses: LocalCounter,
+    pub narinfo_negative_hits: LocalCounter,
+    pub singleflight_waiters: LocalCounter,
+    pub upstream_attempts: LocalCounter,
+    pub bad_signatures: LocalCounter,
+    pub nar_bytes: LocalCounter,
+    pub nar_errors: LocalCounter,
 }
 
 /// All workers' slots; cloned into the scrape handler.

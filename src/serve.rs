@@ -6,6 +6,8 @@
 //! one syscall.
 
 pub mod health;
+pub mod nar;
+pub mod narinfo;
 
 use std::rc::Rc;
 
@@ -196,22 +198,46 @@ impl Conn {
             .strip_prefix('/')
             .and_then(|p| p.strip_suffix(".narinfo"))
         {
-            let Some(_hash) = crate::proto::store_path::StoreHash::parse(name.as_bytes()) else {
+            let Some(hash) = crate::proto::store_path::StoreHash::parse(name.as_bytes()) else {
                 ctx.metrics.narinfo_error.inc();
                 return Ok(self.error(ctx, 400, "invalid store path hash\n", keep));
             };
-            ctx.metrics.narinfo_error.inc();
-            return Ok(self.error(ctx, 502, "narinfo routing is not available\n", keep));
+            return Ok(self.narinfo(ctx, hash, head, keep).await);
         } else if path.starts_with("/nar/") {
             ctx.metrics.nar_requests.inc();
             if !valid_nar_path(path) {
                 return Ok(self.error(ctx, 400, "invalid NAR path\n", keep));
             }
-            return Ok(self.error(ctx, 502, "NAR routing is not available\n", keep));
+            return nar::serve(self, ctx, req, keep).await;
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }
         Ok(if keep { After::KeepAlive } else { After::Close })
+    }
+
+    async fn narinfo(&mut self, ctx: &WorkerCtx, hash: crate::proto::store_path::StoreHash, head: bool, keep: bool) -> After {
+        let resolved = narinfo::answer(ctx, hash).await;
+        let status = narinfo::status_of(&resolved);
+        match resolved {
+            narinfo::Resolved::Found(entry) => {
+                ctx.metrics.narinfo_ok.inc();
+                let date = ctx.date();
+                write_simple(&mut self.wbuf, 200, keep, head, &date, &[("Content-Type", b"text/x-nix-narinfo")], &entry.narinfo);
+                if keep {
+                    After::KeepAlive
+                } else {
+                    After::Close
+                }
+            }
+            narinfo::Resolved::Miss => {
+                ctx.metrics.narinfo_error.inc();
+                self.error(ctx, status, "not found\n", keep)
+            }
+            narinfo::Resolved::Unavailable { .. } => {
+                ctx.metrics.narinfo_error.inc();
+                self.error(ctx, status, "no upstream answered usably; try again\n", keep)
+            }
+        }
     }
 
     /// Buffers a small plain-text error response.

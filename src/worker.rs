@@ -24,6 +24,10 @@ pub struct SharedState {
     /// The full `/nix-cache-info` body, rendered once.
     pub cache_info: Bytes,
     pub metrics: Arc<Metrics>,
+    pub routes: Arc<crate::route::RouteTable>,
+    pub upstreams: Arc<crate::upstream::UpstreamSet>,
+    pub resolver: crate::http::resolve::Resolver,
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.
@@ -113,6 +117,10 @@ pub struct WorkerCtx {
     pub shared: Arc<SharedState>,
     pub metrics: Arc<WorkerMetrics>,
     pub drain: Drain,
+    pub client: crate::http::client::LocalClient,
+    pub flights: crate::race::SingleFlight<crate::proto::store_path::StoreHash, crate::serve::narinfo::Resolved>,
+    /// "io_uring" or "epoll".
+    pub driver: &'static str,
     /// Connections being served; the drain waits for it to reach zero.
     pub active: Cell<usize>,
     date: RefCell<(u64, [u8; 29])>,
@@ -233,7 +241,7 @@ async fn run(
     };
     let _ = shared.metrics.drivers[index].set(driver);
     let grace = shared.config.server.shutdown_grace;
-    let ctx = Rc::new(WorkerCtx::new(index, shared));
+    let ctx = Rc::new(WorkerCtx::new(index, shared, driver));
     let _ = ready.send(Ok((index, driver)));
     drop(ready);
     loop {

@@ -33,6 +33,9 @@ pub fn reason(status: u16) -> &'static str {
 pub enum Framing {
     Length(u64),
     Chunked,
+    /// No length and no chunking: the body (if any) ends when the
+    /// connection closes, or there is none (304, HEAD without a length).
+    None,
 }
 
 /// Appends a response head to `out`. `date` is the worker's cached
@@ -54,6 +57,7 @@ pub fn write_head(
             let _ = write!(out, "\r\nContent-Length: {n}");
         }
         Framing::Chunked => out.extend_from_slice(b"\r\nTransfer-Encoding: chunked"),
+        Framing::None => {}
     }
     if !keep_alive {
         out.extend_from_slice(b"\r\nConnection: close");
