@@ -1048,6 +1048,24 @@ mod tests {
     }
 
     #[test]
+    fn async_flush_works_from_a_runtime_thread() {
+        let (_, db) = open_and_load(":memory:", 0).unwrap();
+        let (w, join) = spawn_writer(db, cfg(10));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+            w.flush().await.unwrap();
+        });
+        assert_eq!(w.stored_routes(), 1);
+        w.shutdown_blocking().unwrap();
+        join.join().unwrap();
+        let closed = rt.block_on(w.flush());
+        assert!(matches!(closed, Err(PersistError::WriterClosed)));
+    }
+
+    #[test]
     fn unwritable_directory_is_a_precise_open_error() {
         // root ignores permission bits, so as root use a directory in which
         // nobody can create files; otherwise a mode 0555 directory, both
