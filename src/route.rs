@@ -26,6 +26,9 @@ pub struct RouteEntry {
     /// Upstream URL as configured; it is the identity of an upstream.
     pub upstream: Arc<str>,
     /// Served as is on hits; clones share the buffer, never copy it.
+    /// Build it with `Bytes::copy_from_slice` (exact size): a slice of a
+    /// larger read buffer would keep the whole buffer alive for as long as
+    /// the route lives.
     pub narinfo: Bytes,
     /// The narinfo `URL` field, leading '/' stripped, query kept.
     pub nar_url: Box<str>,
@@ -89,6 +92,25 @@ struct NarSlot {
     expires_at: u64,
 }
 
+/// The NAR index keeps no ghost slots (quick_cache's memory of recently
+/// evicted keys, which costs a full slot each): a NAR key only comes back
+/// when its route is inserted again, and the route cache already keeps
+/// ghosts for that decision. This saves about 28 bytes per route.
+fn nar_index(max_entries: usize) -> Cache<NarKey, NarSlot> {
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(max_entries)
+        .weight_capacity(max_entries as u64)
+        .ghost_allocation(0.0)
+        .build()
+        .expect("valid quick_cache options");
+    Cache::with_options(
+        options,
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+}
+
 /// Routes and negative entries shared by all workers (`Arc<RouteTable>`).
 pub struct RouteTable {
     routes: Cache<StoreHash, Slot>,
@@ -104,9 +126,17 @@ impl RouteTable {
     /// holds it approximately, per shard).
     pub fn new(max_entries: usize, writer: Option<WriterHandle>) -> Self {
         let max_entries = max_entries.max(1);
+        let routes = Cache::new(max_entries);
+        let nars = nar_index(max_entries);
+        // Sized once for the full table (ghost slots included): growing the
+        // slabs by doubling would leave up to half of them as slack, and each
+        // doubling briefly holds both copies. Large reservations are mmapped
+        // lazily, so an empty table does not cost its full size in RSS.
+        routes.reserve(max_entries);
+        nars.reserve(max_entries);
         RouteTable {
-            routes: Cache::new(max_entries),
-            nars: Cache::new(max_entries),
+            routes,
+            nars,
             nar_hashers: (RandomState::new(), RandomState::new()),
             max_entries,
             writer,
@@ -184,6 +214,12 @@ impl RouteTable {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Bytes held by the two caches' own slots and hash maps, not counting
+    /// the entries they point to (for a metrics gauge and sizing).
+    pub fn structure_bytes(&self) -> usize {
+        self.routes.memory_used().total() + self.nars.memory_used().total()
     }
 
     /// Writes refused because the writer queue was full or closed. The table
