@@ -1,0 +1,252 @@
+//! Streaming an upstream body to a client socket with bounded memory.
+//!
+//! Copy mode moves at most one 256 KiB buffer at a time through userspace;
+//! chunked bodies are forwarded with their framing, validated on the way.
+//! Splice mode moves plain-TCP Content-Length bodies through a pipe without
+//! touching userspace (see docs on splice vs copy: it pays off on epoll,
+//! less so on io_uring where each splice runs on an io-wq thread).
+
+use std::io;
+
+use monoio::buf::IoBuf;
+use monoio::io::splice::{SpliceDestination, SpliceSource};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use super::response::{Body, Framing};
+use super::{ClientError, Response, BODY_BUF_SIZE};
+
+/// Largest single splice: a pipe holds 64 KiB by default, and monoio 0.2.4
+/// gives no access to the pipe fd to enlarge it.
+const SPLICE_STEP: u64 = 64 * 1024;
+
+/// How `Response::relay_to` moves the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    Copy,
+    /// Zero-copy through a pipe; used only for plain-TCP Content-Length
+    /// bodies, everything else silently uses `Copy`.
+    Splice,
+}
+
+/// A relay cut short. `sent` bytes already reached the client, so the
+/// caller must close the client connection: a truncated NAR must never
+/// look complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("upstream failed after {sent} bytes: {error}")]
+    Upstream { error: ClientError, sent: u64 },
+    #[error("client write failed after {sent} bytes: {error}")]
+    Client { error: io::Error, sent: u64 },
+}
+
+impl RelayError {
+    /// Bytes written to the client before the failure.
+    pub fn sent(&self) -> u64 {
+        match self {
+            RelayError::Upstream { sent, .. } | RelayError::Client { sent, .. } => *sent,
+        }
+    }
+}
+
+/// Tracks bytes sent so every error can report them.
+struct Progress {
+    sent: u64,
+}
+
+impl Progress {
+    fn upstream(&self, error: ClientError) -> RelayError {
+        RelayError::Upstream {
+            error,
+            sent: self.sent,
+        }
+    }
+
+    fn client(&self, error: io::Error) -> RelayError {
+        RelayError::Client {
+            error,
+            sent: self.sent,
+        }
+    }
+}
+
+impl Response {
+    /// Writes the rest of the body to `dst` and returns the number of bytes
+    /// written. Chunked bodies are forwarded *with* their chunked framing
+    /// (the caller announced `Transfer-Encoding: chunked`); other bodies
+    /// are forwarded as is. Client writes are bounded by the idle timeout.
+    ///
+    /// On success the upstream connection goes back to the idle pool when
+    /// reusable. Do not mix with `read_chunk` on the same response.
+    pub async fn relay_to(
+        &mut self,
+        dst: &mut TcpStream,
+        mode: RelayMode,
+    ) -> Result<u64, RelayError> {
+        let body = &mut self.body;
+        let mut progress = Progress { sent: 0 };
+        body.begin().map_err(|e| progress.upstream(e))?;
+        let splice = mode == RelayMode::Splice
+            && matches!(body.framing, Framing::Length { .. })
+            && body
+                .stream
+                .as_mut()
+                .is_some_and(|s| s.plain_tcp().is_some());
+        let result = if splice {
+            relay_splice(body, dst, &mut progress).await
+        } else {
+            relay_copy(body, dst, &mut progress).await
+        };
+        body.busy = false;
+        if result.is_err() {
+            body.fail();
+        }
+        result.map(|()| progress.sent)
+    }
+}
+
+/// How many buffered bytes may be forwarded now, and whether the body ends
+/// with them.
+fn forwardable(body: &mut Body) -> Result<(usize, bool), ClientError> {
+    let buffered = body.buffered();
+    Ok(match &mut body.framing {
+        Framing::Empty => (0, true),
+        Framing::Length { remaining } => {
+            let n = buffered.min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+            *remaining -= n as u64;
+            (n, *remaining == 0)
+        }
+        Framing::Chunked(decoder) => {
+            let n = decoder.scan(&body.buf[body.pos..])?;
+            (n, decoder.is_done())
+        }
+        Framing::UntilClose => (buffered, false),
+    })
+}
+
+async fn relay_copy(
+    body: &mut Body,
+    dst: &mut TcpStream,
+    progress: &mut Progress,
+) -> Result<(), RelayError> {
+    if body.complete {
+        return Ok(());
+    }
+    loop {
+        let (n, done) = forwardable(body).map_err(|e| progress.upstream(e))?;
+        if n > 0 {
+            forward(body, dst, n)
+                .await
+                .map_err(|e| progress.client(e))?;
+            progress.sent += n as u64;
+        }
+        if done {
+            body.finish();
+            return Ok(());
+        }
+        let want = match body.framing {
+            Framing::Length { remaining } => usize::try_from(remaining).unwrap_or(usize::MAX),
+            _ => BODY_BUF_SIZE,
+        };
+        if body.fill(want).await.map_err(|e| progress.upstream(e))? == 0 {
+            if matches!(body.framing, Framing::UntilClose) {
+                body.finish();
+                return Ok(());
+            }
+            return Err(progress.upstream(ClientError::ConnectionClosed));
+        }
+    }
+}
+
+/// Writes `buf[pos..pos + n]` to the client and consumes it.
+async fn forward(body: &mut Body, dst: &mut TcpStream, n: usize) -> io::Result<()> {
+    let buf = std::mem::take(&mut body.buf);
+    let range = body.pos..body.pos + n;
+    let write = monoio::time::timeout(body.idle, dst.write_all(buf.slice(range))).await;
+    let Ok((result, slice)) = write else {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client write timed out",
+        ));
+    };
+    body.buf = slice.into_inner();
+    result?;
+    body.pos += n;
+    Ok(())
+}
+
+async fn relay_splice(
+    body: &mut Body,
+    dst: &mut TcpStream,
+    progress: &mut Progress,
+) -> Result<(), RelayError> {
+    // Whatever arrived with the head goes first, through userspace.
+    let (n, done) = forwardable(body).map_err(|e| progress.upstream(e))?;
+    if n > 0 {
+        forward(body, dst, n)
+            .await
+            .map_err(|e| progress.client(e))?;
+        progress.sent += n as u64;
+    }
+    let Framing::Length { remaining } = body.framing else {
+        return Err(progress.upstream(ClientError::Aborted));
+    };
+    if done || remaining == 0 {
+        body.finish();
+        return Ok(());
+    }
+    let Some((mut pipe_r, mut pipe_w)) = body.client.take_pipe() else {
+        // No pipe (fd exhaustion): the copy path still works.
+        return relay_copy(body, dst, progress).await;
+    };
+    let mut stream = body
+        .stream
+        .take()
+        .ok_or_else(|| progress.upstream(ClientError::Aborted))?;
+    let tcp = stream
+        .plain_tcp()
+        .ok_or_else(|| progress.upstream(ClientError::Aborted))?;
+    let mut left = remaining;
+    while left > 0 {
+        // Never ask for more than the body: the upstream stays reusable.
+        let step = left.min(SPLICE_STEP) as u32;
+        let moved =
+            match monoio::time::timeout(body.idle, tcp.splice_to_pipe(&mut pipe_w, step)).await {
+                Err(_) => return Err(progress.upstream(ClientError::IdleTimeout)),
+                Ok(Err(e)) => return Err(progress.upstream(ClientError::Io(e))),
+                Ok(Ok(0)) => return Err(progress.upstream(ClientError::ConnectionClosed)),
+                Ok(Ok(m)) => m,
+            };
+        left -= u64::from(moved);
+        drain_pipe(&mut pipe_r, dst, moved, body.idle, progress).await?;
+    }
+    // Only a fully drained pipe is reusable; every error path above drops it.
+    body.client.give_pipe((pipe_r, pipe_w));
+    body.framing = Framing::Length { remaining: 0 };
+    body.stream = Some(stream);
+    body.finish();
+    Ok(())
+}
+
+async fn drain_pipe(
+    pipe_r: &mut monoio::net::Pipe,
+    dst: &mut TcpStream,
+    mut len: u32,
+    idle: std::time::Duration,
+    progress: &mut Progress,
+) -> Result<(), RelayError> {
+    while len > 0 {
+        let out = match monoio::time::timeout(idle, dst.splice_from_pipe(pipe_r, len)).await {
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "client write timed out"),
+            Ok(Err(e)) => e,
+            Ok(Ok(0)) => io::Error::new(io::ErrorKind::WriteZero, "client accepted no bytes"),
+            Ok(Ok(m)) => {
+                len -= m;
+                progress.sent += u64::from(m);
+                continue;
+            }
+        };
+        return Err(progress.client(out));
+    }
+    Ok(())
+}
