@@ -116,15 +116,24 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         None => bail!("server.listen is empty and no listening socket was inherited"),
     };
     let metrics = Arc::new(Metrics::new(plan.worker_cpus.len()));
-    let cache_info = crate::proto::store_path::STORE_DIR;
+    let (upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    for url in &s3_skipped {
+        tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
+    }
+    let (routes, writer) = open_routes(&cfg)?;
     let shared = Arc::new(SharedState {
-        cache_info: format!(
-            "StoreDir: {cache_info}\nWantMassQuery: 1\nPriority: {}\n",
-            cfg.server.cache_priority
+        cache_info: crate::proto::cache_info::render(
+            crate::proto::store_path::STORE_DIR,
+            true,
+            Some(cfg.server.cache_priority),
         )
         .into(),
         config: cfg.clone(),
         metrics,
+        routes,
+        upstreams: Arc::new(upstreams),
+        resolver: Resolver::new(Duration::from_secs(60)),
+        tls: tls_config(&cfg)?,
     });
 
     // Signals are blocked before any thread starts so every thread inherits

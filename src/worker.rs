@@ -127,15 +127,30 @@ pub struct WorkerCtx {
 }
 
 impl WorkerCtx {
-    pub fn new(index: usize, shared: Arc<SharedState>) -> WorkerCtx {
+    pub fn new(index: usize, shared: Arc<SharedState>, driver: &'static str) -> WorkerCtx {
         let metrics = shared.metrics.workers[index].clone();
+        let t = &shared.config.timeouts;
+        let timeouts = crate::http::client::ClientTimeouts {
+            connect: t.connect,
+            first_byte: t.first_byte,
+            idle: t.idle,
+        };
+        let client = crate::http::client::LocalClient::new(
+            shared.resolver.clone(),
+            shared.tls.clone(),
+            timeouts,
+            Default::default(),
+        );
         WorkerCtx {
             index,
-            shared,
             metrics,
             drain: Drain::default(),
+            client,
+            flights: crate::race::SingleFlight::new(),
+            driver,
             active: Cell::new(0),
             date: RefCell::new((0, [b' '; 29])),
+            shared,
         }
     }
 
