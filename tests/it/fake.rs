@@ -13,6 +13,8 @@
 //!     .start();
 //! ```
 
+#![allow(dead_code)] // shared by test modules; not every test uses every helper
+
 pub mod nix;
 
 use std::collections::HashMap;
