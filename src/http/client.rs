@@ -12,7 +12,9 @@
 //! error, a timeout, a dropped response or a cancelled read — closes it.
 
 mod conn;
+mod error;
 mod origin;
+mod pool;
 mod relay;
 mod response;
 
@@ -22,19 +24,21 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::buf::IoBufMut;
-use monoio::net::{Pipe, TcpStream};
+use monoio::net::TcpStream;
 use monoio_rustls::TlsConnector;
 
+pub use error::ClientError;
 pub use origin::{Origin, OriginError};
+pub use pool::PoolOptions;
 pub use relay::{RelayError, RelayMode};
 pub use response::Response;
 
-use crate::http::chunked::ChunkedError;
 use crate::http::resolve::Resolver;
 use conn::{is_disconnect, Stream};
+use pool::Inner;
 use response::{decide_framing, parse_head, Body, Framing, Head, HeadParse};
 
 /// Body buffer per in-flight response; also the largest relay write.
@@ -43,97 +47,7 @@ pub const BODY_BUF_SIZE: usize = 256 * 1024;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Largest request head we are willing to send.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-/// Idle buffers and pipes kept per worker; more are freed on return.
-const MAX_POOLED_BUFFERS: usize = 16;
-const MAX_POOLED_PIPES: usize = 8;
 const USER_AGENT: &str = concat!("ncro/", env!("CARGO_PKG_VERSION"));
-
-/// Why an upstream request failed. Cheap to build and to match on; the
-/// race engine turns these into metric labels with [`ClientError::kind`].
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("invalid request: {0}")]
-    InvalidRequest(&'static str),
-    #[error("DNS lookup failed: {0}")]
-    Dns(io::Error),
-    #[error("DNS lookup timed out")]
-    DnsTimeout,
-    #[error("connect failed: {0}")]
-    Connect(io::Error),
-    #[error("connect timed out")]
-    ConnectTimeout,
-    #[error("TLS handshake failed: {0}")]
-    Tls(io::Error),
-    #[error("no response head within the first-byte timeout")]
-    FirstByteTimeout,
-    #[error("upstream sent nothing within the idle timeout")]
-    IdleTimeout,
-    #[error("upstream closed the connection before the response was complete")]
-    ConnectionClosed,
-    #[error("upstream I/O error: {0}")]
-    Io(io::Error),
-    #[error("upstream protocol error: {0}")]
-    Protocol(&'static str),
-    #[error("response head larger than {MAX_HEAD} bytes")]
-    HeadTooLarge,
-    #[error("invalid chunked body: {0}")]
-    Chunked(#[from] ChunkedError),
-    #[error("response body larger than the limit")]
-    BodyTooLarge,
-    #[error("response body unusable after an earlier error or cancelled read")]
-    Aborted,
-}
-
-impl ClientError {
-    /// Every label [`ClientError::kind`] can return, for pre-registering metrics.
-    pub const KINDS: &'static [&'static str] = &[
-        "request",
-        "dns",
-        "connect",
-        "tls",
-        "timeout",
-        "reset",
-        "io",
-        "protocol",
-        "too_large",
-        "aborted",
-    ];
-
-    /// Fixed, low-cardinality label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ClientError::InvalidRequest(_) => "request",
-            ClientError::Dns(_) => "dns",
-            ClientError::Connect(_) => "connect",
-            ClientError::Tls(_) => "tls",
-            ClientError::DnsTimeout
-            | ClientError::ConnectTimeout
-            | ClientError::FirstByteTimeout
-            | ClientError::IdleTimeout => "timeout",
-            ClientError::ConnectionClosed => "reset",
-            ClientError::Io(e) if is_disconnect(e) => "reset",
-            ClientError::Io(_) => "io",
-            ClientError::Protocol(_) | ClientError::HeadTooLarge | ClientError::Chunked(_) => {
-                "protocol"
-            }
-            ClientError::BodyTooLarge => "too_large",
-            ClientError::Aborted => "aborted",
-        }
-    }
-
-    pub fn is_timeout(&self) -> bool {
-        self.kind() == "timeout"
-    }
-
-    /// Whether another upstream might well succeed where this one failed.
-    /// False for faults in the request itself or in the content.
-    pub fn retry_elsewhere(&self) -> bool {
-        !matches!(
-            self,
-            ClientError::InvalidRequest(_) | ClientError::BodyTooLarge | ClientError::Aborted
-        )
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -221,102 +135,6 @@ impl Default for ClientTimeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(15),
             idle: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Keep-alive pool limits, per worker and per origin.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolOptions {
-    pub max_idle_per_origin: usize,
-    /// Idle connections older than this are closed instead of reused; keep
-    /// it below the upstreams' own keep-alive timeouts.
-    pub idle_expiry: Duration,
-}
-
-impl Default for PoolOptions {
-    fn default() -> Self {
-        PoolOptions {
-            max_idle_per_origin: 8,
-            idle_expiry: Duration::from_secs(20),
-        }
-    }
-}
-
-struct IdleConn {
-    stream: Stream,
-    since: Instant,
-}
-
-/// State shared by a worker's client and the responses it hands out.
-struct Inner {
-    resolver: Resolver,
-    tls: TlsConnector,
-    timeouts: ClientTimeouts,
-    pool: PoolOptions,
-    idle: RefCell<HashMap<Arc<str>, VecDeque<IdleConn>>>,
-    buffers: RefCell<Vec<Vec<u8>>>,
-    /// (read end, write end); only fully drained pipes come back here.
-    pipes: RefCell<Vec<(Pipe, Pipe)>>,
-}
-
-impl Inner {
-    fn checkout(&self, key: &str) -> Option<Stream> {
-        let mut idle = self.idle.borrow_mut();
-        let queue = idle.get_mut(key)?;
-        // Most recently used first: the warmest connection is least likely
-        // to have been closed by the upstream.
-        while let Some(conn) = queue.pop_back() {
-            if conn.since.elapsed() < self.pool.idle_expiry {
-                return Some(conn.stream);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, key: &Arc<str>, stream: Stream) {
-        if self.pool.max_idle_per_origin == 0 {
-            return;
-        }
-        let now = Instant::now();
-        let mut idle = self.idle.borrow_mut();
-        let queue = idle.entry(key.clone()).or_default();
-        while queue
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= self.pool.idle_expiry)
-        {
-            queue.pop_front();
-        }
-        if queue.len() >= self.pool.max_idle_per_origin {
-            queue.pop_front();
-        }
-        queue.push_back(IdleConn { stream, since: now });
-    }
-
-    fn take_buffer(&self) -> Vec<u8> {
-        self.buffers
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BODY_BUF_SIZE))
-    }
-
-    fn give_buffer(&self, mut buf: Vec<u8>) {
-        let mut buffers = self.buffers.borrow_mut();
-        if buf.capacity() == BODY_BUF_SIZE && buffers.len() < MAX_POOLED_BUFFERS {
-            buf.clear();
-            buffers.push(buf);
-        }
-    }
-
-    fn take_pipe(&self) -> Option<(Pipe, Pipe)> {
-        let pooled = self.pipes.borrow_mut().pop();
-        pooled.or_else(|| monoio::net::unix::new_pipe().ok())
-    }
-
-    fn give_pipe(&self, pipe: (Pipe, Pipe)) {
-        let mut pipes = self.pipes.borrow_mut();
-        if pipes.len() < MAX_POOLED_PIPES {
-            pipes.push(pipe);
         }
     }
 }
@@ -576,5 +394,79 @@ async fn read_head(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::chunked::ChunkedError;
+
+    #[test]
+    fn connect_walks_the_address_list() {
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let good = live.local_addr().expect("addr");
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let tcp = connect_any(&[refused, good], Duration::from_secs(2))
+                    .await
+                    .expect("second address works");
+                assert_eq!(tcp.peer_addr().expect("peer"), good);
+                let err = connect_any(&[refused], Duration::from_secs(2)).await;
+                assert!(matches!(err, Err(ClientError::Connect(_))));
+                let err = connect_any(&[], Duration::from_secs(2)).await;
+                assert!(matches!(err, Err(ClientError::Dns(_))));
+            });
+    }
+
+    #[test]
+    fn request_encoding() {
+        let o = Origin::parse("http://h:81/pre/", Some(("u", Some("p")))).expect("origin");
+        let headers = [("Range", &b"bytes=1-2"[..])];
+        let req = Request::get("/a.narinfo").with_headers(&headers);
+        let mut buf = Vec::new();
+        encode_request(&mut buf, &o, &req).expect("encodes");
+        let want = format!(
+            "GET /pre/a.narinfo HTTP/1.1\r\nHost: h:81\r\nUser-Agent: {USER_AGENT}\r\n\
+             Accept: */*\r\nAuthorization: Basic dTpw\r\nRange: bytes=1-2\r\n\r\n"
+        );
+        assert_eq!(String::from_utf8(buf).expect("ascii"), want);
+        let long = "/".repeat(MAX_REQUEST_HEAD);
+        let mut buf = Vec::new();
+        assert!(encode_request(&mut buf, &o, &Request::head(&long)).is_err());
+    }
+
+    #[test]
+    fn every_error_kind_is_listed() {
+        let errors = [
+            ClientError::InvalidRequest("x"),
+            ClientError::Dns(io::Error::other("x")),
+            ClientError::DnsTimeout,
+            ClientError::Connect(io::Error::other("x")),
+            ClientError::ConnectTimeout,
+            ClientError::Tls(io::Error::other("x")),
+            ClientError::FirstByteTimeout,
+            ClientError::IdleTimeout,
+            ClientError::ConnectionClosed,
+            ClientError::Io(io::ErrorKind::ConnectionReset.into()),
+            ClientError::Io(io::Error::other("x")),
+            ClientError::Protocol("x"),
+            ClientError::HeadTooLarge,
+            ClientError::Chunked(ChunkedError::InvalidSize),
+            ClientError::BodyTooLarge,
+            ClientError::Aborted,
+        ];
+        for e in &errors {
+            assert!(ClientError::KINDS.contains(&e.kind()), "{e:?}");
+        }
+        assert_eq!(errors[9].kind(), "reset");
+        assert_eq!(errors[10].kind(), "io");
     }
 }
