@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 
 use super::conn::Stream;
-use super::{ClientError, Inner, Method};
+use super::{ClientError, Inner, Method, BODY_BUF_SIZE};
 use crate::http::chunked::ChunkedDecoder;
 
 /// Most header fields accepted in one response head.
@@ -253,10 +253,11 @@ impl Body {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         self.pos = 0;
-        let want = want.clamp(1, buf.capacity().max(1));
-        if buf.capacity() < want {
-            buf.reserve(want);
+        if buf.capacity() == 0 {
+            // Defensive: a timed-out relay write takes the buffer with it.
+            buf = Vec::with_capacity(BODY_BUF_SIZE);
         }
+        let want = want.clamp(1, buf.capacity());
         let read = monoio::time::timeout(self.idle, stream.read(buf.slice_mut(0..want))).await;
         let Ok((result, slice)) = read else {
             self.fail();
