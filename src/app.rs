@@ -202,7 +202,10 @@ fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
     let started = std::time::Instant::now();
     match persist::open_and_load(&c.db_path, persist::unix_now()) {
         Ok((loaded, db)) => {
-            let wcfg = WriterConfig { max_entries: c.max_entries, ..WriterConfig::default() };
+            let wcfg = WriterConfig {
+                max_entries: c.max_entries,
+                ..WriterConfig::default()
+            };
             let (handle, thread) = persist::spawn_writer(db, wcfg);
             let table = RouteTable::new(c.max_entries, Some(handle.clone()));
             let (n, neg, skipped) = (loaded.routes.len(), loaded.negatives.len(), loaded.skipped);
@@ -220,14 +223,20 @@ fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
 /// One TLS client configuration for all workers: web PKI roots plus every
 /// upstream's extra CA file.
 fn tls_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let files: Vec<&std::path::Path> = cfg.upstreams.iter().filter_map(|u| u.tls_ca_file.as_deref()).collect();
+    let files: Vec<&std::path::Path> = cfg
+        .upstreams
+        .iter()
+        .filter_map(|u| u.tls_ca_file.as_deref())
+        .collect();
     match files.as_slice() {
         [] => Ok(crate::http::tls::client_config(None)?),
         [one] => Ok(crate::http::tls::client_config(Some(one))?),
         many => {
             let first = many[0];
             if many.iter().any(|f| *f != first) {
-                bail!("upstreams name different tls_ca_file values; combine them into one PEM bundle");
+                bail!(
+                    "upstreams name different tls_ca_file values; combine them into one PEM bundle"
+                );
             }
             Ok(crate::http::tls::client_config(Some(first))?)
         }

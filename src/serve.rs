@@ -215,14 +215,28 @@ impl Conn {
         Ok(if keep { After::KeepAlive } else { After::Close })
     }
 
-    async fn narinfo(&mut self, ctx: &WorkerCtx, hash: crate::proto::store_path::StoreHash, head: bool, keep: bool) -> After {
+    async fn narinfo(
+        &mut self,
+        ctx: &WorkerCtx,
+        hash: crate::proto::store_path::StoreHash,
+        head: bool,
+        keep: bool,
+    ) -> After {
         let resolved = narinfo::answer(ctx, hash).await;
         let status = narinfo::status_of(&resolved);
         match resolved {
             narinfo::Resolved::Found(entry) => {
                 ctx.metrics.narinfo_ok.inc();
                 let date = ctx.date();
-                write_simple(&mut self.wbuf, 200, keep, head, &date, &[("Content-Type", b"text/x-nix-narinfo")], &entry.narinfo);
+                write_simple(
+                    &mut self.wbuf,
+                    200,
+                    keep,
+                    head,
+                    &date,
+                    &[("Content-Type", b"text/x-nix-narinfo")],
+                    &entry.narinfo,
+                );
                 if keep {
                     After::KeepAlive
                 } else {
@@ -235,7 +249,12 @@ impl Conn {
             }
             narinfo::Resolved::Unavailable { .. } => {
                 ctx.metrics.narinfo_error.inc();
-                self.error(ctx, status, "no upstream answered usably; try again\n", keep)
+                self.error(
+                    ctx,
+                    status,
+                    "no upstream answered usably; try again\n",
+                    keep,
+                )
             }
         }
     }

@@ -51,11 +51,27 @@ impl UpstreamSet {
                 skipped.push(u.url.clone());
                 continue;
             }
-            let invalid = |why: String| UpstreamError::Invalid { url: u.url.clone(), why };
-            let auth = u.basic_auth.as_ref().map(|(user, pw)| (user.as_str(), pw.as_deref()));
+            let invalid = |why: String| UpstreamError::Invalid {
+                url: u.url.clone(),
+                why,
+            };
+            let auth = u
+                .basic_auth
+                .as_ref()
+                .map(|(user, pw)| (user.as_str(), pw.as_deref()));
             let origin = Origin::parse(&u.url, auth).map_err(|e| invalid(e.to_string()))?;
-            let keys = u.public_keys.iter().map(|k| PublicKey::parse(k).map_err(|e| invalid(e.to_string()))).collect::<Result<_, _>>()?;
-            set.push(Upstream { url: Arc::from(u.url.as_str()), origin, priority: u.priority, keys, filters: u.filters.clone() });
+            let keys = u
+                .public_keys
+                .iter()
+                .map(|k| PublicKey::parse(k).map_err(|e| invalid(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            set.push(Upstream {
+                url: Arc::from(u.url.as_str()),
+                origin,
+                priority: u.priority,
+                keys,
+                filters: u.filters.clone(),
+            });
         }
         Ok((set, skipped))
     }

@@ -118,7 +118,10 @@ pub struct WorkerCtx {
     pub metrics: Arc<WorkerMetrics>,
     pub drain: Drain,
     pub client: crate::http::client::LocalClient,
-    pub flights: crate::race::SingleFlight<crate::proto::store_path::StoreHash, crate::serve::narinfo::Resolved>,
+    pub flights: crate::race::SingleFlight<
+        crate::proto::store_path::StoreHash,
+        crate::serve::narinfo::Resolved,
+    >,
     /// "io_uring" or "epoll".
     pub driver: &'static str,
     /// Connections being served; the drain waits for it to reach zero.

@@ -4,7 +4,9 @@
 use std::io;
 
 use crate::config::NarRelay;
-use crate::http::client::{Method as UpMethod, RelayMode, Request as UpRequest, Response as UpResponse};
+use crate::http::client::{
+    Method as UpMethod, RelayMode, Request as UpRequest, Response as UpResponse,
+};
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
 use crate::route;
@@ -12,7 +14,15 @@ use crate::serve::{After, Conn};
 use crate::worker::{unix_now, WorkerCtx};
 
 /// Response headers passed from the upstream to the client.
-const PASSED_HEADERS: [&str; 7] = ["Accept-Ranges", "Content-Range", "Content-Type", "ETag", "Last-Modified", "Cache-Control", "Content-Encoding"];
+const PASSED_HEADERS: [&str; 7] = [
+    "Accept-Ranges",
+    "Content-Range",
+    "Content-Type",
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "Content-Encoding",
+];
 
 /// Statuses that are the upstream's final word on an object it has (a range
 /// or precondition answer): relayed rather than tried elsewhere.
@@ -20,22 +30,44 @@ fn is_final(status: u16) -> bool {
     (200..300).contains(&status) || matches!(status, 304 | 412 | 416)
 }
 
-pub async fn serve(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, keep: bool) -> io::Result<After> {
+pub async fn serve(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    keep: bool,
+) -> io::Result<After> {
     let set = ctx.shared.upstreams.clone();
     let key = route::nar_key(req.path);
-    let routed = ctx.shared.routes.nar_upstream(key, unix_now()).and_then(|u| set.index_of(&u));
+    let routed = ctx
+        .shared
+        .routes
+        .nar_upstream(key, unix_now())
+        .and_then(|u| set.index_of(&u));
     let mut order: Vec<usize> = (0..set.len()).filter(|&i| Some(i) != routed).collect();
     order.sort_by_key(|&i| set.list[i].priority);
     order.splice(0..0, routed);
 
     let mut fwd: Vec<(&str, &[u8])> = Vec::with_capacity(4);
-    for (name, v) in [("Range", req.range), ("If-Range", req.if_range), ("If-None-Match", req.if_none_match), ("If-Modified-Since", req.if_modified_since)] {
+    for (name, v) in [
+        ("Range", req.range),
+        ("If-Range", req.if_range),
+        ("If-None-Match", req.if_none_match),
+        ("If-Modified-Since", req.if_modified_since),
+    ] {
         if let Some(v) = v {
             fwd.push((name, v));
         }
     }
-    let method = if req.method == Method::Head { UpMethod::Head } else { UpMethod::Get };
-    let up_req = UpRequest { method, path: req.target, headers: &fwd };
+    let method = if req.method == Method::Head {
+        UpMethod::Head
+    } else {
+        UpMethod::Get
+    };
+    let up_req = UpRequest {
+        method,
+        path: req.target,
+        headers: &fwd,
+    };
     let mut transient = false;
     for i in order {
         let up = &set.list[i];
@@ -60,11 +92,20 @@ pub async fn serve(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, keep: bo
     })
 }
 
-async fn relay(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, mut resp: UpResponse, keep: bool) -> io::Result<After> {
+async fn relay(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    mut resp: UpResponse,
+    keep: bool,
+) -> io::Result<After> {
     let status = resp.status();
     let head_only = req.method == Method::Head || status == 304;
     let (framing, keep) = if head_only {
-        (resp.content_length().map_or(Framing::None, Framing::Length), keep)
+        (
+            resp.content_length().map_or(Framing::None, Framing::Length),
+            keep,
+        )
     } else if resp.is_chunked() && !req.http10 {
         (Framing::Chunked, keep)
     } else if let Some(n) = resp.content_length() {

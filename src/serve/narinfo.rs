@@ -9,7 +9,9 @@ use crate::http::client::{ClientError, Request as UpRequest};
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
-use crate::race::{self, Attempt, AttemptResult, Candidate, FailKind, Outcome, RaceConfig, RejectKind, Verdict};
+use crate::race::{
+    self, Attempt, AttemptResult, Candidate, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
+};
 use crate::route::{Cached, RouteEntry};
 use crate::upstream::{filter, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
@@ -23,7 +25,10 @@ pub enum Resolved {
 }
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
-pub fn answer(ctx: &WorkerCtx, hash: StoreHash) -> impl std::future::Future<Output = Resolved> + '_ {
+pub fn answer(
+    ctx: &WorkerCtx,
+    hash: StoreHash,
+) -> impl std::future::Future<Output = Resolved> + '_ {
     async move {
         match ctx.shared.routes.get(&hash, unix_now()) {
             Some(Cached::Hit(e)) => {
@@ -47,9 +52,20 @@ pub fn answer(ctx: &WorkerCtx, hash: StoreHash) -> impl std::future::Future<Outp
 /// Races the upstreams for `hash` and records the result in the route table.
 async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let set: Arc<UpstreamSet> = ctx.shared.upstreams.clone();
-    let candidates: Vec<Candidate> = set.list.iter().enumerate().map(|(i, u)| Candidate { upstream: i, priority: u.priority }).collect();
+    let candidates: Vec<Candidate> = set
+        .list
+        .iter()
+        .enumerate()
+        .map(|(i, u)| Candidate {
+            upstream: i,
+            priority: u.priority,
+        })
+        .collect();
     let cfg = &ctx.shared.config;
-    let race_cfg = RaceConfig { tier_deadline: cfg.timeouts.race_deadline, hedge_after: Some(cfg.health.hedge_after) };
+    let race_cfg = RaceConfig {
+        tier_deadline: cfg.timeouts.race_deadline,
+        hedge_after: Some(cfg.health.hedge_after),
+    };
     let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
     let fetch = |i: usize| {
         let set = set.clone();
@@ -67,7 +83,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let outcome = race::race(&candidates, &race_cfg, fetch, judge, report).await;
     let now = unix_now();
     match outcome {
-        Outcome::Found { upstream, accepted, latency } => {
+        Outcome::Found {
+            upstream,
+            accepted,
+            latency,
+        } => {
             let info: NarInfo = accepted;
             let entry = Arc::new(RouteEntry {
                 upstream: set.list[upstream].url.clone(),
@@ -85,7 +105,9 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             Resolved::Found(entry)
         }
         Outcome::Miss => {
-            ctx.shared.routes.insert_negative(hash, now + cfg.cache.negative_ttl.as_secs());
+            ctx.shared
+                .routes
+                .insert_negative(hash, now + cfg.cache.negative_ttl.as_secs());
             Resolved::Miss
         }
         Outcome::Unavailable { timed_out } => Resolved::Unavailable { timed_out },
@@ -94,7 +116,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
 
 /// One GET of `<hash>.narinfo`. The response owns its connection, so
 /// dropping this future (a lost race) closes the connection.
-async fn fetch_narinfo(client: &crate::http::client::LocalClient, origin: &crate::http::client::Origin, path: &str) -> Attempt {
+async fn fetch_narinfo(
+    client: &crate::http::client::LocalClient,
+    origin: &crate::http::client::Origin,
+    path: &str,
+) -> Attempt {
     let resp = match client.send(origin, &UpRequest::get(path)).await {
         Ok(r) => r,
         Err(e) => return Attempt::Failed(fail_kind(&e)),
