@@ -139,6 +139,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // Signals are blocked before any thread starts so every thread inherits
     // the mask and only sigwait below sees them.
     let sigset = block_signals();
+    let control = crate::control::spawn(plan.control_cpu, Vec::new())
+        .context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut workers = Vec::with_capacity(plan.worker_cpus.len());
     for (i, cpu) in plan.worker_cpus.iter().enumerate() {
@@ -182,6 +184,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         "shutting down: draining connections"
     );
     stop_workers(workers, cfg.server.shutdown_grace);
+    control.stop(Duration::from_secs(2));
     if let Some((handle, thread)) = writer {
         if let Err(e) = handle.shutdown_blocking() {
             tracing::warn!(error = %e, "route database writer did not shut down cleanly");
@@ -221,26 +224,18 @@ fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
 }
 
 /// One TLS client configuration for all workers: web PKI roots plus every
-/// upstream's extra CA file.
+/// upstream's extra CA file. (A CA added for one upstream is trusted for
+/// all; the file is the operator's own, so this is a deliberate trade for
+/// one shared connector.)
 fn tls_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let files: Vec<&std::path::Path> = cfg
+    let mut files: Vec<&std::path::Path> = cfg
         .upstreams
         .iter()
         .filter_map(|u| u.tls_ca_file.as_deref())
         .collect();
-    match files.as_slice() {
-        [] => Ok(crate::http::tls::client_config(None)?),
-        [one] => Ok(crate::http::tls::client_config(Some(one))?),
-        many => {
-            let first = many[0];
-            if many.iter().any(|f| *f != first) {
-                bail!(
-                    "upstreams name different tls_ca_file values; combine them into one PEM bundle"
-                );
-            }
-            Ok(crate::http::tls::client_config(Some(first))?)
-        }
-    }
+    files.sort();
+    files.dedup();
+    Ok(crate::http::tls::client_config_with(&files)?)
 }
 
 fn stop_workers(workers: Vec<worker::WorkerHandle>, grace: Duration) {

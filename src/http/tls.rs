@@ -37,9 +37,14 @@ pub enum TlsError {
 /// certificate in a PEM file (private CAs, test CAs). Offers only
 /// `http/1.1` over ALPN, since that is all the client speaks.
 pub fn client_config(extra_roots_pem: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(extra_roots_pem.as_slice())
+}
+
+/// As [`client_config`], trusting the certificates of several PEM files.
+pub fn client_config_with(extra_roots_pem: &[&Path]) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_roots_pem {
+    for path in extra_roots_pem {
         add_pem_roots(&mut roots, path)?;
     }
     // Explicit provider: rustls' process default is ambiguous when another
