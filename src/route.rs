@@ -79,10 +79,10 @@ impl Slot {
 }
 
 /// The NAR index is keyed by a 128-bit keyed hash of the NAR key instead of
-/// the string: this saves an allocation of ~70 bytes per route. The two
-/// SipHash keys are random per process, so nobody can aim for a collision,
-/// and an accidental one (about 2^-88 for a million keys) would only send a
-/// NAR request to an upstream that then answers 404.
+/// the string: this saves an ~80-byte allocation per route. The two SipHash
+/// instances have random per-process keys, so nobody outside can aim for a
+/// collision, and an accidental one (about 2^-89 for a million keys) would
+/// only send a NAR request to an upstream that then answers 404.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct NarKey(u64, u64);
 
@@ -117,7 +117,7 @@ pub struct RouteTable {
     nars: Cache<NarKey, NarSlot>,
     nar_hashers: (RandomState, RandomState),
     max_entries: usize,
-    /// None for a table that is not persisted (tests, `:memory:`-less runs).
+    /// None when routes are not persisted (no database configured, tests).
     writer: Option<WriterHandle>,
 }
 

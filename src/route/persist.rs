@@ -54,6 +54,11 @@ pub enum PersistError {
         step: &'static str,
         source: rusqlite::Error,
     },
+    #[error(
+        "route database {path}: journal_mode is {mode}, not wal (the file system \
+         may not support the shared memory WAL mode needs)"
+    )]
+    NotWal { path: String, mode: String },
     #[error("the route database writer thread has stopped")]
     WriterClosed,
 }
@@ -149,24 +154,26 @@ impl Db {
             path: path.to_owned(),
             route_count: 0,
         };
-        db.init()
+        let mode = db
+            .init()
             .map_err(|(step, e)| open_err(path, &dir, step, e))?;
+        // `:memory:` answers "memory"; anything else but "wal" would mean
+        // other durability than the module documents.
+        if !mode.eq_ignore_ascii_case("wal") && path != ":memory:" {
+            let path = path.to_owned();
+            return Err(PersistError::NotWal { path, mode });
+        }
         Ok(db)
     }
 
-    fn init(&mut self) -> Result<(), (&'static str, rusqlite::Error)> {
+    /// Pragmas, schema and migration; returns the journal mode in effect.
+    fn init(&mut self) -> Result<String, (&'static str, rusqlite::Error)> {
         let c = &self.conn;
         c.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| ("busy_timeout", e))?;
-        // `:memory:` answers "memory"; anything else that is not "wal" means
-        // the file could not be switched and durability would be different.
         let mode: String = c
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(|e| ("journal_mode", e))?;
-        if !mode.eq_ignore_ascii_case("wal") && self.path != ":memory:" {
-            let e = rusqlite::Error::InvalidParameterName(format!("journal_mode is {mode}"));
-            return Err(("journal_mode=WAL", e));
-        }
         c.execute_batch("PRAGMA synchronous=NORMAL")
             .map_err(|e| ("synchronous", e))?;
         c.execute_batch(SCHEMA).map_err(|e| ("create schema", e))?;
@@ -178,7 +185,7 @@ impl Db {
         self.route_count = c
             .query_row("SELECT COUNT(*) FROM routes", [], |r| r.get::<_, i64>(0))
             .map_err(|e| ("count routes", e))? as u64;
-        Ok(())
+        Ok(mode)
     }
 
     fn err(&self, step: &'static str, source: rusqlite::Error) -> PersistError {
@@ -1106,6 +1113,21 @@ mod tests {
 
     /// `errors`: the three failed batches, plus the startup sweep when the
     /// setup makes every statement fail.
+    #[test]
+    fn garbage_file_is_an_open_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        std::fs::create_dir_all(parent_dir(&path)).unwrap();
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = open_and_load(&path, 0).err().unwrap();
+        assert!(matches!(err, PersistError::Sqlite { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path) && msg.contains("not a database"),
+            "{msg}"
+        );
+    }
+
     fn write_error_case(setup: &str, errors: u64) {
         let dir = tempfile::tempdir().unwrap();
         let path = db_path(&dir);
