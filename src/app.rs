@@ -115,12 +115,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(l) => ListenSource::Bind(check_listen(l)?),
         None => bail!("server.listen is empty and no listening socket was inherited"),
     };
-    let metrics = Arc::new(Metrics::new(plan.worker_cpus.len()));
     let (upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    let urls = upstreams.list.iter().map(|u| u.url.clone()).collect();
+    let metrics = Arc::new(Metrics::new(plan.worker_cpus.len(), urls));
     for url in &s3_skipped {
         tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
     }
     let (routes, writer) = open_routes(&cfg)?;
+    let _ = metrics.gauges.set(crate::metrics::Gauges {
+        routes: routes.clone(),
+    });
     let shared = Arc::new(SharedState {
         cache_info: crate::proto::cache_info::render(
             crate::proto::store_path::STORE_DIR,

@@ -1,10 +1,18 @@
 //! Metrics. Each worker owns a [`WorkerMetrics`] slot and is its only
 //! writer, so counters are bumped with a plain load + store (no locked
-//! read-modify-write, no shared cache line); `/metrics` sums the slots at
-//! scrape time.
+//! read-modify-write, no shared cache line); `/metrics` merges the slots at
+//! scrape time into prometheus families and renders the text format.
+//!
+//! Labels are bounded: upstream labels come from the configured upstream
+//! set, outcome labels from fixed lists, never from request data.
+
+mod collect;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
+
+pub use collect::Gauges;
 
 /// A counter with a single writer thread and any number of readers.
 #[derive(Default)]
@@ -28,8 +36,114 @@ impl LocalCounter {
     }
 }
 
+/// Bucket bounds (seconds) from 100 µs cache hits to multi-second misses.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+/// ncro 2.2's (prometheus default) buckets, kept where dashboards use them.
+pub const DEFAULT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upstream answers per race.
+pub const COUNT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
+
+/// A single-writer histogram: non-cumulative bucket counts plus the sum in
+/// nanoseconds (integer, so it needs no float atomics).
+pub struct LocalHistogram {
+    bounds: &'static [f64],
+    counts: Box<[LocalCounter]>,
+    sum_nanos: LocalCounter,
+}
+
+impl LocalHistogram {
+    pub fn new(bounds: &'static [f64]) -> LocalHistogram {
+        LocalHistogram {
+            bounds,
+            counts: (0..=bounds.len())
+                .map(|_| LocalCounter::default())
+                .collect(),
+            sum_nanos: LocalCounter::default(),
+        }
+    }
+
+    #[inline]
+    pub fn observe(&self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].inc();
+        self.sum_nanos.add((v.max(0.0) * 1e9) as u64);
+    }
+
+    #[inline]
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64())
+    }
+}
+
+/// Every outcome an upstream request can have, as metric labels.
+pub const OUTCOMES: &[&str] = &[
+    "accepted",
+    "not_found",
+    "bad_signature",
+    "wrong_store_path",
+    "filtered",
+    "malformed",
+    "dns",
+    "connect",
+    "tls",
+    "timeout",
+    "reset",
+    "status_5xx",
+    "status_other",
+    "protocol",
+    "too_large",
+];
+
+pub fn outcome_index(label: &str) -> usize {
+    OUTCOMES
+        .iter()
+        .position(|&o| o == label)
+        .unwrap_or(OUTCOMES.len() - 1)
+}
+
+/// Per-upstream counters of one worker.
+pub struct UpstreamMetrics {
+    pub race_wins: LocalCounter,
+    pub outcomes: Box<[LocalCounter]>,
+    /// Latency of this upstream's accepted answers (ncro 2.2's
+    /// `ncro_upstream_latency_seconds`, default buckets).
+    pub win_latency: LocalHistogram,
+    pub nar_bytes: LocalCounter,
+}
+
+impl Default for UpstreamMetrics {
+    fn default() -> Self {
+        UpstreamMetrics {
+            race_wins: LocalCounter::default(),
+            outcomes: (0..OUTCOMES.len())
+                .map(|_| LocalCounter::default())
+                .collect(),
+            win_latency: LocalHistogram::new(DEFAULT_BUCKETS),
+            nar_bytes: LocalCounter::default(),
+        }
+    }
+}
+
+/// How a race ended, for `ncro_narinfo_upstream_attempts_per_resolve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolveResult {
+    Success = 0,
+    NotFound = 1,
+    Unavailable = 2,
+}
+
+pub const RESOLVE_RESULTS: [&str; 3] = ["success", "not_found", "unavailable"];
+
 /// Counters owned by one worker.
-#[derive(Default)]
 pub struct WorkerMetrics {
     pub connections_total: LocalCounter,
     pub connections_closed: LocalCounter,
@@ -47,90 +161,85 @@ pub struct WorkerMetrics {
     pub bad_signatures: LocalCounter,
     pub nar_bytes: LocalCounter,
     pub nar_errors: LocalCounter,
+    pub races: LocalCounter,
+    /// Time from the start of a race to its outcome.
+    pub race_latency: LocalHistogram,
+    pub attempts_per_resolve: [LocalHistogram; 3],
+    /// Wait for a global race permit (filled by the mass-query limits).
+    pub race_wait: LocalHistogram,
+    /// NAR request duration, `[ok, error]`.
+    pub nar_duration: [LocalHistogram; 2],
+    pub upstreams: Box<[UpstreamMetrics]>,
 }
 
-/// All workers' slots; cloned into the scrape handler.
-pub struct Metrics {
-    pub workers: Vec<Arc<WorkerMetrics>>,
-    /// "io_uring" or "epoll" per worker, filled once each worker started.
-    pub drivers: Vec<std::sync::OnceLock<&'static str>>,
-}
-
-impl Metrics {
-    pub fn new(workers: usize) -> Metrics {
-        Metrics {
-            workers: (0..workers)
-                .map(|_| Arc::new(WorkerMetrics::default()))
-                .collect(),
-            drivers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
+impl WorkerMetrics {
+    pub fn new(upstreams: usize) -> WorkerMetrics {
+        WorkerMetrics {
+            connections_total: Default::default(),
+            connections_closed: Default::default(),
+            requests_total: Default::default(),
+            cache_info_requests: Default::default(),
+            narinfo_ok: Default::default(),
+            narinfo_error: Default::default(),
+            nar_requests: Default::default(),
+            bad_requests: Default::default(),
+            narinfo_cache_hits: Default::default(),
+            narinfo_cache_misses: Default::default(),
+            narinfo_negative_hits: Default::default(),
+            singleflight_waiters: Default::default(),
+            upstream_attempts: Default::default(),
+            bad_signatures: Default::default(),
+            nar_bytes: Default::default(),
+            nar_errors: Default::default(),
+            races: Default::default(),
+            race_latency: LocalHistogram::new(LATENCY_BUCKETS),
+            attempts_per_resolve: [0, 1, 2].map(|_| LocalHistogram::new(COUNT_BUCKETS)),
+            race_wait: LocalHistogram::new(DEFAULT_BUCKETS),
+            nar_duration: [0, 1].map(|_| LocalHistogram::new(LATENCY_BUCKETS)),
+            upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }
     }
 
-    fn sum(&self, f: impl Fn(&WorkerMetrics) -> &LocalCounter) -> u64 {
-        self.workers.iter().map(|w| f(w).get()).sum()
+    /// Records one finished upstream attempt of a race.
+    #[inline]
+    pub fn attempt(&self, upstream: usize, outcome: &str) {
+        self.upstream_attempts.inc();
+        if let Some(u) = self.upstreams.get(upstream) {
+            u.outcomes[outcome_index(outcome)].inc();
+        }
+    }
+}
+
+/// All workers' slots plus the cross-thread gauges; read at scrape time.
+pub struct Metrics {
+    pub workers: Vec<Arc<WorkerMetrics>>,
+    /// "io_uring" or "epoll" per worker, set once each worker started.
+    pub drivers: Vec<std::sync::OnceLock<&'static str>>,
+    /// Upstream label values, by the index the workers use.
+    pub upstream_urls: Vec<Arc<str>>,
+    pub gauges: std::sync::OnceLock<Gauges>,
+}
+
+impl Metrics {
+    pub fn new(workers: usize, upstream_urls: Vec<Arc<str>>) -> Metrics {
+        Metrics {
+            workers: (0..workers)
+                .map(|_| Arc::new(WorkerMetrics::new(upstream_urls.len())))
+                .collect(),
+            drivers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
+            upstream_urls,
+            gauges: std::sync::OnceLock::new(),
+        }
     }
 
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, lines: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in lines {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        counter(
-            "ncro_narinfo_requests_total",
-            "narinfo requests by outcome (200 or error).",
-            &[
-                ("{status=\"200\"}", self.sum(|w| &w.narinfo_ok)),
-                ("{status=\"error\"}", self.sum(|w| &w.narinfo_error)),
-            ],
-        );
-        counter(
-            "ncro_nar_requests_total",
-            "NAR requests.",
-            &[("", self.sum(|w| &w.nar_requests))],
-        );
-        counter(
-            "ncro_http_requests_total",
-            "HTTP requests parsed, all endpoints.",
-            &[("", self.sum(|w| &w.requests_total))],
-        );
-        counter(
-            "ncro_http_bad_requests_total",
-            "Requests answered 400, 405 or 431.",
-            &[("", self.sum(|w| &w.bad_requests))],
-        );
-        let per_worker: Vec<(String, u64)> = self
-            .workers
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (format!("{{worker=\"{i}\"}}"), w.connections_total.get()))
-            .collect();
-        let refs: Vec<(&str, u64)> = per_worker.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        counter(
-            "ncro_worker_connections_total",
-            "Client connections accepted per worker.",
-            &refs,
-        );
-        let _ = writeln!(out, "# HELP ncro_worker_connections_open Client connections open per worker.\n# TYPE ncro_worker_connections_open gauge");
-        for (i, w) in self.workers.iter().enumerate() {
-            let open = w
-                .connections_total
-                .get()
-                .saturating_sub(w.connections_closed.get());
-            let _ = writeln!(out, "ncro_worker_connections_open{{worker=\"{i}\"}} {open}");
+        use prometheus::Encoder;
+        let families = collect::families(self);
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
+            return format!("# metrics encoding failed: {e}\n");
         }
-        let _ = writeln!(out, "# HELP ncro_worker_driver_info I/O driver of each worker.\n# TYPE ncro_worker_driver_info gauge");
-        for (i, d) in self.drivers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ncro_worker_driver_info{{worker=\"{i}\",driver=\"{}\"}} 1",
-                d.get().copied().unwrap_or("starting")
-            );
-        }
-        out
+        String::from_utf8(out).unwrap_or_default()
     }
 }

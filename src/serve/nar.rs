@@ -72,7 +72,9 @@ pub async fn serve(
     for i in order {
         let up = &set.list[i];
         match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(resp.status()) => return relay(conn, ctx, req, resp, keep).await,
+            Ok(resp) if is_final(resp.status()) => {
+                return relay(conn, ctx, req, resp, i, keep).await
+            }
             Ok(resp) => {
                 let s = resp.status();
                 transient |= !matches!(s, 403 | 404 | 410);
@@ -136,7 +138,15 @@ async fn relay(
         NarRelay::Auto if ctx.driver == "epoll" => RelayMode::Splice,
         NarRelay::Auto => RelayMode::Copy,
     };
-    match resp.relay_to(&mut conn.stream, mode).await {
+    let result = resp.relay_to(&mut conn.stream, mode).await;
+    let sent = match &result {
+        Ok(n) => *n,
+        Err(e) => e.sent(),
+    };
+    if let Some(u) = ctx.metrics.upstreams.get(upstream) {
+        u.nar_bytes.add(sent);
+    }
+    match result {
         Ok(n) => {
             ctx.metrics.nar_bytes.add(n);
             Ok(if keep { After::KeepAlive } else { After::Close })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::http::client::{ClientError, Request as UpRequest};
+use crate::metrics::ResolveResult;
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
@@ -74,13 +75,30 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         async move { fetch_narinfo(&client, &set.list[i].origin, &path).await }
     };
     let judge = |i: usize, body: &Bytes| judge(&set, i, hash, body);
-    let report = |_i: usize, rep: &race::AttemptReport| {
-        ctx.metrics.upstream_attempts.inc();
+    let mut answers = 0usize;
+    let report = |i: usize, rep: &race::AttemptReport| {
+        answers += 1;
+        ctx.metrics.attempt(i, rep.result.label());
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
         }
+        if rep.result == AttemptResult::Accepted {
+            if let Some(u) = ctx.metrics.upstreams.get(i) {
+                u.race_wins.inc();
+                u.win_latency.observe_duration(rep.latency);
+            }
+        }
     };
+    ctx.metrics.races.inc();
+    let started = std::time::Instant::now();
     let outcome = race::race(&candidates, &race_cfg, fetch, judge, report).await;
+    ctx.metrics.race_latency.observe_duration(started.elapsed());
+    let result = match outcome {
+        Outcome::Found { .. } => ResolveResult::Success,
+        Outcome::Miss => ResolveResult::NotFound,
+        Outcome::Unavailable { .. } => ResolveResult::Unavailable,
+    };
+    ctx.metrics.attempts_per_resolve[result as usize].observe(answers as f64);
     let now = unix_now();
     match outcome {
         Outcome::Found {
