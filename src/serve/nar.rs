@@ -99,6 +99,7 @@ async fn relay(
     ctx: &WorkerCtx,
     req: &Request<'_>,
     mut resp: UpResponse,
+    upstream: usize,
     keep: bool,
 ) -> io::Result<After> {
     let status = resp.status();
