@@ -56,23 +56,41 @@ pub enum HarnessError {
 /// share it instead of failing.
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
+/// Where test ports come from: below the kernel's ephemeral range, so
+/// connect() never takes them implicitly. A busy load test on the same
+/// machine leaves thousands of TIME_WAIT sockets on ephemeral ports (nearly
+/// every even one), which makes consecutive ports there almost never free;
+/// and bind(0) never hands ports below the range to other processes.
+fn port_window(n: u16) -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (low >= 11_000 + n).then_some((10_000, low - n))
+}
+
+/// A candidate base port: random in the window, else kernel-chosen.
+fn candidate(window: Option<(u16, u16)>) -> Option<u16> {
+    match window {
+        Some((lo, hi)) => Some(rand::Rng::gen_range(&mut rand::thread_rng(), lo..hi)),
+        None => TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .ok(),
+    }
+}
+
 /// `n` consecutive ports on 127.0.0.1 that were free a moment ago; returns
 /// the first. The ports are released before returning.
 pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let Ok(first) = TcpListener::bind("127.0.0.1:0") else {
+    let window = port_window(n);
+    for _ in 0..500 {
+        let Some(base) = candidate(window).filter(|b| b.checked_add(n).is_some()) else {
             continue;
         };
-        let Ok(base) = first.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        if base.checked_add(n).is_none() {
-            continue;
-        }
-        let rest: Vec<_> = (1..n)
+        // Held together so that each check sees the others taken.
+        let held: Vec<_> = (0..n)
             .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
             .collect();
-        if rest.iter().any(|r| r.is_err()) {
+        if held.iter().any(|r| r.is_err()) {
             continue;
         }
         let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,7 +101,7 @@ pub fn free_ports(n: u16) -> u16 {
         set.extend(base..base + n);
         return base;
     }
-    panic!("no {n} consecutive free ports on 127.0.0.1 after 200 tries");
+    panic!("no {n} consecutive free ports on 127.0.0.1 after 500 tries");
 }
 
 /// One free port on 127.0.0.1.
