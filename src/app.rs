@@ -106,8 +106,21 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// A panic anywhere in a serving process is a bug that may have left shared
+/// state half-updated: log it and abort so the service manager restarts a
+/// clean process, rather than limping on with a dead worker.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(panic = %info, "panic; aborting");
+        default(info);
+        std::process::abort();
+    }));
+}
+
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    abort_on_panic();
     let cfg = Arc::new(cfg);
     let affinity = worker::affinity_cpus();
     let plan = worker::plan(&cfg.server, &affinity);
