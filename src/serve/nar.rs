@@ -10,6 +10,7 @@ use crate::http::client::{
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
 use crate::route;
+use crate::serve::narinfo::discard_body;
 use crate::serve::{After, Conn};
 use crate::worker::{unix_now, WorkerCtx};
 
@@ -77,6 +78,7 @@ pub async fn serve(
                 let s = resp.status();
                 transient |= !matches!(s, 403 | 404 | 410);
                 tracing::debug!(upstream = %up.url, status = s, path = req.path, "NAR not served here; trying the next upstream");
+                discard_body(resp);
             }
             Err(e) => {
                 transient = true;

@@ -2,10 +2,11 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::http::client::{ClientError, Request as UpRequest};
+use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
@@ -130,8 +131,45 @@ async fn fetch_narinfo(
             Ok(body) => Attempt::Found(body),
             Err(e) => Attempt::Failed(fail_kind(&e)),
         },
-        s => Attempt::from_unexpected_status(s),
+        s => {
+            discard_body(resp);
+            Attempt::from_unexpected_status(s)
+        }
     }
+}
+
+/// Largest error body worth reading just to keep its connection.
+const DISCARD_LIMIT: usize = 16 * 1024;
+/// How long a background discard may take before the connection is closed.
+const DISCARD_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads a small error body (a 404 page) to its end in a background task,
+/// so the connection returns to the idle pool. Dropping it unread closes
+/// the connection, and then every miss costs the next lookup on that
+/// upstream a new TCP and TLS handshake. Nobody waits for the task: the
+/// caller has its answer from the status alone.
+pub(crate) fn discard_body(mut resp: UpResponse) {
+    let too_big = resp
+        .content_length()
+        .is_some_and(|n| n > DISCARD_LIMIT as u64);
+    if resp.is_complete() || too_big {
+        return; // already pooled, or cheaper to close than to read
+    }
+    monoio::spawn(async move {
+        let drain = async {
+            let mut left = DISCARD_LIMIT;
+            // Ends at the body's end (the connection is pooled then), on an
+            // error, or past the limit; the last two close it on drop.
+            while let Ok(Some(piece)) = resp.read_chunk().await {
+                match left.checked_sub(piece.len()) {
+                    Some(rest) => left = rest,
+                    None => return,
+                }
+            }
+        };
+        // A timeout only means the connection is closed instead of reused.
+        let _ = monoio::time::timeout(DISCARD_WAIT, drain).await;
+    });
 }
 
 pub fn fail_kind(e: &ClientError) -> FailKind {

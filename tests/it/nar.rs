@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::fake::{random_bytes, FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::harness::NcroProcess;
-use crate::routing::{db_dir, entry, NcroConfig};
+use crate::routing::{db_dir, entry, CannedUpstream, NcroConfig};
 
 /// One fake per `(priority, builder)`, all trusted with `key`, and an ncro
 /// in front of them.
@@ -368,4 +368,26 @@ fn upstream_hang_mid_body_closes_after_idle_timeout_copy() {
 #[test]
 fn upstream_hang_mid_body_closes_after_idle_timeout_splice() {
     hang_mid_body("splice");
+}
+
+/// Regression: NAR misses were dropped unread, closing the upstream
+/// connection each time (see the narinfo twin in `routing`).
+#[test]
+fn regression_nar_404_with_body_keeps_upstream_connections() {
+    let page = "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot here\n";
+    let (a, b) = (
+        CannedUpstream::answering(page),
+        CannedUpstream::answering(page),
+    );
+    let db = db_dir();
+    let ups = [(a.url(), 10, String::new()), (b.url(), 20, String::new())];
+    let ncro = NcroConfig::new(&ups, &db.path().join("r.db"))
+        .set("server", "workers", 1)
+        .start();
+    for i in 0..4 {
+        let url = TestPath::new(&format!("absent-{i}")).nar_request_path();
+        assert_eq!(ncro.get(&url).status, 404, "{}", ncro.logs());
+    }
+    assert_eq!((a.requests(), b.requests()), (4, 4));
+    assert_eq!((a.accepted(), b.accepted()), (1, 1), "one connection each");
 }

@@ -766,3 +766,24 @@ fn cancelled_losers_close_their_connections() {
         "ncro fds grew from {fds_before} to {fds_after} over {RACES} races"
     );
 }
+
+/// Regression: a 404 with a body (nginx, S3 and Fastly all send one) was
+/// dropped unread, which closes the upstream connection, so every miss on
+/// an upstream cost a fresh TCP (and TLS) handshake on the next lookup.
+#[test]
+fn regression_404_with_body_keeps_the_upstream_connection() {
+    let miss = CannedUpstream::answering(
+        "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 22\r\n\r\n<h1>404 Not Found</h1>",
+    );
+    let db = db_dir();
+    let ncro = NcroConfig::new(&[(miss.url(), 10, String::new())], &db.path().join("r.db"))
+        .set("server", "workers", 1)
+        .start();
+    for i in 0..5 {
+        let p = TestPath::new(&format!("missing-{i}"));
+        let r = ncro.get(&p.narinfo_request_path());
+        assert_eq!(r.status, 404, "{}", ncro.logs());
+    }
+    assert_eq!(miss.requests(), 5);
+    assert_eq!(miss.accepted(), 1, "connections for 5 sequential misses");
+}
