@@ -15,8 +15,9 @@ use crate::serve::{After, Conn};
 use crate::worker::{unix_now, WorkerCtx};
 
 /// Response headers passed from the upstream to the client.
-const PASSED_HEADERS: [&str; 7] = [
+const PASSED_HEADERS: [&str; 8] = [
     "Accept-Ranges",
+    "Location",
     "Content-Range",
     "Content-Type",
     "ETag",
@@ -25,10 +26,26 @@ const PASSED_HEADERS: [&str; 7] = [
     "Content-Encoding",
 ];
 
-/// Statuses that are the upstream's final word on an object it has (a range
-/// or precondition answer): relayed rather than tried elsewhere.
-fn is_final(status: u16) -> bool {
-    (200..300).contains(&status) || matches!(status, 304 | 412 | 416)
+/// Answers that are the upstream's final word on an object it has (a range
+/// or precondition answer, or a redirect to where it keeps it): relayed
+/// rather than tried elsewhere.
+fn is_final(resp: &UpResponse) -> bool {
+    let status = resp.status();
+    (200..300).contains(&status) || matches!(status, 304 | 412 | 416) || is_absolute_redirect(resp)
+}
+
+/// A redirect to an absolute URL, such as the presigned storage URL that
+/// Attic answers NAR requests with. Nix follows it (FINDINGS), so it goes
+/// to the client as is. A relative one would resolve against ncro itself.
+fn is_absolute_redirect(resp: &UpResponse) -> bool {
+    let absolute = |l: &[u8]| {
+        ["http://", "https://"].iter().any(|scheme| {
+            l.get(..scheme.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()))
+        })
+    };
+    matches!(resp.status(), 301 | 302 | 303 | 307 | 308)
+        && resp.header("Location").is_some_and(absolute)
 }
 
 pub async fn serve(
@@ -73,7 +90,7 @@ pub async fn serve(
     for i in order {
         let up = &set.list[i];
         match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(resp.status()) => return relay(conn, ctx, req, resp, keep).await,
+            Ok(resp) if is_final(&resp) => return relay(conn, ctx, req, resp, keep).await,
             Ok(resp) => {
                 let s = resp.status();
                 transient |= !matches!(s, 403 | 404 | 410);

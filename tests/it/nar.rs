@@ -391,3 +391,34 @@ fn regression_nar_404_with_body_keeps_upstream_connections() {
     assert_eq!((a.requests(), b.requests()), (4, 4));
     assert_eq!((a.accepted(), b.accepted()), (1, 1), "one connection each");
 }
+
+/// Regression: an upstream that redirects NAR downloads to storage (Attic
+/// with S3 answers 307 to a presigned URL) got 502: the redirect counted as
+/// "not served here". Nix follows redirects, so ncro passes them on.
+#[test]
+fn regression_nar_redirect_to_absolute_url_is_relayed() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("redirected");
+    let url = p.nar_request_path();
+    let storage = FakeUpstream::builder()
+        .file("/presigned/x.nar", p.nar.clone())
+        .start();
+    let location = format!("{}/presigned/x.nar?sig=abc", storage.url());
+    let redirector = FakeUpstream::builder()
+        .rule(PathMatch::exact(&url), Fault::Redirect(location.clone()))
+        .start();
+    let (ncro, _ups, _db) = front(
+        vec![(10, redirector), (20, FakeUpstream::builder().start())],
+        &k,
+        &[],
+    );
+    let r = ncro.get(&url);
+    assert_eq!(r.status, 302, "{}", ncro.logs());
+    assert_eq!(r.header("Location"), Some(location.as_str()));
+    // The relative kind would resolve against ncro itself: not relayed.
+    let relative = FakeUpstream::builder()
+        .rule(PathMatch::exact(&url), Fault::Redirect("/elsewhere".into()))
+        .start();
+    let (ncro2, _ups2, _db2) = front(vec![(10, relative)], &k, &[]);
+    assert_eq!(ncro2.get(&url).status, 502);
+}
