@@ -26,28 +26,23 @@ pub enum Resolved {
 }
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
-pub fn answer(
-    ctx: &WorkerCtx,
-    hash: StoreHash,
-) -> impl std::future::Future<Output = Resolved> + '_ {
-    async move {
-        match ctx.shared.routes.get(&hash, unix_now()) {
-            Some(Cached::Hit(e)) => {
-                ctx.metrics.narinfo_cache_hits.inc();
-                return Resolved::Found(e);
-            }
-            Some(Cached::Negative) => {
-                ctx.metrics.narinfo_negative_hits.inc();
-                return Resolved::Miss;
-            }
-            None => ctx.metrics.narinfo_cache_misses.inc(),
+pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
+    match ctx.shared.routes.get(&hash, unix_now()) {
+        Some(Cached::Hit(e)) => {
+            ctx.metrics.narinfo_cache_hits.inc();
+            return Resolved::Found(e);
         }
-        let (resolved, role) = ctx.flights.run(hash, || resolve(ctx, hash)).await;
-        if role == race::Role::Joined {
-            ctx.metrics.singleflight_waiters.inc();
+        Some(Cached::Negative) => {
+            ctx.metrics.narinfo_negative_hits.inc();
+            return Resolved::Miss;
         }
-        resolved
+        None => ctx.metrics.narinfo_cache_misses.inc(),
     }
+    let (resolved, role) = ctx.flights.run(hash, || resolve(ctx, hash)).await;
+    if role == race::Role::Joined {
+        ctx.metrics.singleflight_waiters.inc();
+    }
+    resolved
 }
 
 /// Races the upstreams for `hash` and records the result in the route table.
