@@ -4,8 +4,13 @@
 use std::io;
 
 use crate::config::NarRelay;
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
 use crate::http::client::{
-    Method as UpMethod, RelayMode, Request as UpRequest, Response as UpResponse,
+    Method as UpMethod, RelayError, RelayMode, Request as UpRequest, Response as UpResponse,
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
@@ -155,7 +160,12 @@ async fn relay(
         NarRelay::Auto if ctx.driver == "epoll" => RelayMode::Splice,
         NarRelay::Auto => RelayMode::Copy,
     };
-    match resp.relay_to(&mut conn.stream, mode).await {
+    let relayed = if resp.is_chunked() && req.http10 {
+        relay_decoded(&mut resp, &mut conn.stream, ctx.shared.config.timeouts.idle).await
+    } else {
+        resp.relay_to(&mut conn.stream, mode).await
+    };
+    match relayed {
         Ok(n) => {
             ctx.metrics.nar_bytes.add(n);
             Ok(if keep { After::KeepAlive } else { After::Close })
@@ -169,5 +179,41 @@ async fn relay(
             tracing::warn!(path = req.path, error = %e, "NAR relay cut short; closing the client connection");
             Ok(After::Close)
         }
+    }
+}
+
+/// Relays a chunked upstream body without its framing, for an HTTP/1.0
+/// client: it cannot parse chunks, so its body ends with the connection
+/// (`relay_to` would pass the chunk-size lines through). Rare, so one
+/// small copy per piece is fine.
+async fn relay_decoded(
+    resp: &mut UpResponse,
+    dst: &mut TcpStream,
+    idle: Duration,
+) -> Result<u64, RelayError> {
+    let mut sent = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match resp.read_chunk().await {
+            Ok(Some(piece)) => {
+                buf.clear();
+                buf.extend_from_slice(piece);
+            }
+            Ok(None) => return Ok(sent),
+            Err(error) => return Err(RelayError::Upstream { error, sent }),
+        }
+        let n = buf.len() as u64;
+        let (written, back) = match monoio::time::timeout(idle, dst.write_all(buf)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let error = io::Error::new(io::ErrorKind::TimedOut, "client write timed out");
+                return Err(RelayError::Client { error, sent });
+            }
+        };
+        if let Err(error) = written {
+            return Err(RelayError::Client { error, sent });
+        }
+        buf = back;
+        sent += n;
     }
 }

@@ -246,6 +246,11 @@ struct Raw {
 
 /// Writes `request` and reads until the server closes or `limit` passes.
 fn raw_exchange(addr: SocketAddr, request: &str, limit: Duration) -> Raw {
+    raw_exchange_body(addr, request, limit).0
+}
+
+/// [`raw_exchange`], also returning the raw bytes after the head.
+fn raw_exchange_body(addr: SocketAddr, request: &str, limit: Duration) -> (Raw, Vec<u8>) {
     let t = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_millis(100)))
@@ -280,13 +285,14 @@ fn raw_exchange(addr: SocketAddr, request: &str, limit: Duration) -> Raw {
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
         .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok());
-    Raw {
+    let raw = Raw {
         status: resp.code.unwrap_or(0),
         content_length,
         body_len: got.len() - head_len,
         end,
         elapsed,
-    }
+    };
+    (raw, got[head_len..].to_vec())
 }
 
 fn get_raw(ncro: &NcroProcess, url: &str, limit: Duration) -> Raw {
@@ -421,4 +427,23 @@ fn regression_nar_redirect_to_absolute_url_is_relayed() {
         .start();
     let (ncro2, _ups2, _db2) = front(vec![(10, relative)], &k, &[]);
     assert_eq!(ncro2.get(&url).status, 502);
+}
+
+/// Regression: an HTTP/1.0 client cannot take chunked framing, so ncro ends
+/// the body by closing; the relay still forwarded the upstream's chunked
+/// framing, and the client got chunk-size lines inside its NAR.
+#[test]
+fn regression_chunked_nar_to_http10_client_is_dechunked() {
+    let p = TestPath::with_contents("old-client", &random_bytes(100_000));
+    let url = p.nar_request_path();
+    let (ncro, _up, _db) = one_nar(&p, &[(PathMatch::exact(&url), Fault::Chunked)], &[]);
+    let (raw, body) = raw_exchange_body(
+        ncro.addr(),
+        &format!("GET {url} HTTP/1.0\r\nHost: t\r\n\r\n"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(raw.status, 200, "{}", ncro.logs());
+    assert!(matches!(raw.end, End::Eof), "{:?}", raw.end);
+    assert_eq!(body.len(), p.nar.len(), "{}", ncro.logs());
+    assert!(body == p.nar);
 }

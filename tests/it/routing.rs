@@ -388,6 +388,113 @@ fn all_404_is_404_and_negative_cached_until_negative_ttl() {
     );
 }
 
+#[test]
+fn head_narinfo_is_answered_without_a_body() {
+    let k = TestKey::generate("k-1");
+    let (p, absent) = (TestPath::new("headed"), TestPath::new("absent"));
+    let up = FakeUpstream::builder().path(&p, &k).start();
+    let db = db_dir();
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &k)], &db.path().join("r.db")).start();
+    let mut c = HttpConn::connect(ncro.addr()).expect("connect");
+    let head = c
+        .request("HEAD", &p.narinfo_request_path(), &[])
+        .expect("HEAD");
+    assert_eq!(head.status, 200, "{}", ncro.logs());
+    // The GET on the same connection parses only if HEAD sent no body.
+    let get = c.get(&p.narinfo_request_path()).expect("GET after HEAD");
+    assert_served_by(&get, &p, &k, &ncro);
+    assert_eq!(
+        head.header("Content-Length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    let miss = c
+        .request("HEAD", &absent.narinfo_request_path(), &[])
+        .expect("HEAD of a miss");
+    assert_eq!(miss.status, 404);
+    assert_eq!(
+        up.request_count(&p.narinfo_request_path()),
+        1,
+        "GET hit the route"
+    );
+}
+
+#[test]
+fn chunked_narinfo_is_accepted_and_truncated_one_is_an_outage() {
+    let k = TestKey::generate("k-1");
+    let (chunked, cut) = (TestPath::new("chunked"), TestPath::new("cut"));
+    let up = FakeUpstream::builder()
+        .path(&chunked, &k)
+        .path(&cut, &k)
+        .rule(chunked.narinfo_request_path(), Fault::Chunked)
+        .rule(cut.narinfo_request_path(), Fault::Truncate(40))
+        .start();
+    let db = db_dir();
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &k)], &db.path().join("r.db")).start();
+    assert_served_by(
+        &ncro.get(&chunked.narinfo_request_path()),
+        &chunked,
+        &k,
+        &ncro,
+    );
+    assert_eq!(ncro.get(&cut.narinfo_request_path()).status, 502);
+}
+
+#[test]
+fn routes_expire_after_cache_ttl() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("short-lived");
+    let up = FakeUpstream::builder().path(&p, &k).start();
+    let db = db_dir();
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &k)], &db.path().join("r.db"))
+        .set("cache", "ttl", "1s")
+        .start();
+    let path = p.narinfo_request_path();
+    assert_served_by(&ncro.get(&path), &p, &k, &ncro);
+    // Expiry is kept in whole seconds: a 1s route is gone 2.5s later.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_served_by(&ncro.get(&path), &p, &k, &ncro);
+    assert_eq!(up.request_count(&path), 2, "raced again after the ttl");
+}
+
+#[test]
+fn negative_entries_survive_a_restart() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("absent-across-restarts");
+    let up = FakeUpstream::builder().start();
+    let db = db_dir();
+    let cfg = NcroConfig::new(&[entry(up.url(), 10, &k)], &db.path().join("r.db")).set(
+        "cache",
+        "negative_ttl",
+        "1h",
+    );
+    let mut first = cfg.start();
+    assert_eq!(first.get(&p.narinfo_request_path()).status, 404);
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(20)).success());
+    drop(first);
+    let second = cfg.start();
+    assert_eq!(second.get(&p.narinfo_request_path()).status, 404);
+    assert_eq!(up.request_count(&p.narinfo_request_path()), 1);
+}
+
+/// An upstream that refuses connections gives no answer, so a miss
+/// elsewhere is not a definite miss. (Until health tracking leaves dead
+/// upstreams out, one dead upstream turns every miss into a 502.)
+#[test]
+fn refused_connection_plus_404_is_502() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("refused");
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    }; // closed again: connecting is refused
+    let empty = FakeUpstream::builder().start();
+    let db = db_dir();
+    let ups = [(dead, 10, k.public_key()), entry(empty.url(), 10, &k)];
+    let ncro = NcroConfig::new(&ups, &db.path().join("r.db")).start();
+    assert_eq!(ncro.get(&p.narinfo_request_path()).status, 502);
+}
+
 /// `clients` connections, all opened first, then released at once to ask
 /// for `path`; returns every status.
 fn burst(ncro: &NcroProcess, path: &str, clients: usize) -> Vec<u16> {
