@@ -2,13 +2,12 @@
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
 use std::io;
-
-use crate::config::NarRelay;
 use std::time::Duration;
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
+use crate::config::NarRelay;
 use crate::http::client::{
     Method as UpMethod, RelayError, RelayMode, Request as UpRequest, Response as UpResponse,
 };
