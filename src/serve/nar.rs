@@ -175,7 +175,15 @@ async fn relay(
             // The head promised a complete body; closing the connection is
             // the only way to tell the client it did not get one (Nix then
             // resumes with a Range request).
-            tracing::warn!(path = req.path, error = %e, "NAR relay cut short; closing the client connection");
+            match e {
+                // Clients cancel downloads all the time: not ncro's problem.
+                RelayError::Client { .. } => {
+                    tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay")
+                }
+                RelayError::Upstream { .. } => {
+                    tracing::warn!(path = req.path, error = %e, "NAR relay cut short by the upstream; closing the client connection")
+                }
+            }
             Ok(After::Close)
         }
     }

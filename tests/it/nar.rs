@@ -447,3 +447,36 @@ fn regression_chunked_nar_to_http10_client_is_dechunked() {
     assert_eq!(body.len(), p.nar.len(), "{}", ncro.logs());
     assert!(body == p.nar);
 }
+
+/// Regression: a client that cancels a download (common: Ctrl-C, a killed
+/// build) was logged at warn level like an upstream failure.
+#[test]
+fn regression_client_going_away_is_not_a_warning() {
+    let p = TestPath::with_contents("cancelled", &random_bytes(32 << 20));
+    let url = p.nar_request_path();
+    let (ncro, _up, _db) = one_nar(&p, &[], &[]);
+    let mut s = TcpStream::connect(ncro.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut first = [0u8; 64 * 1024];
+    let n = s.read(&mut first).expect("first bytes");
+    assert!(n > 0);
+    drop(s); // unread data pending: the kernel answers ncro with RST
+    assert!(
+        ncro.wait_for_log(
+            "client went away during a NAR relay",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        ncro.logs()
+    );
+    let out = ncro.stdout();
+    let line = out
+        .lines()
+        .find(|l| l.contains("client went away during a NAR relay"))
+        .unwrap_or_default();
+    assert!(line.contains("DEBUG"), "{line}");
+    assert!(!out.contains(" WARN "), "{}", ncro.logs());
+}
