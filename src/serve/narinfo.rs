@@ -70,10 +70,18 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         async move { fetch_narinfo(&client, &set.list[i].origin, &path).await }
     };
     let judge = |i: usize, body: &Bytes| judge(&set, i, hash, body);
-    let report = |_i: usize, rep: &race::AttemptReport| {
+    let report = |i: usize, rep: &race::AttemptReport| {
         ctx.metrics.upstream_attempts.inc();
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
+        }
+        // The only trace of why a lookup became a 502 or 504 (an upstream
+        // answering 301 to everything, say); the metric label drops the status.
+        if !matches!(
+            rep.result,
+            AttemptResult::Accepted | AttemptResult::NotFound
+        ) {
+            tracing::debug!(upstream = %set.list[i].url, %hash, result = ?rep.result, ms = rep.latency.as_millis() as u64, "narinfo attempt gave no answer");
         }
     };
     let outcome = race::race(&candidates, &race_cfg, fetch, judge, report).await;

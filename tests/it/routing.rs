@@ -917,3 +917,29 @@ fn regression_404_with_body_keeps_the_upstream_connection() {
     assert_eq!(miss.requests(), 5);
     assert_eq!(miss.accepted(), 1, "connections for 5 sequential misses");
 }
+
+/// An upstream misconfigured to redirect everything (http -> https, say)
+/// makes every lookup a 502; the debug log must say which upstream and
+/// status, since the metric label leaves the status out.
+#[test]
+fn regression_failed_attempts_are_logged_with_their_status() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("moved");
+    let up = FakeUpstream::builder()
+        .rule(
+            PathMatch::suffix(".narinfo"),
+            Fault::Redirect("https://elsewhere.invalid/".into()),
+        )
+        .start();
+    let db = db_dir();
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &k)], &db.path().join("r.db")).start();
+    assert_eq!(ncro.get(&p.narinfo_request_path()).status, 502);
+    assert!(
+        ncro.wait_for_log("OtherStatus(302)", Duration::from_secs(5)),
+        "{}",
+        ncro.logs()
+    );
+    let out = ncro.stdout();
+    let line = out.lines().find(|l| l.contains("OtherStatus(302)"));
+    assert!(line.is_some_and(|l| l.contains(&up.url()) && l.contains(&p.hash)));
+}
