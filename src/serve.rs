@@ -35,6 +35,7 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
         stream,
         rbuf: Vec::with_capacity(4096),
         wbuf: Vec::with_capacity(4096),
+        head: false,
     };
     if let Err(e) = conn.run(&ctx).await {
         tracing::debug!(worker = ctx.index, error = %e, "client connection ended with an error");
@@ -47,6 +48,8 @@ pub struct Conn {
     pub stream: TcpStream,
     rbuf: Vec<u8>,
     pub wbuf: Vec<u8>,
+    /// The request being answered is a HEAD: error answers carry no body.
+    head: bool,
 }
 
 enum Head {
@@ -114,6 +117,7 @@ impl Conn {
 
     async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
         ctx.metrics.requests_total.inc();
+        self.head = false;
         let rbuf = std::mem::take(&mut self.rbuf);
         let (after, consumed) = match request::parse(&rbuf) {
             Parse::Complete(req, len) => (self.dispatch(ctx, &req).await?, len),
@@ -156,6 +160,7 @@ impl Conn {
             return Ok(self.error(ctx, 400, "request bodies are not accepted\n", false));
         }
         let head = req.method == Method::Head;
+        self.head = head;
         let path = req.path;
         if path == "/nix-cache-info" {
             ctx.metrics.cache_info_requests.inc();
@@ -265,11 +270,12 @@ impl Conn {
             ctx.metrics.bad_requests.inc();
         }
         let date = ctx.date();
+        let head_only = std::mem::take(&mut self.head);
         write_simple(
             &mut self.wbuf,
             status,
             keep,
-            false,
+            head_only,
             &date,
             &[TEXT],
             body.as_bytes(),

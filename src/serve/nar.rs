@@ -2,20 +2,26 @@
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
 use std::io;
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
 
 use crate::config::NarRelay;
 use crate::http::client::{
-    Method as UpMethod, RelayMode, Request as UpRequest, Response as UpResponse,
+    Method as UpMethod, RelayError, RelayMode, Request as UpRequest, Response as UpResponse,
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
 use crate::route;
+use crate::serve::narinfo::discard_body;
 use crate::serve::{After, Conn};
 use crate::worker::{unix_now, WorkerCtx};
 
 /// Response headers passed from the upstream to the client.
-const PASSED_HEADERS: [&str; 7] = [
+const PASSED_HEADERS: [&str; 8] = [
     "Accept-Ranges",
+    "Location",
     "Content-Range",
     "Content-Type",
     "ETag",
@@ -24,10 +30,26 @@ const PASSED_HEADERS: [&str; 7] = [
     "Content-Encoding",
 ];
 
-/// Statuses that are the upstream's final word on an object it has (a range
-/// or precondition answer): relayed rather than tried elsewhere.
-fn is_final(status: u16) -> bool {
-    (200..300).contains(&status) || matches!(status, 304 | 412 | 416)
+/// Answers that are the upstream's final word on an object it has (a range
+/// or precondition answer, or a redirect to where it keeps it): relayed
+/// rather than tried elsewhere.
+fn is_final(resp: &UpResponse) -> bool {
+    let status = resp.status();
+    (200..300).contains(&status) || matches!(status, 304 | 412 | 416) || is_absolute_redirect(resp)
+}
+
+/// A redirect to an absolute URL, such as the presigned storage URL that
+/// Attic answers NAR requests with. Nix follows it (FINDINGS), so it goes
+/// to the client as is. A relative one would resolve against ncro itself.
+fn is_absolute_redirect(resp: &UpResponse) -> bool {
+    let absolute = |l: &[u8]| {
+        ["http://", "https://"].iter().any(|scheme| {
+            l.get(..scheme.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()))
+        })
+    };
+    matches!(resp.status(), 301 | 302 | 303 | 307 | 308)
+        && resp.header("Location").is_some_and(absolute)
 }
 
 pub async fn serve(
@@ -72,13 +94,12 @@ pub async fn serve(
     for i in order {
         let up = &set.list[i];
         match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(resp.status()) => {
-                return relay(conn, ctx, req, resp, i, keep).await
-            }
+            Ok(resp) if is_final(&resp) => return relay(conn, ctx, req, resp, i, keep).await,
             Ok(resp) => {
                 let s = resp.status();
                 transient |= !matches!(s, 403 | 404 | 410);
                 tracing::debug!(upstream = %up.url, status = s, path = req.path, "NAR not served here; trying the next upstream");
+                discard_body(resp);
             }
             Err(e) => {
                 transient = true;
@@ -139,15 +160,19 @@ async fn relay(
         NarRelay::Auto if ctx.driver == "epoll" => RelayMode::Splice,
         NarRelay::Auto => RelayMode::Copy,
     };
-    let result = resp.relay_to(&mut conn.stream, mode).await;
-    let sent = match &result {
+    let relayed = if resp.is_chunked() && req.http10 {
+        relay_decoded(&mut resp, &mut conn.stream, ctx.shared.config.timeouts.idle).await
+    } else {
+        resp.relay_to(&mut conn.stream, mode).await
+    };
+    let sent = match &relayed {
         Ok(n) => *n,
         Err(e) => e.sent(),
     };
     if let Some(u) = ctx.metrics.upstreams.get(upstream) {
         u.nar_bytes.add(sent);
     }
-    match result {
+    match relayed {
         Ok(n) => {
             ctx.metrics.nar_bytes.add(n);
             Ok(if keep { After::KeepAlive } else { After::Close })
@@ -158,8 +183,52 @@ async fn relay(
             // The head promised a complete body; closing the connection is
             // the only way to tell the client it did not get one (Nix then
             // resumes with a Range request).
-            tracing::warn!(path = req.path, error = %e, "NAR relay cut short; closing the client connection");
+            match e {
+                // Clients cancel downloads all the time: not ncro's problem.
+                RelayError::Client { .. } => {
+                    tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay")
+                }
+                RelayError::Upstream { .. } => {
+                    tracing::warn!(path = req.path, error = %e, "NAR relay cut short by the upstream; closing the client connection")
+                }
+            }
             Ok(After::Close)
         }
+    }
+}
+
+/// Relays a chunked upstream body without its framing, for an HTTP/1.0
+/// client: it cannot parse chunks, so its body ends with the connection
+/// (`relay_to` would pass the chunk-size lines through). Rare, so one
+/// small copy per piece is fine.
+async fn relay_decoded(
+    resp: &mut UpResponse,
+    dst: &mut TcpStream,
+    idle: Duration,
+) -> Result<u64, RelayError> {
+    let mut sent = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match resp.read_chunk().await {
+            Ok(Some(piece)) => {
+                buf.clear();
+                buf.extend_from_slice(piece);
+            }
+            Ok(None) => return Ok(sent),
+            Err(error) => return Err(RelayError::Upstream { error, sent }),
+        }
+        let n = buf.len() as u64;
+        let (written, back) = match monoio::time::timeout(idle, dst.write_all(buf)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let error = io::Error::new(io::ErrorKind::TimedOut, "client write timed out");
+                return Err(RelayError::Client { error, sent });
+            }
+        };
+        if let Err(error) = written {
+            return Err(RelayError::Client { error, sent });
+        }
+        buf = back;
+        sent += n;
     }
 }

@@ -2,10 +2,11 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::http::client::{ClientError, Request as UpRequest};
+use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
 use crate::metrics::ResolveResult;
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
@@ -26,28 +27,23 @@ pub enum Resolved {
 }
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
-pub fn answer(
-    ctx: &WorkerCtx,
-    hash: StoreHash,
-) -> impl std::future::Future<Output = Resolved> + '_ {
-    async move {
-        match ctx.shared.routes.get(&hash, unix_now()) {
-            Some(Cached::Hit(e)) => {
-                ctx.metrics.narinfo_cache_hits.inc();
-                return Resolved::Found(e);
-            }
-            Some(Cached::Negative) => {
-                ctx.metrics.narinfo_negative_hits.inc();
-                return Resolved::Miss;
-            }
-            None => ctx.metrics.narinfo_cache_misses.inc(),
+pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
+    match ctx.shared.routes.get(&hash, unix_now()) {
+        Some(Cached::Hit(e)) => {
+            ctx.metrics.narinfo_cache_hits.inc();
+            return Resolved::Found(e);
         }
-        let (resolved, role) = ctx.flights.run(hash, || resolve(ctx, hash)).await;
-        if role == race::Role::Joined {
-            ctx.metrics.singleflight_waiters.inc();
+        Some(Cached::Negative) => {
+            ctx.metrics.narinfo_negative_hits.inc();
+            return Resolved::Miss;
         }
-        resolved
+        None => ctx.metrics.narinfo_cache_misses.inc(),
     }
+    let (resolved, role) = ctx.flights.run(hash, || resolve(ctx, hash)).await;
+    if role == race::Role::Joined {
+        ctx.metrics.singleflight_waiters.inc();
+    }
+    resolved
 }
 
 /// Races the upstreams for `hash` and records the result in the route table.
@@ -87,6 +83,10 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 u.race_wins.inc();
                 u.win_latency.observe_duration(rep.latency);
             }
+        } else if rep.result != AttemptResult::NotFound {
+            // The only trace of why a lookup became a 502 or 504 (an upstream
+            // answering 301 to everything, say); the metric label drops the status.
+            tracing::debug!(upstream = %set.list[i].url, %hash, result = ?rep.result, ms = rep.latency.as_millis() as u64, "narinfo attempt gave no answer");
         }
     };
     ctx.metrics.races.inc();
@@ -148,8 +148,45 @@ async fn fetch_narinfo(
             Ok(body) => Attempt::Found(body),
             Err(e) => Attempt::Failed(fail_kind(&e)),
         },
-        s => Attempt::from_unexpected_status(s),
+        s => {
+            discard_body(resp);
+            Attempt::from_unexpected_status(s)
+        }
     }
+}
+
+/// Largest error body worth reading just to keep its connection.
+const DISCARD_LIMIT: usize = 16 * 1024;
+/// How long a background discard may take before the connection is closed.
+const DISCARD_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads a small error body (a 404 page) to its end in a background task,
+/// so the connection returns to the idle pool. Dropping it unread closes
+/// the connection, and then every miss costs the next lookup on that
+/// upstream a new TCP and TLS handshake. Nobody waits for the task: the
+/// caller has its answer from the status alone.
+pub(crate) fn discard_body(mut resp: UpResponse) {
+    let too_big = resp
+        .content_length()
+        .is_some_and(|n| n > DISCARD_LIMIT as u64);
+    if resp.is_complete() || too_big {
+        return; // already pooled, or cheaper to close than to read
+    }
+    monoio::spawn(async move {
+        let drain = async {
+            let mut left = DISCARD_LIMIT;
+            // Ends at the body's end (the connection is pooled then), on an
+            // error, or past the limit; the last two close it on drop.
+            while let Ok(Some(piece)) = resp.read_chunk().await {
+                match left.checked_sub(piece.len()) {
+                    Some(rest) => left = rest,
+                    None => return,
+                }
+            }
+        };
+        // A timeout only means the connection is closed instead of reused.
+        let _ = monoio::time::timeout(DISCARD_WAIT, drain).await;
+    });
 }
 
 pub fn fail_kind(e: &ClientError) -> FailKind {

@@ -4,7 +4,12 @@
 //!   independently written Nix test data (keys, narinfos, NARs).
 //! - [`harness`]: runs the real `ncro` binary and talks HTTP/1.1 to it.
 //! - [`e2e_nix`]: the real Nix client through the real `ncro` binary.
+//! - [`routing`]: races, tiers, miss versus outage, single-flight and
+//!   persisted routes through the real `ncro` binary and fake upstreams.
+//! - [`nar`]: NAR routing, fallback, ranges and broken upstream bodies.
 
 mod e2e_nix;
 mod fake;
 mod harness;
+mod nar;
+mod routing;
