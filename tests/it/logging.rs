@@ -198,7 +198,10 @@ fn info_level_writes_nothing_per_request() {
     hits(&ncro, &p, 100);
     assert_eq!(ncro.get(&f.path.nar_request_path()).status, 200);
     let after = ncro.stdout();
-    assert_eq!(before, after, "requests logged at info");
+    assert!(after.starts_with(&before), "log rewritten?\n{after}");
+    let new: Vec<&str> = after[before.len()..].lines().collect();
+    // Background events (a health change) may appear; 101 requests may not.
+    assert!(new.len() <= 3, "requests logged at info: {new:#?}");
     assert!(!after.contains(&f.path.hash), "{after}");
 }
 
