@@ -52,7 +52,7 @@ pub struct Conn {
     pub wbuf: Vec<u8>,
     /// The request being timed for the access log (debug level only).
     access: Option<access::AccessMark>,
-    /// Set through [`Conn::nar_failed`] by the NAR handler; read and reset
+    /// Set through [`Conn::mark_nar_failed`] by the NAR handler; read and reset
     /// by `dispatch` around each NAR request.
     nar_failed: bool,
 }
@@ -139,7 +139,9 @@ impl Conn {
             ),
             Parse::Bad(why) => (self.error(ctx, 400, why, false), rbuf.len()),
         };
-        self.log_access(ctx, "-", "-"); // unparsed requests; no-op after the line above
+        // A request that did not parse is logged without method and path
+        // (a parsed one was logged above and its mark is gone).
+        self.log_access(ctx, "-", "-");
         self.rbuf = rbuf;
         self.rbuf.drain(..consumed.min(self.rbuf.len()));
         Ok(after)
@@ -284,7 +286,7 @@ impl Conn {
 
     /// Marks the current NAR request as failed (no upstream served it, or
     /// the relay was cut short); counted once it ends.
-    pub fn nar_failed(&mut self) {
+    pub fn mark_nar_failed(&mut self) {
         self.nar_failed = true;
     }
 
