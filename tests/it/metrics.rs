@@ -410,6 +410,24 @@ fn every_ncro22_metric_is_present_with_its_type() {
     }
 }
 
+#[test]
+fn docs_list_every_exported_metric() {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md");
+    let doc = std::fs::read_to_string(doc).expect("docs/metrics.md");
+    let s = setup(1, &random_hash());
+    let m = scrape(&s.ncro);
+    assert!(m.types.len() >= 35, "{}", m.text);
+    let undocumented: BTreeSet<_> = m
+        .types
+        .keys()
+        .filter(|name| !doc.contains(&format!("| `{name}` |")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/metrics.md: {undocumented:?}"
+    );
+}
+
 /// Every `ncro_*` name in the dashboard's JSON.
 fn dashboard_metric_names(json: &serde_json::Value, out: &mut BTreeSet<String>) {
     match json {
