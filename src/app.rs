@@ -52,6 +52,12 @@ pub fn main_entry() -> i32 {
     }
 }
 
+/// Installs the global subscriber: `logging.level` is an EnvFilter
+/// directive (validated by config), `logging.format` picks one JSON object
+/// per line (`timestamp`, `level`, `fields`, `target`) or human text.
+/// Writes go to stdout synchronously, which is fine because nothing on the
+/// request path logs at info (the access log is debug, target
+/// `ncro::access`).
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.logging.level)
         .unwrap_or_else(|_| "info".into());
@@ -65,6 +71,45 @@ fn init_logging(cfg: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    log_config_summary(cfg);
+}
+
+/// One info line describing this instance. Credentials are never logged:
+/// an upstream shows only whether it uses Basic Auth (URLs cannot carry
+/// userinfo; config rejects it).
+fn log_config_summary(cfg: &Config) {
+    let upstreams: Vec<String> = cfg
+        .upstreams
+        .iter()
+        .map(|u| {
+            let auth = if u.basic_auth.is_some() {
+                ", basic auth"
+            } else {
+                ""
+            };
+            let keys = u.public_keys.len();
+            format!("{} (priority {}, {keys} keys{auth})", u.url, u.priority)
+        })
+        .collect();
+    let source = match &cfg.source {
+        crate::config::Source::File(p) => p.display().to_string(),
+        crate::config::Source::Embedded => "embedded default".to_owned(),
+    };
+    let workers = cfg
+        .server
+        .workers
+        .map_or_else(|| "one per CPU".to_owned(), |n| n.to_string());
+    tracing::info!(
+        config = %source,
+        listen = cfg.server.listen.as_deref().unwrap_or("(inherited socket)"),
+        upstreams = %upstreams.join(", "),
+        workers,
+        cpus = ?cfg.server.cpus,
+        nar_relay = ?cfg.server.nar_relay,
+        db = %cfg.cache.db_path,
+        log_level = %cfg.logging.level,
+        "configuration loaded"
+    );
 }
 
 /// Resolves `server.listen` and proves the port is free: monoio sets

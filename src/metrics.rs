@@ -5,14 +5,20 @@
 //!
 //! Labels are bounded: upstream labels come from the configured upstream
 //! set, outcome labels from fixed lists, never from request data.
+//!
+//! docs/metrics.md lists every family; `tests/it/metrics.rs` checks exact
+//! values after known traffic.
 
+pub mod access;
 mod collect;
+mod health;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use collect::Gauges;
+pub use health::{HealthSample, HealthSource, HealthState};
 
 /// A counter with a single writer thread and any number of readers.
 #[derive(Default)]
@@ -101,8 +107,11 @@ pub const OUTCOMES: &[&str] = &[
     "status_other",
     "protocol",
     "too_large",
+    "other",
 ];
 
+/// Index of `label` in [`OUTCOMES`]; a label missing from the list (a new
+/// race outcome nobody added here) is counted as `other` rather than lost.
 pub fn outcome_index(label: &str) -> usize {
     OUTCOMES
         .iter()
@@ -143,7 +152,20 @@ pub enum ResolveResult {
 
 pub const RESOLVE_RESULTS: [&str; 3] = ["success", "not_found", "unavailable"];
 
-/// Counters owned by one worker.
+/// How a NAR request ended, for `ncro_nar_request_duration_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NarOutcome {
+    /// The whole body (or the HEAD/304 answer) reached the client.
+    Ok = 0,
+    /// No upstream served it, the relay was cut short, or the client left.
+    Error = 1,
+}
+
+pub const NAR_OUTCOMES: [&str; 2] = ["ok", "error"];
+
+/// Counters owned by one worker. Aligned so that two workers' slots never
+/// share a cache line (the hot counters sit at the start of the struct).
+#[repr(align(128))]
 pub struct WorkerMetrics {
     pub connections_total: LocalCounter,
     pub connections_closed: LocalCounter,
@@ -167,7 +189,7 @@ pub struct WorkerMetrics {
     pub attempts_per_resolve: [LocalHistogram; 3],
     /// Wait for a global race permit (filled by the mass-query limits).
     pub race_wait: LocalHistogram,
-    /// NAR request duration, `[ok, error]`.
+    /// NAR request duration by [`NarOutcome`].
     pub nar_duration: [LocalHistogram; 2],
     pub upstreams: Box<[UpstreamMetrics]>,
 }
@@ -208,6 +230,14 @@ impl WorkerMetrics {
             u.outcomes[outcome_index(outcome)].inc();
         }
     }
+
+    /// Records a finished NAR request (errors also count in `nar_errors`).
+    pub fn nar_finished(&self, outcome: NarOutcome, elapsed: Duration) {
+        if outcome == NarOutcome::Error {
+            self.nar_errors.inc();
+        }
+        self.nar_duration[outcome as usize].observe_duration(elapsed);
+    }
 }
 
 /// All workers' slots plus the cross-thread gauges; read at scrape time.
@@ -218,6 +248,9 @@ pub struct Metrics {
     /// Upstream label values, by the index the workers use.
     pub upstream_urls: Vec<Arc<str>>,
     pub gauges: std::sync::OnceLock<Gauges>,
+    /// Installed once by the health work; until then every upstream's state
+    /// is reported as `unknown`.
+    pub health: std::sync::OnceLock<HealthSource>,
 }
 
 impl Metrics {
@@ -229,13 +262,17 @@ impl Metrics {
             drivers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
             upstream_urls,
             gauges: std::sync::OnceLock::new(),
+            health: std::sync::OnceLock::new(),
         }
     }
 
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         use prometheus::Encoder;
-        let families = collect::families(self);
+        let mut families = collect::families(self);
+        // The encoder rejects a family without samples (and stops there): a
+        // per-upstream family is empty when every upstream is S3 (skipped).
+        families.retain(|f| !f.get_metric().is_empty());
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             return format!("# metrics encoding failed: {e}\n");
@@ -243,3 +280,6 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests;

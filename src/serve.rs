@@ -17,6 +17,7 @@ use monoio::net::TcpStream;
 
 use crate::http::request::{self, Method, Parse, Request};
 use crate::http::response::write_simple;
+use crate::metrics::{access, NarOutcome};
 use crate::worker::WorkerCtx;
 
 /// Responses buffered from pipelined requests before a write is forced.
@@ -36,6 +37,8 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
         rbuf: Vec::with_capacity(4096),
         wbuf: Vec::with_capacity(4096),
         head: false,
+        access: None,
+        nar_failed: false,
     };
     if let Err(e) = conn.run(&ctx).await {
         tracing::debug!(worker = ctx.index, error = %e, "client connection ended with an error");
@@ -50,6 +53,11 @@ pub struct Conn {
     pub wbuf: Vec<u8>,
     /// The request being answered is a HEAD: error answers carry no body.
     head: bool,
+    /// The request being timed for the access log (debug level only).
+    access: Option<access::AccessMark>,
+    /// Set through [`Conn::mark_nar_failed`] by the NAR handler; read and reset
+    /// by `dispatch` around each NAR request.
+    nar_failed: bool,
 }
 
 enum Head {
@@ -118,9 +126,14 @@ impl Conn {
     async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
         ctx.metrics.requests_total.inc();
         self.head = false;
+        self.access = access::start(self.wbuf.len());
         let rbuf = std::mem::take(&mut self.rbuf);
         let (after, consumed) = match request::parse(&rbuf) {
-            Parse::Complete(req, len) => (self.dispatch(ctx, &req).await?, len),
+            Parse::Complete(req, len) => {
+                let after = self.dispatch(ctx, &req).await?;
+                self.log_access(ctx, req.method_raw, req.target);
+                (after, len)
+            }
             Parse::Partial => {
                 unreachable!("wait_head only returns with a full head or an oversized buffer")
             }
@@ -130,6 +143,9 @@ impl Conn {
             ),
             Parse::Bad(why) => (self.error(ctx, 400, why, false), rbuf.len()),
         };
+        // A request that did not parse is logged without method and path
+        // (a parsed one was logged above and its mark is gone).
+        self.log_access(ctx, "-", "-");
         self.rbuf = rbuf;
         self.rbuf.drain(..consumed.min(self.rbuf.len()));
         Ok(after)
@@ -213,7 +229,16 @@ impl Conn {
             if !valid_nar_path(path) {
                 return Ok(self.error(ctx, 400, "invalid NAR path\n", keep));
             }
-            return nar::serve(self, ctx, req, keep).await;
+            self.nar_failed = false;
+            let started = std::time::Instant::now();
+            let result = nar::serve(self, ctx, req, keep).await;
+            let outcome = if self.nar_failed || result.is_err() {
+                NarOutcome::Error
+            } else {
+                NarOutcome::Ok
+            };
+            ctx.metrics.nar_finished(outcome, started.elapsed());
+            return result;
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }
@@ -264,6 +289,18 @@ impl Conn {
         }
     }
 
+    /// Marks the current NAR request as failed (no upstream served it, or
+    /// the relay was cut short); counted once it ends.
+    pub fn mark_nar_failed(&mut self) {
+        self.nar_failed = true;
+    }
+
+    fn log_access(&mut self, ctx: &WorkerCtx, method: &str, path: &str) {
+        if let Some(mark) = self.access.take() {
+            mark.finish(ctx.index, method, path, &self.wbuf);
+        }
+    }
+
     /// Buffers a small plain-text error response.
     pub fn error(&mut self, ctx: &WorkerCtx, status: u16, body: &str, keep: bool) -> After {
         if matches!(status, 400 | 405 | 431) {
@@ -291,6 +328,9 @@ impl Conn {
     pub async fn flush(&mut self, ctx: &WorkerCtx) -> std::io::Result<()> {
         if self.wbuf.is_empty() {
             return Ok(());
+        }
+        if let Some(mark) = self.access.as_mut() {
+            mark.before_flush(&self.wbuf);
         }
         let buf = std::mem::take(&mut self.wbuf);
         let timeout = ctx.shared.config.server.write_timeout;

@@ -7,7 +7,9 @@ use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
 
-use super::{LocalCounter, LocalHistogram, Metrics, WorkerMetrics, OUTCOMES, RESOLVE_RESULTS};
+use super::{
+    LocalCounter, LocalHistogram, Metrics, WorkerMetrics, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
+};
 use crate::route::RouteTable;
 
 /// Cross-thread state sampled at scrape time.
@@ -27,7 +29,12 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(super) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_string());
     f.set_help(help.to_string());
@@ -44,7 +51,7 @@ fn counter_metric(pairs: &[(&str, &str)], v: u64) -> Metric {
     m
 }
 
-fn gauge_metric(pairs: &[(&str, &str)], v: f64) -> Metric {
+pub(super) fn gauge_metric(pairs: &[(&str, &str)], v: f64) -> Metric {
     let mut g = Gauge::default();
     g.set_value(v);
     let mut m = Metric::from_gauge(g);
@@ -122,6 +129,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     upstream_families(&mut b);
     worker_families(&mut b);
     state_families(&mut b);
+    b.out.extend(super::health::families(m));
     b.out
 }
 
@@ -288,7 +296,7 @@ fn upstream_families(b: &mut Builder) {
         "NAR requests that failed or were cut short.",
         |w| &w.nar_errors,
     );
-    let dur = ["ok", "error"]
+    let dur = NAR_OUTCOMES
         .iter()
         .enumerate()
         .map(|(i, o)| {
@@ -310,6 +318,11 @@ fn worker_families(b: &mut Builder) {
         "ncro_http_requests_total",
         "HTTP requests parsed, all endpoints.",
         |w| &w.requests_total,
+    );
+    b.counter(
+        "ncro_cache_info_requests_total",
+        "/nix-cache-info requests.",
+        |w| &w.cache_info_requests,
     );
     b.counter(
         "ncro_http_bad_requests_total",

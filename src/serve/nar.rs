@@ -107,7 +107,7 @@ pub async fn serve(
             }
         }
     }
-    ctx.metrics.nar_errors.inc();
+    conn.mark_nar_failed();
     Ok(if transient {
         conn.error(ctx, 502, "no upstream could serve this NAR\n", keep)
     } else {
@@ -179,7 +179,7 @@ async fn relay(
         }
         Err(e) => {
             ctx.metrics.nar_bytes.add(e.sent());
-            ctx.metrics.nar_errors.inc();
+            conn.mark_nar_failed();
             // The head promised a complete body; closing the connection is
             // the only way to tell the client it did not get one (Nix then
             // resumes with a Range request).

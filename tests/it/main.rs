@@ -7,9 +7,15 @@
 //! - [`routing`]: races, tiers, miss versus outage, single-flight and
 //!   persisted routes through the real `ncro` binary and fake upstreams.
 //! - [`nar`]: NAR routing, fallback, ranges and broken upstream bodies.
+//! - [`metrics`]: `/metrics` values after known traffic, ncro 2.2 names,
+//!   the Grafana dashboard's queries.
+//! - [`logging`]: log formats, logging config errors, no per-request lines
+//!   at info, the debug access log, secrets kept out of logs.
 
 mod e2e_nix;
 mod fake;
 mod harness;
+mod logging;
+mod metrics;
 mod nar;
 mod routing;
