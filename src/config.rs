@@ -487,6 +487,17 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
             )))
         }
     };
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in l.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // A bare word is a valid filter (it names a target), but in practice
+        // it is a misspelt level ("inof") that silently disables logging.
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(invalid(format!(
+                "logging.level {:?}: {directive:?} is not a level (trace, debug, info, warn, error, off) or a target=level directive",
+                l.level
+            )));
+        }
+    }
     tracing_subscriber::EnvFilter::try_new(&l.level).map_err(|e| {
         invalid(format!(
             "logging.level {:?} is not a valid level or filter directive: {e}",

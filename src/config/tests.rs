@@ -97,6 +97,7 @@ fn invalid_values_name_the_key() {
         ("[[upstreams]]\nurl = \"http://x\"\n[[upstreams.filters]]\naction = \"maybe\"\npattern = \"a\"\n", "maybe"),
         ("[logging]\nformat = \"xml\"\n", "logging.format must be"),
         ("[logging]\nlevel = \"loud=[\"\n", "logging.level"),
+        ("[logging]\nlevel = \"inof\"\n", "is not a level"),
         ("[server]\nnar_relay = \"teleport\"\n", "teleport"),
         ("[server]\nworkers = 2\ncpus = [0]\n", "server.cpus lists 1 CPUs but server.workers = 2"),
         ("[server]\ncpus = [1, 1]\n", "lists a CPU twice"),
