@@ -179,6 +179,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     for url in &s3_skipped {
         tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
     }
+    if cfg.discovery.enabled {
+        tracing::warn!("discovery.enabled is set, but mDNS discovery is not implemented in this build yet; only configured upstreams are used");
+    }
+    if cfg.mesh.enabled {
+        tracing::warn!("mesh.enabled is set, but mesh gossip is not implemented in this build yet; routes are not shared with peers");
+    }
     let (routes, writer) = open_routes(&cfg)?;
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
