@@ -77,9 +77,12 @@ impl Conn {
     }
 
     /// Reads until the buffer holds a complete request head, the peer
-    /// closes, the idle timeout passes, or the worker drains.
+    /// closes, `server.read_timeout` passes, or the worker drains.
     async fn wait_head(&mut self, ctx: &WorkerCtx) -> std::io::Result<Head> {
-        let timeout = ctx.shared.config.server.read_timeout;
+        // One deadline for the idle wait and the whole head, not one per
+        // read: a client trickling a byte now and then must not hold the
+        // connection forever (slowloris).
+        let deadline = monoio::time::Instant::now() + ctx.shared.config.server.read_timeout;
         while !has_full_head(&self.rbuf) {
             if self.rbuf.len() > request::MAX_HEAD {
                 return Ok(Head::Ready); // the parser answers 431
@@ -98,7 +101,7 @@ impl Conn {
             let cap = buf.capacity();
             let read = self.stream.read(buf.slice_mut(len..cap));
             let (res, slice) = monoio::select! {
-                r = monoio::time::timeout(timeout, read) => match r {
+                r = monoio::time::timeout_at(deadline, read) => match r {
                     Ok(r) => r,
                     Err(_) => return Ok(Head::Closed), // idle or slow client: drop it
                 },
@@ -223,6 +226,9 @@ impl Conn {
         keep: bool,
     ) -> After {
         let resolved = narinfo::answer(ctx, hash).await;
+        // A drain that began while the upstream answered: tell the client
+        // this connection ends here rather than closing it unannounced.
+        let keep = keep && !ctx.drain.is_fired();
         let status = narinfo::status_of(&resolved);
         match resolved {
             narinfo::Resolved::Found(entry) => {

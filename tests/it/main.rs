@@ -4,7 +4,12 @@
 //!   independently written Nix test data (keys, narinfos, NARs).
 //! - [`harness`]: runs the real `ncro` binary and talks HTTP/1.1 to it.
 //! - [`e2e_nix`]: the real Nix client through the real `ncro` binary.
+//! - [`server`]: the HTTP/1.1 server, workers, drain and upstream side of
+//!   the real `ncro` binary over loopback sockets.
+//! - [`cli`]: the command line (`--version`, `check-config`, `NCRO_CONFIG`).
 
+mod cli;
 mod e2e_nix;
 mod fake;
 mod harness;
+mod server;
