@@ -35,6 +35,7 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
         stream,
         rbuf: Vec::with_capacity(4096),
         wbuf: Vec::with_capacity(4096),
+        head_request: false,
     };
     if let Err(e) = conn.run(&ctx).await {
         tracing::debug!(worker = ctx.index, error = %e, "client connection ended with an error");
@@ -47,6 +48,9 @@ pub struct Conn {
     pub stream: TcpStream,
     rbuf: Vec<u8>,
     pub wbuf: Vec<u8>,
+    /// The request being answered is a HEAD: [`Conn::error`] then sends no
+    /// body, which the client would otherwise read as the next response.
+    head_request: bool,
 }
 
 enum Head {
@@ -118,8 +122,12 @@ impl Conn {
     async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
         ctx.metrics.requests_total.inc();
         let rbuf = std::mem::take(&mut self.rbuf);
+        self.head_request = false;
         let (after, consumed) = match request::parse(&rbuf) {
-            Parse::Complete(req, len) => (self.dispatch(ctx, &req).await?, len),
+            Parse::Complete(req, len) => {
+                self.head_request = req.method == Method::Head;
+                (self.dispatch(ctx, &req).await?, len)
+            }
             Parse::Partial => {
                 unreachable!("wait_head only returns with a full head or an oversized buffer")
             }
@@ -275,7 +283,7 @@ impl Conn {
             &mut self.wbuf,
             status,
             keep,
-            false,
+            self.head_request,
             &date,
             &[TEXT],
             body.as_bytes(),

@@ -430,3 +430,28 @@ fn slow_and_idle_clients_are_dropped_after_read_timeout() {
     );
     assert_eq!(busy.get("/nix-cache-info").unwrap().status, 200);
 }
+
+#[test]
+fn head_error_answers_carry_no_body() {
+    // Nix asks `HEAD /<hash>.narinfo` to test for a path; a body after a
+    // HEAD answer would be read as the start of the next response.
+    let key = TestKey::generate("head-1");
+    let up = fake_with(&[], &key);
+    let n = start(&[(&up.url(), &key.public_key())], "");
+    let mut c = conn(&n);
+    let miss = format!("/{}.narinfo", crate::fake::random_hash());
+    let bad = format!("/{}.narinfo", "e".repeat(32));
+    for (path, status) in [
+        (miss.as_str(), 404),
+        (bad.as_str(), 400),
+        ("/nope", 404),
+        ("/nar/a//b", 400),
+    ] {
+        let r = c.request("HEAD", path, &[]).unwrap();
+        assert_eq!(r.status, status, "HEAD {path}");
+        let len: usize = r.header("Content-Length").unwrap().parse().unwrap();
+        assert!(len > 0, "HEAD {path}: the GET answer has a body");
+        let next = c.get("/nix-cache-info").unwrap();
+        assert_eq!(next.text(), cache_info_body(30), "after HEAD {path}");
+    }
+}
