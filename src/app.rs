@@ -108,6 +108,11 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    // Blocked before the first thread (resolver, SQLite writer, workers)
+    // starts, so every thread inherits the mask and only sigwait below
+    // takes them. A thread started earlier would keep the default action,
+    // and a second SIGTERM during the drain would kill the process there.
+    let sigset = block_signals();
     let cfg = Arc::new(cfg);
     let affinity = worker::affinity_cpus();
     let plan = worker::plan(&cfg.server, &affinity);
@@ -136,9 +141,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tls: tls_config(&cfg)?,
     });
 
-    // Signals are blocked before any thread starts so every thread inherits
-    // the mask and only sigwait below sees them.
-    let sigset = block_signals();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut workers = Vec::with_capacity(plan.worker_cpus.len());
     for (i, cpu) in plan.worker_cpus.iter().enumerate() {

@@ -25,7 +25,9 @@ fn refused_within(addr: SocketAddr, within: Duration) -> bool {
     })
 }
 
-fn drain_on(signal: libc::c_int, name: &str) {
+/// Sends `signal` (`times` times, 200 ms apart) while a request is in
+/// flight and checks the drain.
+fn drain_on(signal: libc::c_int, name: &str, times: usize) {
     let key = TestKey::generate("drain-1");
     let p = TestPath::new("slow");
     let narinfo = p.narinfo_request_path();
@@ -69,6 +71,10 @@ fn drain_on(signal: libc::c_int, name: &str) {
         !in_flight.is_finished(),
         "{name}: the in-flight request ended before the listener closed; the test proves nothing"
     );
+    for _ in 1..times {
+        n.signal(signal);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // An idle keep-alive connection is closed at once, not after the grace.
     assert!(idle.wait_closed(Duration::from_secs(2)).unwrap());
 
@@ -95,10 +101,18 @@ fn drain_on(signal: libc::c_int, name: &str) {
 
 #[test]
 fn sigterm_drains_in_flight_requests() {
-    drain_on(libc::SIGTERM, "SIGTERM");
+    drain_on(libc::SIGTERM, "SIGTERM", 1);
 }
 
 #[test]
 fn sigint_drains_in_flight_requests() {
-    drain_on(libc::SIGINT, "SIGINT");
+    drain_on(libc::SIGINT, "SIGINT", 1);
+}
+
+/// A second signal during the drain (an impatient operator, a supervisor
+/// that repeats itself) must not kill the process from a helper thread
+/// that never blocked the signal.
+#[test]
+fn repeated_signals_do_not_cut_the_drain_short() {
+    drain_on(libc::SIGTERM, "SIGTERM x3", 3);
 }

@@ -128,7 +128,7 @@ fn pipelined_requests_are_answered_in_order() {
         ("GET", bad_hash, 400),
         ("GET", "/health".into(), 200),
         ("HEAD", p.narinfo_request_path(), 200),
-        ("GET", "/".into(), 404),
+        ("GET", p.nar_request_path(), 200),
         ("GET", "/metrics".into(), 200),
         ("GET", "/nix-cache-info".into(), 200),
     ];
@@ -146,6 +146,9 @@ fn pipelined_requests_are_answered_in_order() {
         }
         if *method == "GET" && path.ends_with(".narinfo") && *status == 200 {
             assert!(r.text().contains(&p.store_path()), "{}", r.text());
+        }
+        if path.starts_with("/nar/") {
+            assert_eq!(r.body, p.nar, "NAR body in the pipeline");
         }
     }
     assert_eq!(r_last_body(&mut c), cache_info_body(30));
