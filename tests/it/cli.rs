@@ -229,3 +229,18 @@ fn without_a_config_the_embedded_default_is_used() {
         assert_eq!(effective["server"]["listen"].as_str(), Some(":8080"));
     }
 }
+
+#[test]
+fn invalid_values_are_named() {
+    for (text, needle) in [
+        ("[server]\nread_timeout = \"soon\"\n", "soon"),
+        ("[server]\ncache_priority = 0\n", "server.cache_priority"),
+        ("[[upstreams]]\nurl = \"ftp://x\"\n", "scheme"),
+        ("[server]\nlisten = 8080\n", "line 2"),
+    ] {
+        let (_dir, path) = config_file(text);
+        let out = ncro(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(out.code, Some(1), "{text}\n{}", out.all());
+        assert!(out.stderr.contains(needle), "{needle}:\n{}", out.all());
+    }
+}
