@@ -87,7 +87,11 @@ impl Conn {
         // read: a client trickling a byte now and then must not hold the
         // connection forever (slowloris).
         let deadline = monoio::time::Instant::now() + ctx.shared.config.server.read_timeout;
-        while !has_full_head(&self.rbuf) {
+        loop {
+            skip_empty_lines(&mut self.rbuf);
+            if has_full_head(&self.rbuf) {
+                break;
+            }
             if self.rbuf.len() > request::MAX_HEAD {
                 return Ok(Head::Ready); // the parser answers 431
             }
@@ -128,9 +132,12 @@ impl Conn {
                 self.head_request = req.method == Method::Head;
                 (self.dispatch(ctx, &req).await?, len)
             }
-            Parse::Partial => {
-                unreachable!("wait_head only returns with a full head or an oversized buffer")
-            }
+            // wait_head saw a blank line that httparse does not take as the
+            // end of a head; a client's bytes must never panic the worker.
+            Parse::Partial => (
+                self.error(ctx, 400, "malformed request\n", false),
+                rbuf.len(),
+            ),
             Parse::TooLarge => (
                 self.error(ctx, 431, "request header fields too large\n", false),
                 rbuf.len(),
@@ -320,6 +327,19 @@ impl Conn {
 
 const TEXT: (&str, &[u8]) = ("Content-Type", b"text/plain; charset=utf-8");
 
+/// Drops empty lines before a request line (RFC 9112 §2.2 asks servers to
+/// ignore them; httparse skips them too), so that they are not taken for
+/// the blank line that ends a head.
+fn skip_empty_lines(buf: &mut Vec<u8>) {
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if blank > 0 {
+        buf.drain(..blank);
+    }
+}
+
 /// True once `buf` holds a request head's terminating blank line.
 fn has_full_head(buf: &[u8]) -> bool {
     buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
@@ -359,6 +379,16 @@ mod tests {
         ] {
             assert!(!valid_nar_path(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_are_skipped() {
+        let mut buf = b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n".to_vec();
+        skip_empty_lines(&mut buf);
+        assert_eq!(buf, b"GET / HTTP/1.1\r\n\r\n");
+        let mut only = b"\r\n\r\n".to_vec();
+        skip_empty_lines(&mut only);
+        assert!(only.is_empty() && !has_full_head(&only));
     }
 
     #[test]

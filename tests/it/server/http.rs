@@ -458,3 +458,35 @@ fn head_error_answers_carry_no_body() {
         assert_eq!(next.text(), cache_info_body(30), "after HEAD {path}");
     }
 }
+
+#[test]
+fn empty_lines_before_a_request_are_ignored() {
+    // Regression: "\r\n\r\n" passed the server's blank-line scan for a
+    // complete head while httparse (which skips leading empty lines) still
+    // wanted more, and the worker panicked; in release builds
+    // (panic = "abort") four bytes from any client ended the process.
+    let n = start(&[], "[server]\nworkers = 1\n");
+    for (first, rest) in [
+        (
+            "\r\n\r\n",
+            "GET /nix-cache-info HTTP/1.1\r\nHost: t\r\n\r\n",
+        ),
+        ("\n\n\n", "GET /nix-cache-info HTTP/1.1\r\nHost: t\r\n\r\n"),
+        (
+            "\r\n\r\nGET /nix-cache-info HTTP/1.1\r\nHost: t\r\n\r\n",
+            "",
+        ),
+    ] {
+        let mut c = conn(&n);
+        c.send_raw(first.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        c.send_raw(rest.as_bytes()).unwrap();
+        let r = c.read_response(false).unwrap_or_else(|e| {
+            panic!("after {first:?}: {e}\n{}", n.logs());
+        });
+        assert_eq!(r.text(), cache_info_body(30), "after {first:?}");
+    }
+    // The worker is alive and still accepting.
+    assert_eq!(n.get("/nix-cache-info").status, 200);
+    assert!(!n.stderr().contains("panicked"), "{}", n.logs());
+}
