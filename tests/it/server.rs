@@ -52,11 +52,19 @@ pub fn start_with_env(upstreams: &[(&str, &str)], extra: &str, env: &[(&str, &st
         .tempdir()
         .expect("temp dir");
     let config = config(db.path(), upstreams, extra);
-    Running {
-        ncro: NcroProcess::start_with_env(&config, env),
-        _db: db,
-    }
+    let ncro = NcroProcess::start_with_env(&config, env);
+    // The harness returns once one worker accepts; ncro logs this line when
+    // every worker is listening, which tests about workers depend on.
+    assert!(
+        ncro.wait_for_log("ncro listening", STARTUP),
+        "ncro never reported all workers listening\n{}",
+        ncro.logs()
+    );
+    Running { ncro, _db: db }
 }
+
+/// How long all workers may take to listen once the first one accepts.
+const STARTUP: Duration = Duration::from_secs(20);
 
 /// The test config for `upstreams` (priority 10 each) with `extra` merged
 /// over it table by table.
