@@ -1,7 +1,8 @@
 //! A TLS front for a fake upstream: a test CA, a server certificate for
 //! `localhost` signed by it, and a rustls terminator thread that relays
 //! each request to the fake's plain port and the answer back, one exchange
-//! at a time (the proxy never pipelines upstream requests).
+//! at a time (the proxy never pipelines upstream requests). Only GETs with
+//! Content-Length answers are relayed: all these tests need.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
