@@ -116,3 +116,35 @@ fn sigint_drains_in_flight_requests() {
 fn repeated_signals_do_not_cut_the_drain_short() {
     drain_on(libc::SIGTERM, "SIGTERM x3", 3);
 }
+
+#[test]
+fn grace_period_bounds_a_hung_request() {
+    let key = TestKey::generate("drain-2");
+    let p = TestPath::new("hung");
+    let narinfo = p.narinfo_request_path();
+    let up = FakeUpstream::builder()
+        .path(&p, &key)
+        .rule(narinfo.as_str(), Fault::Hang)
+        .start();
+    let mut n = start(
+        &[(&up.url(), &key.public_key())],
+        "[server]\nshutdown_grace = \"2s\"\n[timeouts]\nfirst_byte = \"60s\"\nrace_deadline = \"60s\"\n",
+    );
+    let addr = n.addr();
+    let hung =
+        std::thread::spawn(move || HttpConn::connect(addr).and_then(|mut c| c.get(&narinfo)));
+    assert!(eventually(Duration::from_secs(10), || up.requests().len() == 1));
+    let signalled = Instant::now();
+    n.sigterm();
+    let status = n.wait_exit(Duration::from_secs(20));
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}\n{}", n.logs());
+    assert!(
+        took >= Duration::from_millis(1500),
+        "exited after {took:?}, before the 2 s grace"
+    );
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    assert!(n.stdout().contains("grace period over"), "{}", n.logs());
+    // The client is not left hanging: its connection ends with the process.
+    assert!(hung.join().expect("client thread").is_err());
+}
