@@ -166,6 +166,11 @@ fn abort_on_panic() {
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     abort_on_panic();
+    // Blocked before the first thread (resolver, SQLite writer, workers)
+    // starts, so every thread inherits the mask and only sigwait below
+    // takes them. A thread started earlier would keep the default action,
+    // and a second SIGTERM during the drain would kill the process there.
+    let sigset = block_signals();
     let cfg = Arc::new(cfg);
     let affinity = worker::affinity_cpus();
     let plan = worker::plan(&cfg.server, &affinity);
@@ -204,9 +209,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tls: tls_config(&cfg)?,
     });
 
-    // Signals are blocked before any thread starts so every thread inherits
-    // the mask and only sigwait below sees them.
-    let sigset = block_signals();
     let control = crate::control::spawn(plan.control_cpu, Vec::new())
         .context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -12,12 +13,15 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Config file (TOML). Without it the embedded default config is used.
+    // The OsString parser accepts an empty value, which clap's PathBuf parser
+    // rejects: `NCRO_CONFIG=""` must select the embedded default (ncro 2.2).
     #[arg(
         short = 'c',
         long = "config",
         env = "NCRO_CONFIG",
         global = true,
-        value_name = "PATH"
+        value_name = "PATH",
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
     )]
     pub config: Option<PathBuf>,
 

@@ -36,7 +36,7 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
         stream,
         rbuf: Vec::with_capacity(4096),
         wbuf: Vec::with_capacity(4096),
-        head: false,
+        head_request: false,
         access: None,
         nar_failed: false,
     };
@@ -51,8 +51,9 @@ pub struct Conn {
     pub stream: TcpStream,
     rbuf: Vec<u8>,
     pub wbuf: Vec<u8>,
-    /// The request being answered is a HEAD: error answers carry no body.
-    head: bool,
+    /// The request being answered is a HEAD: [`Conn::error`] then sends no
+    /// body, which the client would otherwise read as the next response.
+    head_request: bool,
     /// The request being timed for the access log (debug level only).
     access: Option<access::AccessMark>,
     /// Set through [`Conn::mark_nar_failed`] by the NAR handler; read and reset
@@ -88,10 +89,17 @@ impl Conn {
     }
 
     /// Reads until the buffer holds a complete request head, the peer
-    /// closes, the idle timeout passes, or the worker drains.
+    /// closes, `server.read_timeout` passes, or the worker drains.
     async fn wait_head(&mut self, ctx: &WorkerCtx) -> std::io::Result<Head> {
-        let timeout = ctx.shared.config.server.read_timeout;
-        while !has_full_head(&self.rbuf) {
+        // One deadline for the idle wait and the whole head, not one per
+        // read: a client trickling a byte now and then must not hold the
+        // connection forever (slowloris).
+        let deadline = monoio::time::Instant::now() + ctx.shared.config.server.read_timeout;
+        loop {
+            skip_empty_lines(&mut self.rbuf);
+            if has_full_head(&self.rbuf) {
+                break;
+            }
             if self.rbuf.len() > request::MAX_HEAD {
                 return Ok(Head::Ready); // the parser answers 431
             }
@@ -109,7 +117,7 @@ impl Conn {
             let cap = buf.capacity();
             let read = self.stream.read(buf.slice_mut(len..cap));
             let (res, slice) = monoio::select! {
-                r = monoio::time::timeout(timeout, read) => match r {
+                r = monoio::time::timeout_at(deadline, read) => match r {
                     Ok(r) => r,
                     Err(_) => return Ok(Head::Closed), // idle or slow client: drop it
                 },
@@ -125,18 +133,22 @@ impl Conn {
 
     async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
         ctx.metrics.requests_total.inc();
-        self.head = false;
         self.access = access::start(self.wbuf.len());
         let rbuf = std::mem::take(&mut self.rbuf);
+        self.head_request = false;
         let (after, consumed) = match request::parse(&rbuf) {
             Parse::Complete(req, len) => {
+                self.head_request = req.method == Method::Head;
                 let after = self.dispatch(ctx, &req).await?;
                 self.log_access(ctx, req.method_raw, req.target);
                 (after, len)
             }
-            Parse::Partial => {
-                unreachable!("wait_head only returns with a full head or an oversized buffer")
-            }
+            // wait_head saw a blank line that httparse does not take as the
+            // end of a head; a client's bytes must never panic the worker.
+            Parse::Partial => (
+                self.error(ctx, 400, "malformed request\n", false),
+                rbuf.len(),
+            ),
             Parse::TooLarge => (
                 self.error(ctx, 431, "request header fields too large\n", false),
                 rbuf.len(),
@@ -176,7 +188,6 @@ impl Conn {
             return Ok(self.error(ctx, 400, "request bodies are not accepted\n", false));
         }
         let head = req.method == Method::Head;
-        self.head = head;
         let path = req.path;
         if path == "/nix-cache-info" {
             ctx.metrics.cache_info_requests.inc();
@@ -253,6 +264,9 @@ impl Conn {
         keep: bool,
     ) -> After {
         let resolved = narinfo::answer(ctx, hash).await;
+        // A drain that began while the upstream answered: tell the client
+        // this connection ends here rather than closing it unannounced.
+        let keep = keep && !ctx.drain.is_fired();
         let status = narinfo::status_of(&resolved);
         match resolved {
             narinfo::Resolved::Found(entry) => {
@@ -307,12 +321,11 @@ impl Conn {
             ctx.metrics.bad_requests.inc();
         }
         let date = ctx.date();
-        let head_only = std::mem::take(&mut self.head);
         write_simple(
             &mut self.wbuf,
             status,
             keep,
-            head_only,
+            self.head_request,
             &date,
             &[TEXT],
             body.as_bytes(),
@@ -351,6 +364,19 @@ impl Conn {
 }
 
 const TEXT: (&str, &[u8]) = ("Content-Type", b"text/plain; charset=utf-8");
+
+/// Drops empty lines before a request line (RFC 9112 §2.2 asks servers to
+/// ignore them; httparse skips them too), so that they are not taken for
+/// the blank line that ends a head.
+fn skip_empty_lines(buf: &mut Vec<u8>) {
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if blank > 0 {
+        buf.drain(..blank);
+    }
+}
 
 /// True once `buf` holds a request head's terminating blank line.
 fn has_full_head(buf: &[u8]) -> bool {
@@ -391,6 +417,16 @@ mod tests {
         ] {
             assert!(!valid_nar_path(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_are_skipped() {
+        let mut buf = b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n".to_vec();
+        skip_empty_lines(&mut buf);
+        assert_eq!(buf, b"GET / HTTP/1.1\r\n\r\n");
+        let mut only = b"\r\n\r\n".to_vec();
+        skip_empty_lines(&mut only);
+        assert!(only.is_empty() && !has_full_head(&only));
     }
 
     #[test]

@@ -80,16 +80,31 @@ pub enum ListenSource {
 }
 
 /// A one-shot, worker-local broadcast: fired once when the worker drains.
+///
+/// Every waiting [`DrainWait`] owns one slot, refreshed when polled again
+/// and freed when the future is dropped, so the registry holds at most one
+/// waker per current waiter. (Pushing a waker on every poll grew it by one
+/// entry per request served until the drain: an unbounded leak.)
 #[derive(Default)]
 pub struct Drain {
     fired: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
+    slots: RefCell<Vec<Option<Waker>>>,
+    /// Indices of `slots` no waiter holds, reused before the Vec grows.
+    free: RefCell<Vec<usize>>,
 }
 
 impl Drain {
     pub fn fire(&self) {
         self.fired.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
+        // Collected first: a woken task may run and drop its DrainWait,
+        // which borrows `slots` again.
+        let wakers: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for w in wakers {
             w.wake();
         }
     }
@@ -99,15 +114,70 @@ impl Drain {
     }
 
     /// Resolves once [`Drain::fire`] was called.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.fired.get() {
-                std::task::Poll::Ready(())
-            } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
-                std::task::Poll::Pending
+    pub fn wait(&self) -> DrainWait<'_> {
+        DrainWait {
+            drain: self,
+            slot: None,
+        }
+    }
+
+    /// Wakers currently registered (for tests and debugging).
+    pub fn waiters(&self) -> usize {
+        self.slots.borrow().iter().filter(|s| s.is_some()).count()
+    }
+}
+
+/// The future returned by [`Drain::wait`].
+pub struct DrainWait<'a> {
+    drain: &'a Drain,
+    slot: Option<usize>,
+}
+
+impl std::future::Future for DrainWait<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let drain = self.drain;
+        if drain.fired.get() {
+            return std::task::Poll::Ready(());
+        }
+        let mut slots = drain.slots.borrow_mut();
+        match self.slot {
+            Some(i) => match &mut slots[i] {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                entry => *entry = Some(cx.waker().clone()),
+            },
+            None => {
+                let waker = Some(cx.waker().clone());
+                let i = match drain.free.borrow_mut().pop() {
+                    Some(i) => {
+                        slots[i] = waker;
+                        i
+                    }
+                    None => {
+                        slots.push(waker);
+                        slots.len() - 1
+                    }
+                };
+                drop(slots);
+                self.slot = Some(i);
             }
-        })
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for DrainWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            if let Some(entry) = self.drain.slots.borrow_mut().get_mut(i) {
+                *entry = None;
+            }
+            self.drain.free.borrow_mut().push(i);
+        }
     }
 }
 
@@ -310,6 +380,44 @@ mod tests {
         s.workers = workers;
         s.cpus = cpus;
         s
+    }
+
+    fn noop_waker() -> Waker {
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        Waker::from(Arc::new(Noop))
+    }
+
+    /// Regression: every poll used to push a waker that only the drain
+    /// removed, one per request served on a keep-alive connection.
+    #[test]
+    fn drain_keeps_one_waker_per_live_waiter() {
+        use std::future::Future;
+        let drain = Drain::default();
+        let waker = noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        for _ in 0..1000 {
+            let mut w = std::pin::pin!(drain.wait());
+            for _ in 0..3 {
+                assert!(w.as_mut().poll(&mut cx).is_pending());
+            }
+            assert_eq!(drain.waiters(), 1);
+        }
+        assert_eq!(drain.waiters(), 0);
+        assert!(drain.slots.borrow().len() <= 1);
+
+        let mut a = Box::pin(drain.wait());
+        let mut b = Box::pin(drain.wait());
+        assert!(a.as_mut().poll(&mut cx).is_pending());
+        assert!(b.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(drain.waiters(), 2);
+        drain.fire();
+        assert!(drain.is_fired() && drain.waiters() == 0);
+        assert!(a.as_mut().poll(&mut cx).is_ready());
+        assert!(b.as_mut().poll(&mut cx).is_ready());
+        assert!(Box::pin(drain.wait()).as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

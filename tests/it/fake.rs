@@ -176,6 +176,7 @@ pub struct FakeUpstreamBuilder {
     resources: HashMap<String, Resource>,
     rules: Vec<Rule>,
     latency: Duration,
+    idle_timeout: Option<Duration>,
 }
 
 impl FakeUpstreamBuilder {
@@ -228,6 +229,15 @@ impl FakeUpstreamBuilder {
         self
     }
 
+    /// Closes (FIN, without a word) any connection that sends nothing for
+    /// `d`, like an upstream's keep-alive timeout: clients holding it in a
+    /// pool find it dead on their next request.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        assert!(!d.is_zero(), "an idle timeout must be positive");
+        self.idle_timeout = Some(d);
+        self
+    }
+
     /// Rules are checked in order: `Delay`s add up, the first other
     /// matching fault decides the answer.
     pub fn rule(mut self, matcher: impl Into<PathMatch>, fault: Fault) -> Self {
@@ -254,6 +264,7 @@ impl FakeUpstreamBuilder {
             resources: self.resources,
             rules: self.rules,
             latency_ns: AtomicU64::new(duration_ns(self.latency)),
+            idle_timeout: self.idle_timeout,
             log: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
             stopped: Mutex::new(false),
@@ -282,6 +293,8 @@ struct Shared {
     resources: HashMap<String, Resource>,
     rules: Vec<Rule>,
     latency_ns: AtomicU64,
+    /// Read timeout on every connection; see [`FakeUpstreamBuilder::idle_timeout`].
+    idle_timeout: Option<Duration>,
     log: Mutex<Vec<RequestRecord>>,
     accepted: AtomicUsize,
     /// Set once by `stop`; `wake` tells sleepers and hangers about it.
@@ -363,6 +376,11 @@ fn accept_loop(listener: &TcpListener, sh: &Arc<Shared>) {
 fn serve_conn(mut stream: TcpStream, id: usize, sh: &Shared) {
     // Small writes (heads, trickled bytes) must leave at once.
     let _ = stream.set_nodelay(true); // best effort: only affects timing
+    if let Some(idle) = sh.idle_timeout {
+        // A read that times out ends the loop below like a peer close. The
+        // builder refuses zero, the only duration this call rejects.
+        let _ = stream.set_read_timeout(Some(idle));
+    }
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let next = loop {
         match parse_request(&buf) {

@@ -172,6 +172,19 @@ impl NcroProcess {
         NcroProcess::try_start_with(env!("CARGO_BIN_EXE_ncro"), &[], config_toml)
     }
 
+    /// Like [`Self::start`] with extra environment variables for ncro
+    /// (e.g. `MONOIO_FORCE_LEGACY_DRIVER`); `NCRO_*` ones are honoured too.
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> NcroProcess {
+        let launch = Launch {
+            program: env!("CARGO_BIN_EXE_ncro"),
+            pre_args: &[],
+            env,
+        };
+        launch
+            .start(config_toml)
+            .unwrap_or_else(|e| panic!("starting ncro: {e}"))
+    }
+
     /// Like [`Self::try_start`] but runs `program pre_args... serve --config
     /// FILE` (the harness's own tests use a stand-in server).
     pub fn try_start_with(
@@ -179,27 +192,12 @@ impl NcroProcess {
         pre_args: &[&str],
         config_toml: &str,
     ) -> Result<NcroProcess, HarnessError> {
-        let launch = Launch { program, pre_args };
-        let mut table: toml::Table =
-            toml::from_str(config_toml).map_err(|e| HarnessError::Config(e.to_string()))?;
-        let wanted = listen_addr(&table)?;
-        if wanted.port() != 0 {
-            return launch.spawn(config_toml, wanted);
+        Launch {
+            program,
+            pre_args,
+            env: &[],
         }
-        let mut last = None;
-        for _ in 0..PORT_ATTEMPTS {
-            let addr = SocketAddr::new(wanted.ip(), free_port());
-            set_listen(&mut table, addr);
-            let text = toml::to_string(&table).map_err(|e| HarnessError::Config(e.to_string()))?;
-            match launch.spawn(&text, addr) {
-                Err(HarnessError::EarlyExit { logs, .. }) if port_taken(&logs) => last = Some(logs),
-                other => return other,
-            }
-        }
-        Err(HarnessError::Config(format!(
-            "every chosen port was taken; last logs:\n{}",
-            last.unwrap_or_default()
-        )))
+        .start(config_toml)
     }
 
     fn wait_accepting(&mut self) -> Result<(), HarnessError> {
@@ -358,9 +356,35 @@ impl Drop for NcroProcess {
 struct Launch<'a> {
     program: &'a str,
     pre_args: &'a [&'a str],
+    /// Set after the `NCRO_*` variables are removed, so they win.
+    env: &'a [(&'a str, &'a str)],
 }
 
 impl Launch<'_> {
+    /// Spawns with the config's port, or picks free ports for port 0.
+    fn start(&self, config_toml: &str) -> Result<NcroProcess, HarnessError> {
+        let mut table: toml::Table =
+            toml::from_str(config_toml).map_err(|e| HarnessError::Config(e.to_string()))?;
+        let wanted = listen_addr(&table)?;
+        if wanted.port() != 0 {
+            return self.spawn(config_toml, wanted);
+        }
+        let mut last = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let addr = SocketAddr::new(wanted.ip(), free_port());
+            set_listen(&mut table, addr);
+            let text = toml::to_string(&table).map_err(|e| HarnessError::Config(e.to_string()))?;
+            match self.spawn(&text, addr) {
+                Err(HarnessError::EarlyExit { logs, .. }) if port_taken(&logs) => last = Some(logs),
+                other => return other,
+            }
+        }
+        Err(HarnessError::Config(format!(
+            "every chosen port was taken; last logs:\n{}",
+            last.unwrap_or_default()
+        )))
+    }
+
     fn spawn(&self, config: &str, addr: SocketAddr) -> Result<NcroProcess, HarnessError> {
         let dir = tempfile::Builder::new().prefix("ncro-it-").tempdir()?;
         let config_path = dir.path().join("ncro.toml");
@@ -376,6 +400,7 @@ impl Launch<'_> {
         for key in ncro_vars(std::env::vars_os().map(|(k, _)| k)) {
             cmd.env_remove(key);
         }
+        cmd.envs(self.env.iter().copied());
         let child = cmd.spawn()?;
         let mut p = NcroProcess {
             child,

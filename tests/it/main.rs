@@ -11,7 +11,11 @@
 //!   the Grafana dashboard's queries.
 //! - [`logging`]: log formats, logging config errors, no per-request lines
 //!   at info, the debug access log, secrets kept out of logs.
+//! - [`server`]: the HTTP/1.1 server, workers, drain and upstream side of
+//!   the real `ncro` binary over loopback sockets.
+//! - [`cli`]: the command line (`--version`, `check-config`, `NCRO_CONFIG`).
 
+mod cli;
 mod e2e_nix;
 mod fake;
 mod harness;
@@ -19,3 +23,4 @@ mod logging;
 mod metrics;
 mod nar;
 mod routing;
+mod server;

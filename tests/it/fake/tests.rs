@@ -475,3 +475,27 @@ fn serves_test_paths_and_restarts_on_the_same_port() {
     assert_eq!(Raw::connect(&up2).get("/a").body, b"again");
     assert_eq!(up2.url(), format!("http://{addr}"));
 }
+
+#[test]
+fn idle_timeout_closes_quiet_connections_only() {
+    let up = FakeUpstream::builder()
+        .file("/a", BODY)
+        .idle_timeout(Duration::from_millis(300))
+        .start();
+    let mut c = Raw::connect(&up);
+    assert_eq!(c.get("/a").body, BODY);
+    // Busy: requests closer together than the timeout keep it open.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(c.get("/a").status, 200);
+    }
+    let t = Instant::now();
+    let (rest, err) = c.rest();
+    assert!(rest.is_empty() && err.is_none(), "{rest:?} {err:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(up.connections(), 1);
+}

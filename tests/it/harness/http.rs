@@ -80,6 +80,40 @@ impl HttpConn {
         self.read_response(method == "HEAD")
     }
 
+    /// Writes `bytes` as they are, in one write (pipelining, malformed
+    /// requests); read the answers with [`Self::read_response`].
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Waits up to `within` for the server to close the connection. True on
+    /// EOF or reset; false if it stays open or sends more bytes.
+    pub fn wait_closed(&mut self, within: std::time::Duration) -> io::Result<bool> {
+        if !self.buf.is_empty() {
+            return Ok(false);
+        }
+        self.stream.set_read_timeout(Some(within))?;
+        let mut chunk = [0u8; 4096];
+        let result = self.stream.read(&mut chunk);
+        self.stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        match result {
+            Ok(0) => {
+                self.closed = true;
+                Ok(true)
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(false)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(false),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                self.closed = true;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// True once the server has said it will close this connection.
     pub fn is_closed(&self) -> bool {
         self.closed

@@ -1,0 +1,118 @@
+//! The upstream side through the proxy: keep-alive connection reuse, a
+//! pooled connection the upstream closed, and HTTPS upstreams with a
+//! private CA.
+
+use std::time::Duration;
+
+use super::tls_front::{toml_path, TestCa, TlsFront};
+use super::{fake_with, start};
+use crate::fake::{FakeUpstream, TestKey, TestPath};
+use crate::harness::http_get;
+
+#[test]
+fn sequential_misses_reuse_upstream_connections() {
+    let key = TestKey::generate("pool-1");
+    let paths: Vec<TestPath> = (0..20).map(|i| TestPath::new(&format!("p{i}"))).collect();
+    let up = fake_with(&paths, &key);
+    let n = start(&[(&up.url(), &key.public_key())], "[server]\nworkers = 2\n");
+    // A fresh client connection each time, so both workers take part.
+    for p in &paths {
+        let r = http_get(n.addr(), &p.narinfo_request_path()).unwrap();
+        assert_eq!(r.status, 200, "{}", p.hash);
+    }
+    for p in &paths {
+        assert_eq!(up.request_count(&p.narinfo_request_path()), 1, "{}", p.hash);
+    }
+    // Each worker keeps its own pool: one connection each when reuse works,
+    // a little slack for a connection lost to timing.
+    let conns = up.connections();
+    assert!(
+        (1..=4).contains(&conns),
+        "20 sequential misses used {conns} upstream connections"
+    );
+}
+
+#[test]
+fn stale_pooled_connection_is_replaced_transparently() {
+    let key = TestKey::generate("stale-1");
+    let (a, b, c) = (TestPath::new("a"), TestPath::new("b"), TestPath::new("c"));
+    let up = [&a, &b, &c]
+        .iter()
+        .fold(FakeUpstream::builder(), |f, p| f.path(p, &key))
+        .idle_timeout(Duration::from_millis(300))
+        .start();
+    let n = start(&[(&up.url(), &key.public_key())], "[server]\nworkers = 1\n");
+    assert_eq!(n.get(&a.narinfo_request_path()).status, 200);
+    assert_eq!(up.connections(), 1);
+    // The fake closes the pooled connection behind ncro's back.
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = n.get(&b.narinfo_request_path());
+    assert_eq!(r.status, 200, "{}", n.logs());
+    assert!(r.text().contains(&b.store_path()));
+    assert_eq!(up.connections(), 2);
+    assert_eq!(up.requests().len(), 2, "{:?}", up.requests());
+    assert!(
+        n.wait_for_log("stale pooled connection", Duration::from_secs(5)),
+        "the retry path did not run\n{}",
+        n.logs()
+    );
+    // And the replacement is pooled in turn.
+    assert_eq!(n.get(&c.narinfo_request_path()).status, 200);
+    assert_eq!(up.connections(), 2);
+}
+
+/// A fake behind a TLS front, and ncro pointed at `https://localhost:PORT`
+/// with `tls_ca_file` set when `trust`.
+fn tls_setup(trust: bool) -> (FakeUpstream, TestCa, TlsFront, TestPath, super::Running) {
+    let key = TestKey::generate("tls-1");
+    let p = TestPath::new("over-tls");
+    let up = fake_with(std::slice::from_ref(&p), &key);
+    let ca = TestCa::generate();
+    let front = TlsFront::start(&ca, up.addr());
+    let url = format!("https://localhost:{}", front.port());
+    let extra = if trust {
+        format!(
+            "[[upstreams]]\nurl = \"{url}\"\npriority = 10\npublic_key = \"{}\"\ntls_ca_file = {}\n",
+            key.public_key(),
+            toml_path(&ca.ca_file())
+        )
+    } else {
+        String::new()
+    };
+    let n = if trust {
+        start(&[], &extra)
+    } else {
+        start(&[(&url, &key.public_key())], "")
+    };
+    (up, ca, front, p, n)
+}
+
+#[test]
+fn https_upstream_with_private_ca() {
+    let (up, _ca, front, p, n) = tls_setup(true);
+    let r = n.get(&p.narinfo_request_path());
+    assert_eq!(r.status, 200, "{}", n.logs());
+    assert!(r.text().contains(&p.store_path()), "{}", r.text());
+    let nar = n.get(&p.nar_request_path());
+    assert_eq!((nar.status, nar.body.len()), (200, p.nar.len()));
+    assert_eq!(nar.body, p.nar);
+    assert!(front.handshakes() >= 1);
+    let req = &up.requests()[0];
+    assert_eq!(req.path, p.narinfo_request_path());
+    assert_eq!(
+        req.header("host"),
+        Some(format!("localhost:{}", front.port()).as_str())
+    );
+}
+
+#[test]
+fn https_upstream_with_unknown_ca_is_502_not_404() {
+    let (up, _ca, front, p, n) = tls_setup(false);
+    for _ in 0..2 {
+        // Not cached as a miss either: the second try is also a 502.
+        let r = n.get(&p.narinfo_request_path());
+        assert_eq!(r.status, 502, "{}", n.logs());
+    }
+    assert_eq!(front.handshakes(), 0);
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+}
