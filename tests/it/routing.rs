@@ -131,12 +131,20 @@ fn race_picks_the_fastest_and_remembers_the_route() {
     assert!(slow.request_count(&p.narinfo_request_path()) <= 1);
     assert_eq!(fast.request_count(&p.narinfo_request_path()), 1);
 
-    let before = (slow.requests().len(), fast.requests().len());
     let again = ncro.get(&p.narinfo_request_path());
     assert_eq!(again.status, 200);
     assert_eq!(again.body, r.body, "the remembered narinfo is served");
-    let after = (slow.requests().len(), fast.requests().len());
-    assert_eq!(before, after, "a route-cache hit asks no upstream");
+    // Counted per path, not as a before/after snapshot: the cancelled
+    // request to the slow upstream may be logged by the fake only now.
+    assert!(
+        slow.request_count(&p.narinfo_request_path()) <= 1,
+        "a route-cache hit asks no upstream"
+    );
+    assert_eq!(
+        fast.request_count(&p.narinfo_request_path()),
+        1,
+        "a route-cache hit asks no upstream"
+    );
 }
 
 #[test]
