@@ -207,6 +207,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         upstreams: Arc::new(upstreams),
         resolver: Resolver::new(Duration::from_secs(60)),
         tls: tls_config(&cfg)?,
+        flights: quick_cache::sync::Cache::new(
+            (cfg.cache.max_concurrent_races as usize * 4).max(1024),
+        ),
     });
 
     let control = crate::control::spawn(plan.control_cpu, Vec::new())

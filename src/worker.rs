@@ -28,6 +28,12 @@ pub struct SharedState {
     pub upstreams: Arc<crate::upstream::UpstreamSet>,
     pub resolver: crate::http::resolve::Resolver,
     pub tls: Arc<rustls::ClientConfig>,
+    /// Races in flight across workers (cross-worker single-flight); an
+    /// entry lives only while its race runs.
+    pub flights: quick_cache::sync::Cache<
+        crate::proto::store_path::StoreHash,
+        (crate::serve::narinfo::Resolved, std::time::Instant),
+    >,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.
