@@ -4,7 +4,9 @@
 //!   independently written Nix test data (keys, narinfos, NARs).
 //! - [`harness`]: runs the real `ncro` binary and talks HTTP/1.1 to it.
 //! - [`e2e_nix`]: the real Nix client through the real `ncro` binary.
+//! - [`bench`]: `ncro bench upstream`, `run` and `local` as real processes.
 
+mod bench;
 mod e2e_nix;
 mod fake;
 mod harness;
