@@ -34,7 +34,7 @@ pub enum Command {
     CheckConfig,
     /// Measure a deployment: load generator (`run`), synthetic binary
     /// cache (`upstream`), or a self-contained demo on loopback (`local`).
-    Bench(crate::bench::args::BenchArgs),
+    Bench(Box<crate::bench::args::BenchArgs>),
 }
 
 impl Cli {

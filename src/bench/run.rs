@@ -248,30 +248,8 @@ pub struct Clock {
 /// Runs `plan` to completion and returns the merged report. With
 /// `progress`, a live line is drawn on stderr when it is a terminal.
 pub fn execute(plan: Arc<Plan>, progress: bool) -> Result<Report, BenchError> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let lives: Vec<Arc<Live>> = (0..plan.threads).map(|_| Arc::default()).collect();
-    let mut threads = Vec::with_capacity(plan.threads);
-    let mut clocks = Vec::with_capacity(plan.threads);
-    for (t, live) in lives.iter().enumerate() {
-        let (clock_tx, clock_rx) = std::sync::mpsc::channel();
-        let (plan, ready, live) = (plan.clone(), ready_tx.clone(), live.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("bench-client-{t}"))
-            .spawn(move || conn::client_thread(t, plan, ready, clock_rx, live))
-            // Returning drops `clocks`: threads already started see their
-            // clock channel close and exit.
-            .map_err(BenchError::Thread)?;
-        threads.push(h);
-        clocks.push(clock_tx);
-    }
-    drop(ready_tx);
-    for _ in 0..plan.threads {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(msg)) => return Err(BenchError::Runtime(msg)),
-            Err(_) => return Err(BenchError::Runtime("a client thread exited early".into())),
-        }
-    }
+    let (threads, clocks) = spawn_clients(&plan, &lives)?;
     // Every thread is ready: one shared start keeps the schedules aligned.
     let start = Instant::now() + Duration::from_millis(2);
     let warm_end = start + plan.warmup;
@@ -303,6 +281,39 @@ pub fn execute(plan: Arc<Plan>, progress: bool) -> Result<Report, BenchError> {
         .last_done()
         .map_or(Duration::ZERO, |t| t.saturating_duration_since(warm_end));
     Ok(Report::new(plan.info(), &total, measured))
+}
+
+type ClientThread = std::thread::JoinHandle<Result<Stats, String>>;
+
+/// Starts the client threads and waits until each has its runtime; each
+/// then waits for its [`Clock`] on the returned senders. On error the
+/// senders are dropped, which makes threads already started exit.
+fn spawn_clients(
+    plan: &Arc<Plan>,
+    lives: &[Arc<Live>],
+) -> Result<(Vec<ClientThread>, Vec<std::sync::mpsc::Sender<Clock>>), BenchError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::with_capacity(plan.threads);
+    let mut clocks = Vec::with_capacity(plan.threads);
+    for (t, live) in lives.iter().enumerate() {
+        let (clock_tx, clock_rx) = std::sync::mpsc::channel();
+        let (plan, ready, live) = (plan.clone(), ready_tx.clone(), live.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("bench-client-{t}"))
+            .spawn(move || conn::client_thread(t, plan, ready, clock_rx, live))
+            .map_err(BenchError::Thread)?;
+        threads.push(h);
+        clocks.push(clock_tx);
+    }
+    drop(ready_tx);
+    for _ in 0..plan.threads {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(BenchError::Runtime(msg)),
+            Err(_) => return Err(BenchError::Runtime("a client thread exited early".into())),
+        }
+    }
+    Ok((threads, clocks))
 }
 
 /// Draws the live line until every client thread has finished.
