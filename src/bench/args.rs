@@ -66,7 +66,7 @@ pub struct RunArgs {
     /// `bench upstream --seed` (same seed, same hashes).
     #[arg(long, value_name = "N", conflicts_with = "list")]
     pub synthetic: Option<u64>,
-    /// Seed of the synthetic cache (with --synthetic) and of random hashes.
+    /// Seed of the synthetic cache named by --synthetic.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Open connections in total.
@@ -84,8 +84,9 @@ pub struct RunArgs {
     /// Stop after this many measured requests instead of after --duration.
     #[arg(short = 'n', long)]
     pub requests: Option<u64>,
-    /// Open loop: total requests per second, spread over the connections.
-    /// Latency counts from each request's intended send time.
+    /// Open loop: total requests per second, spread over the connections
+    /// (closure: narinfo + NAR pairs per second). Latency counts from each
+    /// request's intended send time.
     #[arg(short = 'r', long)]
     pub rate: Option<f64>,
     /// Traffic before measuring starts (not counted).

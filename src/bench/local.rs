@@ -45,7 +45,7 @@ pub fn run(a: &LocalArgs) -> Result<i32, BenchError> {
         .unwrap_or_else(|| (run::default_threads(usize::MAX) / 2).max(1));
     let mut proxy = Proxy::start(&[fast.url(), slow.url()], &key.public(), workers)?;
     println!(
-        "ncro {} ({workers} workers) in front of {} (no delay) and {} ({slow_latency} delay); {} paths, NARs {:?} bytes",
+        "ncro {} (workers: {workers}) in front of {} (no delay) and {} ({slow_latency} delay); {} paths, NARs {:?} bytes",
         proxy.url(),
         fast.url(),
         slow.url(),
