@@ -21,6 +21,7 @@ use crate::worker::{self, ListenSource, SharedState};
 pub fn main_entry() -> i32 {
     let cli = Cli::parse();
     match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::Bench(args) => crate::bench::main(args),
         Command::CheckConfig => match Config::load(cli.config_path(), &ProcessEnv) {
             Ok(cfg) => {
                 print!("{}", cfg.render_effective());

@@ -36,6 +36,9 @@ pub enum Command {
     /// Validate the configuration and print the effective config (exit 0),
     /// or the error (exit 1).
     CheckConfig,
+    /// Measure a deployment: load generator (`run`), synthetic binary
+    /// cache (`upstream`), or a self-contained demo on loopback (`local`).
+    Bench(Box<crate::bench::args::BenchArgs>),
 }
 
 impl Cli {

@@ -25,6 +25,7 @@
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;

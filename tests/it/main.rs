@@ -14,7 +14,9 @@
 //! - [`server`]: the HTTP/1.1 server, workers, drain and upstream side of
 //!   the real `ncro` binary over loopback sockets.
 //! - [`cli`]: the command line (`--version`, `check-config`, `NCRO_CONFIG`).
+//! - [`bench`]: `ncro bench upstream`, `run` and `local` as real processes.
 
+mod bench;
 mod cli;
 mod e2e_nix;
 mod fake;
