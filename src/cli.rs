@@ -32,6 +32,13 @@ pub enum Command {
     /// Validate the configuration and print the effective config (exit 0),
     /// or the error (exit 1).
     CheckConfig,
+    /// Print a shell completion script for SHELL to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the ncro(1) man page (roff) to stdout.
+    Man,
 }
 
 impl Cli {
@@ -39,4 +46,23 @@ impl Cli {
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
     }
+}
+
+/// Writes the completion script for `shell`, generated from these definitions.
+pub fn write_completions(
+    shell: clap_complete::Shell,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    // clap_complete panics on a failed write (`ncro completions bash | head`);
+    // render to memory and let the caller see the I/O error instead.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ncro", &mut script);
+    out.write_all(&script)
+}
+
+/// Writes the man page, generated from these definitions.
+pub fn write_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(out)
 }
