@@ -66,3 +66,47 @@ pub fn write_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
     use clap::CommandFactory;
     clap_mangen::Man::new(Cli::command()).render(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_man_page_name_every_subcommand() {
+        let mut man = Vec::new();
+        write_man(&mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.contains(".TH ncro 1"), "{man}");
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut script = Vec::new();
+            write_completions(shell, &mut script).unwrap();
+            let script = String::from_utf8(script).unwrap();
+            for sub in ["serve", "check-config", "completions", "man"] {
+                assert!(script.contains(sub), "{shell:?} lacks {sub}");
+                // roff escapes the hyphen.
+                let roff = sub.replace('-', "\\-");
+                assert!(man.contains(&roff), "man page lacks {sub}");
+            }
+        }
+    }
+
+    #[test]
+    fn parses_the_new_subcommands() {
+        let cli = Cli::try_parse_from(["ncro", "completions", "fish"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Completions {
+                shell: clap_complete::Shell::Fish
+            })
+        ));
+        assert!(Cli::try_parse_from(["ncro", "completions", "cmd"]).is_err());
+        let cli = Cli::try_parse_from(["ncro", "man"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Man)));
+    }
+}
