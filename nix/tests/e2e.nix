@@ -1,5 +1,5 @@
 # NixOS VM test (flake check `e2e`): ncro between Nix clients and two binary
-# caches, nix-serve-ng and harmonia, set up through services.ncro with CPU
+# caches, nix-serve-ng and Perl nix-serve, set up through services.ncro with CPU
 # pinning and the module's hardening.
 { self }:
 { pkgs, lib, ... }:
@@ -36,12 +36,14 @@ in
     };
 
     cache2 = {
-      services.harmonia = {
+      # The original Perl nix-serve: a second, independent HTTP server.
+      services.nix-serve = {
         enable = true;
-        signKeyPaths = [ (secretKey "cache2") ];
-        settings.bind = "[::]:5000";
+        package = pkgs.nix-serve;
+        port = 5000;
+        secretKeyFile = "${secretKey "cache2"}";
+        openFirewall = true;
       };
-      networking.firewall.allowedTCPPorts = [ 5000 ];
       system.extraDependencies = [
         only2
         both
@@ -106,7 +108,7 @@ in
     start_all()
     cache1.wait_for_unit("nix-serve.service")
     cache1.wait_for_open_port(5000)
-    cache2.wait_for_unit("harmonia.service")
+    cache2.wait_for_unit("nix-serve.service")
     cache2.wait_for_open_port(5000)
     proxy.wait_for_unit("ncro.service")
     proxy.wait_for_open_port(8080)

@@ -50,7 +50,7 @@ in
         # ss, not wait_for_open_port: a probing connection would start ncro.
         machine.succeed("ss -Hltn 'sport = :80' | grep -q LISTEN")
         machine.fail("systemctl is-active ncro.service")
-        info = machine.succeed("curl -sf http://localhost/nix-cache-info")
+        info = machine.succeed("curl -sf http://127.0.0.1/nix-cache-info")
         assert "StoreDir: /nix/store" in info, info
         machine.succeed("systemctl is-active ncro.service")
 
@@ -62,12 +62,12 @@ in
 
     with subtest("every worker serves the shared listener"):
         for _ in range(20):
-            machine.succeed("curl -sf http://localhost/nix-cache-info")
-        assert "Sig: ncro-e2e-cache1:" in machine.succeed("curl -sf http://localhost/${hash}.narinfo")
+            machine.succeed("curl -sf http://127.0.0.1/nix-cache-info")
+        assert "Sig: ncro-e2e-cache1:" in machine.succeed("curl -sf http://127.0.0.1/${hash}.narinfo")
 
     with subtest("a restart refuses no connection"):
         machine.succeed(
-            "(for i in $(seq 200); do curl -sf -o /dev/null http://localhost/nix-cache-info || echo FAIL; done) "
+            "(for i in $(seq 200); do curl -sf -o /dev/null http://127.0.0.1/nix-cache-info || echo FAIL; done) "
             "> /tmp/during-restart & "
             "sleep 0.2; systemctl restart ncro.service; wait"
         )
