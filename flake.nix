@@ -45,7 +45,6 @@
             openssl
             sqlite
             python3
-            nixfmt-rfc-style
           ];
         };
       });
@@ -79,7 +78,5 @@
           mesh = vmTest pkgs ./nix/tests/mesh.nix;
         }
       );
-
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style);
     };
 }
