@@ -213,8 +213,8 @@ fn watchdog_pings_periodically_until_stopped() {
     // Four pings, three periods apart at least.
     assert!(start.elapsed() >= Duration::from_millis(90));
     w.stop();
-    // At most one ping was in flight while stopping; then silence.
-    let _ = sd.recv_within(Duration::from_millis(50));
+    // Pings sent before stop() may still be queued; after them, silence.
+    while sd.recv_within(Duration::from_millis(10)).is_some() {}
     assert_eq!(sd.recv_within(Duration::from_millis(150)), None);
 }
 

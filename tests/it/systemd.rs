@@ -398,14 +398,14 @@ fn watchdog_pings_at_half_the_interval_on_an_abstract_socket() {
     let ready = notify.next_state(START_DEADLINE, &svc);
     assert!(ready.starts_with("READY=1"), "{ready}");
     let mut pings = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while pings.len() < 6 && Instant::now() < deadline {
-        match notify.recv_within(Duration::from_millis(500)) {
+        match notify.recv_within(Duration::from_secs(2)) {
             Some(m) => {
                 assert_eq!(m, "WATCHDOG=1");
                 pings.push(Instant::now());
             }
-            None => panic!("watchdog silent for 500ms (period 100ms)\n{}", svc.logs()),
+            None => panic!("watchdog silent for 2s (period 100ms)\n{}", svc.logs()),
         }
     }
     assert_eq!(pings.len(), 6, "{}", svc.logs());
