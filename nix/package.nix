@@ -23,6 +23,9 @@ rustPlatform.buildRustPackage {
       ../src
       ../tests
       ../packaging
+      # Cargo targets that may be added later; absent ones are skipped.
+      (lib.fileset.maybeMissing ../benches)
+      (lib.fileset.maybeMissing ../examples)
     ];
   };
 
