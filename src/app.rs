@@ -32,6 +32,11 @@ pub fn main_entry() -> i32 {
                 1
             }
         },
+        Command::Completions { shell } => print_or_fail(crate::cli::write_completions(
+            *shell,
+            &mut std::io::stdout(),
+        )),
+        Command::Man => print_or_fail(crate::cli::write_man(&mut std::io::stdout())),
         Command::Serve => {
             let cfg = match Config::load(cli.config_path(), &ProcessEnv) {
                 Ok(c) => c,
@@ -49,6 +54,16 @@ pub fn main_entry() -> i32 {
                     1
                 }
             }
+        }
+    }
+}
+
+fn print_or_fail(written: std::io::Result<()>) -> i32 {
+    match written {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            1
         }
     }
 }
@@ -173,11 +188,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // and a second SIGTERM during the drain would kill the process there.
     let sigset = block_signals();
     let cfg = Arc::new(cfg);
+    // First, while no other thread exists: it unsets the LISTEN_* variables.
+    let inherited = crate::systemd::take_listener()?;
+    let mut systemd = crate::systemd::Supervisor::from_env();
     let affinity = worker::affinity_cpus();
     let plan = worker::plan(&cfg.server, &affinity);
-    let listen = match &cfg.server.listen {
-        Some(l) => ListenSource::Bind(check_listen(l)?),
-        None => bail!("server.listen is empty and no listening socket was inherited"),
+    // An inherited socket is systemd's to own, so there is no port to check.
+    let listen = match (inherited, &cfg.server.listen) {
+        (Some(fd), _) => ListenSource::Inherited(fd),
+        (None, Some(l)) => ListenSource::Bind(check_listen(l)?),
+        (None, None) => bail!("server.listen is empty and no listening socket was inherited"),
     };
     let (upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
     let urls = upstreams.list.iter().map(|u| u.url.clone()).collect();
@@ -248,6 +268,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "ncro listening"
     );
+    let status = format!("serving on {addr} with {} workers", workers.len());
+    systemd.ready(&status, workers_alive(&workers));
     let sig = wait_signal(&sigset);
     tracing::info!(
         signal = if sig == libc::SIGTERM {
@@ -257,6 +279,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         "shutting down: draining connections"
     );
+    systemd.stopping("draining connections");
     stop_workers(workers, cfg.server.shutdown_grace);
     control.stop(Duration::from_secs(2));
     if let Some((handle, thread)) = writer {
@@ -310,6 +333,18 @@ fn tls_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     files.sort();
     files.dedup();
     Ok(crate::http::tls::client_config_with(&files)?)
+}
+
+/// The watchdog's liveness check: every worker thread is still running (a
+/// worker's stop receiver lives exactly as long as its event loop).
+fn workers_alive(workers: &[worker::WorkerHandle]) -> crate::systemd::LivenessCheck {
+    let stops: Vec<_> = workers.iter().map(|w| w.stop.clone()).collect();
+    Box::new(
+        move || match stops.iter().position(|s| s.is_disconnected()) {
+            Some(i) => Err(format!("worker {i} exited")),
+            None => Ok(()),
+        },
+    )
 }
 
 fn stop_workers(workers: Vec<worker::WorkerHandle>, grace: Duration) {

@@ -39,11 +39,81 @@ pub enum Command {
     /// Measure a deployment: load generator (`run`), synthetic binary
     /// cache (`upstream`), or a self-contained demo on loopback (`local`).
     Bench(Box<crate::bench::args::BenchArgs>),
+    /// Print a shell completion script for SHELL to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the ncro(1) man page (roff) to stdout.
+    Man,
 }
 
 impl Cli {
     /// `NCRO_CONFIG=""` means the embedded default, as in ncro 2.2.
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
+}
+
+/// Writes the completion script for `shell`, generated from these definitions.
+pub fn write_completions(
+    shell: clap_complete::Shell,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    // clap_complete panics on a failed write (`ncro completions bash | head`);
+    // render to memory and let the caller see the I/O error instead.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ncro", &mut script);
+    out.write_all(&script)
+}
+
+/// Writes the man page, generated from these definitions.
+pub fn write_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_man_page_name_every_subcommand() {
+        let mut man = Vec::new();
+        write_man(&mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.contains(".TH ncro 1"), "{man}");
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut script = Vec::new();
+            write_completions(shell, &mut script).unwrap();
+            let script = String::from_utf8(script).unwrap();
+            for sub in ["serve", "check-config", "completions", "man"] {
+                assert!(script.contains(sub), "{shell:?} lacks {sub}");
+                // roff escapes the hyphen.
+                let roff = sub.replace('-', "\\-");
+                assert!(man.contains(&roff), "man page lacks {sub}");
+            }
+        }
+    }
+
+    #[test]
+    fn parses_the_new_subcommands() {
+        let cli = Cli::try_parse_from(["ncro", "completions", "fish"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Completions {
+                shell: clap_complete::Shell::Fish
+            })
+        ));
+        assert!(Cli::try_parse_from(["ncro", "completions", "cmd"]).is_err());
+        let cli = Cli::try_parse_from(["ncro", "man"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Man)));
     }
 }

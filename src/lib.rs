@@ -35,5 +35,6 @@ pub mod proto;
 pub mod race;
 pub mod route;
 pub mod serve;
+pub mod systemd;
 pub mod upstream;
 pub mod worker;

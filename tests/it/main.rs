@@ -15,6 +15,8 @@
 //!   the real `ncro` binary over loopback sockets.
 //! - [`cli`]: the command line (`--version`, `check-config`, `NCRO_CONFIG`).
 //! - [`bench`]: `ncro bench upstream`, `run` and `local` as real processes.
+//! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
+//!   test playing systemd.
 
 mod bench;
 mod cli;
@@ -26,3 +28,4 @@ mod metrics;
 mod nar;
 mod routing;
 mod server;
+mod systemd;
