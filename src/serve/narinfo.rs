@@ -6,14 +6,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::http::client::{ClientError, Request as UpRequest};
+use crate::http::response::write_simple;
 use crate::metrics::ResolveResult;
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
 use crate::race::{
-    self, Attempt, AttemptResult, Candidate, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
+    self, Attempt, AttemptResult, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
 };
 use crate::route::{Cached, RouteEntry};
+use crate::serve::After;
 use crate::upstream::{filter, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
 
@@ -22,7 +24,11 @@ use crate::worker::{unix_now, WorkerCtx};
 pub enum Resolved {
     Found(Arc<RouteEntry>),
     Miss,
-    Unavailable { timed_out: bool },
+    Unavailable {
+        timed_out: bool,
+    },
+    /// The race queue was full (or the wait too long): 503 + Retry-After.
+    Overloaded,
 }
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
@@ -31,7 +37,19 @@ pub fn answer(
     hash: StoreHash,
 ) -> impl std::future::Future<Output = Resolved> + '_ {
     async move {
+        // A route to a DOWN upstream is raced again; it is still served when
+        // no other upstream gives a usable answer.
+        let mut stale = None;
         match ctx.shared.routes.get(&hash, unix_now()) {
+            Some(Cached::Hit(e))
+                if ctx
+                    .shared
+                    .routing
+                    .route_is_down(&ctx.shared.upstreams, &e.upstream) =>
+            {
+                ctx.metrics.narinfo_cache_misses.inc();
+                stale = Some(e);
+            }
             Some(Cached::Hit(e)) => {
                 ctx.metrics.narinfo_cache_hits.inc();
                 return Resolved::Found(e);
@@ -46,38 +64,48 @@ pub fn answer(
         if role == race::Role::Joined {
             ctx.metrics.singleflight_waiters.inc();
         }
-        resolved
+        match (resolved, stale) {
+            (Resolved::Unavailable { .. } | Resolved::Overloaded, Some(e)) => Resolved::Found(e),
+            (resolved, _) => resolved,
+        }
     }
 }
 
 /// Races the upstreams for `hash` and records the result in the route table.
 async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let set: Arc<UpstreamSet> = ctx.shared.upstreams.clone();
-    let candidates: Vec<Candidate> = set
-        .list
-        .iter()
-        .enumerate()
-        .map(|(i, u)| Candidate {
-            upstream: i,
-            priority: u.priority,
-        })
-        .collect();
+    let routing = &ctx.shared.routing;
+    let waited = std::time::Instant::now();
+    let _permit = match ctx.limits.race(&routing.limits).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(%hash, error = %e, "narinfo race refused");
+            return Resolved::Overloaded;
+        }
+    };
+    ctx.metrics.race_wait.observe_duration(waited.elapsed());
+    let plan = routing.plan_race(&set, std::time::Instant::now());
+    let candidates = &plan.candidates;
     let cfg = &ctx.shared.config;
     let race_cfg = RaceConfig {
         tier_deadline: cfg.timeouts.race_deadline,
-        hedge_after: Some(cfg.health.hedge_after),
+        hedge_after: Some(plan.hedge_after),
     };
     let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
     let fetch = |i: usize| {
         let set = set.clone();
         let path = path.clone();
         let client = ctx.client.clone();
-        async move { fetch_narinfo(&client, &set.list[i].origin, &path).await }
+        async move {
+            let _permit = ctx.limits.upstream(&routing.limits, i).await;
+            fetch_narinfo(&client, &set.list[i].origin, &path).await
+        }
     };
     let judge = |i: usize, body: &Bytes| judge(&set, i, hash, body);
     let mut answers = 0usize;
     let report = |i: usize, rep: &race::AttemptReport| {
         answers += 1;
+        routing.observe(i, rep);
         ctx.metrics.attempt(i, rep.result.label());
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
@@ -91,7 +119,7 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     };
     ctx.metrics.races.inc();
     let started = std::time::Instant::now();
-    let outcome = race::race(&candidates, &race_cfg, fetch, judge, report).await;
+    let outcome = race::race(candidates, &race_cfg, fetch, judge, report).await;
     ctx.metrics.race_latency.observe_duration(started.elapsed());
     let result = match outcome {
         Outcome::Found { .. } => ResolveResult::Success,
@@ -123,9 +151,16 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             Resolved::Found(entry)
         }
         Outcome::Miss => {
+            // Upstreams left out (DOWN, cooling down) may hold the path:
+            // such a miss is remembered only briefly.
+            let ttl = if plan.partial {
+                cfg.cache.in_memory_negative_ttl
+            } else {
+                cfg.cache.negative_ttl
+            };
             ctx.shared
                 .routes
-                .insert_negative(hash, now + cfg.cache.negative_ttl.as_secs());
+                .insert_negative(hash, now + ttl.as_secs().max(1));
             Resolved::Miss
         }
         Outcome::Unavailable { timed_out } => Resolved::Unavailable { timed_out },
@@ -191,5 +226,29 @@ pub fn status_of(r: &Resolved) -> u16 {
         Resolved::Miss => 404,
         Resolved::Unavailable { timed_out: true } => 504,
         Resolved::Unavailable { timed_out: false } => 502,
+        Resolved::Overloaded => 503,
+    }
+}
+
+/// Load shedding: 503 with `Retry-After: 1`. Nix treats 503 as transient
+/// and backs off (5 s base, honouring Retry-After) before asking again.
+pub fn write_overloaded(conn: &mut crate::serve::Conn, ctx: &WorkerCtx, keep: bool) -> After {
+    let date = ctx.date();
+    write_simple(
+        &mut conn.wbuf,
+        503,
+        keep,
+        false,
+        &date,
+        &[
+            ("Retry-After", b"1"),
+            ("Content-Type", b"text/plain; charset=utf-8"),
+        ],
+        b"too many lookups in flight; retry shortly\n",
+    );
+    if keep {
+        After::KeepAlive
+    } else {
+        After::Close
     }
 }
