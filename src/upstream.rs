@@ -300,3 +300,6 @@ impl Routing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

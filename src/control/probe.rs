@@ -371,3 +371,6 @@ async fn ask(client: &LocalClient, origin: &Origin, get: bool) -> Answer {
         (s, _) => Answer::Status((s, started.elapsed())),
     }
 }
+
+#[cfg(test)]
+mod tests;
