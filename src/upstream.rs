@@ -23,7 +23,7 @@ use crate::proto::store_path::StoreHash;
 use crate::race::Candidate;
 use crate::route::RouteEntry;
 use filter::FilterRule;
-use health::{HealthSnapshot, Rank};
+use health::HealthSnapshot;
 use limits::Limits;
 
 /// One upstream cache, ready for requests.
@@ -234,31 +234,32 @@ impl Routing {
     pub fn plan_race(&self, set: &UpstreamSet, now: Instant) -> RacePlan {
         let snap = self.health.load();
         let routable = snap.routable();
-        let cooling = |i: usize| self.limits.cooldowns.is_cooling(i, now);
-        let mut chosen: Vec<usize> = routable.iter().copied().filter(|&i| !cooling(i)).collect();
-        if chosen.is_empty() {
-            chosen = routable.to_vec();
-        }
-        let partial = chosen.len() < set.len();
-        let candidates: Vec<Candidate> = chosen
-            .iter()
-            .filter_map(|&i| {
-                let priority = set.get(i)?.priority;
-                Some(Candidate {
-                    upstream: i,
-                    priority,
-                })
+        let candidate = |&i: &usize| {
+            let priority = set.get(i)?.priority;
+            Some(Candidate {
+                upstream: i,
+                priority,
             })
-            .collect();
-        let first_tier: Vec<Rank> = candidates
+        };
+        let mut candidates = Vec::with_capacity(routable.len());
+        candidates.extend(
+            routable
+                .iter()
+                .filter(|&&i| !self.limits.cooldowns.is_cooling(i, now))
+                .filter_map(candidate),
+        );
+        if candidates.is_empty() {
+            candidates.extend(routable.iter().filter_map(candidate));
+        }
+        let first = candidates.first().map(|c| c.priority);
+        let first_tier = candidates
             .iter()
-            .take_while(|c| c.priority == candidates[0].priority)
-            .filter_map(|c| snap.rank(c.upstream, c.priority))
-            .collect();
+            .take_while(|c| Some(c.priority) == first)
+            .filter_map(|c| snap.rank(c.upstream, c.priority));
         RacePlan {
-            hedge_after: health::hedge_delay(&first_tier, self.hedge_cap),
+            hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
+            partial: candidates.len() < set.len(),
             candidates,
-            partial,
         }
     }
 

@@ -239,9 +239,9 @@ fn same_class(leader: Option<f64>, member: Option<f64>) -> bool {
 /// ACTIVE members, at least [`HEDGE_FLOOR`], at most `cap`
 /// (`health.hedge_after`). A tier with no measured ACTIVE member gives no
 /// evidence of what "late" means, so it gets `cap`.
-pub fn hedge_delay(first_tier: &[Rank], cap: Duration) -> Duration {
+pub fn hedge_delay(first_tier: impl IntoIterator<Item = Rank>, cap: Duration) -> Duration {
     let slowest = first_tier
-        .iter()
+        .into_iter()
         .filter(|r| r.state == State::Active)
         .filter_map(|r| r.ema_ms)
         .fold(None, |acc: Option<f64>, ms| {

@@ -171,3 +171,22 @@ fn loaded_routes_are_checked_against_the_current_config() {
     let kept: Vec<_> = routes.iter().map(|(h, _)| *h).collect();
     assert_eq!(kept, [hash(b'0'), hash(b'2')], "filters are per upstream");
 }
+
+/// Not a timed assertion: prints what planning one race costs (snapshot
+/// load, cooldown checks, candidate list, hedge delay) for 3 upstreams.
+#[test]
+#[ignore]
+fn plan_cost() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[10.0, 30.0, 20.0]);
+    const N: u32 = 1_000_000;
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(r.plan_race(&set, Instant::now()));
+    }
+    println!("plan_race, 3 upstreams: {:?}", started.elapsed() / N);
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(r.route_is_down(&set, "http://127.0.0.1:2"));
+    }
+    println!("route_is_down, nothing DOWN: {:?}", started.elapsed() / N);
+}

@@ -285,27 +285,24 @@ fn property_routing_order_depends_only_on_the_ranks() {
 #[test]
 fn hedge_follows_the_tier_latency_within_floor_and_cap() {
     let cap = Duration::from_secs(2);
-    assert_eq!(hedge_delay(&[], cap), cap);
-    assert_eq!(hedge_delay(&[rank(1, State::Active, None)], cap), cap);
+    assert_eq!(hedge_delay([], cap), cap);
+    assert_eq!(hedge_delay([rank(1, State::Active, None)], cap), cap);
     let tier = [
         rank(1, State::Active, Some(40.0)),
         rank(1, State::Active, Some(100.0)),
         // A failing member's EMA is stale; it does not stretch the delay.
         rank(1, State::Degraded, Some(400.0)),
     ];
-    assert_eq!(hedge_delay(&tier, cap), ms(300));
+    assert_eq!(hedge_delay(tier, cap), ms(300));
     assert_eq!(
-        hedge_delay(&[rank(1, State::Active, Some(1.0))], cap),
+        hedge_delay([rank(1, State::Active, Some(1.0))], cap),
         HEDGE_FLOOR
     );
     assert_eq!(
-        hedge_delay(&[rank(1, State::Active, Some(5000.0))], cap),
+        hedge_delay([rank(1, State::Active, Some(5000.0))], cap),
         cap
     );
-    assert_eq!(
-        hedge_delay(&[rank(1, State::Degraded, Some(5.0))], cap),
-        cap
-    );
+    assert_eq!(hedge_delay([rank(1, State::Degraded, Some(5.0))], cap), cap);
 }
 
 #[test]
@@ -315,8 +312,8 @@ fn property_hedge_is_bounded_and_monotone() {
         let cap = ms(rng.gen_range(60..5000));
         let a: f64 = rng.gen_range(0.0..3000.0);
         let b: f64 = a + rng.gen_range(0.0..3000.0);
-        let da = hedge_delay(&[rank(1, State::Active, Some(a))], cap);
-        let db = hedge_delay(&[rank(1, State::Active, Some(b))], cap);
+        let da = hedge_delay([rank(1, State::Active, Some(a))], cap);
+        let db = hedge_delay([rank(1, State::Active, Some(b))], cap);
         assert!(da >= HEDGE_FLOOR && da <= cap);
         assert!(da <= db, "slower tier, later hedge");
     }

@@ -184,6 +184,27 @@ fn gate_cost() {
             std::hint::black_box(&p);
         }
         let per = started.elapsed() / N;
-        println!("race permit take+give back: {per:?}");
+        println!("race permit take+give back, uncontended: {per:?}");
     });
+    // Two threads on the same counter: the cache line moves between cores.
+    let gate = Arc::new(Gate::new(64));
+    let per_thread: Vec<Duration> = (0..2)
+        .map(|_| {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                const N: u32 = 2_000_000;
+                let started = std::time::Instant::now();
+                for _ in 0..N {
+                    if gate.try_take() {
+                        gate.give_back();
+                    }
+                }
+                started.elapsed() / N
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    println!("gate take+give back, 2 threads contending: {per_thread:?}");
 }
