@@ -106,6 +106,36 @@ struct Probed {
     needs_get: bool,
 }
 
+/// The prober loop's bookkeeping, per upstream and overall.
+struct LoopState {
+    /// A probe is in flight (never two at once per upstream).
+    running: Vec<bool>,
+    /// HEAD was refused: probe with GET.
+    use_get: Vec<bool>,
+    /// Changed since the last write to the database.
+    dirty: Vec<bool>,
+    /// The table changed since the last publication.
+    unpublished: bool,
+    last_publish: Instant,
+    persist_at: Instant,
+    samples_open: bool,
+}
+
+impl LoopState {
+    fn new(n: usize, interval: Duration) -> LoopState {
+        let now = Instant::now();
+        LoopState {
+            running: vec![false; n],
+            use_get: vec![false; n],
+            dirty: vec![false; n],
+            unpublished: false,
+            last_publish: now,
+            persist_at: now + interval,
+            samples_open: true,
+        }
+    }
+}
+
 enum Event {
     Probed(Probed),
     Sample(Sample),
@@ -132,87 +162,76 @@ impl Prober {
             Default::default(),
         );
         let set = self.set.clone();
-        let n = set.len();
-        let mut running = vec![false; n];
-        let mut use_get = vec![false; n];
-        let mut dirty = vec![false; n];
+        let mut st = LoopState::new(set.len(), self.cfg.interval);
         let mut probes = FuturesUnordered::new();
-        let mut unpublished = false;
-        let mut last_publish = Instant::now();
-        let mut persist_at = Instant::now() + self.cfg.interval;
-        let mut samples_open = true;
         loop {
             let now = Instant::now();
-            for i in 0..n {
-                if !running[i] && self.table[i].next_probe <= now {
-                    running[i] = true;
-                    probes.push(probe(&client, &set.list[i].origin, i, use_get[i], t));
+            for i in 0..set.len() {
+                if !st.running[i] && self.table[i].next_probe <= now {
+                    st.running[i] = true;
+                    probes.push(probe(&client, &set.list[i].origin, i, st.use_get[i], t));
                 }
             }
-            let wake = self.next_wake(&running, unpublished, last_publish, &dirty, persist_at);
+            let wake = monoio::time::Instant::from_std(self.next_wake(&st));
             let event = monoio::select! {
                 Some(p) = probes.next(), if !probes.is_empty() => Event::Probed(p),
-                s = self.samples.recv_async(), if samples_open => {
+                s = self.samples.recv_async(), if st.samples_open => {
                     s.map_or(Event::SamplesClosed, Event::Sample)
                 }
-                _ = monoio::time::sleep_until(monoio::time::Instant::from_std(wake)) => Event::Tick,
+                _ = monoio::time::sleep_until(wake) => Event::Tick,
             };
-            let now = Instant::now();
-            match event {
-                Event::Probed(p) => {
-                    running[p.upstream] = false;
-                    use_get[p.upstream] |= p.needs_get;
-                    dirty[p.upstream] = true;
-                    self.apply_probe(p, now);
-                    // Probes are rare and may change states: publish at once.
-                    self.publish();
-                    (unpublished, last_publish) = (false, now);
-                }
-                Event::Sample(s) => {
-                    self.apply_sample(s, &mut dirty);
-                    while let Ok(s) = self.samples.try_recv() {
-                        self.apply_sample(s, &mut dirty);
-                    }
-                    unpublished = true;
-                }
-                Event::SamplesClosed => samples_open = false,
-                Event::Tick => {}
-            }
-            if unpublished && now >= last_publish + PUBLISH_EVERY {
-                self.publish();
-                (unpublished, last_publish) = (false, now);
-            }
-            if now >= persist_at {
-                self.persist(&mut dirty);
+            self.handle(event, &mut st, Instant::now());
+            if Instant::now() >= st.persist_at {
+                self.persist(&mut st.dirty);
                 client.evict_expired();
-                persist_at = now + self.cfg.interval;
+                st.persist_at = Instant::now() + self.cfg.interval;
             }
+        }
+    }
+
+    fn handle(&mut self, event: Event, st: &mut LoopState, now: Instant) {
+        match event {
+            Event::Probed(p) => {
+                st.running[p.upstream] = false;
+                st.use_get[p.upstream] |= p.needs_get;
+                st.dirty[p.upstream] = true;
+                self.apply_probe(p, now);
+                // Probes are rare and may change states: publish at once.
+                self.publish();
+                (st.unpublished, st.last_publish) = (false, now);
+            }
+            Event::Sample(s) => {
+                self.apply_sample(s, &mut st.dirty);
+                while let Ok(s) = self.samples.try_recv() {
+                    self.apply_sample(s, &mut st.dirty);
+                }
+                st.unpublished = true;
+            }
+            Event::SamplesClosed => st.samples_open = false,
+            Event::Tick => {}
+        }
+        if st.unpublished && now >= st.last_publish + PUBLISH_EVERY {
+            self.publish();
+            (st.unpublished, st.last_publish) = (false, now);
         }
     }
 
     /// The earliest of: a probe falling due, a pending publication, a
     /// pending write of changed rows.
-    fn next_wake(
-        &self,
-        running: &[bool],
-        unpublished: bool,
-        last_publish: Instant,
-        dirty: &[bool],
-        persist_at: Instant,
-    ) -> Instant {
+    fn next_wake(&self, st: &LoopState) -> Instant {
         let mut wake = self
             .table
             .iter()
-            .zip(running)
+            .zip(&st.running)
             .filter(|(_, &r)| !r)
             .map(|(h, _)| h.next_probe)
             .min()
             .unwrap_or_else(|| Instant::now() + self.cfg.interval);
-        if unpublished {
-            wake = wake.min(last_publish + PUBLISH_EVERY);
+        if st.unpublished {
+            wake = wake.min(st.last_publish + PUBLISH_EVERY);
         }
-        if dirty.iter().any(|&d| d) {
-            wake = wake.min(persist_at);
+        if st.dirty.iter().any(|&d| d) {
+            wake = wake.min(st.persist_at);
         }
         wake
     }
