@@ -211,10 +211,21 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.mesh.enabled {
         tracing::warn!("mesh.enabled is set, but mesh gossip is not implemented in this build yet; routes are not shared with peers");
     }
-    let (routes, writer) = open_routes(&cfg)?;
+    let (routes, writer, health_rows) = open_routes(&cfg, &upstreams)?;
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
     });
+    let upstreams = Arc::new(upstreams);
+    let resolver = Resolver::new(Duration::from_secs(60));
+    let tls = tls_config(&cfg)?;
+    let (routing, prober) = crate::control::probe::setup(
+        &cfg,
+        upstreams.clone(),
+        &health_rows,
+        routes.writer().cloned(),
+        resolver.clone(),
+        tls.clone(),
+    );
     let shared = Arc::new(SharedState {
         cache_info: crate::proto::cache_info::render(
             crate::proto::store_path::STORE_DIR,
@@ -225,16 +236,23 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         config: cfg.clone(),
         metrics,
         routes,
-        upstreams: Arc::new(upstreams),
-        resolver: Resolver::new(Duration::from_secs(60)),
-        tls: tls_config(&cfg)?,
+        upstreams,
+        routing,
+        resolver,
+        tls,
         flights: quick_cache::sync::Cache::new(
             (cfg.cache.max_concurrent_races as usize * 4).max(1024),
         ),
     });
 
-    let control = crate::control::spawn(plan.control_cpu, Vec::new())
-        .context("cannot start the control thread")?;
+    let jobs = if cfg.health.enabled {
+        vec![prober.into_job()]
+    } else {
+        tracing::info!("health probes are disabled (health.enabled = false); upstream health comes from races only");
+        Vec::new()
+    };
+    let control =
+        crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut workers = Vec::with_capacity(plan.worker_cpus.len());
     for (i, cpu) in plan.worker_cpus.iter().enumerate() {
@@ -295,13 +313,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 type Writer = Option<(WriterHandle, std::thread::JoinHandle<()>)>;
 
 /// Opens the route database, loads every live route into memory, and starts
-/// the writer thread. A database that cannot be opened degrades to
+/// the writer thread; also returns the persisted health rows. Routes whose
+/// upstream is gone or whose filters now refuse them are dropped (here and
+/// in the database). A database that cannot be opened degrades to
 /// memory-only routing with a loud log rather than refusing to serve.
-fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
+fn open_routes(
+    cfg: &Config,
+    upstreams: &UpstreamSet,
+) -> anyhow::Result<(Arc<RouteTable>, Writer, Vec<persist::HealthRow>)> {
     let c = &cfg.cache;
     let started = std::time::Instant::now();
     match persist::open_and_load(&c.db_path, persist::unix_now()) {
-        Ok((loaded, db)) => {
+        Ok((mut loaded, db)) => {
+            let refused = upstreams.recheck_routes(&mut loaded.routes);
             let wcfg = WriterConfig {
                 max_entries: c.max_entries,
                 ..WriterConfig::default()
@@ -310,12 +334,20 @@ fn open_routes(cfg: &Config) -> anyhow::Result<(Arc<RouteTable>, Writer)> {
             let table = RouteTable::new(c.max_entries, Some(handle.clone()));
             let (n, neg, skipped) = (loaded.routes.len(), loaded.negatives.len(), loaded.skipped);
             table.load(loaded.routes, loaded.negatives);
-            tracing::info!(db = %c.db_path, routes = n, negatives = neg, skipped, ms = started.elapsed().as_millis() as u64, "route database loaded");
-            Ok((Arc::new(table), Some((handle, thread))))
+            for hash in &refused {
+                // A refusal is counted by the writer; the route is gone from memory anyway.
+                let _ = handle.try_write(persist::WriteOp::Remove(*hash));
+            }
+            tracing::info!(db = %c.db_path, routes = n, negatives = neg, skipped, refused = refused.len(), ms = started.elapsed().as_millis() as u64, "route database loaded");
+            Ok((Arc::new(table), Some((handle, thread)), loaded.health))
         }
         Err(e) => {
             tracing::error!(db = %c.db_path, error = %e, "cannot open the route database; routing from memory only, nothing will persist");
-            Ok((Arc::new(RouteTable::new(c.max_entries, None)), None))
+            Ok((
+                Arc::new(RouteTable::new(c.max_entries, None)),
+                None,
+                Vec::new(),
+            ))
         }
     }
 }

@@ -120,6 +120,7 @@ pub struct TimeoutConfig {
 
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
+    pub enabled: bool,
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub hedge_after: Duration,
@@ -222,6 +223,7 @@ fn validate(
     };
     let h = &raw.health;
     let health = HealthConfig {
+        enabled: h.enabled,
         probe_interval: positive("health.probe_interval", h.probe_interval.0)?,
         probe_timeout: positive("health.probe_timeout", h.probe_timeout.0)?,
         hedge_after: positive("health.hedge_after", h.hedge_after.0)?,

@@ -1,15 +1,22 @@
-//! The control core: one thread, pinned to `server.control_cpu`, running a
-//! tokio current-thread runtime for background work (health probes,
-//! discovery, gossip, S3 credentials) so none of it ever runs on a worker.
-//! It publishes immutable snapshots that workers read; it never serves
-//! requests.
+//! COLD: the control core. One thread, pinned to `server.control_cpu`,
+//! running its own monoio runtime (FusionDriver, timers on) for background
+//! work: health probes today, discovery and gossip as they land. It
+//! publishes immutable snapshots that workers read; it never serves
+//! requests. Its jobs may be `!Send` (they own a per-thread
+//! [`LocalClient`](crate::http::client::LocalClient), like a worker).
+//! Work that needs tokio (S3 credential providers) gets its own thread.
 
+pub mod probe;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 /// A running control thread and the sender that stops it.
 pub struct ControlHandle {
     pub thread: std::thread::JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    /// Dropping or sending on it ends the runtime, and with it every job.
+    stop: flume::Sender<()>,
 }
 
 impl ControlHandle {
@@ -26,31 +33,48 @@ impl ControlHandle {
     }
 }
 
-/// Background jobs the control thread runs until stopped.
-pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A background job: built on the control thread (so it may hold `Rc`s and
+/// per-thread clients) and run there until the thread stops.
+pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 pub fn spawn(cpu: Option<usize>, jobs: Vec<Job>) -> std::io::Result<ControlHandle> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let thread = std::thread::Builder::new().name("ncro-control".into()).spawn(move || {
         if let Some(cpu) = cpu {
             if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
                 tracing::warn!(cpu, error = ?e, "cannot pin the control thread; running unpinned");
             }
         }
+        // Built here: a monoio runtime belongs to the thread that runs it.
+        let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e)); // spawn() is waiting for this
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
         rt.block_on(async move {
             for job in jobs {
-                tokio::spawn(job);
+                monoio::spawn(job());
             }
-            let _ = stop_rx.await; // a dropped sender means stop too
+            let _ = stop_rx.recv_async().await; // a dropped sender means stop too
         });
     })?;
-    Ok(ControlHandle {
-        thread,
-        stop: stop_tx,
-    })
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(ControlHandle {
+            thread,
+            stop: stop_tx,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other(
+            "the control thread exited during start",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -63,11 +87,15 @@ mod tests {
     fn runs_jobs_until_stopped() {
         let ticks = Arc::new(AtomicUsize::new(0));
         let t = ticks.clone();
-        let job: Job = Box::pin(async move {
-            loop {
-                t.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        let job: Job = Box::new(move || {
+            // Built on the control thread: an Rc is fine here.
+            let local = std::rc::Rc::new(t);
+            Box::pin(async move {
+                loop {
+                    local.fetch_add(1, Ordering::SeqCst);
+                    monoio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
         });
         let h = spawn(None, vec![job]).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

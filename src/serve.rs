@@ -291,6 +291,10 @@ impl Conn {
                 ctx.metrics.narinfo_error.inc();
                 self.error(ctx, status, "not found\n", keep)
             }
+            narinfo::Resolved::Overloaded => {
+                ctx.metrics.narinfo_error.inc();
+                narinfo::write_overloaded(self, ctx, keep)
+            }
             narinfo::Resolved::Unavailable { .. } => {
                 ctx.metrics.narinfo_error.inc();
                 self.error(

@@ -26,6 +26,8 @@ pub struct SharedState {
     pub metrics: Arc<Metrics>,
     pub routes: Arc<crate::route::RouteTable>,
     pub upstreams: Arc<crate::upstream::UpstreamSet>,
+    /// Health snapshot, cooldowns and mass-query limits.
+    pub routing: Arc<crate::upstream::Routing>,
     pub resolver: crate::http::resolve::Resolver,
     pub tls: Arc<rustls::ClientConfig>,
     /// Races in flight across workers (cross-worker single-flight); an
@@ -198,6 +200,8 @@ pub struct WorkerCtx {
         crate::proto::store_path::StoreHash,
         crate::serve::narinfo::Resolved,
     >,
+    /// This worker's queues for the shared mass-query limits.
+    pub limits: crate::upstream::limits::LocalLimits,
     /// "io_uring" or "epoll".
     pub driver: &'static str,
     /// Connections being served; the drain waits for it to reach zero.
@@ -226,6 +230,10 @@ impl WorkerCtx {
             drain: Drain::default(),
             client,
             flights: crate::race::SingleFlight::new(),
+            limits: crate::upstream::limits::LocalLimits::for_config(
+                shared.upstreams.len(),
+                &shared.config,
+            ),
             driver,
             active: Cell::new(0),
             date: RefCell::new((0, [b' '; 29])),

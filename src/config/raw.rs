@@ -189,6 +189,9 @@ impl Default for RawTimeouts {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHealth {
+    /// Active probing of `/nix-cache-info`; without it, health comes only
+    /// from what races observe.
+    pub enabled: bool,
     pub probe_interval: Dur,
     pub probe_timeout: Dur,
     pub hedge_after: Dur,
@@ -197,6 +200,7 @@ pub struct RawHealth {
 impl Default for RawHealth {
     fn default() -> Self {
         RawHealth {
+            enabled: true,
             probe_interval: secs(30),
             probe_timeout: secs(5),
             hedge_after: secs(2),

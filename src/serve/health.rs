@@ -1,23 +1,46 @@
 //! `/health`: ncro 2.2's JSON shape (`status`, `upstreams[]` with url,
-//! status, latency_ms, consecutive_fails) plus fields operators asked for.
+//! status, latency_ms, consecutive_fails, in routing order) plus fields
+//! operators asked for: priority, whether `/nix-cache-info` answered,
+//! cooldown and in-flight counts, worker count and I/O driver.
 
 use serde_json::json;
 
+use crate::upstream::health::{HealthSnapshot, State};
 use crate::worker::WorkerCtx;
 
+/// ncro 2.2's overall status: `down` when every upstream is DOWN (and
+/// there is at least one), `degraded` when any is DOWN or DEGRADED.
+pub fn overall(snap: &HealthSnapshot) -> &'static str {
+    let states = || snap.entries.iter().map(|e| e.state);
+    if !snap.entries.is_empty() && states().all(|s| s == State::Down) {
+        "down"
+    } else if states().any(|s| s != State::Active) {
+        "degraded"
+    } else {
+        "ok"
+    }
+}
+
 pub fn render(ctx: &WorkerCtx) -> String {
-    let cfg = &ctx.shared.config;
-    let upstreams: Vec<_> = cfg
-        .upstreams
+    let set = &ctx.shared.upstreams;
+    let routing = &ctx.shared.routing;
+    let snap = routing.snapshot();
+    let now = std::time::Instant::now();
+    let upstreams: Vec<_> = snap
+        .order
         .iter()
-        .map(|u| {
-            json!({
-                "url": u.url,
-                "status": "ACTIVE",
-                "latency_ms": 0.0,
-                "consecutive_fails": 0,
+        .filter_map(|&i| {
+            let (u, e) = (set.get(i)?, snap.entries.get(i)?);
+            Some(json!({
+                "url": &*u.url,
+                "status": e.state.label(),
+                "latency_ms": e.ema_ms.unwrap_or(0.0),
+                "consecutive_fails": e.consecutive_fails,
                 "priority": u.priority,
-            })
+                "cache_info": e.cache_info,
+                "cooling_down": routing.limits.cooldowns.is_cooling(i, now),
+                "inflight": routing.limits.upstreams.get(i).map_or(0, |g| g.in_use()),
+            }))
         })
         .collect();
     let drivers: Vec<_> = ctx
@@ -28,11 +51,36 @@ pub fn render(ctx: &WorkerCtx) -> String {
         .map(|d| d.get().copied().unwrap_or("starting"))
         .collect();
     json!({
-        "status": "ok",
+        "status": overall(&snap),
         "upstreams": upstreams,
+        "races_in_flight": routing.limits.races.in_use(),
         "workers": drivers.len(),
         "driver": drivers.first().copied().unwrap_or("starting"),
         "version": env!("CARGO_PKG_VERSION"),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::health::UpstreamHealth;
+
+    fn snap(fails: &[u32]) -> HealthSnapshot {
+        let now = std::time::Instant::now();
+        let table: Vec<_> = fails
+            .iter()
+            .map(|&f| UpstreamHealth::restored(10.0, f, 1, now))
+            .collect();
+        HealthSnapshot::build(&vec![1; fails.len()], &table)
+    }
+
+    #[test]
+    fn overall_status_follows_ncro_22() {
+        assert_eq!(overall(&snap(&[])), "ok");
+        assert_eq!(overall(&snap(&[0, 2])), "ok");
+        assert_eq!(overall(&snap(&[0, 3])), "degraded");
+        assert_eq!(overall(&snap(&[0, 10])), "degraded");
+        assert_eq!(overall(&snap(&[10, 12])), "down");
+    }
 }

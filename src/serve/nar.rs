@@ -65,9 +65,10 @@ pub async fn serve(
         .routes
         .nar_upstream(key, unix_now())
         .and_then(|u| set.index_of(&u));
-    let mut order: Vec<usize> = (0..set.len()).filter(|&i| Some(i) != routed).collect();
-    order.sort_by_key(|&i| set.list[i].priority);
-    order.splice(0..0, routed);
+    let order = ctx
+        .shared
+        .routing
+        .nar_order(routed, std::time::Instant::now());
 
     let mut fwd: Vec<(&str, &[u8])> = Vec::with_capacity(4);
     for (name, v) in [
@@ -103,6 +104,9 @@ pub async fn serve(
             }
             Err(e) => {
                 transient = true;
+                ctx.shared
+                    .routing
+                    .failed(i, crate::serve::narinfo::fail_kind(&e));
                 tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
             }
         }

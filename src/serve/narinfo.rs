@@ -7,14 +7,16 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
+use crate::http::response::write_simple;
 use crate::metrics::ResolveResult;
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
 use crate::race::{
-    self, Attempt, AttemptResult, Candidate, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
+    self, Attempt, AttemptResult, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
 };
 use crate::route::{Cached, RouteEntry};
+use crate::serve::After;
 use crate::upstream::{filter, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
 
@@ -23,12 +25,28 @@ use crate::worker::{unix_now, WorkerCtx};
 pub enum Resolved {
     Found(Arc<RouteEntry>),
     Miss,
-    Unavailable { timed_out: bool },
+    Unavailable {
+        timed_out: bool,
+    },
+    /// The race queue was full (or the wait too long): 503 + Retry-After.
+    Overloaded,
 }
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
 pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
+    // A route to a DOWN upstream is raced again; it is still served when
+    // no other upstream gives a usable answer.
+    let mut stale = None;
     match ctx.shared.routes.get(&hash, unix_now()) {
+        Some(Cached::Hit(e))
+            if ctx
+                .shared
+                .routing
+                .route_is_down(&ctx.shared.upstreams, &e.upstream) =>
+        {
+            ctx.metrics.narinfo_cache_misses.inc();
+            stale = Some(e);
+        }
         Some(Cached::Hit(e)) => {
             ctx.metrics.narinfo_cache_hits.inc();
             return Resolved::Found(e);
@@ -43,7 +61,10 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     if role == race::Role::Joined {
         ctx.metrics.singleflight_waiters.inc();
     }
-    resolved
+    match (resolved, stale) {
+        (Resolved::Unavailable { .. } | Resolved::Overloaded, Some(e)) => Resolved::Found(e),
+        (resolved, _) => resolved,
+    }
 }
 
 /// How long a finished cross-worker flight's result may be handed to a
@@ -71,9 +92,16 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 // Another worker may have finished between our route-cache
                 // miss and taking the guard.
                 let resolved = match ctx.shared.routes.get(&hash, unix_now()) {
-                    Some(Cached::Hit(e)) => Resolved::Found(e),
+                    Some(Cached::Hit(e))
+                        if !ctx
+                            .shared
+                            .routing
+                            .route_is_down(&ctx.shared.upstreams, &e.upstream) =>
+                    {
+                        Resolved::Found(e)
+                    }
                     Some(Cached::Negative) => Resolved::Miss,
-                    None => resolve(ctx, hash).await,
+                    _ => resolve(ctx, hash).await,
                 };
                 // Waiters on other workers get the value from the guard;
                 // later misses consult the route table, not this entry.
@@ -88,31 +116,38 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
 /// Races the upstreams for `hash` and records the result in the route table.
 async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let set: Arc<UpstreamSet> = ctx.shared.upstreams.clone();
-    let candidates: Vec<Candidate> = set
-        .list
-        .iter()
-        .enumerate()
-        .map(|(i, u)| Candidate {
-            upstream: i,
-            priority: u.priority,
-        })
-        .collect();
+    let routing = &ctx.shared.routing;
+    let waited = std::time::Instant::now();
+    let _permit = match ctx.limits.race(&routing.limits).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(%hash, error = %e, "narinfo race refused");
+            return Resolved::Overloaded;
+        }
+    };
+    ctx.metrics.race_wait.observe_duration(waited.elapsed());
+    let plan = routing.plan_race(&set, std::time::Instant::now());
+    let candidates = &plan.candidates;
     let cfg = &ctx.shared.config;
     let race_cfg = RaceConfig {
         tier_deadline: cfg.timeouts.race_deadline,
-        hedge_after: Some(cfg.health.hedge_after),
+        hedge_after: Some(plan.hedge_after),
     };
     let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
     let fetch = |i: usize| {
         let set = set.clone();
         let path = path.clone();
         let client = ctx.client.clone();
-        async move { fetch_narinfo(&client, &set.list[i].origin, &path).await }
+        async move {
+            let _permit = ctx.limits.upstream(&routing.limits, i).await;
+            fetch_narinfo(&client, &set.list[i].origin, &path).await
+        }
     };
     let judge = |i: usize, body: &Bytes| judge(&set, i, hash, body);
     let mut answers = 0usize;
     let report = |i: usize, rep: &race::AttemptReport| {
         answers += 1;
+        routing.observe(i, rep);
         ctx.metrics.attempt(i, rep.result.label());
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
@@ -130,7 +165,7 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     };
     ctx.metrics.races.inc();
     let started = std::time::Instant::now();
-    let outcome = race::race(&candidates, &race_cfg, fetch, judge, report).await;
+    let outcome = race::race(candidates, &race_cfg, fetch, judge, report).await;
     ctx.metrics.race_latency.observe_duration(started.elapsed());
     let result = match outcome {
         Outcome::Found { .. } => ResolveResult::Success,
@@ -161,10 +196,22 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             ctx.shared.routes.insert(hash, entry.clone());
             Resolved::Found(entry)
         }
+        Outcome::Miss if plan.cooling_skipped => {
+            // An upstream sitting out a cooldown after a transport error
+            // was not asked: the 404s of the others are not the whole answer.
+            Resolved::Unavailable { timed_out: false }
+        }
         Outcome::Miss => {
+            // Upstreams left out (DOWN) may hold the path:
+            // such a miss is remembered only briefly.
+            let ttl = if plan.partial {
+                cfg.cache.in_memory_negative_ttl
+            } else {
+                cfg.cache.negative_ttl
+            };
             ctx.shared
                 .routes
-                .insert_negative(hash, now + cfg.cache.negative_ttl.as_secs());
+                .insert_negative(hash, now + ttl.as_secs().max(1));
             Resolved::Miss
         }
         Outcome::Unavailable { timed_out } => Resolved::Unavailable { timed_out },
@@ -267,5 +314,29 @@ pub fn status_of(r: &Resolved) -> u16 {
         Resolved::Miss => 404,
         Resolved::Unavailable { timed_out: true } => 504,
         Resolved::Unavailable { timed_out: false } => 502,
+        Resolved::Overloaded => 503,
+    }
+}
+
+/// Load shedding: 503 with `Retry-After: 1`. Nix treats 503 as transient
+/// and backs off (5 s base, honouring Retry-After) before asking again.
+pub fn write_overloaded(conn: &mut crate::serve::Conn, ctx: &WorkerCtx, keep: bool) -> After {
+    let date = ctx.date();
+    write_simple(
+        &mut conn.wbuf,
+        503,
+        keep,
+        false,
+        &date,
+        &[
+            ("Retry-After", b"1"),
+            ("Content-Type", b"text/plain; charset=utf-8"),
+        ],
+        b"too many lookups in flight; retry shortly\n",
+    );
+    if keep {
+        After::KeepAlive
+    } else {
+        After::Close
     }
 }

@@ -365,9 +365,19 @@ impl Launch<'_> {
     fn start(&self, config_toml: &str) -> Result<NcroProcess, HarnessError> {
         let mut table: toml::Table =
             toml::from_str(config_toml).map_err(|e| HarnessError::Config(e.to_string()))?;
+        // Health probes add requests and connections to every fake upstream,
+        // which would skew the counts most tests assert on; tests of health
+        // itself say `[health] enabled = true`.
+        let health = table
+            .entry("health")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(h) = health.as_table_mut() {
+            h.entry("enabled").or_insert(toml::Value::Boolean(false));
+        }
         let wanted = listen_addr(&table)?;
         if wanted.port() != 0 {
-            return self.spawn(config_toml, wanted);
+            let text = toml::to_string(&table).map_err(|e| HarnessError::Config(e.to_string()))?;
+            return self.spawn(&text, wanted);
         }
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {

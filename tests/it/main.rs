@@ -17,12 +17,14 @@
 //! - [`bench`]: `ncro bench upstream`, `run` and `local` as real processes.
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
+//! - [`health`]: health probing, routing order, cooldowns and limits.
 
 mod bench;
 mod cli;
 mod e2e_nix;
 mod fake;
 mod harness;
+mod health;
 mod logging;
 mod metrics;
 mod nar;

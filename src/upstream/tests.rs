@@ -1,0 +1,192 @@
+use super::*;
+use crate::race::{AttemptReport, AttemptResult, FailKind};
+use health::UpstreamHealth;
+
+/// Three upstreams: `a` (priority 1, denies names starting with "secret"),
+/// `b` and `c` (priority 2).
+fn setup() -> (Config, UpstreamSet) {
+    let toml = "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\npriority = 1\n\
+        [[upstreams.filters]]\naction = \"deny\"\npattern = \"secret*\"\n\
+        [[upstreams]]\nurl = \"http://127.0.0.1:2\"\npriority = 2\n\
+        [[upstreams]]\nurl = \"http://127.0.0.1:3\"\npriority = 2\n";
+    let cfg = Config::from_toml(
+        toml,
+        crate::config::Source::Embedded,
+        "t",
+        &crate::config::env::MapEnv::new(&[]),
+    )
+    .expect("config");
+    let (set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    (cfg, set)
+}
+
+/// A snapshot where upstream `i` has `fails[i]` consecutive failures and
+/// EMA `emas[i]`.
+fn snapshot(set: &UpstreamSet, fails: &[u32], emas: &[f64]) -> HealthSnapshot {
+    let now = Instant::now();
+    let table: Vec<_> = fails
+        .iter()
+        .zip(emas)
+        .map(|(&f, &e)| UpstreamHealth::restored(e, f, 1, now))
+        .collect();
+    HealthSnapshot::build(&set.priorities(), &table)
+}
+
+fn routing(fails: &[u32], emas: &[f64]) -> (Routing, UpstreamSet, flume::Receiver<Sample>) {
+    let (cfg, set) = setup();
+    let (r, rx) = Routing::new(&set, &cfg, snapshot(&set, fails, emas));
+    (r, set, rx)
+}
+
+fn upstreams(plan: &RacePlan) -> Vec<usize> {
+    plan.candidates.iter().map(|c| c.upstream).collect()
+}
+
+#[test]
+fn races_skip_down_upstreams_unless_all_are_down() {
+    let (r, set, _rx) = routing(&[0, 0, 10], &[10.0, 20.0, 5.0]);
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(upstreams(&plan), [0, 1]);
+    assert!(plan.partial);
+    r.publish(snapshot(&set, &[10, 10, 10], &[10.0, 20.0, 5.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(
+        upstreams(&plan),
+        [0, 2, 1],
+        "everyone, in tier and EMA order"
+    );
+    assert!(!plan.partial, "every upstream was asked");
+}
+
+#[test]
+fn cooling_upstreams_skip_races_until_all_are_cooling() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[10.0, 20.0, 30.0]);
+    let now = Instant::now();
+    let failed = AttemptReport {
+        result: AttemptResult::Failed(FailKind::Connect),
+        latency: Duration::ZERO,
+    };
+    r.observe(1, &failed);
+    let plan = r.plan_race(&set, now);
+    assert_eq!(upstreams(&plan), [0, 2]);
+    assert!(plan.partial);
+    // A 5xx is an answer, not a transport failure: no cooldown.
+    r.failed(2, FailKind::Status5xx(502));
+    assert_eq!(upstreams(&r.plan_race(&set, now)), [0, 2]);
+    r.failed(0, FailKind::Timeout);
+    r.failed(2, FailKind::Reset);
+    assert_eq!(
+        upstreams(&r.plan_race(&set, now)),
+        [0, 1, 2],
+        "all cooling: ask all"
+    );
+}
+
+#[test]
+fn hedge_delay_comes_from_the_first_tier() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[40.0, 900.0, 900.0]);
+    assert_eq!(
+        r.plan_race(&set, Instant::now()).hedge_after,
+        Duration::from_millis(120)
+    );
+    // With tier 1 DOWN, tier 2 leads and sets the delay (capped at 2 s).
+    r.publish(snapshot(&set, &[10, 0, 0], &[40.0, 900.0, 900.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(plan.hedge_after, Duration::from_secs(2));
+}
+
+#[test]
+fn winners_latencies_reach_the_control_thread() {
+    let (r, _set, rx) = routing(&[0, 0, 0], &[1.0, 1.0, 1.0]);
+    let won = AttemptReport {
+        result: AttemptResult::Accepted,
+        latency: Duration::from_millis(7),
+    };
+    r.observe(2, &won);
+    let s = rx.try_recv().expect("a sample");
+    assert_eq!((s.upstream, s.latency), (2, Duration::from_millis(7)));
+    for _ in 0..SAMPLE_QUEUE + 10 {
+        r.observe(0, &won); // never blocks, even with nobody reading
+    }
+    assert_eq!(rx.len(), SAMPLE_QUEUE);
+}
+
+#[test]
+fn nar_order_puts_the_routed_upstream_first_and_cooling_ones_last() {
+    let (r, _set, _rx) = routing(&[0, 0, 0], &[10.0, 30.0, 20.0]);
+    let now = Instant::now();
+    assert_eq!(r.nar_order(None, now), [0, 2, 1]);
+    assert_eq!(r.nar_order(Some(1), now), [1, 0, 2]);
+    r.failed(1, FailKind::Connect);
+    assert_eq!(r.nar_order(Some(1), now), [0, 2, 1]);
+}
+
+#[test]
+fn routes_to_down_upstreams_are_noticed_cheaply() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[1.0, 1.0, 1.0]);
+    assert!(!r.route_is_down(&set, "http://127.0.0.1:1"));
+    r.publish(snapshot(&set, &[10, 0, 0], &[1.0, 1.0, 1.0]));
+    assert!(r.route_is_down(&set, "http://127.0.0.1:1"));
+    assert!(!r.route_is_down(&set, "http://127.0.0.1:2"));
+    assert!(!r.route_is_down(&set, "http://unknown"));
+    assert_eq!(
+        r.nar_order(Some(0), Instant::now()),
+        [1, 2],
+        "DOWN left out"
+    );
+    // Everything DOWN: serving a cached route beats racing nobody.
+    r.publish(snapshot(&set, &[10, 10, 10], &[1.0, 1.0, 1.0]));
+    assert!(!r.route_is_down(&set, "http://127.0.0.1:1"));
+}
+
+fn route(upstream: &str, name: &str) -> Arc<RouteEntry> {
+    let narinfo = format!(
+        "StorePath: /nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-{name}\nURL: nar/x.nar\n\
+         NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\nNarSize: 5\n"
+    );
+    Arc::new(RouteEntry {
+        upstream: upstream.into(),
+        narinfo: narinfo.into(),
+        nar_url: "nar/x.nar".into(),
+        nar_hash: "".into(),
+        nar_size: 5,
+        expires_at: u64::MAX,
+        verified_at: 0,
+        latency_ms: 1.0,
+    })
+}
+
+#[test]
+fn loaded_routes_are_checked_against_the_current_config() {
+    let (_cfg, set) = setup();
+    let hash = |c: u8| StoreHash::parse(&[c; 32]).expect("hash");
+    let mut routes = vec![
+        (hash(b'0'), route("http://127.0.0.1:1", "hello")),
+        (hash(b'1'), route("http://127.0.0.1:1", "secret-key")),
+        (hash(b'2'), route("http://127.0.0.1:2", "secret-key")),
+        (hash(b'3'), route("http://removed", "hello")),
+    ];
+    let dropped = set.recheck_routes(&mut routes);
+    assert_eq!(dropped, [hash(b'1'), hash(b'3')]);
+    let kept: Vec<_> = routes.iter().map(|(h, _)| *h).collect();
+    assert_eq!(kept, [hash(b'0'), hash(b'2')], "filters are per upstream");
+}
+
+/// Not a timed assertion: prints what planning one race costs (snapshot
+/// load, cooldown checks, candidate list, hedge delay) for 3 upstreams.
+#[test]
+#[ignore]
+fn plan_cost() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[10.0, 30.0, 20.0]);
+    const N: u32 = 1_000_000;
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(r.plan_race(&set, Instant::now()));
+    }
+    println!("plan_race, 3 upstreams: {:?}", started.elapsed() / N);
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(r.route_is_down(&set, "http://127.0.0.1:2"));
+    }
+    println!("route_is_down, nothing DOWN: {:?}", started.elapsed() / N);
+}
