@@ -226,6 +226,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         resolver.clone(),
         tls.clone(),
     );
+    install_health_metrics(&metrics, &routing, &upstreams);
     let shared = Arc::new(SharedState {
         cache_info: crate::proto::cache_info::render(
             crate::proto::store_path::STORE_DIR,
@@ -308,6 +309,33 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("ncro stopped");
     Ok(())
+}
+
+/// `/metrics` reads upstream health from the published snapshot.
+fn install_health_metrics(
+    metrics: &Metrics,
+    routing: &Arc<crate::upstream::Routing>,
+    set: &Arc<UpstreamSet>,
+) {
+    use crate::metrics::{HealthSample, HealthState};
+    use crate::upstream::health::State;
+    let (routing, set) = (routing.clone(), set.clone());
+    let source: crate::metrics::HealthSource = Box::new(move |url| {
+        let i = set.index_of(url)?;
+        let snap = routing.snapshot();
+        let e = snap.entries.get(i)?;
+        let state = match e.state {
+            State::Active => HealthState::Active,
+            State::Degraded => HealthState::Degraded,
+            State::Down => HealthState::Down,
+        };
+        Some(HealthSample {
+            state,
+            ema: e.ema_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            consecutive_failures: e.consecutive_fails,
+        })
+    });
+    let _ = metrics.health.set(source); // set once, at start
 }
 
 type Writer = Option<(WriterHandle, std::thread::JoinHandle<()>)>;

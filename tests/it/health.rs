@@ -266,6 +266,11 @@ fn a_down_upstream_comes_back_after_it_recovers() {
     );
     let ncro = NcroProcess::start(&cfg);
     wait_state(&ncro, &dead.url(), "DOWN");
+    let metrics = ncro.get("/metrics").text();
+    for (url, state) in [(dead.url(), "down"), (other.url(), "active")] {
+        let line = format!("ncro_upstream_health_state{{upstream=\"{url}\",state=\"{state}\"}} 1");
+        assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
+    }
     let asked = narinfo_requests(&dead);
     for _ in 0..5 {
         let (status, _) = timed_get(&ncro, &format!("/{}.narinfo", random_hash()));
