@@ -71,7 +71,7 @@ for r in $(seq "$ROUNDS"); do
       else
         lt_wrk "ncro-c$c-r$r" "http://127.0.0.1:$NCPORT" "$W/list.txt" "$c" "$DUR" "$NCRO_PID" >/dev/null
       fi
-      tail -1 "$RUN/records.txt" | cut -d' ' -f1-8,12-14 >&2
+      tail -1 "$RUN/records.txt" | cut -d' ' -f1-8,12-13,19 >&2
     done
   done
 done

@@ -90,6 +90,10 @@ lt_sys() { awk '/^cpu /{print $2+$3+$4+$7+$8, $9, $2+$3+$4+$5+$6+$7+$8+$9}' /pro
 
 lt_load1() { cut -d' ' -f1 /proc/loadavg; }
 
+# ksoftirqd threads: under load, loopback packet processing of our own
+# traffic moves there, so it is reported apart from other tenants.
+LT_KSOFTIRQ=$(ps -eo pid=,comm= | awk '$2 ~ /^ksoftirqd\// {printf "%s ", $1}')
+
 # CPU busy % of the whole machine over $1 seconds.
 lt_busy_pct() {
   local b0 s0 a0 b1 s1 a1
@@ -198,20 +202,20 @@ lt_machine() {
 # prints one key=value record (also appended to records.txt).
 lt_wrk() {
   local label=$1 url=$2 list=$3 conns=$4 dur=$5 spids=$6 upids=${7:-} ulog=${8:-}
-  local out="$RUN/raw/$label.txt" s0 s1 u0 u1 b0 st0 a0 b1 st1 a1 t0 t1 c l0 ul0=0 ul1=0
+  local out="$RUN/raw/$label.txt" s0 s1 u0 u1 k0 k1 b0 st0 a0 b1 st1 a1 t0 t1 c l0 ul0=0 ul1=0
   l0=$(lt_load1)
   [ -n "$ulog" ] && ul0=$(cat $ulog 2>/dev/null | wc -l)
   printf 'taskset -c 1 wrk -t1 -c%s -d%s --latency -s loadtest/rotate.lua %s -- %s 1\n' \
     "$conns" "$dur" "$url" "$list" >> "$RUN/commands.txt"
-  s0=$(lt_ticks "$spids"); u0=$(lt_ticks "$upids"); read -r b0 st0 a0 < <(lt_sys)
+  s0=$(lt_ticks "$spids"); u0=$(lt_ticks "$upids"); k0=$(lt_ticks "$LT_KSOFTIRQ"); read -r b0 st0 a0 < <(lt_sys)
   t0=$(date +%s.%N)
   c=$(lt_on_cpu1 wrk -t1 -c"$conns" -d"$dur" --latency -s "$LT_DIR/rotate.lua" "$url" -- "$list" 1 \
         3>&1 > "$out" 2>&1) || echo "wrk exited non-zero" >> "$out"
   t1=$(date +%s.%N)
-  s1=$(lt_ticks "$spids"); u1=$(lt_ticks "$upids"); read -r b1 st1 a1 < <(lt_sys)
+  s1=$(lt_ticks "$spids"); u1=$(lt_ticks "$upids"); k1=$(lt_ticks "$LT_KSOFTIRQ"); read -r b1 st1 a1 < <(lt_sys)
   [ -n "$ulog" ] && ul1=$(cat $ulog 2>/dev/null | wc -l)
   awk -v label="$label" -v conns="$conns" -v dur="$dur" -v t0="$t0" -v t1="$t1" -v hz="$LT_HZ" \
-      -v s="$((s1 - s0))" -v u="$((u1 - u0))" -v c="${c:-0}" -v b="$((b1 - b0))" -v st="$((st1 - st0))" \
+      -v s="$((s1 - s0))" -v u="$((u1 - u0))" -v c="${c:-0}" -v b="$((b1 - b0))" -v st="$((st1 - st0))" -v k="$((k1 - k0))" \
       -v l0="$l0" -v ureq="$((ul1 - ul0))" '
     /^Requests\/sec/ {rps = $2}
     /requests in/ {reqs = $1}
@@ -220,10 +224,10 @@ lt_wrk() {
     /^latency_ms/ {for (i = 2; i <= NF; i++) {split($i, kv, "="); lat[kv[1]] = kv[2]}}
     END {
       el = t1 - t0; scpu = s / hz; ucpu = u / hz; ccpu = c / hz; busy = b / hz
-      other = busy - scpu - ucpu - ccpu; if (other < 0) other = 0
-      printf "label=%s conns=%d dur=%s elapsed_s=%.2f requests=%d rps=%.0f p50_ms=%s p99_ms=%s max_ms=%s non2xx=%d sockerr=%s server_cpu_s=%.2f us_cpu_per_req=%.2f upstream_cpu_s=%.2f upstream_reqs=%d client_cpu_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f load1_before=%s\n",
+      ksirq = k / hz; other = busy - scpu - ucpu - ccpu - ksirq; if (other < 0) other = 0
+      printf "label=%s conns=%d dur=%s elapsed_s=%.2f requests=%d rps=%.0f p50_ms=%s p99_ms=%s max_ms=%s non2xx=%d sockerr=%s server_cpu_s=%.2f us_cpu_per_req=%.2f upstream_cpu_s=%.2f upstream_reqs=%d client_cpu_s=%.2f ksoftirqd_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f load1_before=%s\n",
         label, conns, dur, el, reqs, rps, lat["p50"], lat["p99"], lat["max"], non2xx + 0, (err == "" ? "none" : err),
-        scpu, (reqs > 0 ? 1e6 * scpu / reqs : 0), ucpu, ureq, ccpu, busy, other, st / hz, l0
+        scpu, (reqs > 0 ? 1e6 * scpu / reqs : 0), ucpu, ureq, ccpu, ksirq, busy, other, st / hz, l0
     }' "$out" | tee -a "$RUN/records.txt"
 }
 
@@ -340,33 +344,37 @@ lt_threads_max() {
 # lt_curl LABEL URL STREAMS REPS "SERVER_PIDS" "UPSTREAM_PIDS" SIZE [THREADS_PID]
 # STREAMS concurrent curls on CPU 1, each downloading URL REPS times over
 # one keep-alive connection to /dev/null. Prints one key=value record
-# (appended to records.txt): aggregate MB/s = bytes / wall time of the batch.
+# (appended to records.txt): aggregate MB/s = bytes / wall time of the batch;
+# all_cpu_s_per_GB = proxy + upstream + clients + ksoftirqd CPU per GB (on
+# loopback the kernel charges the receive copy to whichever side runs it,
+# so only this total compares relay modes fully).
 lt_curl() {
   local label=$1 url=$2 n=$3 reps=$4 spids=$5 upids=$6 size=$7 tpid=${8:-}
-  local out="$RUN/raw/$label.txt" s0 s1 u0 u1 b0 st0 a0 b1 st1 a1 t0 t1 c l0 i tmax=- script
+  local out="$RUN/raw/$label.txt" s0 s1 u0 u1 k0 k1 b0 st0 a0 b1 st1 a1 t0 t1 c l0 i tmax=- script
   l0=$(lt_load1)
   script='for i in $(seq "$1"); do curl -s -w "%{http_code} %{size_download} %{speed_download} %{time_total}\n" $(for j in $(seq "$2"); do printf -- "-o /dev/null %s " "$3"; done) & done; wait'
   printf 'taskset -c 1 bash -c %q nar %s %s %s\n' "$script" "$n" "$reps" "$url" >> "$RUN/commands.txt"
   [ -n "$tpid" ] && lt_threads_max "$tpid" "$W/threads.max"
-  s0=$(lt_ticks "$spids"); u0=$(lt_ticks "$upids"); read -r b0 st0 a0 < <(lt_sys)
+  s0=$(lt_ticks "$spids"); u0=$(lt_ticks "$upids"); k0=$(lt_ticks "$LT_KSOFTIRQ"); read -r b0 st0 a0 < <(lt_sys)
   t0=$(date +%s.%N)
   c=$(lt_on_cpu1 bash -c "$script" nar "$n" "$reps" "$url" 3>&1 > "$out" 2>&1)
   t1=$(date +%s.%N)
-  s1=$(lt_ticks "$spids"); u1=$(lt_ticks "$upids"); read -r b1 st1 a1 < <(lt_sys)
+  s1=$(lt_ticks "$spids"); u1=$(lt_ticks "$upids"); k1=$(lt_ticks "$LT_KSOFTIRQ"); read -r b1 st1 a1 < <(lt_sys)
   if [ -n "$tpid" ]; then
     kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true
     tmax=$(cat "$W/threads.max")
   fi
   awk -v label="$label" -v n="$n" -v reps="$reps" -v size="$size" -v t0="$t0" -v t1="$t1" -v hz="$LT_HZ" \
-      -v s="$((s1 - s0))" -v u="$((u1 - u0))" -v c="${c:-0}" -v b="$((b1 - b0))" -v st="$((st1 - st0))" \
+      -v s="$((s1 - s0))" -v u="$((u1 - u0))" -v c="${c:-0}" -v b="$((b1 - b0))" -v st="$((st1 - st0))" -v k="$((k1 - k0))" \
       -v l0="$l0" -v tmax="$tmax" '
     {bytes += $2; xfers++; if ($1 != 200 || $2 != size) bad++
      sp = $3 / 1e6; if (xfers == 1 || sp < mn) mn = sp; if (sp > mx) mx = sp}
     END {
       el = t1 - t0; gb = bytes / 1e9; scpu = s / hz; ucpu = u / hz; ccpu = c / hz; busy = b / hz
-      other = busy - scpu - ucpu - ccpu; if (other < 0) other = 0
-      printf "label=%s streams=%d transfers=%d bad=%d bytes=%.0f wall_s=%.3f MBps=%.0f stream_MBps=%.0f..%.0f server_cpu_s=%.2f cpu_s_per_GB=%.3f upstream_cpu_s=%.2f up_cpu_s_per_GB=%.3f client_cpu_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f max_threads=%s load1_before=%s\n",
+      ksirq = k / hz; other = busy - scpu - ucpu - ccpu - ksirq; if (other < 0) other = 0
+      printf "label=%s streams=%d transfers=%d bad=%d bytes=%.0f wall_s=%.3f MBps=%.0f stream_MBps=%.0f..%.0f server_cpu_s=%.2f cpu_s_per_GB=%.3f upstream_cpu_s=%.2f up_cpu_s_per_GB=%.3f client_cpu_s=%.2f ksoftirqd_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f max_threads=%s load1_before=%s all_cpu_s_per_GB=%.3f\n",
         label, n, xfers, bad + (xfers != n * reps), bytes, el, bytes / 1e6 / el, mn, mx, scpu, (gb > 0 ? scpu / gb : 0),
-        ucpu, (gb > 0 ? ucpu / gb : 0), ccpu, busy, other, st / hz, tmax, l0
+        ucpu, (gb > 0 ? ucpu / gb : 0), ccpu, ksirq, busy, other, st / hz, tmax, l0,
+        (gb > 0 ? (scpu + ucpu + ccpu + ksirq) / gb : 0)
     }' "$out" | tee -a "$RUN/records.txt"
 }

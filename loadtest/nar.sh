@@ -125,8 +125,8 @@ for r in $(seq "$ROUNDS"); do
   for t in $order; do
     if [ "$t" = direct ]; then sp=""; tp=""; else sp=${PID[$t]}; tp=${PID[$t]}; fi
     url="http://127.0.0.1:${PORT[$t]}$BIG_NAR"
-    lt_curl "$t-s1-r$r" "$url" 1 "$SINGLE_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,15 >&2
-    lt_curl "$t-s$STREAMS-r$r" "$url" "$STREAMS" "$MULTI_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,15,17 >&2
+    lt_curl "$t-s1-r$r" "$url" 1 "$SINGLE_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,16 >&2
+    lt_curl "$t-s$STREAMS-r$r" "$url" "$STREAMS" "$MULTI_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,16,18 >&2
     if [ -n "$SMALL_DUR" ]; then
       lt_wrk "$t-small-r$r" "http://127.0.0.1:${PORT[$t]}" "$W/small.txt" 16 "$SMALL_DUR" "$sp" "$NGPIDS" \
         | cut -d' ' -f1,6-8,12-13 >&2
@@ -159,17 +159,18 @@ ratio_cell() { # A B KIND KEY
   echo "(includes io-wq threads). Medians with (min–max) over rounds."
   echo "Quiet check before the batch: $(tail -1 "$RUN/load.txt")"
   echo
-  echo "| target | 1 stream MB/s | CPU s/GB | $STREAMS streams MB/s | CPU s/GB | max threads | small req/s | p99 ms | CPU µs/req |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| target | 1 stream MB/s | proxy CPU s/GB | all CPU s/GB | $STREAMS streams MB/s | proxy CPU s/GB | all CPU s/GB | max threads | small req/s | p99 ms | proxy CPU µs/req |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
   for t in $TARGETS; do
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
-      "$(lt_stat "^$t-s1-r" MBps)" "$(lt_stat "^$t-s1-r" cpu_s_per_GB)" \
-      "$(lt_stat "^$t-s$STREAMS-r" MBps)" "$(lt_stat "^$t-s$STREAMS-r" cpu_s_per_GB)" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
+      "$(lt_stat "^$t-s1-r" MBps)" "$(lt_stat "^$t-s1-r" cpu_s_per_GB)" "$(lt_stat "^$t-s1-r" all_cpu_s_per_GB)" \
+      "$(lt_stat "^$t-s$STREAMS-r" MBps)" "$(lt_stat "^$t-s$STREAMS-r" cpu_s_per_GB)" "$(lt_stat "^$t-s$STREAMS-r" all_cpu_s_per_GB)" \
       "$(lt_stat "^$t-s$STREAMS-r" max_threads)" \
       "$(lt_stat "^$t-small-r" rps)" "$(lt_stat "^$t-small-r" p99_ms)" "$(lt_stat "^$t-small-r" us_cpu_per_req)"
   done
   echo
-  echo "For direct, \"CPU\" is 0 (no proxy); nginx's own CPU is up_cpu_s_per_GB in records.txt."
+  echo "proxy CPU: ncro's own (0 for direct). all CPU: ncro + nginx + clients + ksoftirqd per GB, the fair"
+  echo "total on loopback, where the kernel charges the receive-side copy to whichever process runs it."
   echo
   echo "Ratios, median (per round):"
   echo
@@ -177,8 +178,10 @@ ratio_cell() { # A B KIND KEY
   echo "|---|---|---|---|---|---|"
   for t in $TARGETS; do
     [ "$t" = direct ] && continue
-    printf '| %s / direct | %s | – | %s | – | %s |\n' "$t" \
-      "$(ratio_cell direct "$t" s1 MBps)" "$(ratio_cell direct "$t" "s$STREAMS" MBps)" "$(ratio_cell direct "$t" small rps)"
+    printf '| %s / direct | %s | all: %s | %s | all: %s | %s |\n' "$t" \
+      "$(ratio_cell direct "$t" s1 MBps)" "$(ratio_cell direct "$t" s1 all_cpu_s_per_GB)" \
+      "$(ratio_cell direct "$t" "s$STREAMS" MBps)" "$(ratio_cell direct "$t" "s$STREAMS" all_cpu_s_per_GB)" \
+      "$(ratio_cell direct "$t" small rps)"
   done
   for d in uring epoll; do
     case " $TARGETS " in *" $d-copy "*" $d-splice "*) ;; *) continue ;; esac

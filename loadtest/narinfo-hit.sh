@@ -111,7 +111,7 @@ for r in $(seq "$ROUNDS"); do
       else
         lt_wrk "ncro-c$c-r$r" "http://127.0.0.1:$NCPORT" "$L" "$c" "$DUR" "$NCRO_PID" "$NGPIDS" "$W/upstream.log" >/dev/null
       fi
-      tail -1 "$RUN/records.txt" | cut -d' ' -f1-8,12-16,19 >&2
+      tail -1 "$RUN/records.txt" | cut -d' ' -f1-8,12-17,19 >&2
     done
   done
 done
