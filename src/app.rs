@@ -148,25 +148,6 @@ pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
     }
 }
 
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-mask calls on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` holds the signals blocked in every thread.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
-}
-
 /// A panic anywhere in a serving process is a bug that may have left shared
 /// state half-updated: log it and abort so the service manager restarts a
 /// clean process, rather than limping on with a dead worker.
@@ -186,7 +167,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // starts, so every thread inherits the mask and only sigwait below
     // takes them. A thread started earlier would keep the default action,
     // and a second SIGTERM during the drain would kill the process there.
-    let sigset = block_signals();
+    let sigset = crate::signals::block();
     let cfg = Arc::new(cfg);
     // First, while no other thread exists: it unsets the LISTEN_* variables.
     let inherited = crate::systemd::take_listener()?;
@@ -289,7 +270,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let status = format!("serving on {addr} with {} workers", workers.len());
     systemd.ready(&status, workers_alive(&workers));
-    let sig = wait_signal(&sigset);
+    let sig = crate::signals::wait(&sigset, None).unwrap_or(libc::SIGTERM);
     tracing::info!(
         signal = if sig == libc::SIGTERM {
             "SIGTERM"

@@ -153,7 +153,7 @@ fn upstream_command(a: &UpstreamArgs) -> Result<i32, BenchError> {
         },
     };
     // Before any thread starts, so only the sigwait below sees them.
-    let signals = signals::block();
+    let signals = crate::signals::block();
     let server = upstream::start(Arc::new(data), cfg.clone())?;
     let mut out = std::io::stdout().lock();
     // A closed stdout must not stop the server; the lines are informational.
@@ -173,48 +173,7 @@ fn upstream_command(a: &UpstreamArgs) -> Result<i32, BenchError> {
     );
     let _ = out.flush();
     drop(out);
-    signals::wait(&signals, a.run_for);
+    let _ = crate::signals::wait(&signals, a.run_for); // a signal or the end of --for: stop either way
     server.stop();
     Ok(0)
-}
-
-/// SIGINT/SIGTERM handling for the long-running bench commands.
-pub(crate) mod signals {
-    use std::time::Duration;
-
-    /// Blocks SIGINT and SIGTERM in this thread (and threads it starts later).
-    pub fn block() -> libc::sigset_t {
-        // SAFETY: plain libc signal-mask calls on a local set.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        }
-    }
-
-    /// Waits for one of the blocked signals, or until `limit` passes.
-    pub fn wait(set: &libc::sigset_t, limit: Option<Duration>) {
-        let deadline = limit.map(|d| std::time::Instant::now() + d);
-        loop {
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
-                return;
-            }
-            let ts = left.map(|l| libc::timespec {
-                tv_sec: l.as_secs() as libc::time_t,
-                tv_nsec: l.subsec_nanos() as libc::c_long,
-            });
-            let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const _);
-            // SAFETY: `set` holds blocked signals; `ts_ptr` is null or
-            // points at a live timespec.
-            let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), ts_ptr) };
-            if r > 0 {
-                return;
-            }
-            // EINTR: retry; EAGAIN: the deadline check above returns.
-        }
-    }
 }

@@ -24,6 +24,7 @@
 //! | [`control`] | COLD | control core (its own monoio runtime): health probes; publishes the health snapshot |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 //! | [`systemd`] | COLD | socket activation, sd_notify, watchdog |
+//! | [`signals`] | COLD | SIGTERM/SIGINT masking and waiting |
 //! | [`bench`] | COLD | `ncro bench`: load generator, synthetic upstream, local demo |
 
 pub mod app;
@@ -37,6 +38,7 @@ pub mod proto;
 pub mod race;
 pub mod route;
 pub mod serve;
+pub mod signals;
 pub mod systemd;
 pub mod upstream;
 pub mod worker;

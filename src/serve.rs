@@ -191,39 +191,18 @@ impl Conn {
         let path = req.path;
         if path == "/nix-cache-info" {
             ctx.metrics.cache_info_requests.inc();
-            let date = ctx.date();
             let body = ctx.shared.cache_info.clone();
-            write_simple(
-                &mut self.wbuf,
-                200,
-                keep,
-                head,
-                &date,
-                &[("Content-Type", b"text/x-nix-cache-info")],
-                &body,
-            );
+            self.ok(ctx, keep, head, b"text/x-nix-cache-info", &body);
         } else if path == "/health" {
             let body = health::render(ctx);
-            let date = ctx.date();
-            write_simple(
-                &mut self.wbuf,
-                200,
-                keep,
-                head,
-                &date,
-                &[("Content-Type", b"application/json")],
-                body.as_bytes(),
-            );
+            self.ok(ctx, keep, head, b"application/json", body.as_bytes());
         } else if path == "/metrics" {
             let body = ctx.shared.metrics.render();
-            let date = ctx.date();
-            write_simple(
-                &mut self.wbuf,
-                200,
+            self.ok(
+                ctx,
                 keep,
                 head,
-                &date,
-                &[("Content-Type", b"text/plain; version=0.0.4")],
+                b"text/plain; version=0.0.4",
                 body.as_bytes(),
             );
         } else if let Some(name) = path
@@ -317,6 +296,20 @@ impl Conn {
         if let Some(mark) = self.access.take() {
             mark.finish(ctx.index, method, path, &self.wbuf);
         }
+    }
+
+    /// Buffers a 200 response with an in-memory body.
+    fn ok(&mut self, ctx: &WorkerCtx, keep: bool, head: bool, content_type: &[u8], body: &[u8]) {
+        let date = ctx.date();
+        write_simple(
+            &mut self.wbuf,
+            200,
+            keep,
+            head,
+            &date,
+            &[("Content-Type", content_type)],
+            body,
+        );
     }
 
     /// Buffers a small plain-text error response.
