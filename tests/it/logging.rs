@@ -214,12 +214,21 @@ fn debug_access_log_has_one_line_per_request() {
     hits(&ncro, &p, 20);
     assert_eq!(ncro.get(&f.path.nar_request_path()).status, 200);
     assert_eq!(ncro.get("/nope").status, 404);
-    let out = ncro.stdout();
-    let access: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "ncro::access")
-        .collect();
+    // A request is logged once its handler returns, which for the NAR can be
+    // a moment after the client has read the last byte: poll, bounded.
+    let access_lines = |out: &str| -> Vec<serde_json::Value> {
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "ncro::access")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut out = ncro.stdout();
+    while access_lines(&out).len() < 22 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = ncro.stdout();
+    }
+    let access = access_lines(&out);
     assert_eq!(access.len(), 22, "{out}");
     let narinfo = access.iter().filter(|v| v["fields"]["path"] == p.as_str());
     assert_eq!(narinfo.clone().count(), 20);
