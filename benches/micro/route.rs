@@ -1,0 +1,94 @@
+//! A route-cache hit: `RouteTable::get` (sharded quick_cache, expiry
+//! check) against the simplest shared map, a `Mutex<HashMap>` with the same
+//! key and value types. With two threads the mutex is contended on every
+//! lookup; the sharded cache mostly is not.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use bytes::Bytes;
+use divan::{black_box, Bencher};
+use ncro::proto::store_path::StoreHash;
+use ncro::route::{Cached, RouteEntry, RouteTable};
+
+/// Routes held: a warm cache for a mid-sized build farm.
+const ROUTES: usize = 10_000;
+const NOW: u64 = 1_700_000_000;
+
+struct Fixture {
+    hashes: Vec<StoreHash>,
+    table: RouteTable,
+    mutex_map: Mutex<HashMap<StoreHash, Arc<RouteEntry>>>,
+}
+
+static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
+    let upstream: Arc<str> = Arc::from("https://cache.nixos.org");
+    let table = RouteTable::new(ROUTES * 2, None);
+    let mut map = HashMap::with_capacity(ROUTES);
+    let mut hashes = Vec::with_capacity(ROUTES);
+    for i in 0..ROUTES as u64 {
+        let text = crate::fake_base32(i + 1000, 32);
+        let hash = StoreHash::parse(text.as_bytes()).expect("fake hash is base32");
+        let entry = Arc::new(entry(&upstream, &text));
+        table.insert(hash, entry.clone());
+        map.insert(hash, entry);
+        hashes.push(hash);
+    }
+    Fixture {
+        hashes,
+        table,
+        mutex_map: Mutex::new(map),
+    }
+});
+
+fn entry(upstream: &Arc<str>, hash: &str) -> RouteEntry {
+    RouteEntry {
+        upstream: upstream.clone(),
+        narinfo: Bytes::from(format!("StorePath: /nix/store/{hash}-x\n")),
+        nar_url: format!("nar/{hash}.nar.xz").into(),
+        nar_hash: format!("sha256:{hash}").into(),
+        nar_size: 1024,
+        expires_at: u64::MAX,
+        verified_at: NOW,
+        latency_ms: 12.5,
+    }
+}
+
+thread_local! {
+    static NEXT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The next key for this thread. A prime stride walks every route in an
+/// order unrelated to insertion; it runs outside the timed section.
+fn next_hash() -> StoreHash {
+    let f = &*FIXTURE;
+    NEXT.with(|n| {
+        let i = (n.get() + 7919) % f.hashes.len();
+        n.set(i);
+        f.hashes[i]
+    })
+}
+
+#[divan::bench(threads = [1, 2])]
+fn ncro(bencher: Bencher) {
+    let table = &FIXTURE.table;
+    bencher
+        .with_inputs(next_hash)
+        .bench_refs(|hash| match table.get(black_box(hash), NOW) {
+            Some(Cached::Hit(e)) => e,
+            _ => panic!("every benched hash was inserted"),
+        });
+}
+
+#[divan::bench(threads = [1, 2])]
+fn baseline_mutex_hashmap(bencher: Bencher) {
+    let map = &FIXTURE.mutex_map;
+    bencher.with_inputs(next_hash).bench_refs(|hash| {
+        let guard = map.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .get(black_box(hash))
+            .cloned()
+            .expect("every benched hash was inserted")
+    });
+}
