@@ -9,7 +9,7 @@ Host: ncro:8080\r\n\
 User-Agent: curl/8.7.1 Nix/2.24.10\r\n\
 Accept: */*\r\n\r\n";
 
-#[divan::bench]
+#[divan::bench(sample_size = 1000)]
 fn ncro() -> usize {
     match parse(black_box(HEAD)) {
         Parse::Complete(req, len) => len + req.path.len(),
@@ -17,7 +17,7 @@ fn ncro() -> usize {
     }
 }
 
-#[divan::bench]
+#[divan::bench(sample_size = 1000)]
 fn baseline_httparse() -> usize {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);

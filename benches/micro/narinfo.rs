@@ -14,12 +14,16 @@ static BODY: LazyLock<String> = LazyLock::new(|| {
     info.render()
 });
 
-#[divan::bench]
+pub fn warm() {
+    LazyLock::force(&BODY);
+}
+
+#[divan::bench(sample_size = 100)]
 fn ncro() -> NarInfo {
     NarInfo::parse(black_box(BODY.as_bytes())).expect("sample narinfo parses")
 }
 
-#[divan::bench]
+#[divan::bench(sample_size = 100)]
 fn baseline_lines_into_hashmap() -> HashMap<String, String> {
     black_box(BODY.as_str())
         .lines()

@@ -70,7 +70,11 @@ fn next_hash() -> StoreHash {
     })
 }
 
-#[divan::bench(threads = [1, 2])]
+pub fn warm() {
+    LazyLock::force(&FIXTURE);
+}
+
+#[divan::bench(sample_size = 1000, threads = [1, 2])]
 fn ncro(bencher: Bencher) {
     let table = &FIXTURE.table;
     bencher
@@ -81,7 +85,7 @@ fn ncro(bencher: Bencher) {
         });
 }
 
-#[divan::bench(threads = [1, 2])]
+#[divan::bench(sample_size = 1000, threads = [1, 2])]
 fn baseline_mutex_hashmap(bencher: Bencher) {
     let map = &FIXTURE.mutex_map;
     bencher.with_inputs(next_hash).bench_refs(|hash| {

@@ -46,7 +46,11 @@ fn decode_after_colon<const N: usize>(s: &str) -> [u8; N] {
     bytes.try_into().expect("length fixed by ed25519")
 }
 
-#[divan::bench]
+pub fn warm() {
+    LazyLock::force(&FIXTURE);
+}
+
+#[divan::bench(sample_size = 10)]
 fn ncro_verify_narinfo() -> Verdict {
     let f = &*FIXTURE;
     let verdict = verify_narinfo(black_box(&f.info), black_box(&f.keys));
@@ -55,12 +59,12 @@ fn ncro_verify_narinfo() -> Verdict {
 }
 
 /// The fingerprint alone: the non-cryptographic part of the line above.
-#[divan::bench]
+#[divan::bench(sample_size = 100)]
 fn ncro_fingerprint_only() -> String {
     black_box(&FIXTURE.info).fingerprint()
 }
 
-#[divan::bench]
+#[divan::bench(sample_size = 10)]
 fn baseline_verify_strict() -> bool {
     let f = &*FIXTURE;
     black_box(&f.raw_key)

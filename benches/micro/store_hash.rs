@@ -13,12 +13,12 @@ fn baseline(s: &str) -> bool {
     s.len() == HASH_LEN && s.bytes().all(|b| NIX_BASE32_ALPHABET.contains(&b))
 }
 
-#[divan::bench(args = [VALID, INVALID])]
+#[divan::bench(sample_size = 5000, args = [VALID, INVALID])]
 fn ncro(s: &str) -> Option<StoreHash> {
     StoreHash::parse(black_box(s).as_bytes())
 }
 
-#[divan::bench(args = [VALID, INVALID])]
+#[divan::bench(sample_size = 5000, args = [VALID, INVALID])]
 fn baseline_alphabet_contains(s: &str) -> bool {
     baseline(black_box(s))
 }
