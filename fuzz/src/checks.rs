@@ -125,7 +125,10 @@ fn decode_pieces(body: &[u8], pieces: &[usize]) -> Decoded {
                     }
                 }
                 Err(e) => {
+                    // Where in a failing call the error sat is not reported,
+                    // so only the error and the data before it are compared.
                     out.error = Some(e);
+                    out.consumed = 0;
                     return out;
                 }
             }
