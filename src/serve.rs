@@ -381,9 +381,13 @@ fn has_full_head(buf: &[u8]) -> bool {
 }
 
 /// NAR paths are opaque but must not escape `/nar/` or carry control bytes
-/// into an upstream request line.
+/// into an upstream request line. Anything not under `/nar/` is invalid
+/// (found by fuzzing: slicing off the prefix unchecked panicked on short or
+/// non-ASCII input and accepted paths outside `/nar/`).
 pub fn valid_nar_path(path: &str) -> bool {
-    let rest = &path["/nar/".len()..];
+    let Some(rest) = path.strip_prefix("/nar/") else {
+        return false;
+    };
     !rest.is_empty()
         && rest
             .split('/')
@@ -411,6 +415,11 @@ mod tests {
             "/nar/a%2e%2e",
             "/nar/a b",
             "/nar/a\x01",
+            // Fuzz regressions: these panicked or were accepted.
+            "",
+            "/n",
+            "/na\u{e9}x",
+            "/nix/store/z3358nh04rrn2fw765nlbl8ff0w9p8cp-app-ab",
         ] {
             assert!(!valid_nar_path(bad), "{bad:?}");
         }

@@ -1,0 +1,284 @@
+//! The bodies of the fuzz targets, one function per target.
+//!
+//! Shared by the cargo-fuzz binaries (nightly, libFuzzer) and by
+//! `tests/fuzz_corpus.rs` (stable), which replays every committed corpus
+//! file through the same function, so CI checks the corpus without nightly.
+//! Each function must never panic on any input except through one of its
+//! own assertions, which state properties the parsers promise.
+
+use ncro::config::env::MapEnv;
+use ncro::config::{Config, Source};
+use ncro::http::chunked::{ChunkedDecoder, ChunkedError};
+use ncro::http::request::{self, Parse, MAX_HEAD};
+use ncro::proto::cache_info::CacheInfo;
+use ncro::proto::narinfo::NarInfo;
+use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
+use ncro::proto::store_path::{StoreHash, HASH_LEN};
+use ncro::proto::{base32, cache_info};
+
+/// Every target, by the name of its corpus directory.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("http_request", http_request),
+    ("chunked", chunked),
+    ("narinfo", narinfo),
+    ("signature", signature),
+    ("cache_info", cache_info),
+    ("base32", base32),
+    ("config", config),
+    ("store_path", store_path),
+];
+
+/// Client request heads, straight off the socket.
+pub fn http_request(data: &[u8]) {
+    match request::parse(data) {
+        Parse::Complete(req, len) => {
+            assert!(len <= data.len() && len <= MAX_HEAD, "head length {len}");
+            assert!(
+                req.target.starts_with(req.path),
+                "path not a prefix of target"
+            );
+            if let Some(q) = req.query {
+                assert_eq!(req.target.len(), req.path.len() + 1 + q.len());
+            } else {
+                assert_eq!(req.target, req.path);
+            }
+        }
+        Parse::Partial => assert!(data.len() <= MAX_HEAD, "partial past the head limit"),
+        Parse::Bad(_) | Parse::TooLarge => {}
+    }
+}
+
+/// The outcome of feeding a chunked body through a decoder.
+#[derive(Debug, PartialEq, Eq)]
+struct Decoded {
+    /// Body bytes that belonged to the chunked framing.
+    consumed: usize,
+    data: Vec<u8>,
+    done: bool,
+    error: Option<ChunkedError>,
+}
+
+/// Upstream chunked bodies. The first byte picks where the rest is split
+/// (sockets deliver arbitrary pieces); decoding in pieces must give exactly
+/// what one call over the whole input gives, and `scan` must agree with
+/// `decode` on where the body ends and whether it is valid.
+pub fn chunked(data: &[u8]) {
+    let Some((&seed, body)) = data.split_first() else {
+        return;
+    };
+    let whole = decode_pieces(body, &[body.len()]);
+    let splits = split_points(seed, body.len());
+    let pieces = decode_pieces(body, &splits);
+    assert_eq!(whole, pieces, "split decoding differs; splits {splits:?}");
+    let (scanned, scan_error) = scan_pieces(body, &splits);
+    assert_eq!(
+        scan_error, whole.error,
+        "scan and decode disagree on validity"
+    );
+    if whole.error.is_none() {
+        assert_eq!(
+            scanned, whole.consumed,
+            "scan and decode disagree on the end"
+        );
+        assert!(whole.data.len() <= whole.consumed);
+    }
+}
+
+/// Piece lengths derived from `seed`: small pieces (1..=8 bytes) so that
+/// every state boundary gets crossed, cycling through the seed's bits.
+fn split_points(seed: u8, len: usize) -> Vec<usize> {
+    let mut pieces = Vec::new();
+    let (mut total, mut i) = (0, 0u32);
+    while total < len {
+        let n = usize::from((seed.rotate_left(i) & 7) + 1).min(len - total);
+        pieces.push(n);
+        total += n;
+        i += 3;
+    }
+    pieces
+}
+
+fn decode_pieces(body: &[u8], pieces: &[usize]) -> Decoded {
+    let mut dec = ChunkedDecoder::with_limits(64, 256);
+    let mut out = Decoded {
+        consumed: 0,
+        data: Vec::new(),
+        done: false,
+        error: None,
+    };
+    let mut start = 0;
+    for &n in pieces {
+        let piece = &body[start..start + n];
+        start += n;
+        let mut pos = 0;
+        while pos < piece.len() && !dec.is_done() {
+            match dec.decode(&piece[pos..]) {
+                Ok(p) => {
+                    assert!(p.consumed <= piece.len() - pos && p.data.end <= p.consumed);
+                    assert!(p.data.start <= p.data.end);
+                    out.data
+                        .extend_from_slice(&piece[pos + p.data.start..pos + p.data.end]);
+                    out.consumed += p.consumed;
+                    pos += p.consumed;
+                    if p.consumed == 0 {
+                        assert!(dec.is_done(), "decode made no progress");
+                    }
+                }
+                Err(e) => {
+                    // Where in a failing call the error sat is not reported,
+                    // so only the error and the data before it are compared.
+                    out.error = Some(e);
+                    out.consumed = 0;
+                    return out;
+                }
+            }
+        }
+        if dec.is_done() {
+            break;
+        }
+    }
+    out.done = dec.is_done();
+    out
+}
+
+fn scan_pieces(body: &[u8], pieces: &[usize]) -> (usize, Option<ChunkedError>) {
+    let mut dec = ChunkedDecoder::with_limits(64, 256);
+    let (mut start, mut consumed) = (0, 0);
+    for &n in pieces {
+        match dec.scan(&body[start..start + n]) {
+            Ok(used) => {
+                assert!(used <= n);
+                consumed += used;
+                if used < n {
+                    assert!(dec.is_done(), "scan stopped early before the end");
+                }
+            }
+            Err(e) => return (consumed, Some(e)),
+        }
+        start += n;
+        if dec.is_done() {
+            break;
+        }
+    }
+    (consumed, None)
+}
+
+/// Upstream narinfo bodies: whatever parses must render to text that parses
+/// back to the same value with the same fingerprint.
+pub fn narinfo(data: &[u8]) {
+    let Ok(info) = NarInfo::parse(data) else {
+        return;
+    };
+    let fingerprint = info.fingerprint();
+    let rendered = info.render();
+    let again = match NarInfo::parse(rendered.as_bytes()) {
+        Ok(again) => again,
+        Err(e) => panic!("rendered narinfo does not parse ({e}):\n{rendered}"),
+    };
+    assert_eq!(info, again, "render round trip changed the narinfo");
+    assert_eq!(fingerprint, again.fingerprint());
+    assert_eq!(rendered, again.render(), "render is not stable");
+}
+
+/// Keys from config files and signatures from upstreams. Input: a public
+/// key line, a secret key line, then a narinfo.
+pub fn signature(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\n');
+    let public_text = parts.next().unwrap_or_default();
+    let secret_text = parts.next().unwrap_or_default();
+    let narinfo_text = parts.next().unwrap_or_default();
+
+    let public = PublicKey::parse(public_text).ok();
+    if let Some(key) = &public {
+        let back = PublicKey::parse(&key.to_nix_string()).expect("public key round trip");
+        assert!(back == *key, "public key round trip changed the key");
+    }
+    let secret = SecretKey::parse(secret_text).ok();
+    if let Some(key) = &secret {
+        let back = SecretKey::parse(&key.to_nix_string()).expect("secret key round trip");
+        assert_eq!(back.name(), key.name());
+        assert!(back.public() == key.public());
+    }
+    let Ok(mut info) = NarInfo::parse(narinfo_text.as_bytes()) else {
+        return;
+    };
+    let keys: Vec<PublicKey> = public.into_iter().collect();
+    let verdict = signature::verify_narinfo(&info, &keys);
+    if keys.is_empty() {
+        assert!(matches!(
+            verdict,
+            Verdict::NoTrustedSignature | Verdict::ContentAddressed
+        ));
+    }
+    if let Some(key) = secret {
+        // Our own signature, alone, must always verify.
+        info.sigs = vec![key.sign(&info.fingerprint())];
+        let verdict = signature::verify_narinfo(&info, &[key.public()]);
+        assert_eq!(
+            verdict,
+            Verdict::Valid {
+                key_name: key.name().to_owned()
+            }
+        );
+    }
+}
+
+/// Upstream `nix-cache-info` bodies. What parses must survive our render.
+pub fn cache_info(data: &[u8]) {
+    let Ok(info) = CacheInfo::parse(data) else {
+        return;
+    };
+    if info.store_dir.contains(['\n', '\r']) {
+        return;
+    }
+    let rendered = cache_info::render(&info.store_dir, info.want_mass_query, info.priority);
+    let again = CacheInfo::parse(rendered.as_bytes()).expect("rendered cache info parses");
+    assert_eq!(again.store_dir, info.store_dir);
+    assert_eq!(again.want_mass_query, info.want_mass_query);
+    assert_eq!(again.priority, info.priority);
+}
+
+/// Nix base32 (hashes in narinfos): decode accepts only canonical text, so
+/// encoding what it decoded gives the input back.
+pub fn base32(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(bytes) = base32::decode(text) {
+            assert_eq!(
+                base32::encode(&bytes),
+                text,
+                "decode accepted a non-canonical text"
+            );
+        }
+    }
+    let encoded = base32::encode(data);
+    assert_eq!(base32::decode(&encoded).as_deref(), Ok(data));
+}
+
+/// The config file (operator input, but also NCRO_* text): never a panic.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // Only the outcome matters: errors are expected, panics are bugs.
+    let _ = Config::from_toml(text, Source::Embedded, "fuzz", &MapEnv::new(&[]));
+}
+
+/// Request paths: `/<hash>.narinfo` and `/nar/...` validation.
+pub fn store_path(data: &[u8]) {
+    if let Some(hash) = StoreHash::parse(data) {
+        assert_eq!(hash.as_bytes(), data);
+        assert_eq!(hash.as_str().len(), HASH_LEN);
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Some(hash) = StoreHash::from_store_path(text) {
+        assert_eq!(&text[11..11 + HASH_LEN], hash.as_str());
+    }
+    if ncro::serve::valid_nar_path(text) {
+        assert!(text.starts_with("/nar/"));
+        assert!(!text.contains("/../") && !text.ends_with("/.."));
+        assert!(!text.contains("//"), "empty segment accepted");
+    }
+}
