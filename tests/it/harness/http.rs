@@ -94,7 +94,7 @@ impl HttpConn {
         }
         self.stream.set_read_timeout(Some(within))?;
         let mut chunk = [0u8; 4096];
-        let result = self.stream.read(&mut chunk);
+        let result = read_retrying(&mut self.stream, &mut chunk);
         self.stream.set_read_timeout(Some(IO_TIMEOUT))?;
         match result {
             Ok(0) => {
@@ -227,7 +227,7 @@ impl HttpConn {
 
     fn fill_or_eof(&mut self) -> io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        match self.stream.read(&mut chunk)? {
+        match read_retrying(&mut self.stream, &mut chunk)? {
             0 => {
                 self.closed = true;
                 Err(io::Error::new(
@@ -250,4 +250,16 @@ fn invalid(msg: &str) -> io::Error {
 /// GET `path` from `addr` on a fresh connection.
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     HttpConn::connect(addr)?.get(path)
+}
+
+/// `read`, retried on EINTR: a blocking read can be interrupted when the
+/// test process is stopped and resumed (seen once under CI), which is not a
+/// failure of the server under test.
+fn read_retrying(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
