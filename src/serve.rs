@@ -250,16 +250,7 @@ impl Conn {
         match resolved {
             narinfo::Resolved::Found(entry) => {
                 ctx.metrics.narinfo_ok.inc();
-                let date = ctx.date();
-                write_simple(
-                    &mut self.wbuf,
-                    200,
-                    keep,
-                    head,
-                    &date,
-                    &[("Content-Type", b"text/x-nix-narinfo")],
-                    &entry.narinfo,
-                );
+                self.ok(ctx, keep, head, b"text/x-nix-narinfo", &entry.narinfo);
                 if keep {
                     After::KeepAlive
                 } else {

@@ -414,7 +414,7 @@ fn normalise_hash(s: &str) -> Cow<'_, str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A narinfo written by Nix 2.8 (`nix copy --to file://…`) for the

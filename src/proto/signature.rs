@@ -262,18 +262,7 @@ mod tests {
     use super::*;
 
     /// Written and signed by Nix 2.8 for the test harness's cache A.
-    const REAL: &str = "\
-StorePath: /nix/store/z3358nh04rrn2fw765nlbl8ff0w9p8cp-app-ab
-URL: nar/17c7k3n58rpb2v76acz518qn3z0y23pkx9dc1plz246kgzj0jpz2.nar.xz
-Compression: xz
-FileHash: sha256:17c7k3n58rpb2v76acz518qn3z0y23pkx9dc1plz246kgzj0jpz2
-FileSize: 284
-NarHash: sha256:01772l4g95pwc0lq96idyn3q80d56wg8qs5s9dg45zc9vfgnckb4
-NarSize: 616
-References: l9bppir49hamiijc3hsw53yji18scbbj-lib2-ab pfwfh77pcavcf2ph6x9352sd5w707sk8-lib1-ab
-Deriver: hwy49vhsvsvhksa8vpw3hwc97asbp1jk-app-ab.drv
-Sig: cache-a-1:UNq1BY1CpVIYX894d71znLj/2fxo4JEJhxeFVxwkXZMPBS8ieGP+VgZnxvQ9SLi8DRFATvsyqBVVHz6QYg0SBw==
-";
+    use crate::proto::narinfo::tests::REAL;
     const REAL_SIG: &str = "cache-a-1:UNq1BY1CpVIYX894d71znLj/2fxo4JEJhxeFVxwkXZMPBS8ieGP+VgZnxvQ9SLi8DRFATvsyqBVVHz6QYg0SBw==";
     const KEY_A: &str = "cache-a-1:3xCONpXdaeQM/Ayml/X2x2/mkdwLvoDymniBw9CeEMU=";
     const KEY_B: &str = "cache-b-1:8eWYaph6U7vGn9nvMqwz/fwNRTS6/07M1cPst5d0tdw=";
