@@ -14,7 +14,7 @@ use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
 use crate::route::persist::{self, WriterConfig, WriterHandle};
 use crate::route::RouteTable;
-use crate::upstream::UpstreamSet;
+use crate::upstream::{UpstreamSet, Upstreams};
 use crate::worker::{self, ListenSource, SharedState};
 
 /// Process entry point; returns the exit code.
@@ -180,14 +180,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         (None, Some(l)) => ListenSource::Bind(check_listen(l)?),
         (None, None) => bail!("server.listen is empty and no listening socket was inherited"),
     };
-    let (upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    let (mut upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    if cfg.discovery.enabled {
+        upstreams.reserve_discovered(cfg.discovery.max_upstreams as usize);
+    }
     let urls = upstreams.list.iter().map(|u| u.url.clone()).collect();
-    let metrics = Arc::new(Metrics::new(plan.worker_cpus.len(), urls));
+    let metrics = Arc::new(Metrics::with_slots(
+        plan.worker_cpus.len(),
+        urls,
+        upstreams.capacity(),
+    ));
     for url in &s3_skipped {
         tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
-    }
-    if cfg.discovery.enabled {
-        tracing::warn!("discovery.enabled is set, but mDNS discovery is not implemented in this build yet; only configured upstreams are used");
     }
     if cfg.mesh.enabled {
         tracing::warn!("mesh.enabled is set, but mesh gossip is not implemented in this build yet; routes are not shared with peers");
@@ -196,10 +200,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
     });
-    let upstreams = Arc::new(upstreams);
+    let upstreams = Arc::new(Upstreams::new(upstreams));
     let resolver = Resolver::new(Duration::from_secs(60));
     let tls = tls_config(&cfg)?;
-    let (routing, prober) = crate::control::probe::setup(
+    let (routing, mut prober) = crate::control::probe::setup(
         &cfg,
         upstreams.clone(),
         &health_rows,
@@ -227,12 +231,20 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
     });
 
-    let jobs = if cfg.health.enabled {
-        vec![prober.into_job()]
-    } else {
+    let mut jobs = Vec::new();
+    if cfg.discovery.enabled {
+        let discovery =
+            crate::control::discovery::Discovery::start(&cfg.discovery, prober.discovery_sender())
+                .context("discovery.enabled")?;
+        jobs.push(discovery.into_job());
+    }
+    if !cfg.health.enabled {
         tracing::info!("health probes are disabled (health.enabled = false); upstream health comes from races only");
-        Vec::new()
-    };
+    }
+    // Without probes the prober still runs for discovery: it keeps the set.
+    if cfg.health.enabled || cfg.discovery.enabled {
+        jobs.push(prober.into_job());
+    }
     let control =
         crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -292,17 +304,27 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `/metrics` reads upstream health from the published snapshot.
+/// `/metrics` reads the upstream set and their health from the published
+/// snapshots.
 fn install_health_metrics(
     metrics: &Metrics,
     routing: &Arc<crate::upstream::Routing>,
-    set: &Arc<UpstreamSet>,
+    upstreams: &Arc<Upstreams>,
 ) {
-    use crate::metrics::{HealthSample, HealthState};
+    use crate::metrics::{HealthSample, HealthState, UpstreamSlots};
     use crate::upstream::health::State;
-    let (routing, set) = (routing.clone(), set.clone());
+    let ups = upstreams.clone();
+    let slots: crate::metrics::UpstreamSource = Box::new(move || {
+        let set = ups.load();
+        UpstreamSlots {
+            live: set.live_urls(),
+            discovered: set.discovered_len(),
+        }
+    });
+    let _ = metrics.upstream_source.set(slots); // set once, at start
+    let (routing, ups) = (routing.clone(), upstreams.clone());
     let source: crate::metrics::HealthSource = Box::new(move |url| {
-        let i = set.index_of(url)?;
+        let i = ups.load().index_of(url)?;
         let snap = routing.snapshot();
         let e = snap.entries.get(i)?;
         let state = match e.state {

@@ -512,6 +512,10 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
     })
 }
 
+/// Upper bound of `discovery.max_upstreams`: per-upstream state is
+/// allocated for every slot at start, in every worker.
+pub const MAX_DISCOVERED: u32 = 1024;
+
 fn validate_discovery(d: &raw::RawDiscovery) -> Result<(), ConfigError> {
     if d.discovery_time.0.is_zero() {
         return Err(invalid("discovery.discovery_time must be positive"));
@@ -525,6 +529,12 @@ fn validate_discovery(d: &raw::RawDiscovery) -> Result<(), ConfigError> {
         return Err(invalid(
             "discovery.domain is required when discovery is enabled",
         ));
+    }
+    if !(1..=MAX_DISCOVERED).contains(&d.max_upstreams) {
+        return Err(invalid(format!(
+            "discovery.max_upstreams must be between 1 and {MAX_DISCOVERED}, got {}",
+            d.max_upstreams
+        )));
     }
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! read-modify-write, no shared cache line); `/metrics` merges the slots at
 //! scrape time into prometheus families and renders the text format.
 //!
-//! Labels are bounded: upstream labels come from the configured upstream
-//! set, outcome labels from fixed lists, never from request data.
+//! Labels are bounded: upstream labels come from the upstream set
+//! (configured, plus at most `discovery.max_upstreams` discovered ones),
+//! outcome labels from fixed lists, never from request data.
 //!
 //! docs/metrics.md lists every family; `tests/it/metrics.rs` checks exact
 //! values after known traffic.
@@ -240,13 +241,28 @@ impl WorkerMetrics {
     }
 }
 
+/// The upstreams a scrape reports.
+pub struct UpstreamSlots {
+    /// `(slot, url)` of every upstream currently routed to.
+    pub live: Vec<(usize, Arc<str>)>,
+    /// How many of them were discovered (`ncro_discovery_upstreams`).
+    pub discovered: usize,
+}
+
+/// Called at scrape time; must not block.
+pub type UpstreamSource = Box<dyn Fn() -> UpstreamSlots + Send + Sync>;
+
 /// All workers' slots plus the cross-thread gauges; read at scrape time.
 pub struct Metrics {
     pub workers: Vec<Arc<WorkerMetrics>>,
     /// "io_uring" or "epoll" per worker, set once each worker started.
     pub drivers: Vec<std::sync::OnceLock<&'static str>>,
-    /// Upstream label values, by the index the workers use.
+    /// Upstream label values, by the index the workers use: the set at
+    /// start. [`Self::upstream_source`], once installed, takes over.
     pub upstream_urls: Vec<Arc<str>>,
+    /// The live upstream slots at scrape time (the set changes when
+    /// discovery adds or retires upstreams); installed once at start.
+    pub upstream_source: std::sync::OnceLock<UpstreamSource>,
     pub gauges: std::sync::OnceLock<Gauges>,
     /// Installed once by the health work; until then every upstream's state
     /// is reported as `unknown`.
@@ -255,14 +271,35 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(workers: usize, upstream_urls: Vec<Arc<str>>) -> Metrics {
+        let slots = upstream_urls.len();
+        Metrics::with_slots(workers, upstream_urls, slots)
+    }
+
+    /// Per-upstream counters for `slots` upstreams (at least the
+    /// `upstream_urls`): room for the discovered ones, which cannot be
+    /// added to a worker's slot later.
+    pub fn with_slots(workers: usize, upstream_urls: Vec<Arc<str>>, slots: usize) -> Metrics {
+        let slots = slots.max(upstream_urls.len());
         Metrics {
             workers: (0..workers)
-                .map(|_| Arc::new(WorkerMetrics::new(upstream_urls.len())))
+                .map(|_| Arc::new(WorkerMetrics::new(slots)))
                 .collect(),
             drivers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
             upstream_urls,
+            upstream_source: std::sync::OnceLock::new(),
             gauges: std::sync::OnceLock::new(),
             health: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The upstreams to report now.
+    pub fn upstream_slots(&self) -> UpstreamSlots {
+        match self.upstream_source.get() {
+            Some(source) => source(),
+            None => UpstreamSlots {
+                live: self.upstream_urls.iter().cloned().enumerate().collect(),
+                discovered: 0,
+            },
         }
     }
 

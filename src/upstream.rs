@@ -1,12 +1,16 @@
 //! The set of upstream caches as workers see it: an immutable
-//! [`UpstreamSet`] built at start, plus [`Routing`], the part that changes:
-//! the health snapshot the control thread publishes, cooldowns and the
-//! mass-query limits. Workers index upstreams by position; routes name an
-//! upstream by its URL, which survives snapshot changes.
+//! [`UpstreamSet`] snapshot, published through [`Upstreams`] (replaced
+//! whole when discovery adds or retires an upstream), plus [`Routing`], the
+//! other part that changes: the health snapshot the control thread
+//! publishes, cooldowns and the mass-query limits. Workers index upstreams
+//! by slot; slots are append-only (see [`slots`]), so an index never names
+//! another upstream while a request holds it. Routes name an upstream by
+//! its URL, which survives snapshot changes.
 
 pub mod filter;
 pub mod health;
 pub mod limits;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,10 +44,18 @@ pub struct Upstream {
     pub filters: Vec<FilterRule>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct UpstreamSet {
-    pub list: Vec<Upstream>,
+    /// By slot. `Arc` so that a new snapshot (discovery) copies pointers,
+    /// not upstreams.
+    pub list: Vec<Arc<Upstream>>,
+    /// Every slot's URL, retired discovered ones included (so a route to a
+    /// retired upstream is recognised, and a returning one gets its slot).
     by_url: HashMap<Arc<str>, usize>,
+    /// Per slot: configured, discovered or retired ([`slots`]).
+    slots: Vec<slots::Slot>,
+    /// Slots reserved for discovered upstreams after the configured ones.
+    reserved: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +101,9 @@ impl UpstreamSet {
         Ok((set, skipped))
     }
 
+    /// Appends a configured upstream.
     pub fn push(&mut self, u: Upstream) {
-        self.by_url.insert(u.url.clone(), self.list.len());
-        self.list.push(u);
+        self.push_slot(u, slots::Slot::Configured);
     }
 
     pub fn index_of(&self, url: &str) -> Option<usize> {
@@ -99,9 +111,10 @@ impl UpstreamSet {
     }
 
     pub fn get(&self, i: usize) -> Option<&Upstream> {
-        self.list.get(i)
+        self.list.get(i).map(|u| &**u)
     }
 
+    /// Slots in use, retired ones included (indexes run below this).
     pub fn len(&self) -> usize {
         self.list.len()
     }
@@ -116,11 +129,12 @@ impl UpstreamSet {
     }
 
     /// Whether a route loaded from the database may still be served under
-    /// the current configuration: its upstream is still configured and its
+    /// the current configuration: its upstream is still configured (or
+    /// discovered and live) and its
     /// filters (which may have changed since the route was stored) accept
     /// the narinfo.
     pub fn still_routes(&self, entry: &RouteEntry) -> bool {
-        let Some(up) = self.index_of(&entry.upstream).map(|i| &self.list[i]) else {
+        let Some(up) = self.index_of(&entry.upstream).and_then(|i| self.live(i)) else {
             return false;
         };
         up.filters.is_empty()
@@ -139,6 +153,35 @@ impl UpstreamSet {
             keep
         });
         dropped
+    }
+}
+
+/// The published upstream set. The control thread alone replaces it (when
+/// discovery adds or retires an upstream); workers load it once per race or
+/// NAR request, one atomic load and no lock, and keep that snapshot for the
+/// whole request.
+pub struct Upstreams {
+    current: ArcSwap<UpstreamSet>,
+}
+
+impl Upstreams {
+    pub fn new(set: UpstreamSet) -> Upstreams {
+        Upstreams {
+            current: ArcSwap::from_pointee(set),
+        }
+    }
+
+    /// The current snapshot.
+    #[inline]
+    pub fn load(&self) -> Arc<UpstreamSet> {
+        self.current.load_full()
+    }
+
+    /// Control thread only: replaces the snapshot. Published before the
+    /// health snapshot that covers a new slot, so a worker that sees the
+    /// slot in the health snapshot finds it in the set it loads next.
+    pub fn publish(&self, set: Arc<UpstreamSet>) {
+        self.current.store(set);
     }
 }
 
@@ -178,6 +221,9 @@ pub struct Routing {
     /// Mirrors `health.any_down()`, so the check on every route cache hit
     /// is one relaxed load, not a snapshot load.
     any_down: AtomicBool,
+    /// Set once a discovered upstream's slot was given to another URL
+    /// ([`Self::forget_urls`]); keeps `any_down` on from then on.
+    recycled: AtomicBool,
     /// To the control thread; the receiver lives in its prober.
     samples: flume::Sender<Sample>,
     pub limits: Limits,
@@ -195,9 +241,12 @@ impl Routing {
         let (tx, rx) = flume::bounded(SAMPLE_QUEUE);
         let routing = Routing {
             any_down: AtomicBool::new(initial.any_down()),
+            recycled: AtomicBool::new(false),
             health: ArcSwap::from_pointee(initial),
             samples: tx,
-            limits: Limits::new(set.len(), &cfg.cache, Instant::now()),
+            // Sized for every slot the set may ever use: limits are read
+            // lock-free by index, so they cannot grow later.
+            limits: Limits::new(set.capacity(), &cfg.cache, Instant::now()),
             hedge_cap: cfg.health.hedge_after,
         };
         (routing, rx)
@@ -210,20 +259,34 @@ impl Routing {
 
     /// Control thread only: replaces the snapshot.
     pub fn publish(&self, snap: HealthSnapshot) {
-        let down = snap.any_down();
+        let down = snap.any_down() || self.recycled.load(Ordering::Relaxed);
         self.health.store(Arc::new(snap));
         self.any_down.store(down, Ordering::Relaxed);
     }
 
     /// Whether a cached route names a DOWN upstream (and so must be raced
-    /// again). Costs one relaxed load while every upstream is up.
+    /// again). Costs one relaxed load while every upstream is up. A retired
+    /// discovered upstream counts as DOWN, and so does a URL the set no
+    /// longer knows (its slot was recycled for another discovered one).
     #[inline]
-    pub fn route_is_down(&self, set: &UpstreamSet, upstream: &str) -> bool {
+    pub fn route_is_down(&self, upstreams: &Upstreams, upstream: &str) -> bool {
         if !self.any_down.load(Ordering::Relaxed) {
             return false;
         }
         let snap = self.health.load();
-        snap.live > 0 && set.index_of(upstream).is_some_and(|i| snap.is_down(i))
+        let set = upstreams.current.load();
+        let forgotten = || self.recycled.load(Ordering::Relaxed);
+        snap.live > 0
+            && set
+                .index_of(upstream)
+                .map_or_else(forgotten, |i| snap.is_down(i))
+    }
+
+    /// A discovered upstream's slot now serves another URL: routes naming
+    /// the old URL must be checked on every hit from now on.
+    pub fn forget_urls(&self) {
+        self.recycled.store(true, Ordering::Relaxed);
+        self.any_down.store(true, Ordering::Relaxed);
     }
 
     /// Hands a race winner's latency to the control thread; dropped when
@@ -238,8 +301,9 @@ impl Routing {
     pub fn plan_race(&self, set: &UpstreamSet, now: Instant) -> RacePlan {
         let snap = self.health.load();
         let routable = snap.routable();
+        // `live`: the health snapshot may be older or newer than `set`.
         let candidate = |&i: &usize| {
-            let priority = set.get(i)?.priority;
+            let priority = set.live(i)?.priority;
             Some(Candidate {
                 upstream: i,
                 priority,
@@ -263,7 +327,7 @@ impl Routing {
             .filter_map(|c| snap.rank(c.upstream, c.priority));
         RacePlan {
             hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
-            partial: candidates.len() < set.len(),
+            partial: candidates.len() < set.live_len(),
             cooling_skipped,
             candidates,
         }

@@ -25,7 +25,8 @@ pub struct SharedState {
     pub cache_info: Bytes,
     pub metrics: Arc<Metrics>,
     pub routes: Arc<crate::route::RouteTable>,
-    pub upstreams: Arc<crate::upstream::UpstreamSet>,
+    /// The upstream set snapshot; discovery publishes new ones.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
     /// Health snapshot, cooldowns and mass-query limits.
     pub routing: Arc<crate::upstream::Routing>,
     pub resolver: crate::http::resolve::Resolver,
@@ -231,7 +232,7 @@ impl WorkerCtx {
             client,
             flights: crate::race::SingleFlight::new(),
             limits: crate::upstream::limits::LocalLimits::for_config(
-                shared.upstreams.len(),
+                shared.upstreams.load().capacity(),
                 &shared.config,
             ),
             driver,

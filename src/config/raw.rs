@@ -242,6 +242,8 @@ pub struct RawDiscovery {
     pub discovery_time: Dur,
     pub priority: i32,
     pub address_family: AddressFamily,
+    /// Most discovered upstreams routed to at once (new in ncro 3).
+    pub max_upstreams: u32,
 }
 
 impl Default for RawDiscovery {
@@ -253,6 +255,7 @@ impl Default for RawDiscovery {
             discovery_time: secs(5),
             priority: 20,
             address_family: AddressFamily::Any,
+            max_upstreams: 64,
         }
     }
 }

@@ -107,6 +107,8 @@ fn invalid_values_name_the_key() {
         ("[[mesh.peers]]\naddr = \"x:1\"\npublic_key = \"zz\"\n", "hex-encoded 32-byte"),
         ("[[upstreams]]\nurl = \"s3://b?bogus=1\"\n", "unknown parameter"),
         ("[discovery]\naddress_family = \"ipv5\"\n", "ipv5"),
+        ("[discovery]\nmax_upstreams = 0\n", "discovery.max_upstreams must be between 1 and 1024, got 0"),
+        ("[discovery]\nmax_upstreams = 1025\n", "got 1025"),
     ];
     for (text, want) in cases {
         let err = match load_str(text) {

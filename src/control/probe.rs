@@ -8,6 +8,12 @@
 //! bounded channel, update the table ([`UpstreamHealth`] per upstream);
 //! each change is published to workers as a new [`HealthSnapshot`], and
 //! changed rows go to the SQLite writer at most once per probe interval.
+//!
+//! The prober is also the only writer of the upstream set: discovery sends
+//! it the discovered URLs that are live ([`Discovered`]); it reconciles the
+//! set's slots with them (see [`crate::upstream::slots`]), publishes the new
+//! set, then the health snapshot that covers it. With `health.enabled =
+//! false` it runs for that alone: no probes, and race samples are not read.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,18 +21,23 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::config::Config;
+use crate::control::discovery::Discovered;
 use crate::control::Job;
 use crate::http::client::{ClientTimeouts, LocalClient, Origin, Request};
 use crate::http::resolve::Resolver;
 use crate::route::persist::{HealthRow, WriteOp, WriterHandle};
 use crate::upstream::health::{HealthSnapshot, ProbeResult, State, UpstreamHealth};
-use crate::upstream::{Routing, Sample, UpstreamSet};
+use crate::upstream::slots::Slot;
+use crate::upstream::{Routing, Sample, UpstreamSet, Upstreams};
 
 /// Race samples change only EMAs; publishing them this often at most
 /// keeps a busy proxy from building a snapshot per request.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Largest `/nix-cache-info` body read by a GET probe.
 const CACHE_INFO_LIMIT: usize = 64 * 1024;
+/// Discovery's updates queued for the prober. Each one is the whole live
+/// list, so a short queue loses nothing that the next update does not say.
+const DISCOVERED_QUEUE: usize = 16;
 
 /// The probe knobs, validated by the config.
 #[derive(Debug, Clone, Copy)]
@@ -34,14 +45,26 @@ pub struct ProbeConfig {
     pub interval: Duration,
     pub timeout: Duration,
     pub alpha: f64,
+    /// `health.enabled`.
+    pub probing: bool,
 }
 
 /// Everything the prober needs, built on the main thread and moved to the
 /// control thread by [`Prober::into_job`].
 pub struct Prober {
+    /// The set last published in `upstreams`.
     set: Arc<UpstreamSet>,
+    upstreams: Arc<Upstreams>,
     routing: Arc<Routing>,
-    samples: flume::Receiver<Sample>,
+    /// Race winners' latencies; `None` with probes off (as before the
+    /// prober also kept the set, nothing reads them then).
+    samples: Option<flume::Receiver<Sample>>,
+    /// Discovery's updates; `None` unless [`Self::discovery_sender`] was
+    /// called (discovery is off).
+    discovered: Option<flume::Receiver<Discovered>>,
+    /// Discovered URLs whose refusal (configured twin, no free slot) was
+    /// logged, so an unchanged refusal is logged once.
+    noted: std::collections::HashSet<String>,
     table: Vec<UpstreamHealth>,
     writer: Option<WriterHandle>,
     resolver: Resolver,
@@ -68,23 +91,27 @@ pub fn restore(set: &UpstreamSet, rows: &[HealthRow], now: Instant) -> Vec<Upstr
 
 /// Builds the shared routing state (starting from the restored health, so
 /// a restored DOWN applies before the first probe) and the prober that
-/// keeps it current.
+/// keeps it and the upstream set current.
 pub fn setup(
     cfg: &Config,
-    set: Arc<UpstreamSet>,
+    upstreams: Arc<Upstreams>,
     rows: &[HealthRow],
     writer: Option<WriterHandle>,
     resolver: Resolver,
     tls: Arc<rustls::ClientConfig>,
 ) -> (Arc<Routing>, Prober) {
+    let set = upstreams.load();
     let table = restore(&set, rows, Instant::now());
-    let snap = HealthSnapshot::build(&set.priorities(), &table);
+    let snap = HealthSnapshot::build_present(&set.priorities(), &table, |i| set.is_live(i));
     let (routing, samples) = Routing::new(&set, cfg, snap);
     let routing = Arc::new(routing);
     let prober = Prober {
         set,
+        upstreams,
         routing: routing.clone(),
-        samples,
+        samples: cfg.health.enabled.then_some(samples),
+        discovered: None,
+        noted: Default::default(),
         table,
         writer,
         resolver,
@@ -93,6 +120,7 @@ pub fn setup(
             interval: cfg.health.probe_interval,
             timeout: cfg.health.probe_timeout,
             alpha: cfg.cache.latency_alpha,
+            probing: cfg.health.enabled,
         },
     };
     (routing, prober)
@@ -110,6 +138,9 @@ struct Probed {
 struct LoopState {
     /// A probe is in flight (never two at once per upstream).
     running: Vec<bool>,
+    /// Bumped when a slot is retired or given a new upstream, so that a
+    /// probe still in flight for its earlier life is ignored.
+    life: Vec<u32>,
     /// HEAD was refused: probe with GET.
     use_get: Vec<bool>,
     /// Changed since the last write to the database.
@@ -119,33 +150,69 @@ struct LoopState {
     last_publish: Instant,
     persist_at: Instant,
     samples_open: bool,
+    discovered_open: bool,
 }
 
 impl LoopState {
-    fn new(n: usize, interval: Duration) -> LoopState {
+    fn new(n: usize, interval: Duration, samples_open: bool, discovered_open: bool) -> LoopState {
         let now = Instant::now();
         LoopState {
             running: vec![false; n],
+            life: vec![0; n],
             use_get: vec![false; n],
             dirty: vec![false; n],
             unpublished: false,
             last_publish: now,
             persist_at: now + interval,
-            samples_open: true,
+            samples_open,
+            discovered_open,
         }
+    }
+
+    /// Slot `i` starts a new life: a new upstream, or none.
+    fn renew(&mut self, i: usize) {
+        if i >= self.running.len() {
+            let n = i + 1;
+            self.running.resize(n, false);
+            self.life.resize(n, 0);
+            self.use_get.resize(n, false);
+            self.dirty.resize(n, false);
+        }
+        self.running[i] = false;
+        self.life[i] = self.life[i].wrapping_add(1);
+        self.use_get[i] = false;
+        self.dirty[i] = false;
     }
 }
 
 enum Event {
-    Probed(Probed),
+    /// A probe's result and the life of the slot it was sent for.
+    Probed(u32, Probed),
     Sample(Sample),
     SamplesClosed,
+    Discovered(Discovered),
+    DiscoveredClosed,
     Tick,
+}
+
+/// The next message of `rx`; never ready without a receiver.
+async fn recv_or_pending<T>(rx: Option<&flume::Receiver<T>>) -> Result<T, flume::RecvError> {
+    match rx {
+        Some(rx) => rx.recv_async().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Prober {
     pub fn into_job(self) -> Job {
         Box::new(move || Box::pin(self.run()))
+    }
+
+    /// Where discovery sends the live discovered URLs.
+    pub fn discovery_sender(&mut self) -> flume::Sender<Discovered> {
+        let (tx, rx) = flume::bounded(DISCOVERED_QUEUE);
+        self.discovered = Some(rx);
+        tx
     }
 
     async fn run(mut self) {
@@ -161,22 +228,27 @@ impl Prober {
             timeouts,
             Default::default(),
         );
-        let set = self.set.clone();
-        let mut st = LoopState::new(set.len(), self.cfg.interval);
+        let (samples, discovered) = (self.samples.is_some(), self.discovered.is_some());
+        let mut st = LoopState::new(self.set.len(), self.cfg.interval, samples, discovered);
         let mut probes = FuturesUnordered::new();
+        let client = &client;
         loop {
             let now = Instant::now();
-            for i in 0..set.len() {
-                if !st.running[i] && self.table[i].next_probe <= now {
+            for i in (0..self.set.len()).filter(|_| self.cfg.probing) {
+                if self.set.is_live(i) && !st.running[i] && self.table[i].next_probe <= now {
                     st.running[i] = true;
-                    probes.push(probe(&client, &set.list[i].origin, i, st.use_get[i], t));
+                    let (up, life, get) = (self.set.list[i].clone(), st.life[i], st.use_get[i]);
+                    probes.push(async move { (life, probe(client, &up.origin, i, get, t).await) });
                 }
             }
             let wake = monoio::time::Instant::from_std(self.next_wake(&st));
             let event = monoio::select! {
-                Some(p) = probes.next(), if !probes.is_empty() => Event::Probed(p),
-                s = self.samples.recv_async(), if st.samples_open => {
+                Some((life, p)) = probes.next(), if !probes.is_empty() => Event::Probed(life, p),
+                s = recv_or_pending(self.samples.as_ref()), if st.samples_open => {
                     s.map_or(Event::SamplesClosed, Event::Sample)
+                }
+                d = recv_or_pending(self.discovered.as_ref()), if st.discovered_open => {
+                    d.map_or(Event::DiscoveredClosed, Event::Discovered)
                 }
                 _ = monoio::time::sleep_until(wake) => Event::Tick,
             };
@@ -191,7 +263,9 @@ impl Prober {
 
     fn handle(&mut self, event: Event, st: &mut LoopState, now: Instant) {
         match event {
-            Event::Probed(p) => {
+            // A retired or recycled slot's late answer.
+            Event::Probed(life, p) if st.life.get(p.upstream) != Some(&life) => {}
+            Event::Probed(_, p) => {
                 st.running[p.upstream] = false;
                 st.use_get[p.upstream] |= p.needs_get;
                 st.dirty[p.upstream] = true;
@@ -202,12 +276,18 @@ impl Prober {
             }
             Event::Sample(s) => {
                 self.apply_sample(s, &mut st.dirty);
-                while let Ok(s) = self.samples.try_recv() {
+                while let Some(s) = self.samples.as_ref().and_then(|r| r.try_recv().ok()) {
                     self.apply_sample(s, &mut st.dirty);
                 }
                 st.unpublished = true;
             }
             Event::SamplesClosed => st.samples_open = false,
+            Event::Discovered(d) => {
+                if self.reconcile(d, st, now) {
+                    (st.unpublished, st.last_publish) = (false, now);
+                }
+            }
+            Event::DiscoveredClosed => st.discovered_open = false,
             Event::Tick => {}
         }
         if st.unpublished && now >= st.last_publish + PUBLISH_EVERY {
@@ -223,8 +303,9 @@ impl Prober {
             .table
             .iter()
             .zip(&st.running)
-            .filter(|(_, &r)| !r)
-            .map(|(h, _)| h.next_probe)
+            .enumerate()
+            .filter(|&(i, (_, &r))| !r && self.cfg.probing && self.set.is_live(i))
+            .map(|(_, (h, _))| h.next_probe)
             .min()
             .unwrap_or_else(|| Instant::now() + self.cfg.interval);
         if st.unpublished {
@@ -261,6 +342,9 @@ impl Prober {
     }
 
     fn apply_sample(&mut self, s: Sample, dirty: &mut [bool]) {
+        if !self.set.is_live(s.upstream) {
+            return; // won a race that started before its slot was retired
+        }
         if let Some(h) = self.table.get_mut(s.upstream) {
             let before = h.state();
             h.record_latency(s.latency, self.cfg.alpha);
@@ -273,7 +357,9 @@ impl Prober {
     }
 
     fn publish(&self) {
-        let snap = HealthSnapshot::build(&self.set.priorities(), &self.table);
+        let set = &self.set;
+        let snap =
+            HealthSnapshot::build_present(&set.priorities(), &self.table, |i| set.is_live(i));
         self.routing.publish(snap);
     }
 
@@ -284,7 +370,10 @@ impl Prober {
             return;
         };
         for (i, d) in dirty.iter_mut().enumerate() {
-            if !std::mem::take(d) {
+            // Discovered upstreams start fresh when they (re)appear, so
+            // their rows would only pile up in the database.
+            let configured = self.set.slot(i) == Some(Slot::Configured);
+            if !std::mem::take(d) || !configured {
                 continue;
             }
             let h = &self.table[i];
@@ -391,5 +480,6 @@ async fn ask(client: &LocalClient, origin: &Origin, get: bool) -> Answer {
     }
 }
 
+mod reconcile;
 #[cfg(test)]
 mod tests;

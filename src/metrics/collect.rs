@@ -197,11 +197,10 @@ fn ncro22_families(b: &mut Builder) {
         "Wait for a global race permit.",
         wait,
     );
-    let urls = &b.m.upstream_urls;
+    let urls = b.m.upstream_slots().live;
     let wins = urls
         .iter()
-        .enumerate()
-        .map(|(i, u)| {
+        .map(|&(i, ref u)| {
             counter_metric(
                 &[("upstream", u)],
                 b.m.workers
@@ -219,8 +218,7 @@ fn ncro22_families(b: &mut Builder) {
     ));
     let lat = urls
         .iter()
-        .enumerate()
-        .map(|(i, u)| {
+        .map(|&(i, ref u)| {
             histogram_metric(
                 &[("upstream", u)],
                 b.m.workers.iter().map(|w| &w.upstreams[i].win_latency),
@@ -244,7 +242,9 @@ fn ncro22_families(b: &mut Builder) {
 fn upstream_families(b: &mut Builder) {
     let mut outcomes = Vec::new();
     let mut bytes = Vec::new();
-    for (i, u) in b.m.upstream_urls.iter().enumerate() {
+    let slots = b.m.upstream_slots();
+    for (i, u) in &slots.live {
+        let (i, u) = (*i, &**u);
         for (k, o) in OUTCOMES.iter().enumerate() {
             let v =
                 b.m.workers
@@ -266,6 +266,12 @@ fn upstream_families(b: &mut Builder) {
         "NAR body bytes relayed from each upstream.",
         MetricType::COUNTER,
         bytes,
+    ));
+    b.out.push(family(
+        "ncro_discovery_upstreams",
+        "Upstreams found by mDNS discovery and currently routed to.",
+        MetricType::GAUGE,
+        vec![gauge_metric(&[], slots.discovered as f64)],
     ));
     b.counter(
         "ncro_narinfo_races_total",

@@ -1,7 +1,7 @@
 //! Upstream health as metrics: the place where the health work (probes,
 //! EMA, states) plugs in. The health module owns the state; it installs a
 //! [`HealthSource`] once with `Metrics::health.set(..)`, and every scrape
-//! asks it about each configured upstream. COLD.
+//! asks it about each live upstream (configured or discovered). COLD.
 
 use std::time::Duration;
 
@@ -66,7 +66,8 @@ pub(super) fn families(m: &Metrics) -> [MetricFamily; 3] {
     let mut states: Vec<Metric> = Vec::new();
     let mut emas = Vec::new();
     let mut fails = Vec::new();
-    for url in &m.upstream_urls {
+    for (_, url) in &m.upstream_slots().live {
+        let url = &**url;
         let s = m
             .health
             .get()

@@ -1,6 +1,7 @@
 //! `/health`: ncro 2.2's JSON shape (`status`, `upstreams[]` with url,
 //! status, latency_ms, consecutive_fails, in routing order) plus fields
-//! operators asked for: priority, whether `/nix-cache-info` answered,
+//! operators asked for: priority, source (configured or discovered),
+//! whether `/nix-cache-info` answered,
 //! cooldown and in-flight counts, worker count and I/O driver.
 
 use serde_json::json;
@@ -10,9 +11,10 @@ use crate::worker::WorkerCtx;
 
 /// ncro 2.2's overall status: `down` when every upstream is DOWN (and
 /// there is at least one), `degraded` when any is DOWN or DEGRADED.
+/// Retired discovered upstreams do not count (they are not in `order`).
 pub fn overall(snap: &HealthSnapshot) -> &'static str {
-    let states = || snap.entries.iter().map(|e| e.state);
-    if !snap.entries.is_empty() && states().all(|s| s == State::Down) {
+    let states = || snap.order.iter().map(|&i| snap.entries[i].state);
+    if !snap.order.is_empty() && states().all(|s| s == State::Down) {
         "down"
     } else if states().any(|s| s != State::Active) {
         "degraded"
@@ -22,7 +24,7 @@ pub fn overall(snap: &HealthSnapshot) -> &'static str {
 }
 
 pub fn render(ctx: &WorkerCtx) -> String {
-    let set = &ctx.shared.upstreams;
+    let set = ctx.shared.upstreams.load();
     let routing = &ctx.shared.routing;
     let snap = routing.snapshot();
     let now = std::time::Instant::now();
@@ -30,13 +32,15 @@ pub fn render(ctx: &WorkerCtx) -> String {
         .order
         .iter()
         .filter_map(|&i| {
-            let (u, e) = (set.get(i)?, snap.entries.get(i)?);
+            let (u, e) = (set.live(i)?, snap.entries.get(i)?);
+            let discovered = set.slot(i) != Some(crate::upstream::slots::Slot::Configured);
             Some(json!({
                 "url": &*u.url,
                 "status": e.state.label(),
                 "latency_ms": e.ema_ms.unwrap_or(0.0),
                 "consecutive_fails": e.consecutive_fails,
                 "priority": u.priority,
+                "source": if discovered { "discovered" } else { "configured" },
                 "cache_info": e.cache_info,
                 "cooling_down": routing.limits.cooldowns.is_cooling(i, now),
                 "inflight": routing.limits.upstreams.get(i).map_or(0, |g| g.in_use()),

@@ -58,7 +58,7 @@ pub async fn serve(
     req: &Request<'_>,
     keep: bool,
 ) -> io::Result<After> {
-    let set = ctx.shared.upstreams.clone();
+    let set = ctx.shared.upstreams.load();
     let key = route::nar_key(req.path);
     let routed = ctx
         .shared
@@ -93,7 +93,8 @@ pub async fn serve(
     };
     let mut transient = false;
     for i in order {
-        let up = &set.list[i];
+        // The health snapshot may be newer or older than `set`.
+        let Some(up) = set.live(i) else { continue };
         match ctx.client.send(&up.origin, &up_req).await {
             Ok(resp) if is_final(&resp) => return relay(conn, ctx, req, resp, i, keep).await,
             Ok(resp) => {

@@ -115,7 +115,9 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
 
 /// Races the upstreams for `hash` and records the result in the route table.
 async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
-    let set: Arc<UpstreamSet> = ctx.shared.upstreams.clone();
+    // One snapshot for the whole race: slot indexes in the plan stay valid
+    // even if discovery publishes a new set meanwhile.
+    let set: Arc<UpstreamSet> = ctx.shared.upstreams.load();
     let routing = &ctx.shared.routing;
     let waited = std::time::Instant::now();
     let _permit = match ctx.limits.race(&routing.limits).await {

@@ -269,7 +269,7 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthSnapshot {
     pub entries: Box<[Entry]>,
-    /// [`routing_order`] of every upstream; DOWN ones at the end.
+    /// [`routing_order`] of every present upstream; DOWN ones at the end.
     pub order: Box<[usize]>,
     /// How many upstreams at the front of `order` are not DOWN.
     pub live: usize,
@@ -278,10 +278,23 @@ pub struct HealthSnapshot {
 impl HealthSnapshot {
     /// Builds the snapshot of `table`; `priorities[i]` is upstream `i`'s.
     pub fn build(priorities: &[i32], table: &[UpstreamHealth]) -> HealthSnapshot {
+        HealthSnapshot::build_present(priorities, table, |_| true)
+    }
+
+    /// Like [`Self::build`], for a set with retired slots: an upstream for
+    /// which `present` is false is left out of `order` (so out of races,
+    /// NAR fallback and /health) and reads as DOWN to [`Self::is_down`] (so
+    /// a cached route naming it is raced again).
+    pub fn build_present(
+        priorities: &[i32],
+        table: &[UpstreamHealth],
+        present: impl Fn(usize) -> bool,
+    ) -> HealthSnapshot {
         let entries: Box<[Entry]> = table
             .iter()
-            .map(|h| Entry {
-                state: h.state(),
+            .enumerate()
+            .map(|(i, h)| Entry {
+                state: if present(i) { h.state() } else { State::Down },
                 ema_ms: h.ema_ms,
                 consecutive_fails: h.consecutive_fails,
                 cache_info: h.cache_info,
@@ -296,8 +309,14 @@ impl HealthSnapshot {
                 ema_ms: e.ema_ms,
             })
             .collect();
-        let order = routing_order(&ranks).into_boxed_slice();
-        let live = entries.iter().filter(|e| e.state != State::Down).count();
+        let order: Box<[usize]> = routing_order(&ranks)
+            .into_iter()
+            .filter(|&i| present(i))
+            .collect();
+        let live = order
+            .iter()
+            .filter(|&&i| entries[i].state != State::Down)
+            .count();
         HealthSnapshot {
             entries,
             order,
@@ -311,6 +330,7 @@ impl HealthSnapshot {
             .is_some_and(|e| e.state == State::Down)
     }
 
+    /// Some upstream is DOWN or retired.
     pub fn any_down(&self) -> bool {
         self.live < self.entries.len()
     }

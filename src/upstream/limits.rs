@@ -100,6 +100,13 @@ impl Cooldowns {
         }
     }
 
+    /// Ends `upstream`'s cooldown (its slot now holds another upstream).
+    pub fn clear(&self, upstream: usize) {
+        if let Some(u) = self.until.get(upstream) {
+            u.store(0, Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     pub fn is_cooling(&self, upstream: usize, now: Instant) -> bool {
         self.until.get(upstream).is_some_and(|u| {

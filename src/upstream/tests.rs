@@ -124,11 +124,12 @@ fn nar_order_puts_the_routed_upstream_first_and_cooling_ones_last() {
 #[test]
 fn routes_to_down_upstreams_are_noticed_cheaply() {
     let (r, set, _rx) = routing(&[0, 0, 0], &[1.0, 1.0, 1.0]);
-    assert!(!r.route_is_down(&set, "http://127.0.0.1:1"));
+    let ups = Upstreams::new(set.clone());
+    assert!(!r.route_is_down(&ups, "http://127.0.0.1:1"));
     r.publish(snapshot(&set, &[10, 0, 0], &[1.0, 1.0, 1.0]));
-    assert!(r.route_is_down(&set, "http://127.0.0.1:1"));
-    assert!(!r.route_is_down(&set, "http://127.0.0.1:2"));
-    assert!(!r.route_is_down(&set, "http://unknown"));
+    assert!(r.route_is_down(&ups, "http://127.0.0.1:1"));
+    assert!(!r.route_is_down(&ups, "http://127.0.0.1:2"));
+    assert!(!r.route_is_down(&ups, "http://unknown"));
     assert_eq!(
         r.nar_order(Some(0), Instant::now()),
         [1, 2],
@@ -136,7 +137,7 @@ fn routes_to_down_upstreams_are_noticed_cheaply() {
     );
     // Everything DOWN: serving a cached route beats racing nobody.
     r.publish(snapshot(&set, &[10, 10, 10], &[1.0, 1.0, 1.0]));
-    assert!(!r.route_is_down(&set, "http://127.0.0.1:1"));
+    assert!(!r.route_is_down(&ups, "http://127.0.0.1:1"));
 }
 
 fn route(upstream: &str, name: &str) -> Arc<RouteEntry> {
@@ -178,6 +179,7 @@ fn loaded_routes_are_checked_against_the_current_config() {
 #[ignore]
 fn plan_cost() {
     let (r, set, _rx) = routing(&[0, 0, 0], &[10.0, 30.0, 20.0]);
+    let ups = Upstreams::new(set.clone());
     const N: u32 = 1_000_000;
     let started = Instant::now();
     for _ in 0..N {
@@ -186,7 +188,77 @@ fn plan_cost() {
     println!("plan_race, 3 upstreams: {:?}", started.elapsed() / N);
     let started = Instant::now();
     for _ in 0..N {
-        std::hint::black_box(r.route_is_down(&set, "http://127.0.0.1:2"));
+        std::hint::black_box(r.route_is_down(&ups, "http://127.0.0.1:2"));
     }
     println!("route_is_down, nothing DOWN: {:?}", started.elapsed() / N);
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(ups.load());
+    }
+    println!(
+        "Upstreams::load (set snapshot): {:?}",
+        started.elapsed() / N
+    );
+    let arc = Arc::new(set);
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(arc.clone());
+    }
+    println!(
+        "Arc<UpstreamSet>::clone (before): {:?}",
+        started.elapsed() / N
+    );
+}
+
+/// Discovery: a cached route to a retired upstream is raced again, and so
+/// is one whose URL the set forgot when its slot was recycled.
+#[test]
+fn routes_to_retired_or_recycled_upstreams_are_raced_again() {
+    let (cfg, mut set) = setup();
+    set.reserve_discovered(1);
+    let t0 = Instant::now();
+    set.discover("http://10.0.0.9:5000", 20).expect("url");
+    let healthy = |set: &UpstreamSet| {
+        let table = vec![UpstreamHealth::restored(1.0, 0, 1, t0); set.len()];
+        HealthSnapshot::build_present(&set.priorities(), &table, |i| set.is_live(i))
+    };
+    let (r, _rx) = Routing::new(&set, &cfg, healthy(&set));
+    let ups = Upstreams::new(set.clone());
+    assert!(!r.route_is_down(&ups, "http://10.0.0.9:5000"));
+    assert_eq!(upstreams(&r.plan_race(&set, t0)), [0, 1, 2, 3]);
+    set.retire("http://10.0.0.9:5000", t0);
+    ups.publish(Arc::new(set.clone()));
+    r.publish(healthy(&set));
+    assert!(r.route_is_down(&ups, "http://10.0.0.9:5000"));
+    assert!(!r.route_is_down(&ups, "http://127.0.0.1:1"));
+    let plan = r.plan_race(&set, t0);
+    assert_eq!(upstreams(&plan), [0, 1, 2]);
+    assert!(!plan.partial, "a retired upstream is not one left out");
+    set.discover("http://10.0.0.8:5000", 20).expect("url");
+    ups.publish(Arc::new(set.clone()));
+    r.forget_urls();
+    r.publish(healthy(&set));
+    assert!(
+        r.route_is_down(&ups, "http://10.0.0.9:5000"),
+        "forgotten URL"
+    );
+    assert!(!r.route_is_down(&ups, "http://10.0.0.8:5000"));
+}
+
+/// A plan made from a health snapshot newer than the worker's set (a slot
+/// it does not have yet) or older (a slot retired since) only names live
+/// upstreams of the set it holds.
+#[test]
+fn plans_only_name_live_slots_of_the_callers_set() {
+    let (cfg, mut set) = setup();
+    set.reserve_discovered(2);
+    let t0 = Instant::now();
+    let old = set.clone();
+    set.discover("http://10.0.0.9:5000", 1).expect("url");
+    let table = vec![UpstreamHealth::restored(1.0, 0, 1, t0); set.len()];
+    let snap = HealthSnapshot::build(&set.priorities(), &table);
+    let (r, _rx) = Routing::new(&set, &cfg, snap);
+    assert_eq!(upstreams(&r.plan_race(&old, t0)), [0, 1, 2]);
+    set.retire("http://10.0.0.9:5000", t0);
+    assert_eq!(upstreams(&r.plan_race(&set, t0)), [0, 1, 2]);
 }

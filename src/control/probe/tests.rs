@@ -187,3 +187,97 @@ fn restore_maps_rows_by_url_and_ignores_unknown_ones() {
     assert_eq!(table[1].state(), State::Down);
     assert_eq!(table[1].ema_ms, Some(7.5));
 }
+
+/// One configured upstream (`http://127.0.0.1:1`), two discovery slots.
+fn discovery_prober() -> (Arc<Upstreams>, Arc<Routing>, Prober, LoopState) {
+    let cfg = crate::config::Config::from_toml(
+        "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\npriority = 10\n\
+         [discovery]\nenabled = true\nmax_upstreams = 2\n",
+        crate::config::Source::Embedded,
+        "t",
+        &crate::config::env::MapEnv::new(&[]),
+    )
+    .expect("config");
+    let (mut set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    set.reserve_discovered(2);
+    let ups = Arc::new(Upstreams::new(set));
+    let tls = crate::http::tls::client_config_with(&[]).expect("tls");
+    let resolver = Resolver::new(Duration::from_secs(60));
+    let (routing, mut prober) = setup(&cfg, ups.clone(), &[], None, resolver, tls);
+    let _tx = prober.discovery_sender();
+    let st = LoopState::new(1, Duration::from_secs(30), false, true);
+    (ups, routing, prober, st)
+}
+
+fn discovered(urls: &[&str]) -> Discovered {
+    Discovered {
+        priority: 20,
+        found: urls
+            .iter()
+            .map(|u| crate::control::discovery::Found {
+                url: (*u).into(),
+                instance: "c._nix-serve._tcp.local.".into(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn discovered_urls_join_and_leave_the_set_and_the_health_snapshot() {
+    let (ups, routing, mut prober, mut st) = discovery_prober();
+    let t0 = Instant::now();
+    let twin = "http://127.0.0.1:1";
+    assert!(prober.reconcile(discovered(&["http://10.0.0.9:80", twin]), &mut st, t0));
+    let labels: Vec<_> = ups
+        .load()
+        .live_urls()
+        .into_iter()
+        .map(|(i, u)| (i, u.to_string()))
+        .collect();
+    assert_eq!(labels, [(0, twin.into()), (1, "http://10.0.0.9:80".into())]);
+    assert_eq!(
+        ups.load().get(0).map(|u| u.priority),
+        Some(10),
+        "configured one kept"
+    );
+    assert_eq!(routing.snapshot().routable(), &[0, 1]);
+    assert!(
+        !prober.reconcile(discovered(&["http://10.0.0.9:80"]), &mut st, t0),
+        "no change"
+    );
+
+    assert!(prober.reconcile(discovered(&[]), &mut st, t0));
+    assert_eq!((ups.load().len(), ups.load().live_len()), (2, 1));
+    assert_eq!(routing.snapshot().routable(), &[0]);
+    assert!(routing.route_is_down(&ups, "http://10.0.0.9:80"));
+
+    assert!(prober.reconcile(discovered(&["http://10.0.0.9:80"]), &mut st, t0));
+    assert_eq!(
+        ups.load().index_of("http://10.0.0.9:80"),
+        Some(1),
+        "same slot again"
+    );
+    assert_eq!(routing.snapshot().routable(), &[0, 1]);
+}
+
+#[test]
+fn a_probe_answer_from_a_slots_earlier_life_is_ignored() {
+    let (ups, _routing, mut prober, mut st) = discovery_prober();
+    let t0 = Instant::now();
+    prober.reconcile(discovered(&["http://10.0.0.9:80"]), &mut st, t0);
+    let life = st.life[1];
+    prober.reconcile(discovered(&[]), &mut st, t0);
+    prober.reconcile(discovered(&["http://10.0.0.9:80"]), &mut st, t0);
+    assert_ne!(st.life[1], life);
+    let late = Probed {
+        upstream: 1,
+        result: ProbeResult::Failed,
+        needs_get: false,
+    };
+    prober.handle(Event::Probed(life, late), &mut st, t0);
+    assert_eq!(
+        prober.table[1].consecutive_fails, 0,
+        "the new life starts clean"
+    );
+    assert!(ups.load().is_live(1));
+}

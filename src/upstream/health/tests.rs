@@ -332,3 +332,19 @@ fn snapshot_routes_live_upstreams_or_everything_when_all_are_down() {
     assert_eq!(snap.routable(), &[1, 0]);
     assert_eq!(snap.live, 0);
 }
+
+#[test]
+fn absent_slots_are_never_routed_and_read_as_down() {
+    let now = Instant::now();
+    let live = UpstreamHealth::restored(20.0, 0, 1, now);
+    let fast = UpstreamHealth::restored(1.0, 0, 1, now);
+    let down = UpstreamHealth::restored(5.0, 10, 1, now);
+    let table = [live.clone(), fast.clone(), down.clone()];
+    let snap = HealthSnapshot::build_present(&[1, 1, 1], &table, |i| i != 1);
+    assert_eq!(snap.routable(), &[0], "the retired fast one is left out");
+    assert_eq!(&*snap.order, &[0, 2]);
+    assert!(snap.is_down(1) && snap.any_down());
+    let snap = HealthSnapshot::build_present(&[1, 1], &[down, fast], |i| i == 0);
+    assert_eq!(snap.live, 0);
+    assert_eq!(snap.routable(), &[0], "all DOWN: still only present ones");
+}
