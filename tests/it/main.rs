@@ -18,9 +18,11 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`discovery`]: mDNS discovery in a network namespace the test makes.
 
 mod bench;
 mod cli;
+mod discovery;
 mod e2e_nix;
 mod fake;
 mod harness;
