@@ -9,6 +9,7 @@ mod narinfo;
 mod route;
 mod signature;
 mod store_hash;
+mod upstreams;
 
 use ncro::proto::narinfo::NarInfo;
 use ncro::proto::store_path::NIX_BASE32_ALPHABET;
@@ -22,6 +23,7 @@ fn main() {
     narinfo::warm();
     route::warm();
     signature::warm();
+    upstreams::warm();
     divan::main();
 }
 
