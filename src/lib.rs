@@ -18,10 +18,10 @@
 //! | [`serve`] | HOT | per-connection HTTP/1.1 loop and the endpoints |
 //! | [`http`] | HOT | request parsing, response writing, upstream client on httparse |
 //! | [`proto`] | HOT | pure Nix formats: base32, store hashes, narinfo, signatures |
-//! | [`upstream`] | HOT read / COLD write | upstream set, health snapshot and ordering, limits and cooldowns, filters |
+//! | [`upstream`] | HOT read / COLD write | upstream set (append-only slots, swapped snapshots), health snapshot and ordering, limits and cooldowns, filters |
 //! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
 //! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
-//! | [`control`] | COLD | control core (its own monoio runtime): health probes; publishes the health snapshot |
+//! | [`control`] | COLD | control core (its own monoio runtime): health probes, mDNS discovery; publishes the upstream set and health snapshots |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 //! | [`systemd`] | COLD | socket activation, sd_notify, watchdog |
 //! | [`signals`] | COLD | SIGTERM/SIGINT masking and waiting |
