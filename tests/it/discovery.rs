@@ -70,7 +70,12 @@ fn in_private_lan<T: Send>(body: impl FnOnce() -> T + Send) -> Option<T> {
 
 /// Runs `ip ARGS` in the calling thread's namespace (a child inherits it).
 fn ip(args: &str) {
-    let out = Command::new("ip")
+    // Not every root PATH has the sbin directories.
+    let program = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("ip");
+    let out = Command::new(program)
         .args(args.split(' '))
         .output()
         .unwrap_or_else(|e| panic!("running `ip {args}` (install iproute2): {e}"));
@@ -110,18 +115,21 @@ impl Drop for Announcer {
     }
 }
 
-fn config(configured: &str, db: &std::path::Path) -> String {
+/// ncro with one configured upstream (priority 10) and discovery on;
+/// `health` turns probes on (every 300 ms).
+fn config(configured: &str, db: &std::path::Path, health: bool) -> String {
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n\
          [[upstreams]]\nurl = {}\npriority = 10\n\n\
          [cache]\ndb_path = {}\n\n\
-         [health]\nenabled = true\nprobe_interval = \"300ms\"\nprobe_timeout = \"1s\"\n\n\
-         [discovery]\nenabled = true\ndiscovery_time = \"{}ms\"\n\n\
+         [health]\nenabled = {health}\nprobe_interval = \"300ms\"\nprobe_timeout = \"1s\"\n\n\
+         [discovery]\nenabled = true\ndiscovery_time = \"{}ms\"\naddress_family = \"{}\"\n\n\
          [logging]\nlevel = \"debug\"\nformat = \"text\"\n",
         q(configured),
         q(&db.to_string_lossy()),
         ROUND.as_millis(),
+        if health { "any" } else { "ipv4" },
     )
 }
 
@@ -179,7 +187,7 @@ fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
             .expect("bind the LAN cache on [::]");
         let port = lan.addr().port();
         let db = tempfile::tempdir().expect("tempdir");
-        let ncro = NcroProcess::start(&config(&configured.url(), &db.path().join("r.db")));
+        let ncro = NcroProcess::start(&config(&configured.url(), &db.path().join("r.db"), true));
         let v4 = format!("http://10.77.0.2:{port}");
         let v6 = format!("http://[fd77::2]:{port}");
         let loopback = ["127.0.0.1", "::1"].map(|a| a.parse::<IpAddr>().expect("ip"));
@@ -280,5 +288,48 @@ fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
             .count();
         assert_eq!(lookups, 0);
         eprintln!("discovery: found after {found_after:?} as {discovered:?}, asked {asked}x, dropped {after:?} after silence");
+    });
+}
+
+/// Without health probes the prober still keeps the upstream set: a
+/// discovered cache is raced all the same. `address_family = "ipv4"` keeps
+/// the IPv6 address out.
+#[test]
+fn discovery_works_with_health_probes_off_and_one_address_family() {
+    in_private_lan(|| {
+        let key = TestKey::generate("ncro-it-lan-2");
+        let path = TestPath::new("only-on-the-lan");
+        let configured = FakeUpstream::builder().start();
+        let lan = FakeUpstream::builder()
+            .path(&path, &key)
+            .start_on(SocketAddr::from(([0u16; 8], 0)))
+            .expect("bind the LAN cache on [::]");
+        let port = lan.addr().port();
+        let db = tempfile::tempdir().expect("tempdir");
+        let ncro = NcroProcess::start(&config(&configured.url(), &db.path().join("r.db"), false));
+        let v4 = format!("http://10.77.0.2:{port}");
+        let addrs = ["10.77.0.2", "fd77::2"].map(|a| a.parse::<IpAddr>().expect("ip"));
+        let _announcer = Announcer::start(&addrs, port);
+        let found = wait_until(Duration::from_secs(15), || {
+            listed(&ncro).contains(&(v4.clone(), "discovered".into()))
+        });
+        assert!(
+            found,
+            "{v4} never discovered: {:?}\n{}",
+            listed(&ncro),
+            ncro.logs()
+        );
+        // One more round: an IPv6 URL would have been heard by now.
+        std::thread::sleep(ROUND * 2);
+        let urls: Vec<_> = listed(&ncro).into_iter().map(|(u, _)| u).collect();
+        assert_eq!(urls.len(), 2, "{urls:?}");
+        assert!(
+            urls.iter().all(|u| !u.contains('[')),
+            "IPv6 kept out: {urls:?}"
+        );
+        let r = ncro.get(&path.narinfo_request_path());
+        assert_eq!(r.status, 200, "{}", ncro.logs());
+        assert_eq!(lan.request_count(&path.narinfo_request_path()), 1);
+        assert_eq!(lan.request_count("/nix-cache-info"), 0, "no probes");
     });
 }
