@@ -56,8 +56,8 @@ pub struct Prober {
     set: Arc<UpstreamSet>,
     upstreams: Arc<Upstreams>,
     routing: Arc<Routing>,
-    /// Race winners' latencies; `None` with probes off (as before the
-    /// prober also kept the set, nothing reads them then).
+    /// Race winners' latencies; `None` with probes off
+    /// (`health.enabled = false` has never fed them back).
     samples: Option<flume::Receiver<Sample>>,
     /// Discovery's updates; `None` unless [`Self::discovery_sender`] was
     /// called (discovery is off).
