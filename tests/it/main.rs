@@ -18,11 +18,14 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`faults`]: the fault-injection matrix (every upstream fault, for
+//!   narinfo and NAR requests), checked against docs/failure-modes.md.
 
 mod bench;
 mod cli;
 mod e2e_nix;
 mod fake;
+mod faults;
 mod harness;
 mod health;
 mod logging;
