@@ -66,8 +66,11 @@ pub enum Inject {
 pub enum Sees {
     /// A complete answer with this status and ncro's own short body.
     Status(u16),
-    /// 200 with the whole, correct body.
+    /// 200 with the whole, correct body (from the faulty upstream, once
+    /// beside a healthy one: the fault only slowed it down).
     Served,
+    /// Beside a healthy upstream: 200 with the whole body, from that one.
+    FromHealthy,
     /// NAR: 200 whose head promises the whole NAR, fewer bytes, then the
     /// connection closes; the `Range` resume that Nix sends next is served.
     CutShort,
@@ -136,44 +139,44 @@ const fn row(
 use Counted::{NarError, NarOk, Outcome};
 use Inject as I;
 use Kept::{Negative, Nothing, Route};
-use Sees::{CutShort, LooksComplete, Redirected, Served, Status};
+use Sees::{CutShort, FromHealthy, LooksComplete, Redirected, Served, Status};
 use Target::{Nar, Narinfo};
 
 #[rustfmt::skip]
 pub const ROWS: &[Row] = &[
-    row("404", Narinfo, I::Status(404), Status(404), Negative, Outcome("not_found"), Served),
-    row("403", Narinfo, I::Status(403), Status(404), Negative, Outcome("not_found"), Served),
-    row("500", Narinfo, I::Status(500), Status(502), Nothing, Outcome("status_5xx"), Served),
-    row("502", Narinfo, I::Status(502), Status(502), Nothing, Outcome("status_5xx"), Served),
-    row("503 with Retry-After", Narinfo, I::Unavailable, Status(502), Nothing, Outcome("status_5xx"), Served),
-    row("reset before headers", Narinfo, I::ResetBeforeHead, Status(502), Nothing, Outcome("reset"), Served),
-    row("reset mid-body", Narinfo, I::ResetMidBody, Status(502), Nothing, Outcome("reset"), Served),
-    row("hang before headers", Narinfo, I::HangBeforeHead, Status(504), Nothing, Outcome("timeout"), Served),
-    row("hang mid-body", Narinfo, I::HangMidBody, Status(504), Nothing, Outcome("timeout"), Served),
-    row("truncated body, Content-Length", Narinfo, I::TruncatedWithLength, Status(502), Nothing, Outcome("reset"), Served),
-    row("truncated body, no Content-Length", Narinfo, I::TruncatedNoLength, Status(502), Nothing, Outcome("malformed"), Served),
-    row("chunked framing error", Narinfo, I::BadChunked, Status(502), Nothing, Outcome("protocol"), Served),
-    row("bad signature", Narinfo, I::BadSignature, Status(502), Nothing, Outcome("bad_signature"), Served),
-    row("wrong StorePath", Narinfo, I::WrongStorePath, Status(404), Negative, Outcome("wrong_store_path"), Served),
-    row("malformed narinfo", Narinfo, I::Malformed, Status(502), Nothing, Outcome("malformed"), Served),
-    row("CRLF narinfo", Narinfo, I::Crlf, Status(502), Nothing, Outcome("malformed"), Served),
-    row("redirect", Narinfo, I::Redirect, Status(502), Nothing, Outcome("status_other"), Served),
-    row("enormous headers", Narinfo, I::EnormousHeaders, Status(502), Nothing, Outcome("protocol"), Served),
-    row("slow trickle", Narinfo, I::Trickle, Served, Route, Outcome("accepted"), Served),
-    row("404", Nar, I::Status(404), Status(404), Nothing, NarError, Served),
-    row("403", Nar, I::Status(403), Status(404), Nothing, NarError, Served),
-    row("500", Nar, I::Status(500), Status(502), Nothing, NarError, Served),
-    row("502", Nar, I::Status(502), Status(502), Nothing, NarError, Served),
-    row("503 with Retry-After", Nar, I::Unavailable, Status(502), Nothing, NarError, Served),
-    row("reset before headers", Nar, I::ResetBeforeHead, Status(502), Nothing, NarError, Served),
+    row("404", Narinfo, I::Status(404), Status(404), Negative, Outcome("not_found"), FromHealthy),
+    row("403", Narinfo, I::Status(403), Status(404), Negative, Outcome("not_found"), FromHealthy),
+    row("500", Narinfo, I::Status(500), Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
+    row("502", Narinfo, I::Status(502), Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
+    row("503 with Retry-After", Narinfo, I::Unavailable, Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
+    row("reset before headers", Narinfo, I::ResetBeforeHead, Status(502), Nothing, Outcome("reset"), FromHealthy),
+    row("reset mid-body", Narinfo, I::ResetMidBody, Status(502), Nothing, Outcome("reset"), FromHealthy),
+    row("hang before headers", Narinfo, I::HangBeforeHead, Status(504), Nothing, Outcome("timeout"), FromHealthy),
+    row("hang mid-body", Narinfo, I::HangMidBody, Status(504), Nothing, Outcome("timeout"), FromHealthy),
+    row("truncated body, Content-Length", Narinfo, I::TruncatedWithLength, Status(502), Nothing, Outcome("reset"), FromHealthy),
+    row("truncated body, no Content-Length", Narinfo, I::TruncatedNoLength, Status(502), Nothing, Outcome("malformed"), FromHealthy),
+    row("chunked framing error", Narinfo, I::BadChunked, Status(502), Nothing, Outcome("protocol"), FromHealthy),
+    row("bad signature", Narinfo, I::BadSignature, Status(502), Nothing, Outcome("bad_signature"), FromHealthy),
+    row("wrong StorePath", Narinfo, I::WrongStorePath, Status(404), Negative, Outcome("wrong_store_path"), FromHealthy),
+    row("malformed narinfo", Narinfo, I::Malformed, Status(502), Nothing, Outcome("malformed"), FromHealthy),
+    row("CRLF narinfo", Narinfo, I::Crlf, Status(502), Nothing, Outcome("malformed"), FromHealthy),
+    row("redirect", Narinfo, I::Redirect, Status(502), Nothing, Outcome("status_other"), FromHealthy),
+    row("enormous headers", Narinfo, I::EnormousHeaders, Status(502), Nothing, Outcome("protocol"), FromHealthy),
+    row("slow trickle", Narinfo, I::Trickle, Served, Route, Outcome("accepted"), FromHealthy),
+    row("404", Nar, I::Status(404), Status(404), Nothing, NarError, FromHealthy),
+    row("403", Nar, I::Status(403), Status(404), Nothing, NarError, FromHealthy),
+    row("500", Nar, I::Status(500), Status(502), Nothing, NarError, FromHealthy),
+    row("502", Nar, I::Status(502), Status(502), Nothing, NarError, FromHealthy),
+    row("503 with Retry-After", Nar, I::Unavailable, Status(502), Nothing, NarError, FromHealthy),
+    row("reset before headers", Nar, I::ResetBeforeHead, Status(502), Nothing, NarError, FromHealthy),
     row("reset mid-body", Nar, I::ResetMidBody, CutShort, Nothing, NarError, CutShort),
-    row("hang before headers", Nar, I::HangBeforeHead, Status(504), Nothing, NarError, Served),
+    row("hang before headers", Nar, I::HangBeforeHead, Status(504), Nothing, NarError, FromHealthy),
     row("hang mid-body", Nar, I::HangMidBody, CutShort, Nothing, NarError, CutShort),
     row("truncated body, Content-Length", Nar, I::TruncatedWithLength, CutShort, Nothing, NarError, CutShort),
     row("truncated body, no Content-Length", Nar, I::TruncatedNoLength, LooksComplete, Nothing, NarOk, LooksComplete),
     row("chunked framing error", Nar, I::BadChunked, CutShort, Nothing, NarError, CutShort),
     row("redirect", Nar, I::Redirect, Redirected, Nothing, NarOk, Redirected),
-    row("enormous headers", Nar, I::EnormousHeaders, Status(502), Nothing, NarError, Served),
+    row("enormous headers", Nar, I::EnormousHeaders, Status(502), Nothing, NarError, FromHealthy),
     row("slow trickle", Nar, I::Trickle, Served, Nothing, NarOk, Served),
 ];
 
@@ -181,12 +184,13 @@ fn sees_text(s: Sees, healthy: bool) -> String {
     match (s, healthy) {
         (Status(code), _) => code.to_string(),
         (Served, false) => "200, whole body".into(),
-        (Served, true) => "200, whole body, from the healthy upstream".into(),
+        (Served, true) => "200, whole body, from the faulty upstream (only slower)".into(),
+        (FromHealthy, _) => "200, whole body, from the healthy upstream".into(),
         (CutShort, false) => {
-            "200, body cut short, connection closed; the `Range` resume is served (206)".into()
+            "200, body cut short, connection closed; the client's resume is served".into()
         }
         (CutShort, true) => {
-            "cut short as alone; the `Range` resume is served by the healthy upstream (206)".into()
+            "cut short as alone; the client's resume is served by the healthy upstream".into()
         }
         (Redirected, _) => "302 relayed with its `Location`".into(),
         (LooksComplete, _) => "200, close-delimited body ends early: looks whole (note 1)".into(),

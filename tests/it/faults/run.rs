@@ -155,8 +155,11 @@ pub fn run(row: &Row, healthy: bool, relay: &str) {
     let path = target_path(&s.p, row.target);
     let mut got = s.get(&path, &[]);
     let sees = if healthy { row.with_healthy } else { row.sees };
-    check_sees(&s, row.target, sees, &got, healthy);
-    if matches!(sees, Sees::Status(_) | Sees::Served | Sees::Redirected) {
+    check_sees(&s, row.target, sees, &got);
+    if matches!(
+        sees,
+        Sees::Status(_) | Sees::Served | Sees::FromHealthy | Sees::Redirected
+    ) {
         assert!(
             still_usable(&mut got),
             "client connection lost after {sees:?}"
@@ -196,7 +199,7 @@ fn assert_narinfo(s: &Setup, got: &Got, signer: &TestKey) {
     assert_eq!(sigs, [signer.name()], "{text}");
 }
 
-fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got, healthy: bool) {
+fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got) {
     let nar = &s.p.nar;
     let shorter_prefix = got.body.len() < nar.len() && nar.starts_with(&got.body);
     let ctx = || {
@@ -212,10 +215,11 @@ fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got, healthy: bool) {
             assert_eq!(got.status, code, "{}", ctx());
             assert!(got.complete, "{}", ctx());
         }
-        Sees::Served if target == Target::Narinfo => {
-            assert_narinfo(s, got, if healthy { &s.kb } else { &s.ka });
+        Sees::Served | Sees::FromHealthy if target == Target::Narinfo => {
+            let by_healthy = sees == Sees::FromHealthy;
+            assert_narinfo(s, got, if by_healthy { &s.kb } else { &s.ka });
         }
-        Sees::Served => {
+        Sees::Served | Sees::FromHealthy => {
             assert_eq!(got.status, 200, "{}", ctx());
             assert!(
                 got.complete && got.body == *nar,
@@ -223,6 +227,11 @@ fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got, healthy: bool) {
                 got.body.len(),
                 ctx()
             );
+            if let Some(h) = &s.healthy {
+                let asked = h.request_count(&s.p.nar_request_path());
+                let want = sees == Sees::FromHealthy;
+                assert_eq!(asked > 0, want, "healthy upstream asked {asked} times");
+            }
         }
         Sees::CutShort => {
             assert_eq!(got.status, 200, "{}", ctx());
@@ -338,7 +347,7 @@ fn check_kept(s: &Setup, row: &Row, first: &Got) {
             if row.sees == Sees::CutShort {
                 resume(s, first, false);
             } else {
-                check_sees(s, row.target, Sees::Served, &s.get(&path, &[]), false);
+                check_sees(s, row.target, Sees::Served, &s.get(&path, &[]));
             }
             assert!(s.asked(row.target) > asked, "the upstream was asked again");
             let hits = negative_hits(&scrape(&s.ncro)) - negative_hits(&before);
