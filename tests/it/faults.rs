@@ -114,6 +114,19 @@ pub struct Row {
     pub counted: Counted,
     /// What the client gets with a healthy second upstream in the tier.
     pub with_healthy: Sees,
+    /// What the client gets when the second upstream in the tier does not
+    /// have the path (answers 404): a failure beside a miss is no miss.
+    pub with_empty: Sees,
+}
+
+/// What sits in the tier beside the faulty upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Beside {
+    Nothing,
+    /// Has the path; its narinfo answers a little later.
+    Healthy,
+    /// Has no path at all (404 for everything but `/nix-cache-info`).
+    Empty,
 }
 
 const fn row(
@@ -124,6 +137,7 @@ const fn row(
     kept: Kept,
     counted: Counted,
     with_healthy: Sees,
+    with_empty: Sees,
 ) -> Row {
     Row {
         fault,
@@ -133,6 +147,7 @@ const fn row(
         kept,
         counted,
         with_healthy,
+        with_empty,
     }
 }
 
@@ -144,40 +159,40 @@ use Target::{Nar, Narinfo};
 
 #[rustfmt::skip]
 pub const ROWS: &[Row] = &[
-    row("404", Narinfo, I::Status(404), Status(404), Negative, Outcome("not_found"), FromHealthy),
-    row("403", Narinfo, I::Status(403), Status(404), Negative, Outcome("not_found"), FromHealthy),
-    row("500", Narinfo, I::Status(500), Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
-    row("502", Narinfo, I::Status(502), Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
-    row("503 with Retry-After", Narinfo, I::Unavailable, Status(502), Nothing, Outcome("status_5xx"), FromHealthy),
-    row("reset before headers", Narinfo, I::ResetBeforeHead, Status(502), Nothing, Outcome("reset"), FromHealthy),
-    row("reset mid-body", Narinfo, I::ResetMidBody, Status(502), Nothing, Outcome("reset"), FromHealthy),
-    row("hang before headers", Narinfo, I::HangBeforeHead, Status(504), Nothing, Outcome("timeout"), FromHealthy),
-    row("hang mid-body", Narinfo, I::HangMidBody, Status(504), Nothing, Outcome("timeout"), FromHealthy),
-    row("truncated body, Content-Length", Narinfo, I::TruncatedWithLength, Status(502), Nothing, Outcome("reset"), FromHealthy),
-    row("truncated body, no Content-Length", Narinfo, I::TruncatedNoLength, Status(502), Nothing, Outcome("malformed"), FromHealthy),
-    row("chunked framing error", Narinfo, I::BadChunked, Status(502), Nothing, Outcome("protocol"), FromHealthy),
-    row("bad signature", Narinfo, I::BadSignature, Status(502), Nothing, Outcome("bad_signature"), FromHealthy),
-    row("wrong StorePath", Narinfo, I::WrongStorePath, Status(404), Negative, Outcome("wrong_store_path"), FromHealthy),
-    row("malformed narinfo", Narinfo, I::Malformed, Status(502), Nothing, Outcome("malformed"), FromHealthy),
-    row("CRLF narinfo", Narinfo, I::Crlf, Status(502), Nothing, Outcome("malformed"), FromHealthy),
-    row("redirect", Narinfo, I::Redirect, Status(502), Nothing, Outcome("status_other"), FromHealthy),
-    row("enormous headers", Narinfo, I::EnormousHeaders, Status(502), Nothing, Outcome("protocol"), FromHealthy),
-    row("slow trickle", Narinfo, I::Trickle, Served, Route, Outcome("accepted"), FromHealthy),
-    row("404", Nar, I::Status(404), Status(404), Nothing, NarError, FromHealthy),
-    row("403", Nar, I::Status(403), Status(404), Nothing, NarError, FromHealthy),
-    row("500", Nar, I::Status(500), Status(502), Nothing, NarError, FromHealthy),
-    row("502", Nar, I::Status(502), Status(502), Nothing, NarError, FromHealthy),
-    row("503 with Retry-After", Nar, I::Unavailable, Status(502), Nothing, NarError, FromHealthy),
-    row("reset before headers", Nar, I::ResetBeforeHead, Status(502), Nothing, NarError, FromHealthy),
-    row("reset mid-body", Nar, I::ResetMidBody, CutShort, Nothing, NarError, CutShort),
-    row("hang before headers", Nar, I::HangBeforeHead, Status(504), Nothing, NarError, FromHealthy),
-    row("hang mid-body", Nar, I::HangMidBody, CutShort, Nothing, NarError, CutShort),
-    row("truncated body, Content-Length", Nar, I::TruncatedWithLength, CutShort, Nothing, NarError, CutShort),
-    row("truncated body, no Content-Length", Nar, I::TruncatedNoLength, LooksComplete, Nothing, NarOk, LooksComplete),
-    row("chunked framing error", Nar, I::BadChunked, CutShort, Nothing, NarError, CutShort),
-    row("redirect", Nar, I::Redirect, Redirected, Nothing, NarOk, Redirected),
-    row("enormous headers", Nar, I::EnormousHeaders, Status(502), Nothing, NarError, FromHealthy),
-    row("slow trickle", Nar, I::Trickle, Served, Nothing, NarOk, Served),
+    row("404", Narinfo, I::Status(404), Status(404), Negative, Outcome("not_found"), FromHealthy, Status(404)),
+    row("403", Narinfo, I::Status(403), Status(404), Negative, Outcome("not_found"), FromHealthy, Status(404)),
+    row("500", Narinfo, I::Status(500), Status(502), Nothing, Outcome("status_5xx"), FromHealthy, Status(502)),
+    row("502", Narinfo, I::Status(502), Status(502), Nothing, Outcome("status_5xx"), FromHealthy, Status(502)),
+    row("503 with Retry-After", Narinfo, I::Unavailable, Status(502), Nothing, Outcome("status_5xx"), FromHealthy, Status(502)),
+    row("reset before headers", Narinfo, I::ResetBeforeHead, Status(502), Nothing, Outcome("reset"), FromHealthy, Status(502)),
+    row("reset mid-body", Narinfo, I::ResetMidBody, Status(502), Nothing, Outcome("reset"), FromHealthy, Status(502)),
+    row("hang before headers", Narinfo, I::HangBeforeHead, Status(504), Nothing, Outcome("timeout"), FromHealthy, Status(504)),
+    row("hang mid-body", Narinfo, I::HangMidBody, Status(504), Nothing, Outcome("timeout"), FromHealthy, Status(504)),
+    row("truncated body, Content-Length", Narinfo, I::TruncatedWithLength, Status(502), Nothing, Outcome("reset"), FromHealthy, Status(502)),
+    row("truncated body, no Content-Length", Narinfo, I::TruncatedNoLength, Status(502), Nothing, Outcome("malformed"), FromHealthy, Status(502)),
+    row("chunked framing error", Narinfo, I::BadChunked, Status(502), Nothing, Outcome("protocol"), FromHealthy, Status(502)),
+    row("bad signature", Narinfo, I::BadSignature, Status(502), Nothing, Outcome("bad_signature"), FromHealthy, Status(502)),
+    row("wrong StorePath", Narinfo, I::WrongStorePath, Status(404), Negative, Outcome("wrong_store_path"), FromHealthy, Status(404)),
+    row("malformed narinfo", Narinfo, I::Malformed, Status(502), Nothing, Outcome("malformed"), FromHealthy, Status(502)),
+    row("CRLF narinfo", Narinfo, I::Crlf, Status(502), Nothing, Outcome("malformed"), FromHealthy, Status(502)),
+    row("redirect", Narinfo, I::Redirect, Status(502), Nothing, Outcome("status_other"), FromHealthy, Status(502)),
+    row("enormous headers", Narinfo, I::EnormousHeaders, Status(502), Nothing, Outcome("protocol"), FromHealthy, Status(502)),
+    row("slow trickle", Narinfo, I::Trickle, Served, Route, Outcome("accepted"), FromHealthy, Served),
+    row("404", Nar, I::Status(404), Status(404), Nothing, NarError, FromHealthy, Status(404)),
+    row("403", Nar, I::Status(403), Status(404), Nothing, NarError, FromHealthy, Status(404)),
+    row("500", Nar, I::Status(500), Status(502), Nothing, NarError, FromHealthy, Status(502)),
+    row("502", Nar, I::Status(502), Status(502), Nothing, NarError, FromHealthy, Status(502)),
+    row("503 with Retry-After", Nar, I::Unavailable, Status(502), Nothing, NarError, FromHealthy, Status(502)),
+    row("reset before headers", Nar, I::ResetBeforeHead, Status(502), Nothing, NarError, FromHealthy, Status(502)),
+    row("reset mid-body", Nar, I::ResetMidBody, CutShort, Nothing, NarError, CutShort, CutShort),
+    row("hang before headers", Nar, I::HangBeforeHead, Status(504), Nothing, NarError, FromHealthy, Status(504)),
+    row("hang mid-body", Nar, I::HangMidBody, CutShort, Nothing, NarError, CutShort, CutShort),
+    row("truncated body, Content-Length", Nar, I::TruncatedWithLength, CutShort, Nothing, NarError, CutShort, CutShort),
+    row("truncated body, no Content-Length", Nar, I::TruncatedNoLength, LooksComplete, Nothing, NarOk, LooksComplete, LooksComplete),
+    row("chunked framing error", Nar, I::BadChunked, CutShort, Nothing, NarError, CutShort, CutShort),
+    row("redirect", Nar, I::Redirect, Redirected, Nothing, NarOk, Redirected, Redirected),
+    row("enormous headers", Nar, I::EnormousHeaders, Status(502), Nothing, NarError, FromHealthy, Status(502)),
+    row("slow trickle", Nar, I::Trickle, Served, Nothing, NarOk, Served, Served),
 ];
 
 fn sees_text(s: Sees, healthy: bool) -> String {
@@ -194,6 +209,15 @@ fn sees_text(s: Sees, healthy: bool) -> String {
         }
         (Redirected, _) => "302 relayed with its `Location`".into(),
         (LooksComplete, _) => "200, close-delimited body ends early: looks whole (note 1)".into(),
+    }
+}
+
+/// A cell of the "beside an upstream without the path" column: only the
+/// answer, the rest is as alone.
+fn empty_text(s: Sees) -> String {
+    match s {
+        CutShort => "cut short as alone".into(),
+        other => sees_text(other, false),
     }
 }
 
@@ -217,8 +241,8 @@ fn counted_text(c: Counted) -> String {
 /// The matrix as the Markdown table in docs/failure-modes.md.
 pub fn render_table() -> String {
     let mut out = String::from(
-        "| upstream fault | request | client sees | ncro keeps | counted in | with a healthy second upstream |\n\
-         |---|---|---|---|---|---|\n",
+        "| upstream fault | request | client sees | ncro keeps | counted in | beside a healthy upstream | beside an upstream without the path |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for r in ROWS {
         let target = match r.target {
@@ -226,12 +250,13 @@ pub fn render_table() -> String {
             Nar => "NAR",
         };
         out.push_str(&format!(
-            "| {} | {target} | {} | {} | {} | {} |\n",
+            "| {} | {target} | {} | {} | {} | {} | {} |\n",
             r.fault,
             sees_text(r.sees, false),
             kept_text(r.kept, r.target),
             counted_text(r.counted),
             sees_text(r.with_healthy, true),
+            empty_text(r.with_empty),
         ));
     }
     out
@@ -275,12 +300,12 @@ fn every_fault_is_in_the_matrix_for_both_requests() {
 }
 
 /// Runs every row for `target`; reports all failing rows at once.
-fn sweep(target: Target, healthy: bool, relay: &str) {
+fn sweep(target: Target, beside: Beside, relay: &str) {
     let failed: Vec<String> = ROWS
         .iter()
         .filter(|r| r.target == target)
         .filter_map(|r| {
-            let outcome = std::panic::catch_unwind(|| run::run(r, healthy, relay));
+            let outcome = std::panic::catch_unwind(|| run::run(r, beside, relay));
             outcome
                 .err()
                 .map(|_| format!("{} ({:?})", r.fault, r.target))
@@ -291,25 +316,66 @@ fn sweep(target: Target, healthy: bool, relay: &str) {
 
 #[test]
 fn narinfo_faults_alone() {
-    sweep(Narinfo, false, "auto");
+    sweep(Narinfo, Beside::Nothing, "auto");
 }
 
 #[test]
 fn narinfo_faults_beside_a_healthy_upstream() {
-    sweep(Narinfo, true, "auto");
+    sweep(Narinfo, Beside::Healthy, "auto");
+}
+
+#[test]
+fn narinfo_faults_beside_an_empty_upstream() {
+    sweep(Narinfo, Beside::Empty, "auto");
 }
 
 #[test]
 fn nar_faults_alone_copy() {
-    sweep(Nar, false, "copy");
+    sweep(Nar, Beside::Nothing, "copy");
 }
 
 #[test]
 fn nar_faults_alone_splice() {
-    sweep(Nar, false, "splice");
+    sweep(Nar, Beside::Nothing, "splice");
 }
 
 #[test]
 fn nar_faults_beside_a_healthy_upstream() {
-    sweep(Nar, true, "auto");
+    sweep(Nar, Beside::Healthy, "auto");
+}
+
+#[test]
+fn nar_faults_beside_an_empty_upstream() {
+    sweep(Nar, Beside::Empty, "auto");
+}
+
+/// Regression: an upstream sitting out its cooldown after one reset was
+/// not asked at all, so while every other upstream said 404 each lookup of
+/// a path only it holds was answered 502 for the whole cooldown (15 s by
+/// default), far longer than Nix retries (about 4.5 s) before failing the
+/// build. It is now asked last, once the others gave no answer.
+#[test]
+fn regression_cooling_upstream_is_asked_when_the_others_miss() {
+    use crate::fake::{FakeUpstream, Fault, TestKey, TestPath};
+    use crate::routing::{db_dir, entry, NcroConfig};
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("only-here");
+    let flaky = FakeUpstream::builder()
+        .path(&p, &k)
+        .rule(p.narinfo_request_path(), Fault::first_n(1, Fault::Reset))
+        .start();
+    let empty = FakeUpstream::builder().start();
+    let db = db_dir();
+    let ups = [entry(flaky.url(), 10, &k), entry(empty.url(), 10, &k)];
+    let mut mass_query = toml::Table::new();
+    mass_query.insert("upstream_cooldown".into(), "1h".into());
+    let ncro = NcroConfig::new(&ups, &db.path().join("r.db"))
+        .set("cache", "mass_query", mass_query)
+        .start();
+    let path = p.narinfo_request_path();
+    assert_eq!(ncro.get(&path).status, 502, "{}", ncro.logs());
+    let r = ncro.get(&path);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), ncro.logs());
+    assert_eq!(flaky.request_count(&path), 2, "asked again while cooling");
+    assert_eq!(empty.request_count(&path), 2);
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::fetch::{fetch, still_usable, Got};
-use super::{Counted, Inject, Kept, Row, Sees, Target};
+use super::{Beside, Counted, Inject, Kept, Row, Sees, Target};
 use crate::fake::{random_bytes, FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::harness::NcroProcess;
 use crate::metrics::{scrape, Scrape};
@@ -35,7 +35,10 @@ struct Setup {
     ka: TestKey,
     kb: TestKey,
     faulty: FakeUpstream,
-    healthy: Option<FakeUpstream>,
+    /// The second upstream of the tier, if any, and whether it is the
+    /// healthy kind (else it has nothing).
+    second: Option<FakeUpstream>,
+    beside: Beside,
     /// Target of the redirect rows.
     redirect_to: String,
     _storage: FakeUpstream,
@@ -43,7 +46,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(row: &Row, healthy: bool, relay: &str) -> Setup {
+    fn new(row: &Row, beside: Beside, relay: &str) -> Setup {
         let (ka, kb) = (
             TestKey::generate("faulty-1"),
             TestKey::generate("healthy-1"),
@@ -59,15 +62,20 @@ impl Setup {
             .rule(PathMatch::exact(&path), fault)
             .start();
         let mut ups = vec![entry(faulty.url(), 10, &ka)];
-        let healthy = healthy.then(|| {
-            let h = FakeUpstream::builder()
-                .cache_info(40)
-                .path(&p, &kb)
-                .rule(PathMatch::suffix(".narinfo"), Fault::Delay(HEALTHY_DELAY))
-                .start();
-            ups.push(entry(h.url(), 10, &kb));
-            h
-        });
+        let second = match beside {
+            Beside::Nothing => None,
+            Beside::Healthy => Some(
+                FakeUpstream::builder()
+                    .cache_info(40)
+                    .path(&p, &kb)
+                    .rule(PathMatch::suffix(".narinfo"), Fault::Delay(HEALTHY_DELAY))
+                    .start(),
+            ),
+            Beside::Empty => Some(FakeUpstream::builder().cache_info(40).start()),
+        };
+        if let Some(up) = &second {
+            ups.push(entry(up.url(), 10, &kb));
+        }
         let db = db_dir();
         let mut cfg = NcroConfig::new(&ups, &db.path().join("r.db"))
             .set("server", "workers", 1)
@@ -82,7 +90,8 @@ impl Setup {
             ka,
             kb,
             faulty,
-            healthy,
+            second,
+            beside,
             redirect_to,
             _storage: storage,
             db,
@@ -91,6 +100,12 @@ impl Setup {
 
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> Got {
         fetch(self.ncro.addr(), path, headers, LIMIT)
+    }
+
+    fn healthy(&self) -> Option<&FakeUpstream> {
+        self.second
+            .as_ref()
+            .filter(|_| self.beside == Beside::Healthy)
     }
 
     fn asked(&self, target: Target) -> usize {
@@ -141,10 +156,10 @@ fn fault_for(row: &Row, p: &TestPath, key: &TestKey, redirect_to: &str) -> Fault
     }
 }
 
-/// Runs `row` alone or beside a healthy upstream, with this
+/// Runs `row` with `beside` in the faulty upstream's tier, with this
 /// `server.nar_relay` mode.
-pub fn run(row: &Row, healthy: bool, relay: &str) {
-    let s = Setup::new(row, healthy, relay);
+pub fn run(row: &Row, beside: Beside, relay: &str) {
+    let s = Setup::new(row, beside, relay);
     if row.target == Target::Nar {
         // Nix always asks for the narinfo first; it routes the NAR to the
         // faulty upstream (the healthy one answers narinfos later).
@@ -154,7 +169,11 @@ pub fn run(row: &Row, healthy: bool, relay: &str) {
     let before = scrape(&s.ncro);
     let path = target_path(&s.p, row.target);
     let mut got = s.get(&path, &[]);
-    let sees = if healthy { row.with_healthy } else { row.sees };
+    let sees = match beside {
+        Beside::Nothing => row.sees,
+        Beside::Healthy => row.with_healthy,
+        Beside::Empty => row.with_empty,
+    };
     check_sees(&s, row.target, sees, &got);
     if matches!(
         sees,
@@ -165,7 +184,7 @@ pub fn run(row: &Row, healthy: bool, relay: &str) {
             "client connection lost after {sees:?}"
         );
     }
-    if healthy {
+    if beside == Beside::Healthy {
         if sees == Sees::CutShort {
             // No healing: the resume must avoid the upstream that cut it.
             resume(&s, &got, true);
@@ -179,9 +198,10 @@ pub fn run(row: &Row, healthy: bool, relay: &str) {
         }
     } else {
         // Beside a healthy upstream the faulty attempt may still be running
-        // when the other wins; it is then cancelled and not counted.
+        // when the other wins; it is then cancelled and not counted. An
+        // upstream without the path changes none of this.
         check_counted(&s, row, &before);
-        check_kept(&s, row, &got);
+        check_kept(&s, row, &got, sees);
     }
 }
 
@@ -227,7 +247,7 @@ fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got) {
                 got.body.len(),
                 ctx()
             );
-            if let Some(h) = &s.healthy {
+            if let Some(h) = s.healthy() {
                 let asked = h.request_count(&s.p.nar_request_path());
                 let want = sees == Sees::FromHealthy;
                 assert_eq!(asked > 0, want, "healthy upstream asked {asked} times");
@@ -311,13 +331,13 @@ fn resume(s: &Setup, cut: &Got, beside_healthy: bool) {
         let want = format!("bytes {have}-{}/{total}", total - 1);
         assert_eq!(got.header("Content-Range"), Some(want.as_str()));
     }
-    if let (true, Some(h)) = (beside_healthy, &s.healthy) {
+    if let (true, Some(h)) = (beside_healthy, s.healthy()) {
         let asked = h.request_count(&s.p.nar_request_path());
         assert!(asked >= 1, "the resume went back to the faulty upstream");
     }
 }
 
-fn check_kept(s: &Setup, row: &Row, first: &Got) {
+fn check_kept(s: &Setup, row: &Row, first: &Got, sees: Sees) {
     let asked = s.asked(row.target);
     let path = target_path(&s.p, row.target);
     let negative_hits = |sc: &Scrape| sc.value("ncro_narinfo_memory_negative_hits_total", &[]);
@@ -344,7 +364,7 @@ fn check_kept(s: &Setup, row: &Row, first: &Got) {
         }
         Kept::Nothing => {
             s.faulty.heal();
-            if row.sees == Sees::CutShort {
+            if sees == Sees::CutShort {
                 resume(s, first, false);
             } else {
                 check_sees(s, row.target, Sees::Served, &s.get(&path, &[]));
