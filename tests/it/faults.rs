@@ -3,10 +3,13 @@
 //!
 //! [`ROWS`] is the matrix. Each row names an upstream fault, what the Nix
 //! client gets for its request, what ncro keeps afterwards and which metric
-//! counts it, and what the client gets when a healthy second upstream sits
-//! in the same tier. [`run`] turns every field into assertions (one ncro
-//! and fresh fakes per row and setup, so rows cannot leak cooldowns or
-//! routes into each other); `docs_match_the_matrix` checks that
+//! counts it, and what the client gets when a second upstream sits in the
+//! same tier: a healthy one (the race must answer from it) or one without
+//! the path (a failure beside a 404 must not become a 404). `run::run`
+//! turns every field into assertions (one ncro and fresh fakes per row and
+//! setup, so rows cannot leak cooldowns or routes into each other); the
+//! faulty upstream recovers (`FakeUpstream::heal`) before the follow-up
+//! requests that show what was kept. `docs_match_the_matrix` checks that
 //! docs/failure-modes.md holds exactly the rendered table, so the document
 //! cannot drift from what is tested. After changing a row, regenerate the
 //! table with
@@ -31,7 +34,7 @@ pub enum Target {
 }
 
 /// The upstream misbehaviour, installed on the faulty upstream for the
-/// target path only (see `run::install`).
+/// target path only (see `run::fault_for`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inject {
     Status(u16),
