@@ -35,8 +35,7 @@ struct Setup {
     ka: TestKey,
     kb: TestKey,
     faulty: FakeUpstream,
-    /// The second upstream of the tier, if any, and whether it is the
-    /// healthy kind (else it has nothing).
+    /// The second upstream of the tier, of the kind `beside` says.
     second: Option<FakeUpstream>,
     beside: Beside,
     /// Target of the redirect rows.
