@@ -229,6 +229,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         flights: quick_cache::sync::Cache::new(
             (cfg.cache.max_concurrent_races as usize * 4).max(1024),
         ),
+        connections: crate::serve::limit::ConnLimit::new(cfg.server.max_connections),
     });
 
     let mut jobs = Vec::new();

@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub control_cpu: Option<usize>,
     pub nar_relay: NarRelay,
     pub shutdown_grace: Duration,
+    /// Open client connections across all workers; more are answered 503
+    /// and closed. 0: no cap.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -321,6 +324,7 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
         control_cpu: s.control_cpu,
         nar_relay: s.nar_relay,
         shutdown_grace: s.shutdown_grace.0,
+        max_connections: s.max_connections,
     })
 }
 

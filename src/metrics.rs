@@ -170,6 +170,8 @@ pub const NAR_OUTCOMES: [&str; 2] = ["ok", "error"];
 pub struct WorkerMetrics {
     pub connections_total: LocalCounter,
     pub connections_closed: LocalCounter,
+    /// Connections over `server.max_connections`, answered 503.
+    pub connections_rejected: LocalCounter,
     pub requests_total: LocalCounter,
     pub cache_info_requests: LocalCounter,
     pub narinfo_ok: LocalCounter,
@@ -200,6 +202,7 @@ impl WorkerMetrics {
         WorkerMetrics {
             connections_total: Default::default(),
             connections_closed: Default::default(),
+            connections_rejected: Default::default(),
             requests_total: Default::default(),
             cache_info_requests: Default::default(),
             narinfo_ok: Default::default(),

@@ -6,6 +6,7 @@
 //! one syscall.
 
 pub mod health;
+pub mod limit;
 pub mod nar;
 pub mod narinfo;
 
@@ -45,6 +46,7 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
     }
     ctx.metrics.connections_closed.inc();
     ctx.active.set(ctx.active.get() - 1);
+    ctx.shared.connections.release();
 }
 
 pub struct Conn {

@@ -204,13 +204,14 @@ pub struct RacePlan {
     pub candidates: Vec<Candidate>,
     /// When the next tier joins in ([`health::hedge_delay`] of the first).
     pub hedge_after: Duration,
-    /// Some upstream was left out (DOWN or cooling down), so a miss is not
-    /// the final word of every configured upstream.
+    /// Some upstream is left out for being DOWN, so even a miss from every
+    /// other one is not the final word of every configured upstream.
     pub partial: bool,
-    /// A routable upstream was left out only because it is cooling down
-    /// after a transport error: it may well hold the path, so a miss from
-    /// the others is not definite (answered 502, never a sticky 404).
-    pub cooling_skipped: bool,
+    /// Routable upstreams left out of `candidates` only because they are
+    /// cooling down after a transport error, in routing order. They may
+    /// well hold the path: the caller asks them when the candidates give
+    /// no answer, before concluding anything.
+    pub cooling: Vec<Candidate>,
 }
 
 /// The changing side of the upstreams, shared by all workers and the
@@ -297,7 +298,8 @@ impl Routing {
     }
 
     /// Candidates for one race: routable upstreams (not DOWN, unless all
-    /// are) that are not cooling down (unless all are), in routing order.
+    /// are) that are not cooling down (unless all are), in routing order;
+    /// the cooling ones separately, as a fallback.
     pub fn plan_race(&self, set: &UpstreamSet, now: Instant) -> RacePlan {
         let snap = self.health.load();
         let routable = snap.routable();
@@ -309,17 +311,13 @@ impl Routing {
                 priority,
             })
         };
-        let mut candidates = Vec::with_capacity(routable.len());
-        candidates.extend(
-            routable
-                .iter()
-                .filter(|&&i| !self.limits.cooldowns.is_cooling(i, now))
-                .filter_map(candidate),
-        );
+        let (mut candidates, mut cooling): (Vec<Candidate>, Vec<Candidate>) = routable
+            .iter()
+            .filter_map(candidate)
+            .partition(|c| !self.limits.cooldowns.is_cooling(c.upstream, now));
         if candidates.is_empty() {
-            candidates.extend(routable.iter().filter_map(candidate));
+            std::mem::swap(&mut candidates, &mut cooling);
         }
-        let cooling_skipped = candidates.len() < routable.len();
         let first = candidates.first().map(|c| c.priority);
         let first_tier = candidates
             .iter()
@@ -327,8 +325,8 @@ impl Routing {
             .filter_map(|c| snap.rank(c.upstream, c.priority));
         RacePlan {
             hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
-            partial: candidates.len() < set.live_len(),
-            cooling_skipped,
+            partial: candidates.len() + cooling.len() < set.live_len(),
+            cooling,
             candidates,
         }
     }

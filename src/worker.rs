@@ -37,6 +37,9 @@ pub struct SharedState {
         crate::proto::store_path::StoreHash,
         (crate::serve::narinfo::Resolved, std::time::Instant),
     >,
+    /// `server.max_connections`: taken on accept, given back when the
+    /// connection task ends (`serve::serve_conn`).
+    pub connections: crate::serve::limit::ConnLimit,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.
@@ -352,8 +355,12 @@ async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     ctx.metrics.connections_total.inc();
-                    ctx.active.set(ctx.active.get() + 1);
-                    monoio::spawn(crate::serve::serve_conn(ctx.clone(), stream));
+                    if ctx.shared.connections.try_acquire() {
+                        ctx.active.set(ctx.active.get() + 1);
+                        monoio::spawn(crate::serve::serve_conn(ctx.clone(), stream));
+                    } else {
+                        monoio::spawn(crate::serve::limit::refuse(ctx.clone(), stream));
+                    }
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.

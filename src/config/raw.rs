@@ -79,6 +79,8 @@ pub struct RawServer {
     pub control_cpu: Option<usize>,
     pub nar_relay: NarRelay,
     pub shutdown_grace: Dur,
+    /// Open client connections across all workers; 0 means no cap.
+    pub max_connections: usize,
 }
 
 impl Default for RawServer {
@@ -93,6 +95,7 @@ impl Default for RawServer {
             control_cpu: None,
             nar_relay: NarRelay::Auto,
             shutdown_grace: secs(10),
+            max_connections: 10_000,
         }
     }
 }

@@ -171,3 +171,14 @@ fn several_public_keys_and_password_file() {
     assert_eq!(u.public_keys.len(), 2);
     assert_eq!(u.basic_auth, Some(("u".into(), Some("s3cret".into()))));
 }
+
+#[test]
+fn max_connections_defaults_to_ten_thousand_and_zero_means_no_cap() {
+    assert_eq!(load_str("").unwrap().server.max_connections, 10_000);
+    let c = load_str("[server]\nmax_connections = 0\n").unwrap();
+    assert_eq!(c.server.max_connections, 0);
+    let c = load_str("[server]\nmax_connections = 3\n").unwrap();
+    assert_eq!(c.server.max_connections, 3);
+    let err = load_str("[server]\nmax_connections = -1\n").unwrap_err();
+    assert!(err.to_string().contains("max_connections"), "{err}");
+}

@@ -335,6 +335,11 @@ fn worker_families(b: &mut Builder) {
         "Requests answered 400, 405 or 431.",
         |w| &w.bad_requests,
     );
+    b.counter(
+        "ncro_http_connections_rejected_total",
+        "Connections over server.max_connections, answered 503 and closed.",
+        |w| &w.connections_rejected,
+    );
     let per = |f: &dyn Fn(&WorkerMetrics) -> f64, gauge: bool| -> Vec<Metric> {
         b.m.workers
             .iter()

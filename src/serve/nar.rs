@@ -9,12 +9,13 @@ use monoio::net::TcpStream;
 
 use crate::config::NarRelay;
 use crate::http::client::{
-    Method as UpMethod, RelayError, RelayMode, Request as UpRequest, Response as UpResponse,
+    ClientError, Method as UpMethod, RelayError, RelayMode, Request as UpRequest,
+    Response as UpResponse,
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
 use crate::route;
-use crate::serve::narinfo::discard_body;
+use crate::serve::narinfo::{discard_body, fail_kind};
 use crate::serve::{After, Conn};
 use crate::worker::{unix_now, WorkerCtx};
 
@@ -91,7 +92,7 @@ pub async fn serve(
         path: req.target,
         headers: &fwd,
     };
-    let mut transient = false;
+    let mut failures = Failures::default();
     for i in order {
         // The health snapshot may be newer or older than `set`.
         let Some(up) = set.live(i) else { continue };
@@ -99,25 +100,55 @@ pub async fn serve(
             Ok(resp) if is_final(&resp) => return relay(conn, ctx, req, resp, i, keep).await,
             Ok(resp) => {
                 let s = resp.status();
-                transient |= !matches!(s, 403 | 404 | 410);
+                failures.status(s);
                 tracing::debug!(upstream = %up.url, status = s, path = req.path, "NAR not served here; trying the next upstream");
                 discard_body(resp);
             }
             Err(e) => {
-                transient = true;
-                ctx.shared
-                    .routing
-                    .failed(i, crate::serve::narinfo::fail_kind(&e));
+                failures.error(&e);
+                ctx.shared.routing.failed(i, fail_kind(&e));
                 tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
             }
         }
     }
     conn.mark_nar_failed();
-    Ok(if transient {
-        conn.error(ctx, 502, "no upstream could serve this NAR\n", keep)
-    } else {
-        conn.error(ctx, 404, "not found\n", keep)
+    Ok(match failures.status_code() {
+        404 => conn.error(ctx, 404, "not found\n", keep),
+        s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
     })
+}
+
+/// What the upstreams that did not serve a NAR said, folded into the
+/// client's status the way narinfo lookups do it: 404 only when every one
+/// gave a definite miss, 504 when the rest only timed out, 502 otherwise.
+#[derive(Debug, Default)]
+struct Failures {
+    /// Some upstream gave no definite answer (error or unexpected status).
+    transient: bool,
+    /// Some upstream failed other than by a timeout.
+    other_than_timeout: bool,
+}
+
+impl Failures {
+    fn status(&mut self, status: u16) {
+        if !matches!(status, 403 | 404 | 410) {
+            self.transient = true;
+            self.other_than_timeout = true;
+        }
+    }
+
+    fn error(&mut self, e: &ClientError) {
+        self.transient = true;
+        self.other_than_timeout |= !e.is_timeout();
+    }
+
+    fn status_code(&self) -> u16 {
+        match (self.transient, self.other_than_timeout) {
+            (false, _) => 404,
+            (true, false) => 504,
+            (true, true) => 502,
+        }
+    }
 }
 
 async fn relay(
@@ -193,7 +224,10 @@ async fn relay(
                 RelayError::Client { .. } => {
                     tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay")
                 }
-                RelayError::Upstream { .. } => {
+                RelayError::Upstream { ref error, .. } => {
+                    // Without the cooldown, the client's Range resume would
+                    // be routed straight back to the upstream that cut it.
+                    ctx.shared.routing.failed(upstream, fail_kind(error));
                     tracing::warn!(path = req.path, error = %e, "NAR relay cut short by the upstream; closing the client connection")
                 }
             }
@@ -235,5 +269,31 @@ async fn relay_decoded(
         }
         buf = back;
         sent += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_fold_into_404_502_or_504() {
+        let fold = |steps: &[Result<u16, ClientError>]| {
+            let mut f = Failures::default();
+            for s in steps {
+                match s {
+                    Ok(status) => f.status(*status),
+                    Err(e) => f.error(e),
+                }
+            }
+            f.status_code()
+        };
+        assert_eq!(fold(&[]), 404, "nobody asked: nothing to relay");
+        assert_eq!(fold(&[Ok(404), Ok(403), Ok(410)]), 404);
+        assert_eq!(fold(&[Ok(404), Err(ClientError::FirstByteTimeout)]), 504);
+        assert_eq!(fold(&[Err(ClientError::ConnectTimeout)]), 504);
+        assert_eq!(fold(&[Err(ClientError::FirstByteTimeout), Ok(500)]), 502);
+        assert_eq!(fold(&[Err(ClientError::ConnectionClosed)]), 502);
+        assert_eq!(fold(&[Ok(302), Ok(404)]), 502, "a relative redirect");
     }
 }

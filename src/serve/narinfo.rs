@@ -165,9 +165,18 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             tracing::debug!(upstream = %set.list[i].url, %hash, result = ?rep.result, ms = rep.latency.as_millis() as u64, "narinfo attempt gave no answer");
         }
     };
+    let (mut fetch, mut judge, mut report) = (fetch, judge, report);
     ctx.metrics.races.inc();
     let started = std::time::Instant::now();
-    let outcome = race::race(candidates, &race_cfg, fetch, judge, report).await;
+    let mut outcome = race::race(candidates, &race_cfg, &mut fetch, &mut judge, &mut report).await;
+    if !matches!(outcome, Outcome::Found { .. }) && !plan.cooling.is_empty() {
+        // The others gave no answer; an upstream sitting out a cooldown
+        // after one transport error may well have recovered and hold the
+        // path. Without asking it, a lookup would fail (502) for the whole
+        // cooldown, longer than Nix keeps retrying (about 4.5 s).
+        let fallback = race::race(&plan.cooling, &race_cfg, fetch, judge, report).await;
+        outcome = with_fallback(outcome, fallback);
+    }
     ctx.metrics.race_latency.observe_duration(started.elapsed());
     let result = match outcome {
         Outcome::Found { .. } => ResolveResult::Success,
@@ -198,11 +207,6 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             ctx.shared.routes.insert(hash, entry.clone());
             Resolved::Found(entry)
         }
-        Outcome::Miss if plan.cooling_skipped => {
-            // An upstream sitting out a cooldown after a transport error
-            // was not asked: the 404s of the others are not the whole answer.
-            Resolved::Unavailable { timed_out: false }
-        }
         Outcome::Miss => {
             // Upstreams left out (DOWN) may hold the path:
             // such a miss is remembered only briefly.
@@ -217,6 +221,18 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             Resolved::Miss
         }
         Outcome::Unavailable { timed_out } => Resolved::Unavailable { timed_out },
+    }
+}
+
+/// The outcome of a race whose candidates gave no answer, followed by one
+/// over the upstreams that were cooling down: a miss only if both missed.
+fn with_fallback<A>(first: Outcome<A>, fallback: Outcome<A>) -> Outcome<A> {
+    match (first, fallback) {
+        (_, found @ Outcome::Found { .. }) | (found @ Outcome::Found { .. }, _) => found,
+        (Outcome::Miss, other) | (other, Outcome::Miss) => other,
+        (Outcome::Unavailable { timed_out: a }, Outcome::Unavailable { timed_out: b }) => {
+            Outcome::Unavailable { timed_out: a && b }
+        }
     }
 }
 
@@ -340,5 +356,36 @@ pub fn write_overloaded(conn: &mut crate::serve::Conn, ctx: &WorkerCtx, keep: bo
         After::KeepAlive
     } else {
         After::Close
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_race_decides_only_what_the_first_left_open() {
+        let found = || Outcome::Found {
+            upstream: 1,
+            accepted: (),
+            latency: Duration::ZERO,
+        };
+        let down = |timed_out| Outcome::<()>::Unavailable { timed_out };
+        assert!(matches!(
+            with_fallback(Outcome::Miss, found()),
+            Outcome::Found { upstream: 1, .. }
+        ));
+        assert!(matches!(
+            with_fallback(down(false), found()),
+            Outcome::Found { .. }
+        ));
+        assert_eq!(
+            with_fallback(Outcome::<()>::Miss, Outcome::Miss),
+            Outcome::Miss
+        );
+        assert_eq!(with_fallback(Outcome::Miss, down(true)), down(true));
+        assert_eq!(with_fallback(down(false), Outcome::Miss), down(false));
+        assert_eq!(with_fallback(down(true), down(true)), down(true));
+        assert_eq!(with_fallback(down(true), down(false)), down(false));
     }
 }

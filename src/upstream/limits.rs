@@ -9,7 +9,8 @@
 //!   oldest waiter at once; one given back on another worker is noticed by
 //!   the waiters' [`RETRY`] poll, so no worker ever wakes another.
 //! - [`Cooldowns`]: per upstream, an expiry set after a transport error;
-//!   races skip an upstream until its cooldown expires.
+//!   until it expires, races ask the upstream only after the others gave no
+//!   answer.
 //!
 //! Cost: `limits::tests::gate_cost` (ignored; run it with `--ignored
 //! --nocapture`) measures an uncontended take-and-give-back.
@@ -93,7 +94,8 @@ impl Cooldowns {
         at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
-    /// Keeps `upstream` out of races until `now + period`.
+    /// Demotes `upstream` in races (asked only after the others) until
+    /// `now + period`.
     pub fn start(&self, upstream: usize, now: Instant) {
         if let Some(u) = self.until.get(upstream) {
             u.store(self.stamp(now + self.period), Ordering::Relaxed);

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -98,6 +98,12 @@ pub enum Fault {
     HangMidBody(usize),
     /// Full head and Content-Length, `n` body bytes, then FIN.
     Truncate(usize),
+    /// Head without a length (the body ends with the connection), `n` body
+    /// bytes, then FIN: indistinguishable from a complete body on the wire.
+    TruncateNoLength(usize),
+    /// A 200 with this body instead of the resource's (a forged, garbled or
+    /// misnamed narinfo); ranges are ignored.
+    Body(Vec<u8>),
     /// Normal answer with `Transfer-Encoding: chunked` instead of a length.
     Chunked,
     /// Chunked head, then a malformed chunk-size line, then FIN.
@@ -267,6 +273,7 @@ impl FakeUpstreamBuilder {
             idle_timeout: self.idle_timeout,
             log: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
+            healed: AtomicBool::new(false),
             stopped: Mutex::new(false),
             wake: Condvar::new(),
             open: Mutex::new(HashMap::new()),
@@ -297,6 +304,8 @@ struct Shared {
     idle_timeout: Option<Duration>,
     log: Mutex<Vec<RequestRecord>>,
     accepted: AtomicUsize,
+    /// Set by [`FakeUpstream::heal`]: rules are no longer applied.
+    healed: AtomicBool,
     /// Set once by `stop`; `wake` tells sleepers and hangers about it.
     stopped: Mutex<bool>,
     wake: Condvar,
@@ -337,6 +346,9 @@ impl Shared {
     /// Delay and terminal fault for one request (counts rule matches).
     fn plan(&self, path: &str) -> (Duration, Option<Fault>) {
         let mut delay = Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed));
+        if self.healed.load(Ordering::SeqCst) {
+            return (delay, None);
+        }
         for rule in self.rules.iter().filter(|r| r.matcher.matches(path)) {
             let n = rule.seen.fetch_add(1, Ordering::SeqCst) + 1;
             match rule.fault.effective(n) {
@@ -468,6 +480,12 @@ impl FakeUpstream {
     /// Accepted TCP connections so far.
     pub fn connections(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The upstream recovers: later requests are answered without any rule
+    /// (`Delay`s included); answers already hanging stay hung until `stop`.
+    pub fn heal(&self) {
+        self.shared.healed.store(true, Ordering::SeqCst);
     }
 
     /// Changes the delay before every later response head.

@@ -19,12 +19,15 @@
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
+//! - [`faults`]: the fault-injection matrix (every upstream fault, for
+//!   narinfo and NAR requests), checked against docs/failure-modes.md.
 
 mod bench;
 mod cli;
 mod discovery;
 mod e2e_nix;
 mod fake;
+mod faults;
 mod harness;
 mod health;
 mod logging;

@@ -1,7 +1,9 @@
 //! The "Foundation" issue through the real `ncro` binary over real loopback
 //! sockets: the HTTP/1.1 server ([`http`]), workers, drivers and port
-//! ownership ([`workers`]), the signal drain ([`drain`]) and the upstream
-//! side: connection reuse, stale connections and TLS ([`upstream`]).
+//! ownership ([`workers`]), the signal drain ([`drain`]), the upstream
+//! side: connection reuse, stale connections and TLS ([`upstream`]), and
+//! client-side abuse: `server.max_connections`, unread pipelines and
+//! endless request lines ([`limits`]).
 //!
 //! Every test starts its own ncro (killed on drop) with its own fake
 //! upstreams, bounds every wait with a deadline, and leaves generous timing
@@ -9,6 +11,7 @@
 
 mod drain;
 mod http;
+mod limits;
 mod tls_front;
 mod upstream;
 mod workers;

@@ -301,6 +301,46 @@ fn mid_body_faults_send_the_full_length_and_part_of_the_body() {
 }
 
 #[test]
+fn truncate_without_length_ends_the_body_with_the_connection() {
+    let up = with_rule("/f", Fault::TruncateNoLength(10));
+    let mut c = Raw::connect(&up);
+    c.send("GET /f HTTP/1.1\r\n\r\n");
+    let r = c.read(true).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, None));
+    assert_eq!(r.header("connection"), Some("close"));
+    let (bytes, err) = c.rest();
+    assert_eq!(bytes, &BODY[..10]);
+    assert!(err.is_none(), "{err:?}");
+}
+
+#[test]
+fn body_fault_replaces_the_resource_and_heal_restores_it() {
+    let up = with_rule("/f", Fault::Body(b"forged".to_vec()));
+    let mut c = Raw::connect(&up);
+    let r = c.get("/f");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"forged"[..]));
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    up.heal();
+    assert_eq!(c.get("/f").body, BODY, "healed: the real resource");
+
+    let up = FakeUpstream::builder()
+        .file("/f", BODY)
+        .latency(Duration::from_millis(100))
+        .rule(PathMatch::Any, Fault::Delay(Duration::from_secs(5)))
+        .rule("/f", Fault::Status(500))
+        .start();
+    up.heal();
+    let t = Instant::now();
+    assert_eq!(Raw::connect(&up).get("/f").status, 200);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(100),
+        "latency stays: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "delays go: {took:?}");
+}
+
+#[test]
 fn hang_faults_stay_silent_until_stop() {
     for fault in [Fault::Hang, Fault::HangMidBody(4)] {
         let mut up = with_rule("/f", fault.clone());

@@ -109,6 +109,18 @@ pub(super) fn answer(stream: &mut TcpStream, req: &RequestRecord, sh: &Shared) -
             .then_some(0);
             write_head(stream, s, &h, len, close).map(|_| next_ok)
         }
+        Fault::Body(body) => {
+            let res = Resource {
+                content_type: reply_type(&reply).to_owned(),
+                body,
+            };
+            let forged = Reply {
+                status: 200,
+                headers: vec![("Content-Type".to_owned(), res.content_type.clone())],
+                body: &res.body,
+            };
+            send(stream, &forged, head_only, close).map(|_| next_ok)
+        }
         Fault::Redirect(to) => {
             write_head(stream, 302, &[("Location".into(), to)], Some(0), close).map(|_| next_ok)
         }
@@ -121,6 +133,14 @@ pub(super) fn answer(stream: &mut TcpStream, req: &RequestRecord, sh: &Shared) -
         }
         shaped => send_shaped(stream, reply, &shaped, head_only, close, sh),
     }
+}
+
+/// The Content-Type of a normal answer, or a generic one for a 404.
+fn reply_type<'a>(r: &'a Reply) -> &'a str {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == "Content-Type")
+        .map_or("application/octet-stream", |(_, v)| v.as_str())
 }
 
 /// The answer without faults: 200, 206, 416 or 404.
@@ -260,6 +280,13 @@ fn send_shaped(
             send(stream, &r, head_only, close).map(|_| next_ok)
         }
         Fault::NoRanges => send(stream, &r, head_only, close).map(|_| next_ok),
+        Fault::TruncateNoLength(n) => {
+            write_head(stream, r.status, &r.headers, None, true)?;
+            if !head_only {
+                stream.write_all(cut(*n))?;
+            }
+            Ok(Next::Close)
+        }
         Fault::Truncate(n) | Fault::ResetMidBody(n) | Fault::HangMidBody(n) => {
             write_head(stream, r.status, &r.headers, Some(body.len()), close)?;
             if head_only {
