@@ -286,7 +286,7 @@ pub fn spawn(
                 tracing::warn!(worker = index, cpu, error = ?e, "cannot pin worker to its CPU; running unpinned");
             }
         }
-        let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(1024).build() {
+        let mut rt = match build_runtime(index) {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready.send(Err(format!("worker {index}: cannot build runtime: {e}")));
@@ -299,6 +299,31 @@ pub fn spawn(
         thread,
         stop: stop_tx,
     })
+}
+
+type WorkerRuntime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// io_uring when the kernel has it; epoll when it has not, and also when
+/// setting the ring up fails (ENOMEM from a low memlock limit or memory
+/// pressure): a worker on epoll serves, a worker that exits does not.
+fn build_runtime(index: usize) -> std::io::Result<WorkerRuntime> {
+    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(1024)
+        .build()
+    {
+        Ok(rt) => Ok(rt),
+        Err(e) => {
+            tracing::warn!(worker = index, error = %e, "cannot set up io_uring; this worker uses epoll");
+            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()?;
+            Ok(rt.into())
+        }
+    }
 }
 
 fn open_listener(listen: ListenSource) -> std::io::Result<TcpListener> {
