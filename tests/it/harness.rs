@@ -200,7 +200,11 @@ impl NcroProcess {
         .start(config_toml)
     }
 
-    fn wait_accepting(&mut self) -> Result<(), HarnessError> {
+    /// Ready once the port accepts and, where the log level shows it, ncro
+    /// has logged `ncro listening`: another process (a parallel test's
+    /// fake upstream, say) may hold the port for a moment, and a connect
+    /// alone would take its listener for ncro's.
+    fn wait_accepting(&mut self, announces: bool) -> Result<(), HarnessError> {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -208,7 +212,10 @@ impl NcroProcess {
                 let (addr, logs) = (self.addr, self.logs());
                 return Err(HarnessError::EarlyExit { status, addr, logs });
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let announced = !announces || self.logs().contains("ncro listening");
+            if announced
+                && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -418,9 +425,20 @@ impl Launch<'_> {
             dir,
             exit: None,
         };
-        p.wait_accepting()?;
+        p.wait_accepting(logs_info(config))?;
         Ok(p)
     }
+}
+
+/// Whether the config's log level lets info lines (`ncro listening`) through.
+fn logs_info(config: &str) -> bool {
+    let table: toml::Table = toml::from_str(config).unwrap_or_default();
+    let level = table
+        .get("logging")
+        .and_then(|l| l.get("level"))
+        .and_then(|l| l.as_str())
+        .unwrap_or("info");
+    matches!(level, "trace" | "debug" | "info")
 }
 
 fn set_listen(table: &mut toml::Table, addr: SocketAddr) {
