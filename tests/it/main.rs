@@ -18,10 +18,13 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`endpoints`]: the binary-cache side paths (logs, listings,
+//!   realisations, build traces, debuginfo) and the batch narinfo endpoint.
 
 mod bench;
 mod cli;
 mod e2e_nix;
+mod endpoints;
 mod fake;
 mod harness;
 mod health;
