@@ -86,7 +86,7 @@ pub async fn serve(
     let keep = keep && !ctx.drain.is_fired();
     let (after, result) = match fetched {
         Fetched::Found { upstream, resp } => {
-            answer(conn, ctx, req, target.kind, resp, upstream, keep).await?
+            answer(conn, ctx, req, target.kind, *resp, upstream, keep).await?
         }
         Fetched::Miss => (
             conn.error(ctx, 404, "not found\n", keep),

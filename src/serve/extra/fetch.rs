@@ -21,8 +21,12 @@ use crate::worker::WorkerCtx;
 #[derive(Debug)]
 pub enum Fetched {
     /// `upstream` gave a final answer (200, or a redirect to an absolute
-    /// URL); its body has not been read.
-    Found { upstream: usize, resp: UpResponse },
+    /// URL); its body has not been read. Boxed: the response is large and
+    /// the other outcomes are a word.
+    Found {
+        upstream: usize,
+        resp: Box<UpResponse>,
+    },
     /// Every upstream asked said 404, 403 or 410.
     Miss,
     /// Some upstream gave no definite answer (error, 5xx, timeout), or one
@@ -131,8 +135,11 @@ async fn race_heads(
             let resp = parked.borrow_mut().get_mut(upstream).and_then(Option::take);
             // The slot is filled before the engine sees the attempt, so it
             // cannot be empty; an outage is the safe reading if it were.
-            resp.map(|resp| Fetched::Found { upstream, resp })
-                .ok_or(Outcome::Unavailable { timed_out: false })
+            resp.map(|resp| Fetched::Found {
+                upstream,
+                resp: Box::new(resp),
+            })
+            .ok_or(Outcome::Unavailable { timed_out: false })
         }
         other => Err(other),
     }
@@ -184,7 +191,7 @@ mod tests {
         let error = Outcome::<usize>::Unavailable { timed_out: false };
         let p = plan(false);
         assert_eq!(verdict(combine(&[miss.clone(), miss.clone()], &p)), "miss");
-        assert_eq!(verdict(combine(&[miss.clone()], &p)), "miss");
+        assert_eq!(verdict(combine(std::slice::from_ref(&miss), &p)), "miss");
         assert_eq!(verdict(combine(&[error.clone(), miss.clone()], &p)), "502");
         assert_eq!(
             verdict(combine(&[miss.clone(), timeout.clone()], &p)),
