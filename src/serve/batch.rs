@@ -69,25 +69,7 @@ pub async fn serve(
 ) -> io::Result<(After, usize)> {
     let keep = req.keep_alive && !ctx.drain.is_fired();
     if !matches!(req.method_raw, "POST" | "QUERY") {
-        ctx.metrics
-            .endpoint_finished(METRIC, EndpointResult::BadRequest);
-        // An unread body may follow: close then.
-        let keep = keep && !req.has_body;
-        let date = ctx.date();
-        let types = ("Content-Type", &b"text/plain; charset=utf-8"[..]);
-        let allow = ("Allow", &b"POST, QUERY"[..]);
-        let head_only = req.method == Method::Head;
-        write_simple(
-            &mut conn.wbuf,
-            405,
-            keep,
-            head_only,
-            &date,
-            &[allow, types],
-            b"use POST or QUERY with one store hash per line\n",
-        );
-        ctx.metrics.bad_requests.inc();
-        return Ok((after(keep), 0));
+        return Ok((method_not_allowed(conn, ctx, req, keep), 0));
     }
     let deadline = monoio::time::Instant::now() + ctx.shared.config.server.read_timeout;
     let read = async {
@@ -105,17 +87,40 @@ pub async fn serve(
     let hashes = match parse_hashes(&body.bytes, MAX_HASHES) {
         Ok(h) => h,
         Err(e) => {
-            let (status, result) = match e {
-                HashesError::TooMany => (413, EndpointResult::BadRequest),
-                HashesError::BadLine(_) => (400, EndpointResult::BadRequest),
+            let status = match e {
+                HashesError::TooMany => 413,
+                HashesError::BadLine(_) => 400,
             };
-            ctx.metrics.endpoint_finished(METRIC, result);
+            ctx.metrics
+                .endpoint_finished(METRIC, EndpointResult::BadRequest);
             let after = conn.error(ctx, status, &format!("{e}\n"), keep);
             return Ok((after, body.from_tail));
         }
     };
     let after = answer(conn, ctx, &hashes, keep, req.http10).await?;
     Ok((after, body.from_tail))
+}
+
+/// 405 for any method but POST and QUERY; closes when an unread body may
+/// follow.
+fn method_not_allowed(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, keep: bool) -> After {
+    ctx.metrics
+        .endpoint_finished(METRIC, EndpointResult::BadRequest);
+    ctx.metrics.bad_requests.inc();
+    let keep = keep && !req.has_body;
+    let date = ctx.date();
+    let types = ("Content-Type", &b"text/plain; charset=utf-8"[..]);
+    let allow = ("Allow", &b"POST, QUERY"[..]);
+    write_simple(
+        &mut conn.wbuf,
+        405,
+        keep,
+        req.method == Method::Head,
+        &date,
+        &[allow, types],
+        b"use POST or QUERY with one store hash per line\n",
+    );
+    after(keep)
 }
 
 /// Answers a body that could not be read; the connection closes, since
@@ -194,24 +199,7 @@ async fn answer(
             });
         }
     };
-    let mut infos = Vec::with_capacity(found.len());
-    for entry in &found {
-        match NarInfo::parse(&entry.narinfo)
-            .ok()
-            .and_then(|i| json::line(&i))
-        {
-            Some(line) => infos.push(line),
-            None => {
-                // Stored narinfos are ncro's own renderings: this is a bug,
-                // and leaving the path out would claim it is absent.
-                tracing::error!(upstream = %entry.upstream, "stored narinfo cannot be rendered as JSON");
-                ctx.metrics.endpoint_finished(METRIC, EndpointResult::Error);
-                return Ok(conn.error(ctx, 500, "internal error\n", keep));
-            }
-        }
-    }
-    ctx.metrics.endpoint_finished(METRIC, EndpointResult::Ok);
-    write_lines(conn, ctx, &infos, keep && !http10, http10).await
+    write_lines(conn, ctx, &found, keep && !http10, http10).await
 }
 
 /// The routes found, in request order; stops at the first hash without a
@@ -249,12 +237,13 @@ async fn resolve_all(
     Ok(results.into_iter().flatten().collect())
 }
 
-/// 200 with the NDJSON lines, chunked (HTTP/1.0: ended by closing), in
-/// pieces of about [`FLUSH_AT`] so a large answer is never one buffer.
+/// 200 with one NDJSON line per route, chunked (HTTP/1.0: ended by
+/// closing), rendered and written in pieces of about [`FLUSH_AT`] so a
+/// large answer is never held whole.
 async fn write_lines(
     conn: &mut Conn,
     ctx: &WorkerCtx,
-    lines: &[String],
+    found: &[Arc<RouteEntry>],
     keep: bool,
     http10: bool,
 ) -> io::Result<After> {
@@ -266,7 +255,19 @@ async fn write_lines(
     let date = ctx.date();
     let ctype = ("Content-Type", &b"application/x-ndjson"[..]);
     write_head(&mut conn.wbuf, 200, framing, keep, &date, &[ctype]);
-    for line in lines {
+    for entry in found {
+        let Some(line) = NarInfo::parse(&entry.narinfo)
+            .ok()
+            .and_then(|info| json::line(&info))
+        else {
+            // Stored narinfos are ncro's own renderings, so this is a bug.
+            // Leaving the path out would claim it is absent: end the answer
+            // unfinished instead (no last chunk), which the client sees as
+            // a failed transfer.
+            tracing::error!(upstream = %entry.upstream, "stored narinfo cannot be rendered as JSON");
+            ctx.metrics.endpoint_finished(METRIC, EndpointResult::Error);
+            return Ok(After::Close);
+        };
         if framing == Framing::Chunked {
             let _ = write!(conn.wbuf, "{:x}\r\n", line.len()); // Vec writes cannot fail
             conn.wbuf.extend_from_slice(line.as_bytes());
@@ -281,6 +282,7 @@ async fn write_lines(
     if framing == Framing::Chunked {
         conn.wbuf.extend_from_slice(b"0\r\n\r\n");
     }
+    ctx.metrics.endpoint_finished(METRIC, EndpointResult::Ok);
     Ok(after(keep))
 }
 

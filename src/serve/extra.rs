@@ -84,30 +84,38 @@ pub async fn serve(
     };
     let fetched = fetch::fetch(ctx, routed(ctx, &target), up_req).await;
     let keep = keep && !ctx.drain.is_fired();
-    let (after, result) = match fetched {
+    let (after, result) = respond(conn, ctx, req, target.kind, fetched, keep).await?;
+    ctx.metrics.endpoint_finished(label, result);
+    Ok(after)
+}
+
+/// Turns what the upstreams said into the client's answer.
+async fn respond(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    kind: Kind,
+    fetched: Fetched,
+    keep: bool,
+) -> io::Result<(After, EndpointResult)> {
+    Ok(match fetched {
         Fetched::Found { upstream, resp } => {
-            answer(conn, ctx, req, target.kind, *resp, upstream, keep).await?
+            return answer(conn, ctx, req, kind, *resp, upstream, keep).await
         }
         Fetched::Miss => (
             conn.error(ctx, 404, "not found\n", keep),
             EndpointResult::NotFound,
         ),
-        Fetched::Unavailable { timed_out } => (
-            conn.error(
-                ctx,
-                if timed_out { 504 } else { 502 },
-                "no upstream answered usably; try again\n",
-                keep,
-            ),
-            EndpointResult::Error,
-        ),
+        Fetched::Unavailable { timed_out } => {
+            let status = if timed_out { 504 } else { 502 };
+            let msg = "no upstream answered usably; try again\n";
+            (conn.error(ctx, status, msg, keep), EndpointResult::Error)
+        }
         Fetched::Overloaded => (
             crate::serve::narinfo::write_overloaded(conn, ctx, keep),
             EndpointResult::Error,
         ),
-    };
-    ctx.metrics.endpoint_finished(label, result);
-    Ok(after)
+    })
 }
 
 /// The upstream to ask first: the one whose narinfo route for the path's
