@@ -213,12 +213,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     install_health_metrics(&metrics, &routing, &upstreams);
     let shared = Arc::new(SharedState {
-        cache_info: crate::proto::cache_info::render(
+        cache_info: (crate::proto::cache_info::render(
             crate::proto::store_path::STORE_DIR,
             true,
             Some(cfg.server.cache_priority),
-        )
-        .into(),
+        ) + crate::serve::batch::CACHE_INFO_LINE)
+            .into(),
         config: cfg.clone(),
         metrics,
         routes,

@@ -164,6 +164,45 @@ pub enum NarOutcome {
 
 pub const NAR_OUTCOMES: [&str; 2] = ["ok", "error"];
 
+/// Endpoints counted in `ncro_endpoint_requests_total` (the binary-cache
+/// side paths and the batch narinfo endpoint; docs/endpoints.md).
+pub const ENDPOINTS: [&str; 6] = [
+    "log",
+    "ls",
+    "realisation",
+    "build_trace",
+    "debuginfo",
+    "get_narinfos",
+];
+
+/// How a request to one of [`ENDPOINTS`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointResult {
+    /// An answer was relayed (2xx, or a redirect to where the file is).
+    Ok = 0,
+    /// 404: every upstream asked said not found.
+    NotFound = 1,
+    /// 400, 405 or 413: refused without asking any upstream.
+    BadRequest = 2,
+    /// 502, 503 or 504, or a relay cut short.
+    Error = 3,
+}
+
+pub const ENDPOINT_RESULTS: [&str; 4] = ["ok", "not_found", "bad_request", "error"];
+
+/// What a batch narinfo request learned per store hash, for
+/// `ncro_narinfo_batch_paths_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchPath {
+    Found = 0,
+    /// A definite miss: left out of the answer.
+    Absent = 1,
+    /// No definite answer; the whole batch failed.
+    Failed = 2,
+}
+
+pub const BATCH_PATH_RESULTS: [&str; 3] = ["found", "absent", "failed"];
+
 /// Counters owned by one worker. Aligned so that two workers' slots never
 /// share a cache line (the hot counters sit at the start of the struct).
 #[repr(align(128))]
@@ -194,6 +233,10 @@ pub struct WorkerMetrics {
     pub race_wait: LocalHistogram,
     /// NAR request duration by [`NarOutcome`].
     pub nar_duration: [LocalHistogram; 2],
+    /// By [`ENDPOINTS`] index, then [`EndpointResult`].
+    pub endpoint_requests: [[LocalCounter; 4]; 6],
+    /// Store hashes asked in batch requests, by [`BatchPath`].
+    pub batch_paths: [LocalCounter; 3],
     pub upstreams: Box<[UpstreamMetrics]>,
 }
 
@@ -222,6 +265,8 @@ impl WorkerMetrics {
             attempts_per_resolve: [0, 1, 2].map(|_| LocalHistogram::new(COUNT_BUCKETS)),
             race_wait: LocalHistogram::new(DEFAULT_BUCKETS),
             nar_duration: [0, 1].map(|_| LocalHistogram::new(LATENCY_BUCKETS)),
+            endpoint_requests: Default::default(),
+            batch_paths: Default::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }
     }
@@ -232,6 +277,14 @@ impl WorkerMetrics {
         self.upstream_attempts.inc();
         if let Some(u) = self.upstreams.get(upstream) {
             u.outcomes[outcome_index(outcome)].inc();
+        }
+    }
+
+    /// Records a finished request to one of [`ENDPOINTS`]; an unknown name
+    /// (a new endpoint nobody added to the list) is not counted.
+    pub fn endpoint_finished(&self, endpoint: &str, result: EndpointResult) {
+        if let Some(i) = ENDPOINTS.iter().position(|&e| e == endpoint) {
+            self.endpoint_requests[i][result as usize].inc();
         }
     }
 

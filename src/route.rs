@@ -206,6 +206,20 @@ impl RouteTable {
         None
     }
 
+    /// Sends requests for the NAR `nar_key` to `upstream` until
+    /// `expires_at`, without a route (a debuginfo record naming a NAR of
+    /// the cache that served it). Memory only: the hint is not persisted.
+    pub fn pin_nar(&self, nar_key: &str, upstream: Arc<str>, expires_at: u64) {
+        if nar_key.is_empty() {
+            return;
+        }
+        let slot = NarSlot {
+            upstream,
+            expires_at,
+        };
+        self.nars.insert(self.nar_index_key(nar_key), slot);
+    }
+
     /// Routes plus negative entries currently held (expired ones included
     /// until a lookup or eviction drops them).
     pub fn len(&self) -> usize {
@@ -377,6 +391,20 @@ mod tests {
         assert!(t.nar_upstream("nar/abc.nar.xz", 0).is_none(), "and removed");
         // Routes without a URL field are not indexed.
         t.insert(hash(2), entry("https://a", "", 100));
+        assert!(t.nar_upstream("", 0).is_none());
+    }
+
+    #[test]
+    fn pinned_nar_is_routed_until_expiry() {
+        let t = RouteTable::new(100, None);
+        t.pin_nar("nar/dbg.nar.xz", "https://b".into(), 50);
+        assert_eq!(
+            t.nar_upstream("nar/dbg.nar.xz", 49).as_deref(),
+            Some("https://b")
+        );
+        assert!(t.nar_upstream("nar/dbg.nar.xz", 50).is_none(), "expired");
+        assert!(t.is_empty(), "a pin is no route");
+        t.pin_nar("", "https://b".into(), 50);
         assert!(t.nar_upstream("", 0).is_none());
     }
 

@@ -5,6 +5,8 @@
 //! answered back to back, and their in-memory responses are written with
 //! one syscall.
 
+pub mod batch;
+pub mod extra;
 pub mod health;
 pub mod limit;
 pub mod nar;
@@ -141,9 +143,14 @@ impl Conn {
         let (after, consumed) = match request::parse(&rbuf) {
             Parse::Complete(req, len) => {
                 self.head_request = req.method == Method::Head;
-                let after = self.dispatch(ctx, &req).await?;
+                // The one endpoint that reads a request body.
+                let (after, body) = if batch::is_batch(req.path) {
+                    batch::serve(self, ctx, &req, &rbuf[..len], &rbuf[len..]).await?
+                } else {
+                    (self.dispatch(ctx, &req).await?, 0)
+                };
                 self.log_access(ctx, req.method_raw, req.target);
-                (after, len)
+                (after, len + body)
             }
             // wait_head saw a blank line that httparse does not take as the
             // end of a head; a client's bytes must never panic the worker.
@@ -231,6 +238,8 @@ impl Conn {
             };
             ctx.metrics.nar_finished(outcome, started.elapsed());
             return result;
+        } else if let Some(target) = extra::classify(path) {
+            return extra::serve(self, ctx, req, target, keep).await;
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }

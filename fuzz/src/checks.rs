@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("base32", base32),
     ("config", config),
     ("store_path", store_path),
+    ("side_paths", side_paths),
 ];
 
 /// Client request heads, straight off the socket.
@@ -280,5 +281,38 @@ pub fn store_path(data: &[u8]) {
         assert!(text.starts_with("/nar/"));
         assert!(!text.contains("/../") && !text.ends_with("/.."));
         assert!(!text.contains("//"), "empty segment accepted");
+    }
+}
+
+/// Side paths (`log/`, `.ls`, `realisations/`, `build-trace-v2/`,
+/// `debuginfo/`), batch request bodies and debuginfo records (upstream
+/// JSON). An accepted side path is forwarded upstream as is, so it must be
+/// plain: printable ASCII, no `%`, no empty, `.` or `..` segment, and its
+/// routing hash must be the one it names.
+pub fn side_paths(data: &[u8]) {
+    use ncro::serve::{batch, extra};
+    if let Ok(hashes) = batch::parse_hashes(data, 64) {
+        assert!(hashes.len() <= 64);
+        let mut seen = std::collections::HashSet::new();
+        for h in &hashes {
+            assert!(seen.insert(*h), "duplicate {h}");
+            let needle = h.as_bytes();
+            assert!(data.windows(HASH_LEN).any(|w| w == needle));
+        }
+    }
+    if let Some(key) = extra::archive_nar_key(data) {
+        assert!(ncro::serve::valid_nar_path(&format!("/{key}")), "{key}");
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Some(Ok(target)) = extra::classify(text) {
+        assert!(text.bytes().all(|b| b.is_ascii_graphic()), "{text:?}");
+        assert!(!text.contains('%') && !text.contains("//"), "{text:?}");
+        let segments = text.trim_start_matches('/').split('/');
+        assert!(segments.into_iter().all(|s| !matches!(s, "" | "." | "..")));
+        if let Some(hash) = target.route {
+            assert!(text.contains(hash.as_str()), "{text:?} routes by {hash}");
+        }
     }
 }

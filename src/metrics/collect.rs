@@ -8,7 +8,8 @@ use prometheus::proto::{
 };
 
 use super::{
-    LocalCounter, LocalHistogram, Metrics, WorkerMetrics, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
+    LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
+    ENDPOINT_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
 };
 use crate::route::RouteTable;
 
@@ -129,6 +130,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     upstream_families(&mut b);
     worker_families(&mut b);
     state_families(&mut b);
+    endpoint_families(&mut b);
     b.out.extend(super::health::families(m));
     b.out
 }
@@ -317,6 +319,37 @@ fn upstream_families(b: &mut Builder) {
         "NAR request duration from request to last byte, by outcome.",
         dur,
     );
+}
+
+/// The binary-cache side paths and the batch narinfo endpoint.
+fn endpoint_families(b: &mut Builder) {
+    let mut requests = Vec::with_capacity(ENDPOINTS.len() * ENDPOINT_RESULTS.len());
+    for (e, endpoint) in ENDPOINTS.iter().enumerate() {
+        for (r, result) in ENDPOINT_RESULTS.iter().enumerate() {
+            let v = b.sum(|w| &w.endpoint_requests[e][r]);
+            requests.push(counter_metric(
+                &[("endpoint", endpoint), ("result", result)],
+                v,
+            ));
+        }
+    }
+    b.out.push(family(
+        "ncro_endpoint_requests_total",
+        "Requests to the binary-cache side paths and the batch narinfo endpoint, by result.",
+        MetricType::COUNTER,
+        requests,
+    ));
+    let paths = BATCH_PATH_RESULTS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| counter_metric(&[("result", r)], b.sum(|w| &w.batch_paths[i])))
+        .collect();
+    b.out.push(family(
+        "ncro_narinfo_batch_paths_total",
+        "Store hashes asked in batch narinfo requests, by what was learned.",
+        MetricType::COUNTER,
+        paths,
+    ));
 }
 
 fn worker_families(b: &mut Builder) {

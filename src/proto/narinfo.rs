@@ -355,7 +355,7 @@ fn is_store_path(path: &str) -> bool {
 }
 
 /// `<32 base32>-<name>`, checked the way Nix's `StorePath` constructor does.
-fn is_basename(base: &str) -> bool {
+pub fn is_basename(base: &str) -> bool {
     let Some(hash) = base.as_bytes().get(..HASH_LEN) else {
         return false;
     };
@@ -364,7 +364,8 @@ fn is_basename(base: &str) -> bool {
         && is_store_name(&base[HASH_LEN + 1..])
 }
 
-fn is_store_name(name: &str) -> bool {
+/// A store path name (or derivation output name) Nix would accept.
+pub fn is_store_name(name: &str) -> bool {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b);
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -380,7 +381,7 @@ const HASH_ALGOS: [(&str, usize); 4] = [("md5", 16), ("sha1", 20), ("sha256", 32
 
 /// Parses `<algo>:<hex|nix32|base64>` or SRI `<algo>-<base64>`, telling the
 /// digest encodings apart by length as Nix does.
-fn parse_hash(s: &str) -> Option<(&'static str, Vec<u8>)> {
+pub fn parse_hash(s: &str) -> Option<(&'static str, Vec<u8>)> {
     let (algo, digest, sri) = match s.split_once(':') {
         Some((algo, digest)) => (algo, digest, false),
         None => {

@@ -17,6 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod nix_log;
+
 use crate::fake::{FakeUpstream, TestKey, TestPath};
 use crate::harness::{free_ports, tail, test_config, NcroProcess};
 

@@ -21,11 +21,14 @@
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
 //! - [`faults`]: the fault-injection matrix (every upstream fault, for
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
+//! - [`endpoints`]: the binary-cache side paths (logs, listings,
+//!   realisations, build traces, debuginfo) and the batch narinfo endpoint.
 
 mod bench;
 mod cli;
 mod discovery;
 mod e2e_nix;
+mod endpoints;
 mod fake;
 mod faults;
 mod harness;

@@ -124,7 +124,8 @@ pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// The exact `/nix-cache-info` body for a cache priority.
+/// The exact `/nix-cache-info` body for a cache priority (with the batch
+/// narinfo endpoint advertised).
 pub fn cache_info_body(priority: u32) -> String {
-    format!("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n")
+    format!("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\nGetNarInfosV1: /get-narinfos-v1\n")
 }

@@ -51,6 +51,18 @@ impl HttpConn {
         })
     }
 
+    /// Wraps a stream the caller already used (e.g. to read an interim
+    /// response by hand); timeouts are set as for [`Self::connect`].
+    pub fn from_stream(stream: TcpStream) -> io::Result<HttpConn> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(HttpConn {
+            stream,
+            buf: Vec::new(),
+            closed: false,
+        })
+    }
+
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         self.request("GET", path, &[])
     }
