@@ -37,6 +37,16 @@ pub fn main_entry() -> i32 {
             &mut std::io::stdout(),
         )),
         Command::Man => print_or_fail(crate::cli::write_man(&mut std::io::stdout())),
+        Command::Keygen { out } => match crate::mesh::keygen(out) {
+            Ok(public) => {
+                println!("{public}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
         Command::Serve => {
             let cfg = match Config::load(cli.config_path(), &ProcessEnv) {
                 Ok(c) => c,
@@ -189,9 +199,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.discovery.enabled {
         tracing::warn!("discovery.enabled is set, but mDNS discovery is not implemented in this build yet; only configured upstreams are used");
     }
-    if cfg.mesh.enabled {
-        tracing::warn!("mesh.enabled is set, but mesh gossip is not implemented in this build yet; routes are not shared with peers");
-    }
     let (routes, writer, health_rows) = open_routes(&cfg, &upstreams)?;
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
@@ -227,12 +234,24 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
     });
 
-    let jobs = if cfg.health.enabled {
+    let mut jobs = if cfg.health.enabled {
         vec![prober.into_job()]
     } else {
         tracing::info!("health probes are disabled (health.enabled = false); upstream health comes from races only");
         Vec::new()
     };
+    if cfg.mesh.enabled {
+        let s = &shared;
+        let job = crate::mesh::start(
+            &cfg,
+            &s.routes,
+            s.upstreams.clone(),
+            s.metrics.mesh.clone(),
+            s.resolver.clone(),
+        )
+        .context("cannot start mesh gossip")?;
+        jobs.push(job);
+    }
     let control =
         crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

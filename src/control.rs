@@ -1,6 +1,6 @@
 //! COLD: the control core. One thread, pinned to `server.control_cpu`,
 //! running its own monoio runtime (FusionDriver, timers on) for background
-//! work: health probes today, discovery and gossip as they land. It
+//! work: health probes, mesh gossip ([`crate::mesh`]), discovery. It
 //! publishes immutable snapshots that workers read; it never serves
 //! requests. Its jobs may be `!Send` (they own a per-thread
 //! [`LocalClient`](crate::http::client::LocalClient), like a worker).
