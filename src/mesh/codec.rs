@@ -392,4 +392,4 @@ fn decode_route(r: &mut Reader<'_>) -> Result<WireRoute, CodecError> {
 
 #[cfg(test)]
 #[path = "codec/tests.rs"]
-mod tests;
+pub(crate) mod tests;

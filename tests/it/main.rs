@@ -18,6 +18,8 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`mesh`]: signed gossip between three `ncro` processes; forged,
+//!   replayed and oversized datagrams; ncro 2.2's encoding accepted.
 
 mod bench;
 mod cli;
@@ -26,6 +28,7 @@ mod fake;
 mod harness;
 mod health;
 mod logging;
+mod mesh;
 mod metrics;
 mod nar;
 mod routing;
