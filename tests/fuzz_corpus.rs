@@ -59,4 +59,5 @@ corpus_tests!(
     base32,
     config,
     store_path,
+    mesh_packet,
 );
