@@ -130,6 +130,8 @@ pub fn start(
     if open {
         // Config only allows keyless peers with allow_unauthenticated.
         tracing::warn!("mesh.allow_unauthenticated: a peer has no public_key, so any sender with a valid self-signature is accepted; set every peer's public_key");
+    } else if m.allow_unauthenticated {
+        tracing::info!("mesh.allow_unauthenticated is set but every peer has a public_key: only those keys are accepted");
     }
     let addr: SocketAddr = m.bind_addr.parse().map_err(|e| MeshError::Bind {
         addr: m.bind_addr.clone(),

@@ -301,7 +301,11 @@ pub fn mesh_packet(data: &[u8]) {
     };
     let once = codec::encode_announce(&announce);
     let again = codec::decode_announce(&once).expect("our own encoding decodes");
-    assert_eq!(codec::encode_announce(&again), once, "encoding is canonical");
+    assert_eq!(
+        codec::encode_announce(&again),
+        once,
+        "encoding is canonical"
+    );
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let mut ts = 0;
     let packed = codec::pack(&key, &announce.node_id, &announce.routes, || {
@@ -310,7 +314,11 @@ pub fn mesh_packet(data: &[u8]) {
     });
     let mut carried = Vec::new();
     for d in &packed.datagrams {
-        assert!(d.bytes.len() <= MAX_DATAGRAM, "datagram of {} bytes", d.bytes.len());
+        assert!(
+            d.bytes.len() <= MAX_DATAGRAM,
+            "datagram of {} bytes",
+            d.bytes.len()
+        );
         let body = Datagram::split(&d.bytes).expect("framed").body;
         let msg = codec::decode_announce(body).expect("packed datagram decodes");
         assert_eq!(msg.routes.len(), d.routes);

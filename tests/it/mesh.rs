@@ -190,6 +190,56 @@ fn a_route_raced_on_one_node_is_served_by_its_peers_without_asking_upstream() {
     );
 }
 
+/// One node gossips over IPv4, the other over IPv6 (`bind_addr = [::1]:P`,
+/// peer written `[::1]:P`): each reaches the other from a second socket of
+/// the peer's family.
+#[test]
+fn gossip_crosses_between_ipv4_and_ipv6_nodes() {
+    let key = TestKey::generate("mesh-cache-3");
+    let (p4, p6) = (TestPath::new("raced-on-v4"), TestPath::new("raced-on-v6"));
+    let up = FakeUpstream::builder()
+        .path(&p4, &key)
+        .path(&p6, &key)
+        .start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (k4, pub4) = keygen(keys_dir.path(), "v4.key");
+    let (k6, pub6) = keygen(keys_dir.path(), "v6.key");
+    let (udp4, udp6) = (udp_addr("127.0.0.2"), udp_addr("[::1]"));
+    let (db4, db6) = (db_dir(), db_dir());
+    let v4 = node(
+        "127.0.0.2",
+        &up,
+        &key,
+        &db4.path().join("r.db"),
+        &k4,
+        udp4,
+        vec![peer(udp6, &pub6)],
+    );
+    let v6 = node(
+        "127.0.0.3",
+        &up,
+        &key,
+        &db6.path().join("r.db"),
+        &k6,
+        udp6,
+        vec![peer(udp4, &pub4)],
+    );
+    assert_eq!(v4.get(&p4.narinfo_request_path()).status, 200);
+    assert_eq!(v6.get(&p6.narinfo_request_path()).status, 200);
+    for n in [&v4, &v6] {
+        scrape_until(n, "the other node's route", |m| {
+            m.value("ncro_mesh_routes_merged_total", &[]) >= 1.0
+        });
+    }
+    assert_eq!(v6.get(&p4.narinfo_request_path()).status, 200);
+    assert_eq!(v4.get(&p6.narinfo_request_path()).status, 200);
+    assert_eq!(
+        narinfo_requests(&up),
+        2,
+        "each path raced once, on one node"
+    );
+}
+
 /// ncro 2.2's `RouteEntry`/`Message`, serialised with the encoder it uses.
 #[derive(Serialize)]
 enum MessageType {
@@ -401,4 +451,54 @@ fn keygen_never_overwrites_a_key() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+/// `allow_unauthenticated = true` with a keyless peer: a warning at start,
+/// then any self-signed sender is heard (ncro 2.2's behaviour without
+/// keys), while forged signatures are still dropped.
+#[test]
+fn allow_unauthenticated_accepts_self_signed_strangers_with_a_warning() {
+    let key = TestKey::generate("mesh-cache-4");
+    let up = FakeUpstream::builder().start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (node_key, _) = keygen(keys_dir.path(), "node.key");
+    let test_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = udp_addr("127.0.0.2");
+    let db = db_dir();
+    let mut keyless = toml::Table::new();
+    keyless.insert(
+        "addr".into(),
+        test_udp.local_addr().unwrap().to_string().into(),
+    );
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &key)], &db.path().join("r.db"))
+        .set("server", "listen", "127.0.0.2:0")
+        .set("mesh", "enabled", true)
+        .set("mesh", "allow_unauthenticated", true)
+        .set("mesh", "bind_addr", udp.to_string())
+        .set("mesh", "private_key", node_key.to_string_lossy().as_ref())
+        .set(
+            "mesh",
+            "peers",
+            toml::Value::Array(vec![toml::Value::Table(keyless)]),
+        )
+        .start();
+    assert!(
+        ncro.wait_for_log("any sender with a valid self-signature is accepted", WAIT),
+        "{}",
+        ncro.logs()
+    );
+    let stranger = SigningKey::from_bytes(&rand::random());
+    let t0 = now_ns();
+    test_udp
+        .send_to(&seal(&stranger, &golden_body(t0)), udp)
+        .unwrap();
+    let mut forged = seal(&stranger, &golden_body(t0 + 1));
+    forged[40] ^= 1; // inside the signature
+    test_udp.send_to(&forged, udp).unwrap();
+    let m = scrape_until(&ncro, "both datagrams", |m| {
+        packets(m, "accepted") + packets(m, "bad_signature") >= 2.0
+    });
+    assert_eq!(packets(&m, "accepted"), 1.0, "{}", m.text);
+    assert_eq!(packets(&m, "bad_signature"), 1.0, "{}", m.text);
+    assert_eq!(packets(&m, "unknown_sender"), 0.0, "{}", m.text);
 }
