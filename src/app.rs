@@ -37,6 +37,16 @@ pub fn main_entry() -> i32 {
             &mut std::io::stdout(),
         )),
         Command::Man => print_or_fail(crate::cli::write_man(&mut std::io::stdout())),
+        Command::Keygen { out } => match crate::mesh::keygen(out) {
+            Ok(public) => {
+                println!("{public}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
         Command::Serve => {
             let cfg = match Config::load(cli.config_path(), &ProcessEnv) {
                 Ok(c) => c,
@@ -193,9 +203,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     for url in &s3_skipped {
         tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
     }
-    if cfg.mesh.enabled {
-        tracing::warn!("mesh.enabled is set, but mesh gossip is not implemented in this build yet; routes are not shared with peers");
-    }
     let (routes, writer, health_rows) = open_routes(&cfg, &upstreams)?;
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
@@ -245,6 +252,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // Without probes the prober still runs for discovery: it keeps the set.
     if cfg.health.enabled || cfg.discovery.enabled {
         jobs.push(prober.into_job());
+    }
+    if cfg.mesh.enabled {
+        let s = &shared;
+        let job = crate::mesh::start(
+            &cfg,
+            &s.routes,
+            s.upstreams.clone(),
+            s.metrics.mesh.clone(),
+            s.resolver.clone(),
+        )
+        .context("cannot start mesh gossip")?;
+        jobs.push(job);
     }
     let control =
         crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;

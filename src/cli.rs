@@ -46,6 +46,13 @@ pub enum Command {
     },
     /// Print the ncro(1) man page (roff) to stdout.
     Man,
+    /// Write a new mesh node key (raw 32-byte ed25519 seed, mode 0600) and
+    /// print its public key in hex, for the peers' `mesh.peers[].public_key`.
+    Keygen {
+        /// Where to write the key (`mesh.private_key`); never overwritten.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
 }
 
 impl Cli {
@@ -94,7 +101,7 @@ mod tests {
             let mut script = Vec::new();
             write_completions(shell, &mut script).unwrap();
             let script = String::from_utf8(script).unwrap();
-            for sub in ["serve", "check-config", "completions", "man"] {
+            for sub in ["serve", "check-config", "completions", "man", "keygen"] {
                 assert!(script.contains(sub), "{shell:?} lacks {sub}");
                 // roff escapes the hyphen.
                 let roff = sub.replace('-', "\\-");

@@ -550,6 +550,9 @@ fn validate_mesh(m: &raw::RawMesh) -> Result<(), ConfigError> {
     if m.gossip_interval.0.is_zero() {
         return Err(invalid("mesh.gossip_interval must be positive"));
     }
+    if m.replay_window.0.is_zero() {
+        return Err(invalid("mesh.replay_window must be positive"));
+    }
     if m.enabled {
         m.bind_addr
             .parse::<std::net::SocketAddr>()
@@ -558,6 +561,12 @@ fn validate_mesh(m: &raw::RawMesh) -> Result<(), ConfigError> {
     for (i, p) in m.peers.iter().enumerate() {
         if p.addr.trim().is_empty() {
             return Err(invalid(format!("mesh.peers[{i}]: addr is empty")));
+        }
+        if m.enabled && crate::mesh::parse_peer_addr(&p.addr).is_none() {
+            return Err(invalid(format!(
+                "mesh.peers[{i}]: addr {:?} must be host:port (an IPv6 address in brackets: [fd00::1]:7946)",
+                p.addr
+            )));
         }
         let key_ok = p.public_key.is_empty()
             || hex::decode(&p.public_key)

@@ -22,6 +22,7 @@
 //! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
 //! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
 //! | [`control`] | COLD | control core (its own monoio runtime): health probes, mDNS discovery; publishes the upstream set and health snapshots |
+//! | [`mesh`] | COLD | signed UDP gossip of race results between nodes (ncro 2.2 wire format), on the control core |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 //! | [`systemd`] | COLD | socket activation, sd_notify, watchdog |
 //! | [`signals`] | COLD | SIGTERM/SIGINT masking and waiting |
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod proto;
 pub mod race;

@@ -13,6 +13,7 @@
 pub mod access;
 mod collect;
 mod health;
+mod mesh;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 pub use collect::Gauges;
 pub use health::{HealthSample, HealthSource, HealthState};
+pub use mesh::MeshCounters;
 
 /// A counter with a single writer thread and any number of readers.
 #[derive(Default)]
@@ -323,6 +325,8 @@ pub struct Metrics {
     /// Installed once by the health work; until then every upstream's state
     /// is reported as `unknown`.
     pub health: std::sync::OnceLock<HealthSource>,
+    /// Written by the mesh gossip task only; zeros when the mesh is off.
+    pub mesh: Arc<MeshCounters>,
 }
 
 impl Metrics {
@@ -345,6 +349,7 @@ impl Metrics {
             upstream_source: std::sync::OnceLock::new(),
             gauges: std::sync::OnceLock::new(),
             health: std::sync::OnceLock::new(),
+            mesh: Arc::default(),
         }
     }
 

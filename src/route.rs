@@ -10,7 +10,8 @@
 pub mod persist;
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use quick_cache::sync::Cache;
@@ -119,7 +120,15 @@ pub struct RouteTable {
     max_entries: usize,
     /// None when routes are not persisted (no database configured, tests).
     writer: Option<WriterHandle>,
+    /// Routes this node's races learned, for mesh gossip; set once at
+    /// start when the mesh is enabled. The control thread drains it.
+    learned: OnceLock<flume::Sender<Learned>>,
+    /// Learned routes the gossip feed had no room for.
+    learned_dropped: AtomicU64,
 }
+
+/// A route as it reaches the gossip feed.
+pub type Learned = (StoreHash, Arc<RouteEntry>);
 
 impl RouteTable {
     /// `max_entries` bounds routes and negative entries together (quick_cache
@@ -140,7 +149,22 @@ impl RouteTable {
             nar_hashers: (RandomState::new(), RandomState::new()),
             max_entries,
             writer,
+            learned: OnceLock::new(),
+            learned_dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Starts feeding every route [`Self::insert`] stores to the returned
+    /// receiver (at most `capacity` waiting; more are dropped and
+    /// counted). Only the first call gets a feed.
+    pub fn learned_feed(&self, capacity: usize) -> Option<flume::Receiver<Learned>> {
+        let (tx, rx) = flume::bounded(capacity);
+        self.learned.set(tx).ok().map(|()| rx)
+    }
+
+    /// Routes the gossip feed dropped because it was full.
+    pub fn learned_dropped(&self) -> u64 {
+        self.learned_dropped.load(Ordering::Relaxed)
     }
 
     /// The live route or negative entry for `hash` at `now` (unix seconds).
@@ -160,8 +184,25 @@ impl RouteTable {
     }
 
     /// Stores a route (replacing any slot for `hash`), indexes its NAR and
-    /// queues it for persistence.
+    /// queues it for persistence and, with the mesh on, for gossip.
     pub fn insert(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
+        if let Some(feed) = self.learned.get() {
+            // Never waits: a full feed only means a peer hears of this
+            // route later (when it races it itself).
+            if feed.try_send((hash, entry.clone())).is_err() {
+                self.learned_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.store(hash, entry);
+    }
+
+    /// Stores a route a mesh peer announced: like [`Self::insert`], but not
+    /// fed back to gossip (peers hear each route from the node that raced it).
+    pub fn insert_from_peer(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
+        self.store(hash, entry);
+    }
+
+    fn store(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
         self.index_nar(&entry);
         match &self.writer {
             Some(w) => {
@@ -368,6 +409,27 @@ mod tests {
         assert_eq!(&*hit(t.get(&hash(1), 0)).unwrap().upstream, "https://b");
         assert_eq!(t.len(), 1);
         assert_eq!(t.nar_upstream("nar/x", 0).as_deref(), Some("https://b"));
+    }
+
+    #[test]
+    fn raced_routes_reach_the_learned_feed_and_peer_routes_do_not() {
+        let t = RouteTable::new(100, None);
+        t.insert(hash(1), entry("https://a", "nar/x", 100)); // before the feed
+        let feed = t.learned_feed(2).unwrap();
+        assert!(t.learned_feed(2).is_none(), "one feed only");
+        t.insert(hash(2), entry("https://a", "nar/y", 100));
+        t.insert_from_peer(hash(3), entry("https://a", "nar/z", 100));
+        assert!(hit(t.get(&hash(3), 0)).is_some(), "peer routes are served");
+        assert_eq!(t.nar_upstream("nar/z", 0).as_deref(), Some("https://a"));
+        t.insert(hash(4), entry("https://a", "nar/w", 100));
+        t.insert(hash(5), entry("https://a", "nar/v", 100)); // feed full
+        let got: Vec<StoreHash> = feed.drain().map(|(h, _)| h).collect();
+        assert_eq!(got, [hash(2), hash(4)]);
+        assert_eq!(t.learned_dropped(), 1);
+        assert!(
+            hit(t.get(&hash(5), 0)).is_some(),
+            "a full feed never loses the route"
+        );
     }
 
     #[test]

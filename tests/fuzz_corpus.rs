@@ -60,4 +60,5 @@ corpus_tests!(
     config,
     store_path,
     side_paths,
+    mesh_packet,
 );

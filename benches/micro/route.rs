@@ -72,6 +72,7 @@ fn next_hash() -> StoreHash {
 
 pub fn warm() {
     LazyLock::force(&FIXTURE);
+    LazyLock::force(&INSERT);
 }
 
 #[divan::bench(sample_size = 1000, threads = [1, 2])]
@@ -95,4 +96,51 @@ fn baseline_mutex_hashmap(bencher: Bencher) {
             .cloned()
             .expect("every benched hash was inserted")
     });
+}
+
+/// Storing a race winner: `RouteTable::insert` as the mesh leaves it
+/// (no feed) against the same insert with the gossip feed on (one extra
+/// `Arc` clone and a non-blocking `try_send`). The feed is drained while
+/// inputs are made, outside the timed section, so it never fills (as in
+/// service, where the gossip task empties it every round). Tables have no
+/// writer, so the SQLite queue is not part of either figure.
+struct InsertFixture {
+    plain: RouteTable,
+    fed: RouteTable,
+    feed: flume::Receiver<ncro::route::Learned>,
+    entry: Arc<RouteEntry>,
+}
+
+static INSERT: LazyLock<InsertFixture> = LazyLock::new(|| {
+    let plain = RouteTable::new(ROUTES * 2, None);
+    let fed = RouteTable::new(ROUTES * 2, None);
+    let feed = fed.learned_feed(1 << 16).expect("first feed");
+    let upstream: Arc<str> = Arc::from("https://cache.nixos.org");
+    let text = crate::fake_base32(7, 32);
+    InsertFixture {
+        plain,
+        fed,
+        feed,
+        entry: Arc::new(entry(&upstream, &text)),
+    }
+});
+
+fn insert_input() -> (StoreHash, Arc<RouteEntry>) {
+    let f = &*INSERT;
+    f.feed.drain().for_each(drop);
+    (next_hash(), f.entry.clone())
+}
+
+#[divan::bench(sample_size = 200)]
+fn ncro_insert_with_gossip_feed(bencher: Bencher) {
+    bencher
+        .with_inputs(insert_input)
+        .bench_values(|(hash, e)| INSERT.fed.insert(black_box(hash), e));
+}
+
+#[divan::bench(sample_size = 200)]
+fn baseline_insert_without_feed(bencher: Bencher) {
+    bencher
+        .with_inputs(insert_input)
+        .bench_values(|(hash, e)| INSERT.plain.insert(black_box(hash), e));
 }

@@ -10,6 +10,8 @@ use ncro::config::env::MapEnv;
 use ncro::config::{Config, Source};
 use ncro::http::chunked::{ChunkedDecoder, ChunkedError};
 use ncro::http::request::{self, Parse, MAX_HEAD};
+use ncro::mesh::codec::{self, Datagram, MAX_DATAGRAM};
+use ncro::mesh::trust::Trust;
 use ncro::proto::cache_info::CacheInfo;
 use ncro::proto::narinfo::NarInfo;
 use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
@@ -27,6 +29,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("config", config),
     ("store_path", store_path),
     ("side_paths", side_paths),
+    ("mesh_packet", mesh_packet),
 ];
 
 /// Client request heads, straight off the socket.
@@ -314,5 +317,61 @@ pub fn side_paths(data: &[u8]) {
         if let Some(hash) = target.route {
             assert!(text.contains(hash.as_str()), "{text:?} routes by {hash}");
         }
+    }
+}
+
+/// Gossip datagrams from the network (any sender can reach the socket).
+/// The whole input goes through the trust checks (framing, allow-list,
+/// signature, which random bytes never pass) and, as a message body,
+/// through the decoder. What decodes must re-encode to bytes that decode
+/// to the same message (the encoding is canonical after one round trip),
+/// and packing its routes must give datagrams of at most 1400 bytes that
+/// carry every route that fits, in order.
+pub fn mesh_packet(data: &[u8]) {
+    let mut trust = Trust::new([[7u8; 32]], true, std::time::Duration::from_secs(60));
+    let _ = trust.check(data, 0);
+    let Ok(announce) = codec::decode_announce(data) else {
+        return;
+    };
+    let once = codec::encode_announce(&announce);
+    let again = codec::decode_announce(&once).expect("our own encoding decodes");
+    assert_eq!(
+        codec::encode_announce(&again),
+        once,
+        "encoding is canonical"
+    );
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let mut ts = 0;
+    let packed = codec::pack(&key, &announce.node_id, &announce.routes, || {
+        ts += 1;
+        ts
+    });
+    let mut carried = Vec::new();
+    for d in &packed.datagrams {
+        assert!(
+            d.bytes.len() <= MAX_DATAGRAM,
+            "datagram of {} bytes",
+            d.bytes.len()
+        );
+        let body = Datagram::split(&d.bytes).expect("framed").body;
+        let msg = codec::decode_announce(body).expect("packed datagram decodes");
+        assert_eq!(msg.routes.len(), d.routes);
+        carried.extend(msg.routes);
+    }
+    assert_eq!(carried.len() + packed.unsendable, announce.routes.len());
+    assert_eq!(carried.len(), packed.sent);
+    // Compared as bytes: a NaN latency is not equal to itself.
+    let enc = |r: &codec::WireRoute, narinfo: bool| {
+        let mut v = Vec::new();
+        codec::encode_route(&mut v, r, narinfo);
+        v
+    };
+    let mut input = announce.routes.iter();
+    for got in &carried {
+        let g = enc(got, true);
+        assert!(
+            input.any(|r| enc(r, true) == g || enc(r, false) == g),
+            "a packed route is an input route (whole or without narinfo), in input order"
+        );
     }
 }

@@ -112,6 +112,10 @@ in
     with subtest("gossip port open"):
         a.succeed("ss -Hlun 'sport = :7946' | grep -q 7946")
 
+    with subtest("each node logs its identity from the key file"):
+        a.succeed("journalctl -u ncro.service | grep -q 'mesh node identity.*${keys.meshA.public}'")
+        b.succeed("journalctl -u ncro.service | grep -q 'mesh node identity.*${keys.meshB.public}'")
+
     with subtest("the intruder resolves a path and announces it to b"):
         intruder.succeed("curl -sf http://localhost:8080/${hashOf fromIntruder}.narinfo")
 
@@ -121,9 +125,28 @@ in
             route_query("${hashOf fromA}") + " | grep -qx http://cache:5000", timeout=60
         )
 
+    def metric(machine, sample):
+        out = machine.succeed(f"curl -sf http://localhost:8080/metrics | grep -F '{sample} ' || true").strip()
+        return float(out.split()[-1]) if out else 0.0
+
     with subtest("b never trusted the intruder"):
-        # By now b has heard several rounds from both senders.
+        # Each node announces a route once, in the round after its race:
+        # wait until the intruder's announcement has reached b.
+        b.wait_until_succeeds(
+            "curl -sf http://localhost:8080/metrics"
+            " | grep -Eq '^ncro_mesh_packets_total[{]result=\"unknown_sender\"[}] [1-9]'",
+            timeout=60,
+        )
         assert route(b, "${hashOf fromIntruder}") == "", route(b, "${hashOf fromIntruder}")
         assert route(intruder, "${hashOf fromIntruder}") == "http://cache:5000"
+        assert metric(b, 'ncro_mesh_packets_total{result="unknown_sender"}') >= 1
+        assert metric(b, 'ncro_mesh_packets_total{result="accepted"}') >= 1
+        assert metric(b, "ncro_mesh_routes_merged_total") >= 1
+        assert metric(a, "ncro_mesh_routes_sent_total") >= 1
+
+    with subtest("b serves the gossiped path without racing it"):
+        b.succeed("curl -sf http://localhost:8080/${hashOf fromA}.narinfo | grep -q '^StorePath: ${fromA}$'")
+        assert metric(b, "ncro_narinfo_cache_hits_total") >= 1
+        assert metric(b, "ncro_narinfo_races_total") == 0
   '';
 }

@@ -279,6 +279,9 @@ pub struct RawMesh {
     pub private_key: String,
     pub gossip_interval: Dur,
     pub allow_unauthenticated: bool,
+    /// How far a gossip timestamp may be from this node's clock (either
+    /// way) before the packet is dropped as a replay.
+    pub replay_window: Dur,
 }
 
 impl Default for RawMesh {
@@ -290,6 +293,7 @@ impl Default for RawMesh {
             private_key: String::new(),
             gossip_interval: secs(30),
             allow_unauthenticated: false,
+            replay_window: secs(60),
         }
     }
 }

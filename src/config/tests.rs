@@ -105,6 +105,8 @@ fn invalid_values_name_the_key() {
         ("[mesh]\nenabled = true\n", "no peers configured"),
         ("[mesh]\nenabled = true\n[[mesh.peers]]\naddr = \"127.0.0.1:1\"\n", "public_key is required"),
         ("[[mesh.peers]]\naddr = \"x:1\"\npublic_key = \"zz\"\n", "hex-encoded 32-byte"),
+        ("[mesh]\nreplay_window = \"0s\"\n", "mesh.replay_window must be positive"),
+        ("[mesh]\nenabled = true\nallow_unauthenticated = true\n[[mesh.peers]]\naddr = \"fd00::1:7946\"\n", "must be host:port"),
         ("[[upstreams]]\nurl = \"s3://b?bogus=1\"\n", "unknown parameter"),
         ("[discovery]\naddress_family = \"ipv5\"\n", "ipv5"),
         ("[discovery]\nmax_upstreams = 0\n", "discovery.max_upstreams must be between 1 and 1024, got 0"),

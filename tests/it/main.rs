@@ -23,6 +23,8 @@
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
 //!   realisations, build traces, debuginfo) and the batch narinfo endpoint.
+//! - [`mesh`]: signed gossip between three `ncro` processes; forged,
+//!   replayed and oversized datagrams; ncro 2.2's encoding accepted.
 
 mod bench;
 mod cli;
@@ -34,6 +36,7 @@ mod faults;
 mod harness;
 mod health;
 mod logging;
+mod mesh;
 mod metrics;
 mod nar;
 mod routing;
