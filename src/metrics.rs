@@ -13,6 +13,7 @@
 pub mod access;
 mod collect;
 mod health;
+mod index;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -128,6 +129,10 @@ pub struct UpstreamMetrics {
     /// `ncro_upstream_latency_seconds`, default buckets).
     pub win_latency: LocalHistogram,
     pub nar_bytes: LocalCounter,
+    /// narinfo requests not sent: a fresh index summary ruled the path out.
+    pub index_skips: LocalCounter,
+    /// 404s from this upstream while its fresh summary said "maybe".
+    pub index_false_positives: LocalCounter,
 }
 
 impl Default for UpstreamMetrics {
@@ -139,6 +144,8 @@ impl Default for UpstreamMetrics {
                 .collect(),
             win_latency: LocalHistogram::new(DEFAULT_BUCKETS),
             nar_bytes: LocalCounter::default(),
+            index_skips: LocalCounter::default(),
+            index_false_positives: LocalCounter::default(),
         }
     }
 }
@@ -267,6 +274,8 @@ pub struct Metrics {
     /// Installed once by the health work; until then every upstream's state
     /// is reported as `unknown`.
     pub health: std::sync::OnceLock<HealthSource>,
+    /// Index summaries and ncro's published filter (set once, at start).
+    pub index: std::sync::OnceLock<Arc<crate::index::IndexState>>,
 }
 
 impl Metrics {
@@ -289,6 +298,7 @@ impl Metrics {
             upstream_source: std::sync::OnceLock::new(),
             gauges: std::sync::OnceLock::new(),
             health: std::sync::OnceLock::new(),
+            index: std::sync::OnceLock::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! answered back to back, and their in-memory responses are written with
 //! one syscall.
 
+pub mod bloom;
 pub mod health;
 pub mod nar;
 pub mod narinfo;
@@ -205,6 +206,8 @@ impl Conn {
                 b"text/plain; version=0.0.4",
                 body.as_bytes(),
             );
+        } else if path == crate::index::FILTER_PATH {
+            return Ok(bloom::serve(self, ctx, req, keep));
         } else if let Some(name) = path
             .strip_prefix('/')
             .and_then(|p| p.strip_suffix(".narinfo"))

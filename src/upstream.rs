@@ -211,6 +211,9 @@ pub struct RacePlan {
     /// after a transport error: it may well hold the path, so a miss from
     /// the others is not definite (answered 502, never a sticky 404).
     pub cooling_skipped: bool,
+    /// Upstreams left out because their fresh index summary rules the
+    /// path out; with no candidates left that is a definite miss.
+    pub index_skipped: usize,
 }
 
 /// The changing side of the upstreams, shared by all workers and the
@@ -299,27 +302,41 @@ impl Routing {
     /// Candidates for one race: routable upstreams (not DOWN, unless all
     /// are) that are not cooling down (unless all are), in routing order.
     pub fn plan_race(&self, set: &UpstreamSet, now: Instant) -> RacePlan {
+        self.plan_race_skipping(set, now, |_, _| false)
+    }
+
+    /// [`Self::plan_race`] leaving out the upstreams `absent` rules out
+    /// (a fresh index summary says the path is certainly not there:
+    /// docs/index-routing.md). Those count in [`RacePlan::index_skipped`]
+    /// and make the plan `partial`, never `cooling_skipped`.
+    pub fn plan_race_skipping(
+        &self,
+        set: &UpstreamSet,
+        now: Instant,
+        mut absent: impl FnMut(usize, &Upstream) -> bool,
+    ) -> RacePlan {
         let snap = self.health.load();
         let routable = snap.routable();
-        // `live`: the health snapshot may be older or newer than `set`.
-        let candidate = |&i: &usize| {
-            let priority = set.live(i)?.priority;
-            Some(Candidate {
-                upstream: i,
-                priority,
-            })
-        };
+        let mut index_skipped = 0;
         let mut candidates = Vec::with_capacity(routable.len());
-        candidates.extend(
-            routable
-                .iter()
-                .filter(|&&i| !self.limits.cooldowns.is_cooling(i, now))
-                .filter_map(candidate),
-        );
-        if candidates.is_empty() {
-            candidates.extend(routable.iter().filter_map(candidate));
+        // `live`: the health snapshot may be older or newer than `set`.
+        for &i in routable {
+            let Some(up) = set.live(i) else { continue };
+            if absent(i, up) {
+                index_skipped += 1;
+                continue;
+            }
+            candidates.push(Candidate {
+                upstream: i,
+                priority: up.priority,
+            });
         }
-        let cooling_skipped = candidates.len() < routable.len();
+        let cooling = |c: &Candidate| self.limits.cooldowns.is_cooling(c.upstream, now);
+        let ready = candidates.iter().filter(|c| !cooling(c)).count();
+        if ready > 0 && ready < candidates.len() {
+            candidates.retain(|c| !cooling(c));
+        }
+        let cooling_skipped = candidates.len() + index_skipped < routable.len();
         let first = candidates.first().map(|c| c.priority);
         let first_tier = candidates
             .iter()
@@ -329,6 +346,7 @@ impl Routing {
             hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
             partial: candidates.len() < set.live_len(),
             cooling_skipped,
+            index_skipped,
             candidates,
         }
     }

@@ -171,3 +171,25 @@ fn several_public_keys_and_password_file() {
     assert_eq!(u.public_keys.len(), 2);
     assert_eq!(u.basic_auth, Some(("u".into(), Some("s3cret".into()))));
 }
+
+#[test]
+fn index_keys_are_validated() {
+    let c = load_str("[index]\nmax_age = \"30s\"\npublish = true\nfalse_positive_rate = 0.001\n")
+        .unwrap();
+    assert!(c.index.enabled && c.index.publish);
+    assert_eq!(c.index.max_age, std::time::Duration::from_secs(30));
+    assert_eq!(c.index.false_positive_rate, 0.001);
+    for (bad, key) in [
+        ("false_positive_rate = 1.0", "index.false_positive_rate"),
+        ("false_positive_rate = 0.0", "index.false_positive_rate"),
+        ("refresh_interval = \"0s\"", "index.refresh_interval"),
+        ("max_age = \"0s\"", "index.max_age"),
+        ("max_bytes = 10", "index.max_bytes"),
+        ("max_items = 0", "index.max_items"),
+    ] {
+        let err = load_str(&format!("[index]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+}

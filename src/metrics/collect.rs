@@ -43,7 +43,7 @@ pub(super) fn family(
     f
 }
 
-fn counter_metric(pairs: &[(&str, &str)], v: u64) -> Metric {
+pub(super) fn counter_metric(pairs: &[(&str, &str)], v: u64) -> Metric {
     let mut c = Counter::default();
     c.set_value(v as f64);
     let mut m = Metric::from_label(labels(pairs));
@@ -130,6 +130,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     worker_families(&mut b);
     state_families(&mut b);
     b.out.extend(super::health::families(m));
+    b.out.extend(super::index::families(m));
     b.out
 }
 
