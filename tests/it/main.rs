@@ -19,6 +19,8 @@
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
+//! - [`index`]: index-aware routing: upstream NixBloom filters and RFC 0195
+//!   indexes, staleness and errors, ncro's own filter read by another ncro.
 
 mod bench;
 mod cli;
@@ -27,6 +29,7 @@ mod e2e_nix;
 mod fake;
 mod harness;
 mod health;
+mod index;
 mod logging;
 mod metrics;
 mod nar;
