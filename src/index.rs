@@ -65,11 +65,21 @@ pub struct Summary {
 #[derive(Debug, Default)]
 pub struct SummarySet {
     by_slot: Vec<Option<Arc<Summary>>>,
+    /// Some slot has a summary (fresh or not).
+    any: bool,
 }
 
 impl SummarySet {
     pub fn new(by_slot: Vec<Option<Arc<Summary>>>) -> SummarySet {
-        SummarySet { by_slot }
+        let any = by_slot.iter().any(Option::is_some);
+        SummarySet { by_slot, any }
+    }
+
+    /// No upstream has a summary: a race plan need not look (the common
+    /// case when no upstream publishes one).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        !self.any
     }
 
     /// The summary of `slot` if it describes `upstream` and is fresh.

@@ -59,4 +59,6 @@ corpus_tests!(
     base32,
     config,
     store_path,
+    nixbloom,
+    cache_index,
 );

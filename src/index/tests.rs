@@ -63,6 +63,8 @@ fn only_a_fresh_summary_of_the_same_upstream_rules_a_path_out() {
     let revived = upstream("http://127.0.0.1:1");
     assert!(!set.definitely_absent(0, &revived, other, t0));
     assert!(set.get(0).is_some() && set.get(1).is_none());
+    assert!(!set.is_empty());
+    assert!(SummarySet::new(vec![None, None]).is_empty());
 }
 
 #[test]

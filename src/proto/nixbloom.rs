@@ -98,7 +98,8 @@ pub struct Bloom {
 }
 
 impl Bloom {
-    pub fn parse(body: Bytes) -> Result<Bloom, BloomError> {
+    pub fn parse(body: impl Into<Bytes>) -> Result<Bloom, BloomError> {
+        let body = body.into();
         if body.len() < HEADER_LEN {
             return Err(BloomError::TooShort(body.len()));
         }

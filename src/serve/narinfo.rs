@@ -233,6 +233,9 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
 fn plan_with_index(ctx: &WorkerCtx, set: &UpstreamSet, hash: StoreHash) -> RacePlan {
     let now = std::time::Instant::now();
     let summaries = ctx.shared.index.summaries();
+    if summaries.is_empty() {
+        return ctx.shared.routing.plan_race(set, now);
+    }
     let probe = Probe::of(&hash);
     ctx.shared.routing.plan_race_skipping(set, now, |i, up| {
         let absent = summaries.definitely_absent(i, up, probe, now);

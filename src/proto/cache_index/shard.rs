@@ -234,17 +234,12 @@ pub fn decode(
     if h.count > max_items {
         return Err(ShardError::TooManyItems(h.count));
     }
-    let data_start = h
-        .sparse_count
-        .checked_mul(SPARSE_ENTRY_LEN as u64)
-        .and_then(|n| n.checked_add(h.sparse_offset))
-        .filter(|&end| h.sparse_offset >= HEADER_LEN as u64 && end <= bytes.len() as u64)
-        .ok_or(ShardError::Header("sparse index"))? as usize;
+    let data_start = data_start(&h, bytes.len()).ok_or(ShardError::Header("sparse index"))?;
     if h.sparse_count > h.count.div_ceil(SPARSE_EVERY) {
         return Err(ShardError::Header("sparse count"));
     }
     let data = &bytes[data_start..];
-    if xxhash_rust::xxh64::xxh64(data, 0) != h.checksum {
+    if checksum(data) != h.checksum {
         return Err(ShardError::Checksum);
     }
     let sparse = &bytes[h.sparse_offset as usize..data_start];
@@ -313,6 +308,22 @@ fn check_sparse(
         return Err(ShardError::Sparse(j));
     }
     Ok(())
+}
+
+/// The checksum a shard header carries for its encoded-data section:
+/// XXH64, seed 0.
+pub fn checksum(data: &[u8]) -> u64 {
+    xxhash_rust::xxh64::xxh64(data, 0)
+}
+
+/// Where the encoded data starts, from the header's sparse-index fields,
+/// if they fit in `len` bytes.
+pub fn data_start(h: &Header, len: usize) -> Option<usize> {
+    h.sparse_count
+        .checked_mul(SPARSE_ENTRY_LEN as u64)
+        .and_then(|n| n.checked_add(h.sparse_offset))
+        .filter(|&end| h.sparse_offset >= HEADER_LEN as u64 && end <= len as u64)
+        .map(|end| end as usize)
 }
 
 /// The numeric value of a shard prefix (`root` is 0).
