@@ -4,14 +4,15 @@
 
 use std::time::Instant;
 
-use prometheus::proto::{MetricFamily, MetricType};
+use prometheus::proto::{Metric, MetricFamily, MetricType};
 
 use super::collect::{counter_metric, family, gauge_metric};
 use super::Metrics;
 use crate::index::RefreshErrorKind;
 
-pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
-    let live = m.upstream_slots().live;
+/// Per-upstream series: skipped, false positives, refresh errors, summary
+/// ages and sizes (the last two only for upstreams with a summary).
+fn per_upstream(m: &Metrics) -> [Vec<Metric>; 5] {
     let per_worker = |i: usize, f: &dyn Fn(&super::UpstreamMetrics) -> u64| -> u64 {
         m.workers
             .iter()
@@ -19,19 +20,17 @@ pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
             .map(f)
             .sum()
     };
-    let (mut skipped, mut fps, mut errors) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut ages, mut sizes) = (Vec::new(), Vec::new());
+    let [mut skipped, mut fps, mut errors, mut ages, mut sizes]: [Vec<Metric>; 5] =
+        Default::default();
     let state = m.index.get();
     let summaries = state.map(|s| s.summaries());
     let now = Instant::now();
-    for (i, url) in &live {
+    for (i, url) in &m.upstream_slots().live {
         let (i, u) = (*i, &**url);
         let up = [("upstream", u)];
         skipped.push(counter_metric(&up, per_worker(i, &|w| w.index_skips.get())));
-        fps.push(counter_metric(
-            &up,
-            per_worker(i, &|w| w.index_false_positives.get()),
-        ));
+        let fp = per_worker(i, &|w| w.index_false_positives.get());
+        fps.push(counter_metric(&up, fp));
         for kind in RefreshErrorKind::ALL {
             let v = state.map_or(0, |s| s.errors(i, kind));
             errors.push(counter_metric(
@@ -47,6 +46,12 @@ pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
         ages.push(gauge_metric(&labels, age));
         sizes.push(gauge_metric(&labels, s.bloom.body().len() as f64));
     }
+    [skipped, fps, errors, ages, sizes]
+}
+
+pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
+    let [skipped, fps, errors, ages, sizes] = per_upstream(m);
+    let state = m.index.get();
     let mut out = vec![
         family(
             "ncro_index_skipped_requests_total",
