@@ -151,18 +151,16 @@ impl Manifest {
     /// The journal segments that may still hold entries not yet compacted
     /// into the shards, newest first. The RFC never says how to list them;
     /// like ncps this steps back from the current segment by the segment
-    /// duration, one step more than `retention_count + 1` (reading a gone
-    /// segment costs one 404; missing a live one would lose additions).
-    /// Without a duration only a manifest keeping no old segments can be
-    /// followed.
+    /// duration, one step more than `retention_count + 1`: reading a gone
+    /// segment costs one 404, while missing a rotated segment that is not
+    /// compacted yet would lose its additions. Without a duration the
+    /// previous segment cannot be found, so the index cannot be followed
+    /// safely at all.
     pub fn live_segments(&self) -> Result<Vec<u64>, IndexError> {
-        match self.segment_duration {
-            _ if self.retention_count == 0 => Ok(vec![self.current_segment]),
-            None => Err(IndexError::SegmentsUnknown),
-            Some(d) => Ok((0..=self.retention_count.saturating_add(1))
-                .map_while(|i| self.current_segment.checked_sub(i.checked_mul(d)?))
-                .collect()),
-        }
+        let d = self.segment_duration.ok_or(IndexError::SegmentsUnknown)?;
+        Ok((0..=self.retention_count.saturating_add(1))
+            .map_while(|i| self.current_segment.checked_sub(i.checked_mul(d)?))
+            .collect())
     }
 }
 

@@ -159,7 +159,8 @@ pub fn shard(hashes: &[&str], depth: usize, k: u8) -> Vec<u8> {
 
 /// An RFC 0195 index of `hashes` at `depth`: `(path, body)` for the
 /// manifest and every shard of epoch 1. The journal is the caller's: its
-/// current segment is `journal/1000.log`, no older ones are kept.
+/// current segment is `journal/1000.log`, no older ones are kept (ncro
+/// also asks for `journal/700.log`, the one rotated last, and gets a 404).
 pub fn rfc_index(hashes: &[&str], depth: usize) -> Vec<(String, Vec<u8>)> {
     let manifest = serde_json::json!({
         "version": 1,
