@@ -206,6 +206,10 @@ fn an_rfc0195_index_keeps_misses_away_and_reads_the_journal() {
         0,
         "ruled out by its shard"
     );
+    assert!(
+        up.request_count("/nix-cache-index/journal/700.log") >= 1,
+        "the segment rotated last is read too"
+    );
     assert_eq!(skipped(&scrape(&ncro), &up.url()), 1.0);
 }
 
