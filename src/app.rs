@@ -207,6 +207,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
     });
+    let index = Arc::new(crate::index::IndexState::new(upstreams.capacity()));
+    let _ = metrics.index.set(index.clone()); // set once, at start
     let upstreams = Arc::new(Upstreams::new(upstreams));
     let resolver = Resolver::new(Duration::from_secs(60));
     let tls = tls_config(&cfg)?;
@@ -219,18 +221,22 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tls.clone(),
     );
     install_health_metrics(&metrics, &routing, &upstreams);
+    let mut cache_info = crate::proto::cache_info::render(
+        crate::proto::store_path::STORE_DIR,
+        true,
+        Some(cfg.server.cache_priority),
+    );
+    if cfg.index.publish {
+        cache_info.push_str(&format!("BloomFilter: {}\n", crate::index::FILTER_LOCATION));
+    }
     let shared = Arc::new(SharedState {
-        cache_info: (crate::proto::cache_info::render(
-            crate::proto::store_path::STORE_DIR,
-            true,
-            Some(cfg.server.cache_priority),
-        ) + crate::serve::batch::CACHE_INFO_LINE)
-            .into(),
+        cache_info: (cache_info + crate::serve::batch::CACHE_INFO_LINE).into(),
         config: cfg.clone(),
         metrics,
         routes,
         upstreams,
         routing,
+        index: index.clone(),
         resolver,
         tls,
         flights: quick_cache::sync::Cache::new(
@@ -265,6 +271,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("cannot start mesh gossip")?;
         jobs.push(job);
     }
+    index_jobs(&cfg, &shared, &mut jobs);
     let control =
         crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -322,6 +329,25 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("ncro stopped");
     Ok(())
+}
+
+/// The control-thread jobs of index-aware routing (docs/index-routing.md).
+fn index_jobs(cfg: &Config, shared: &SharedState, jobs: &mut Vec<crate::control::Job>) {
+    use crate::control::index::{Publisher, Refresher};
+    if cfg.index.enabled {
+        let r = Refresher::new(
+            cfg,
+            shared.upstreams.clone(),
+            shared.index.clone(),
+            shared.resolver.clone(),
+            shared.tls.clone(),
+        );
+        jobs.push(r.into_job());
+    }
+    if cfg.index.publish {
+        let p = Publisher::new(&cfg.index, shared.routes.clone(), shared.index.clone());
+        jobs.push(p.into_job());
+    }
 }
 
 /// `/metrics` reads the upstream set and their health from the published

@@ -56,6 +56,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub discovery: raw::RawDiscovery,
     pub mesh: raw::RawMesh,
+    pub index: IndexConfig,
     /// The merged raw form, for `check-config` output (secrets redacted there).
     pub raw: RawConfig,
 }
@@ -127,6 +128,20 @@ pub struct HealthConfig {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub hedge_after: Duration,
+}
+
+/// `[index]`, validated (docs/index-routing.md).
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    pub enabled: bool,
+    pub refresh_interval: Duration,
+    pub max_age: Duration,
+    pub max_bytes: usize,
+    pub max_items: u64,
+    /// Of the filters ncro builds (its own, and RFC 0195 indexes it reads).
+    pub false_positive_rate: f64,
+    pub publish: bool,
+    pub publish_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +249,7 @@ fn validate(
     let logging = validate_logging(&raw.logging)?;
     validate_discovery(&raw.discovery)?;
     validate_mesh(&raw.mesh)?;
+    let index = validate_index(&raw.index)?;
     Ok(Config {
         source,
         server,
@@ -244,6 +260,7 @@ fn validate(
         logging,
         discovery: raw.discovery.clone(),
         mesh: raw.mesh.clone(),
+        index,
         raw,
     })
 }
@@ -584,6 +601,32 @@ fn validate_mesh(m: &raw::RawMesh) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+fn validate_index(i: &raw::RawIndex) -> Result<IndexConfig, ConfigError> {
+    let p = i.false_positive_rate;
+    if !(p > 0.0 && p < 1.0) {
+        return Err(invalid(format!(
+            "index.false_positive_rate must be between 0 and 1 (exclusive), got {p}"
+        )));
+    }
+    let max_bytes = usize::try_from(i.max_bytes)
+        .ok()
+        .filter(|&b| b >= 64)
+        .ok_or_else(|| invalid("index.max_bytes must be at least 64"))?;
+    if i.max_items == 0 {
+        return Err(invalid("index.max_items must be positive"));
+    }
+    Ok(IndexConfig {
+        enabled: i.enabled,
+        refresh_interval: positive("index.refresh_interval", i.refresh_interval.0)?,
+        max_age: positive("index.max_age", i.max_age.0)?,
+        max_bytes,
+        max_items: i.max_items,
+        false_positive_rate: p,
+        publish: i.publish,
+        publish_interval: positive("index.publish_interval", i.publish_interval.0)?,
+    })
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
 //! COLD: the control core. One thread, pinned to `server.control_cpu`,
 //! running its own monoio runtime (FusionDriver, timers on) for background
-//! work: health probes, mDNS discovery ([`discovery`]) and mesh gossip
-//! ([`crate::mesh`]). It publishes immutable snapshots that workers read; it never serves
+//! work: health probes, mDNS discovery ([`discovery`]), upstream index
+//! summaries ([`index`]) and mesh gossip ([`crate::mesh`]). It publishes
+//! immutable snapshots that workers read; it never serves
 //! requests. Its jobs may be `!Send` (they own a per-thread
 //! [`LocalClient`](crate::http::client::LocalClient), like a worker).
 //! Work that needs tokio (S3 credential providers) gets its own thread.
 
 pub mod discovery;
+pub mod index;
 pub mod probe;
 
 use std::future::Future;

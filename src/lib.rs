@@ -20,8 +20,9 @@
 //! | [`proto`] | HOT | pure Nix formats: base32, store hashes, narinfo, signatures |
 //! | [`upstream`] | HOT read / COLD write | upstream set (append-only slots, swapped snapshots), health snapshot and ordering, limits and cooldowns, filters |
 //! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
+//! | [`index`] | HOT read / COLD write | upstreams' membership summaries (NixBloom, RFC 0195) and ncro's own filter |
 //! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
-//! | [`control`] | COLD | control core (its own monoio runtime): health probes, mDNS discovery; publishes the upstream set and health snapshots |
+//! | [`control`] | COLD | control core (its own monoio runtime): health probes, mDNS discovery, index summaries; publishes the upstream set and health snapshots |
 //! | [`mesh`] | COLD | signed UDP gossip of race results between nodes (ncro 2.2 wire format), on the control core |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 //! | [`systemd`] | COLD | socket activation, sd_notify, watchdog |
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod index;
 pub mod mesh;
 pub mod metrics;
 pub mod proto;

@@ -13,6 +13,7 @@
 pub mod access;
 mod collect;
 mod health;
+mod index;
 mod mesh;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -130,6 +131,10 @@ pub struct UpstreamMetrics {
     /// `ncro_upstream_latency_seconds`, default buckets).
     pub win_latency: LocalHistogram,
     pub nar_bytes: LocalCounter,
+    /// narinfo requests not sent: a fresh index summary ruled the path out.
+    pub index_skips: LocalCounter,
+    /// 404s from this upstream while its fresh summary said "maybe".
+    pub index_false_positives: LocalCounter,
 }
 
 impl Default for UpstreamMetrics {
@@ -141,6 +146,8 @@ impl Default for UpstreamMetrics {
                 .collect(),
             win_latency: LocalHistogram::new(DEFAULT_BUCKETS),
             nar_bytes: LocalCounter::default(),
+            index_skips: LocalCounter::default(),
+            index_false_positives: LocalCounter::default(),
         }
     }
 }
@@ -327,6 +334,8 @@ pub struct Metrics {
     pub health: std::sync::OnceLock<HealthSource>,
     /// Written by the mesh gossip task only; zeros when the mesh is off.
     pub mesh: Arc<MeshCounters>,
+    /// Index summaries and ncro's published filter (set once, at start).
+    pub index: std::sync::OnceLock<Arc<crate::index::IndexState>>,
 }
 
 impl Metrics {
@@ -350,6 +359,7 @@ impl Metrics {
             gauges: std::sync::OnceLock::new(),
             health: std::sync::OnceLock::new(),
             mesh: Arc::default(),
+            index: std::sync::OnceLock::new(),
         }
     }
 

@@ -2,7 +2,9 @@
 //! parses bytes from the network lives here and is fuzzed.
 
 pub mod base32;
+pub mod cache_index;
 pub mod cache_info;
 pub mod narinfo;
+pub mod nixbloom;
 pub mod signature;
 pub mod store_path;

@@ -261,6 +261,17 @@ impl RouteTable {
         self.nars.insert(self.nar_index_key(nar_key), slot);
     }
 
+    /// Hashes of the live routes (negative entries left out), for ncro's
+    /// published filter. COLD: takes a shard's read lock per entry.
+    pub fn route_hashes(&self, now: u64) -> impl Iterator<Item = StoreHash> + '_ {
+        self.routes
+            .iter()
+            .filter_map(move |(hash, slot)| match slot {
+                Slot::Route(e) if e.expires_at > now => Some(hash),
+                _ => None,
+            })
+    }
+
     /// Routes plus negative entries currently held (expired ones included
     /// until a lookup or eviction drops them).
     pub fn len(&self) -> usize {
@@ -513,6 +524,18 @@ mod tests {
         assert!(matches!(&ops[0], WriteOp::Route(h, e) if *h == hash(1) && &*e.nar_url == "nar/x"));
         assert!(matches!(ops[1], WriteOp::Negative(h, 100) if h == hash(2)));
         assert_eq!(RouteTable::new(1, None).dropped_writes(), 0);
+    }
+
+    #[test]
+    fn route_hashes_lists_live_routes_only() {
+        let t = RouteTable::new(100, None);
+        t.insert(hash(1), entry("https://a", "nar/x", 100));
+        t.insert(hash(2), entry("https://a", "nar/y", 50));
+        t.insert_negative(hash(3), 100);
+        let mut got: Vec<_> = t.route_hashes(60).collect();
+        got.sort();
+        assert_eq!(got, [hash(1)]);
+        assert_eq!(t.route_hashes(0).count(), 2);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! one syscall.
 
 pub mod batch;
+pub mod bloom;
 pub mod extra;
 pub mod health;
 pub mod limit;
@@ -214,6 +215,8 @@ impl Conn {
                 b"text/plain; version=0.0.4",
                 body.as_bytes(),
             );
+        } else if path == crate::index::FILTER_PATH {
+            return Ok(bloom::serve(self, ctx, req, keep));
         } else if let Some(name) = path
             .strip_prefix('/')
             .and_then(|p| p.strip_suffix(".narinfo"))

@@ -212,6 +212,9 @@ pub struct RacePlan {
     /// well hold the path: the caller asks them when the candidates give
     /// no answer, before concluding anything.
     pub cooling: Vec<Candidate>,
+    /// Upstreams left out because their fresh index summary rules the
+    /// path out; with no candidates left that is a definite miss.
+    pub index_skipped: usize,
 }
 
 /// The changing side of the upstreams, shared by all workers and the
@@ -301,19 +304,37 @@ impl Routing {
     /// are) that are not cooling down (unless all are), in routing order;
     /// the cooling ones separately, as a fallback.
     pub fn plan_race(&self, set: &UpstreamSet, now: Instant) -> RacePlan {
+        self.plan_race_skipping(set, now, |_, _| false)
+    }
+
+    /// [`Self::plan_race`] leaving out the upstreams `absent` rules out
+    /// (a fresh index summary says the path is certainly not there:
+    /// docs/index-routing.md). Those count in [`RacePlan::index_skipped`]
+    /// and make the plan `partial`; they are not cooling fallbacks.
+    pub fn plan_race_skipping(
+        &self,
+        set: &UpstreamSet,
+        now: Instant,
+        mut absent: impl FnMut(usize, &Upstream) -> bool,
+    ) -> RacePlan {
         let snap = self.health.load();
         let routable = snap.routable();
+        let mut index_skipped = 0;
+        let mut all = Vec::with_capacity(routable.len());
         // `live`: the health snapshot may be older or newer than `set`.
-        let candidate = |&i: &usize| {
-            let priority = set.live(i)?.priority;
-            Some(Candidate {
+        for &i in routable {
+            let Some(up) = set.live(i) else { continue };
+            if absent(i, up) {
+                index_skipped += 1;
+                continue;
+            }
+            all.push(Candidate {
                 upstream: i,
-                priority,
-            })
-        };
-        let (mut candidates, mut cooling): (Vec<Candidate>, Vec<Candidate>) = routable
-            .iter()
-            .filter_map(candidate)
+                priority: up.priority,
+            });
+        }
+        let (mut candidates, mut cooling): (Vec<Candidate>, Vec<Candidate>) = all
+            .into_iter()
             .partition(|c| !self.limits.cooldowns.is_cooling(c.upstream, now));
         if candidates.is_empty() {
             std::mem::swap(&mut candidates, &mut cooling);
@@ -327,6 +348,7 @@ impl Routing {
             hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
             partial: candidates.len() + cooling.len() < set.live_len(),
             cooling,
+            index_skipped,
             candidates,
         }
     }

@@ -29,6 +29,8 @@ pub struct SharedState {
     pub upstreams: Arc<crate::upstream::Upstreams>,
     /// Health snapshot, cooldowns and mass-query limits.
     pub routing: Arc<crate::upstream::Routing>,
+    /// Upstreams' membership summaries and ncro's own published filter.
+    pub index: Arc<crate::index::IndexState>,
     pub resolver: crate::http::resolve::Resolver,
     pub tls: Arc<rustls::ClientConfig>,
     /// Races in flight across workers (cross-worker single-flight); an

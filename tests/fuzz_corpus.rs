@@ -61,4 +61,6 @@ corpus_tests!(
     store_path,
     side_paths,
     mesh_packet,
+    nixbloom,
+    cache_index,
 );

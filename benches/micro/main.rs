@@ -6,6 +6,7 @@
 
 mod http;
 mod narinfo;
+mod plan;
 mod route;
 mod signature;
 mod store_hash;
@@ -21,6 +22,7 @@ fn main() {
     // a slow bench and falls back to one iteration per sample, which is
     // below the timer's precision.
     narinfo::warm();
+    plan::warm();
     route::warm();
     signature::warm();
     upstreams::warm();

@@ -12,8 +12,10 @@ use ncro::http::chunked::{ChunkedDecoder, ChunkedError};
 use ncro::http::request::{self, Parse, MAX_HEAD};
 use ncro::mesh::codec::{self, Datagram, MAX_DATAGRAM};
 use ncro::mesh::trust::Trust;
+use ncro::proto::cache_index::{self, shard, Manifest};
 use ncro::proto::cache_info::CacheInfo;
 use ncro::proto::narinfo::NarInfo;
+use ncro::proto::nixbloom::{Bloom, BloomBuilder, Probe};
 use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
 use ncro::proto::store_path::{StoreHash, HASH_LEN};
 use ncro::proto::{base32, cache_info};
@@ -30,6 +32,8 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("store_path", store_path),
     ("side_paths", side_paths),
     ("mesh_packet", mesh_packet),
+    ("nixbloom", nixbloom),
+    ("cache_index", cache_index),
 ];
 
 /// Client request heads, straight off the socket.
@@ -373,5 +377,80 @@ pub fn mesh_packet(data: &[u8]) {
             input.any(|r| enc(r, true) == g || enc(r, false) == g),
             "a packed route is an input route (whole or without narinfo), in input order"
         );
+    }
+}
+
+/// Upstream NixBloom filters. A body that parses has exactly the size its
+/// header gives and answers any probe; a filter built from the input's
+/// 16-byte chunks parses back and holds every one of them.
+pub fn nixbloom(data: &[u8]) {
+    let probes: Vec<Probe> = data
+        .chunks_exact(16)
+        .map(|c| {
+            let word = |r: std::ops::Range<usize>| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&c[r]);
+                u64::from_le_bytes(b)
+            };
+            Probe {
+                h1: word(0..8),
+                h2: word(8..16),
+            }
+        })
+        .collect();
+    if let Ok(b) = Bloom::parse(data.to_vec()) {
+        assert_eq!(b.body().len() as u64, 32 + b.m() / 8);
+        probes.iter().for_each(|&p| {
+            std::hint::black_box(b.may_contain(p));
+        });
+    }
+    let mut builder = BloomBuilder::new(probes.len() as u64, 0.01);
+    probes.iter().for_each(|&p| builder.insert(p));
+    let built = Bloom::parse(builder.finish().body().clone()).expect("own filters parse");
+    assert!(
+        probes.iter().all(|&p| built.may_contain(p)),
+        "false negative"
+    );
+}
+
+/// RFC 0195 index files; the first byte picks manifest, journal or shard
+/// (and the shard's depth). Live segments start at the current one and
+/// go back in time; a shard's keys come out strictly ascending. The
+/// shard's checksum is recomputed first so the fuzzer gets past it.
+pub fn cache_index(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    match sel % 3 {
+        0 => {
+            if let Ok(m) = Manifest::parse(rest) {
+                assert!(m.depth <= cache_index::MAX_DEPTH);
+                if let Ok(segs) = m.live_segments() {
+                    assert_eq!(segs.first(), Some(&m.current_segment));
+                    assert!(segs.windows(2).all(|w| w[0] > w[1]), "{segs:?}");
+                }
+            }
+        }
+        1 => {
+            std::hint::black_box(cache_index::parse_journal(rest).is_ok());
+        }
+        _ => {
+            let mut buf = rest.to_vec();
+            if let Ok(h) = shard::Header::parse(&buf) {
+                if let Some(start) = shard::data_start(&h, buf.len()) {
+                    let sum = shard::checksum(&buf[start..]);
+                    buf[34..42].copy_from_slice(&sum.to_le_bytes());
+                }
+            }
+            let depth = (sel / 3) % (cache_index::MAX_DEPTH + 1);
+            let mut last = None;
+            let decoded = shard::decode(&buf, depth, 0, 1 << 16, |k| {
+                assert!(last.is_none_or(|l| k > l), "keys not ascending");
+                last = Some(k);
+            });
+            if let Ok(n) = decoded {
+                assert!(n <= 1 << 16);
+            }
+        }
     }
 }

@@ -51,6 +51,7 @@ pub struct RawConfig {
     pub logging: RawLogging,
     pub discovery: RawDiscovery,
     pub mesh: RawMesh,
+    pub index: RawIndex,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -294,6 +295,40 @@ impl Default for RawMesh {
             gossip_interval: secs(30),
             allow_unauthenticated: false,
             replay_window: secs(60),
+        }
+    }
+}
+
+/// Index-aware routing (new in ncro 3; docs/index-routing.md).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIndex {
+    /// Consume upstreams' membership summaries (NixBloom, RFC 0195 index).
+    pub enabled: bool,
+    pub refresh_interval: Dur,
+    /// A summary older than this is ignored (the upstream is raced).
+    pub max_age: Dur,
+    /// Largest filter, manifest, shard or journal segment fetched.
+    pub max_bytes: u64,
+    /// Largest RFC 0195 index (items) turned into a summary.
+    pub max_items: u64,
+    pub false_positive_rate: f64,
+    /// Serve ncro's own NixBloom of the routes it knows at /bloom-filter.
+    pub publish: bool,
+    pub publish_interval: Dur,
+}
+
+impl Default for RawIndex {
+    fn default() -> Self {
+        RawIndex {
+            enabled: true,
+            refresh_interval: secs(60),
+            max_age: secs(300),
+            max_bytes: 64 * 1024 * 1024,
+            max_items: 2_000_000,
+            false_positive_rate: 0.01,
+            publish: false,
+            publish_interval: secs(60),
         }
     }
 }

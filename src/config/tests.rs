@@ -184,3 +184,25 @@ fn max_connections_defaults_to_ten_thousand_and_zero_means_no_cap() {
     let err = load_str("[server]\nmax_connections = -1\n").unwrap_err();
     assert!(err.to_string().contains("max_connections"), "{err}");
 }
+
+#[test]
+fn index_keys_are_validated() {
+    let c = load_str("[index]\nmax_age = \"30s\"\npublish = true\nfalse_positive_rate = 0.001\n")
+        .unwrap();
+    assert!(c.index.enabled && c.index.publish);
+    assert_eq!(c.index.max_age, std::time::Duration::from_secs(30));
+    assert_eq!(c.index.false_positive_rate, 0.001);
+    for (bad, key) in [
+        ("false_positive_rate = 1.0", "index.false_positive_rate"),
+        ("false_positive_rate = 0.0", "index.false_positive_rate"),
+        ("refresh_interval = \"0s\"", "index.refresh_interval"),
+        ("max_age = \"0s\"", "index.max_age"),
+        ("max_bytes = 10", "index.max_bytes"),
+        ("max_items = 0", "index.max_items"),
+    ] {
+        let err = load_str(&format!("[index]\n{bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+}

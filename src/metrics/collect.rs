@@ -133,6 +133,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     endpoint_families(&mut b);
     b.out.extend(super::health::families(m));
     b.out.extend(super::mesh::families(m));
+    b.out.extend(super::index::families(m));
     b.out
 }
 

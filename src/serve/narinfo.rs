@@ -10,6 +10,7 @@ use crate::http::client::{ClientError, Request as UpRequest, Response as UpRespo
 use crate::http::response::write_simple;
 use crate::metrics::ResolveResult;
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
+use crate::proto::nixbloom::Probe;
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
 use crate::race::{
@@ -17,7 +18,7 @@ use crate::race::{
 };
 use crate::route::{Cached, RouteEntry};
 use crate::serve::After;
-use crate::upstream::{filter, UpstreamSet};
+use crate::upstream::{filter, RacePlan, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
 
 /// What a resolution produced; shared by every request that joined it.
@@ -128,7 +129,7 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         }
     };
     ctx.metrics.race_wait.observe_duration(waited.elapsed());
-    let plan = routing.plan_race(&set, std::time::Instant::now());
+    let plan = plan_with_index(ctx, &set, hash);
     let candidates = &plan.candidates;
     let cfg = &ctx.shared.config;
     let race_cfg = RaceConfig {
@@ -151,6 +152,9 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         answers += 1;
         routing.observe(i, rep);
         ctx.metrics.attempt(i, rep.result.label());
+        if rep.result == AttemptResult::NotFound {
+            index_false_positive(ctx, &set, i);
+        }
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
         }
@@ -168,7 +172,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let (mut fetch, mut judge, mut report) = (fetch, judge, report);
     ctx.metrics.races.inc();
     let started = std::time::Instant::now();
-    let mut outcome = race::race(candidates, &race_cfg, &mut fetch, &mut judge, &mut report).await;
+    let mut outcome = if candidates.is_empty() && plan.index_skipped > 0 {
+        Outcome::Miss // every upstream ruled out by a fresh summary: nothing to ask
+    } else {
+        race::race(candidates, &race_cfg, &mut fetch, &mut judge, &mut report).await
+    };
     if !matches!(outcome, Outcome::Found { .. }) && !plan.cooling.is_empty() {
         // The others gave no answer; an upstream sitting out a cooldown
         // after one transport error may well have recovered and hold the
@@ -232,6 +240,38 @@ fn with_fallback<A>(first: Outcome<A>, fallback: Outcome<A>) -> Outcome<A> {
         (Outcome::Miss, other) | (other, Outcome::Miss) => other,
         (Outcome::Unavailable { timed_out: a }, Outcome::Unavailable { timed_out: b }) => {
             Outcome::Unavailable { timed_out: a && b }
+        }
+    }
+}
+
+/// The race plan, leaving out upstreams whose fresh index summary rules
+/// `hash` out (docs/index-routing.md); each one left out is counted.
+fn plan_with_index(ctx: &WorkerCtx, set: &UpstreamSet, hash: StoreHash) -> RacePlan {
+    let now = std::time::Instant::now();
+    let summaries = ctx.shared.index.summaries();
+    if summaries.is_empty() {
+        return ctx.shared.routing.plan_race(set, now);
+    }
+    let probe = Probe::of(&hash);
+    ctx.shared.routing.plan_race_skipping(set, now, |i, up| {
+        let absent = summaries.definitely_absent(i, up, probe, now);
+        if absent {
+            if let Some(u) = ctx.metrics.upstreams.get(i) {
+                u.index_skips.inc();
+            }
+        }
+        absent
+    })
+}
+
+/// A 404 from an upstream its fresh summary did not rule out: a Bloom
+/// filter's false positive (or a path gone since the summary was built).
+fn index_false_positive(ctx: &WorkerCtx, set: &UpstreamSet, i: usize) {
+    let now = std::time::Instant::now();
+    let summaries = ctx.shared.index.summaries();
+    if summaries.fresh(i, &set.list[i], now).is_some() {
+        if let Some(u) = ctx.metrics.upstreams.get(i) {
+            u.index_false_positives.inc();
         }
     }
 }

@@ -381,6 +381,14 @@ impl Launch<'_> {
         if let Some(h) = health.as_table_mut() {
             h.entry("enabled").or_insert(toml::Value::Boolean(false));
         }
+        // Index summary refreshes would add requests the same way; tests
+        // of index routing say `[index] enabled = true`.
+        let index = table
+            .entry("index")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(i) = index.as_table_mut() {
+            i.entry("enabled").or_insert(toml::Value::Boolean(false));
+        }
         let wanted = listen_addr(&table)?;
         if wanted.port() != 0 {
             let text = toml::to_string(&table).map_err(|e| HarnessError::Config(e.to_string()))?;

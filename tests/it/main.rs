@@ -25,6 +25,8 @@
 //!   realisations, build traces, debuginfo) and the batch narinfo endpoint.
 //! - [`mesh`]: signed gossip between three `ncro` processes; forged,
 //!   replayed and oversized datagrams; ncro 2.2's encoding accepted.
+//! - [`index`]: index-aware routing: upstream NixBloom filters and RFC 0195
+//!   indexes, staleness and errors, ncro's own filter read by another ncro.
 
 mod bench;
 mod cli;
@@ -35,6 +37,7 @@ mod fake;
 mod faults;
 mod harness;
 mod health;
+mod index;
 mod logging;
 mod mesh;
 mod metrics;
