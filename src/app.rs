@@ -160,6 +160,10 @@ fn abort_on_panic() {
     }));
 }
 
+/// How long start-up waits for S3 upstreams' first credentials (env and
+/// files answer in milliseconds; IMDS on a machine without it takes longer).
+const S3_FIRST_CREDENTIALS: Duration = Duration::from_secs(5);
+
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     abort_on_panic();
@@ -180,12 +184,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         (None, Some(l)) => ListenSource::Bind(check_listen(l)?),
         (None, None) => bail!("server.listen is empty and no listening socket was inherited"),
     };
-    let (upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    let upstreams = UpstreamSet::from_config(&cfg)?;
     let urls = upstreams.list.iter().map(|u| u.url.clone()).collect();
     let metrics = Arc::new(Metrics::new(plan.worker_cpus.len(), urls));
-    for url in &s3_skipped {
-        tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
-    }
+    let presigners = upstreams.list.iter().filter_map(|u| u.origin.s3().cloned());
+    let s3_credentials = crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
+        .context("cannot start the S3 credentials thread")?;
     if cfg.discovery.enabled {
         tracing::warn!("discovery.enabled is set, but mDNS discovery is not implemented in this build yet; only configured upstreams are used");
     }
@@ -282,6 +286,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     systemd.stopping("draining connections");
     stop_workers(workers, cfg.server.shutdown_grace);
     control.stop(Duration::from_secs(2));
+    if let Some(creds) = s3_credentials {
+        creds.stop(Duration::from_secs(1));
+    }
     if let Some((handle, thread)) = writer {
         if let Err(e) = handle.shutdown_blocking() {
             tracing::warn!(error = %e, "route database writer did not shut down cleanly");

@@ -21,6 +21,7 @@
 //! | [`upstream`] | HOT read / COLD write | upstream set, health snapshot and ordering, limits and cooldowns, filters |
 //! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
 //! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
+//! | [`s3`] | HOT presign / COLD credentials | S3 upstreams: presigned requests, AWS credential chain on its own tokio thread |
 //! | [`control`] | COLD | control core (its own monoio runtime): health probes; publishes the health snapshot |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
 //! | [`systemd`] | COLD | socket activation, sd_notify, watchdog |
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod proto;
 pub mod race;
 pub mod route;
+pub mod s3;
 pub mod serve;
 pub mod signals;
 pub mod systemd;

@@ -167,7 +167,7 @@ fn restore_maps_rows_by_url_and_ignores_unknown_ones() {
         &crate::config::env::MapEnv::new(&[]),
     )
     .expect("config");
-    let (set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let set = UpstreamSet::from_config(&cfg).expect("set");
     let row = |url: &str, ema, fails| HealthRow {
         url: url.into(),
         ema_latency: ema,
