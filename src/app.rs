@@ -188,8 +188,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let urls = upstreams.list.iter().map(|u| u.url.clone()).collect();
     let metrics = Arc::new(Metrics::new(plan.worker_cpus.len(), urls));
     let presigners = upstreams.list.iter().filter_map(|u| u.origin.s3().cloned());
-    let s3_credentials = crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
-        .context("cannot start the S3 credentials thread")?;
+    let s3_credentials =
+        crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
+            .context("cannot start the S3 credentials thread")?;
     if cfg.discovery.enabled {
         tracing::warn!("discovery.enabled is set, but mDNS discovery is not implemented in this build yet; only configured upstreams are used");
     }

@@ -232,7 +232,16 @@ pub async fn refresh(
                 failures = 0;
                 let expiry = creds.expiry();
                 if let Some(generation) = p.credentials().publish(creds) {
-                    tracing::info!(upstream = p.url(), generation, expires = ?expiry.map(humantime::format_rfc3339_seconds), "S3 credentials loaded");
+                    let expires = expiry.map_or_else(
+                        || "never".to_owned(),
+                        |at| humantime::format_rfc3339_seconds(at).to_string(),
+                    );
+                    tracing::info!(
+                        upstream = p.url(),
+                        generation,
+                        expires,
+                        "S3 credentials loaded"
+                    );
                 }
                 next_refresh(SystemTime::now(), expiry)
             }

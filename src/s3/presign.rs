@@ -132,7 +132,9 @@ impl Presigner {
         let host = std::iter::once(("host", self.host.as_str()));
         let request = SignableRequest::new(method, signed_url, host, SignableBody::UnsignedPayload)
             .map_err(|e| sign_err(&e))?;
-        let (instructions, _) = sign(request, &params).map_err(|e| sign_err(&e))?.into_parts();
+        let (instructions, _) = sign(request, &params)
+            .map_err(|e| sign_err(&e))?
+            .into_parts();
         let (_, query) = instructions.into_parts();
         for (i, (name, value)) in query.iter().enumerate() {
             target.push(if i == 0 { '?' } else { '&' });
@@ -155,12 +157,9 @@ impl Presigner {
     /// credentials (or their policy) stopped working.
     pub(super) fn unconfirm(&self, generation: u64) {
         // Fails harmlessly when newer credentials were confirmed meanwhile.
-        let _ = self.confirmed.compare_exchange(
-            generation,
-            0,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let _ =
+            self.confirmed
+                .compare_exchange(generation, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub(super) fn is_confirmed(&self, generation: u64) -> bool {
@@ -217,7 +216,9 @@ fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < s.len() {
         if s[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            let hex = s
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
             // Two ASCII hex digits: always valid UTF-8 and always a byte.
             out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;

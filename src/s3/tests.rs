@@ -91,16 +91,30 @@ fn presign_path_style_with_session_token() {
     let s = p
         .presign(Method::Head, "/nar/abc.nar.xz?versionId=1", now)
         .expect("signs");
-    assert!(s.target.starts_with("/nixcache/nar/abc.nar.xz?X-Amz-"), "{}", s.target);
+    assert!(
+        s.target.starts_with("/nixcache/nar/abc.nar.xz?X-Amz-"),
+        "{}",
+        s.target
+    );
     assert!(!s.target.contains("versionId"), "client query is dropped");
-    assert_eq!(param(&s.target, "X-Amz-Security-Token"), Some("tok%2Fen%2B%3D"));
+    assert_eq!(
+        param(&s.target, "X-Amz-Security-Token"),
+        Some("tok%2Fen%2B%3D")
+    );
     let credential = param(&s.target, "X-Amz-Credential").expect("credential");
-    assert!(credential.ends_with("%2Fgarage%2Fs3%2Faws4_request"), "{credential}");
+    assert!(
+        credential.ends_with("%2Fgarage%2Fs3%2Faws4_request"),
+        "{credential}"
+    );
     // Printable ASCII only: the client's request validation accepts it.
     assert!(s.target.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     // Same request a second later: another signature.
     let later = p
-        .presign(Method::Head, "/nar/abc.nar.xz", now + Duration::from_secs(1))
+        .presign(
+            Method::Head,
+            "/nar/abc.nar.xz",
+            now + Duration::from_secs(1),
+        )
         .expect("signs");
     assert_ne!(
         param(&s.target, "X-Amz-Signature"),
@@ -133,9 +147,22 @@ fn key_paths_are_encoded_once_and_dot_segments_refused() {
     };
     assert_eq!(enc("/nar/0abc.nar.xz").unwrap(), "/nar/0abc.nar.xz");
     assert_eq!(enc("/a b+c").unwrap(), "/a%20b%2Bc");
-    assert_eq!(enc("/a%20b%2bc").unwrap(), "/a%20b%2Bc", "escapes normalised");
+    assert_eq!(
+        enc("/a%20b%2bc").unwrap(),
+        "/a%20b%2Bc",
+        "escapes normalised"
+    );
     assert_eq!(enc("/~x_y-z.").unwrap(), "/~x_y-z.");
-    for bad in ["/a/../b", "/./a", "/..", "/%2e%2e/x", "/a%zz", "/a%+f", "/a%2", "rel"] {
+    for bad in [
+        "/a/../b",
+        "/./a",
+        "/..",
+        "/%2e%2e/x",
+        "/a%zz",
+        "/a%+f",
+        "/a%2",
+        "rel",
+    ] {
         assert!(matches!(enc(bad), Err(S3Error::BadPath)), "{bad}");
     }
 }
@@ -155,9 +182,15 @@ fn endpoints_follow_ncro_2_2_addressing() {
         "dotted bucket: path-style; no endpoint: https whatever `scheme` says"
     );
     let e = ep("s3://c?endpoint=minio:9000&scheme=http");
-    assert_eq!((e.base.as_str(), e.key_prefix.as_str()), ("http://minio:9000", "/c"));
+    assert_eq!(
+        (e.base.as_str(), e.key_prefix.as_str()),
+        ("http://minio:9000", "/c")
+    );
     let e = ep("s3://c?endpoint=r2.example&addressing-style=virtual");
-    assert_eq!((e.base.as_str(), e.key_prefix.as_str()), ("https://c.r2.example", ""));
+    assert_eq!(
+        (e.base.as_str(), e.key_prefix.as_str()),
+        ("https://c.r2.example", "")
+    );
     assert_eq!(
         ep("s3://c?region=cn-north-1").base,
         "https://c.s3.cn-north-1.amazonaws.com.cn"
@@ -171,11 +204,19 @@ fn origin_shows_the_configured_url_and_signs_its_host() {
     let o = origin(&parsed, url, Arc::default()).expect("origin");
     assert_eq!(o.to_string(), url);
     assert_eq!(o.host_header(), b"127.0.0.1:3900");
-    assert_eq!(o.path_prefix(), "", "the bucket is part of the signed key path");
+    assert_eq!(
+        o.path_prefix(),
+        "",
+        "the bucket is part of the signed key path"
+    );
     assert!(!o.is_tls());
     let https = S3Url::parse("s3://c?endpoint=s3.example:443").expect("url");
     let o = origin(&https, "s3://c?endpoint=s3.example:443", Arc::default()).expect("origin");
-    assert_eq!(o.host_header(), b"s3.example", "default port left out, as sent");
+    assert_eq!(
+        o.host_header(),
+        b"s3.example",
+        "default port left out, as sent"
+    );
 }
 
 #[test]
@@ -184,8 +225,17 @@ fn error_codes_from_s3_bodies() {
     assert_eq!(error_code(aws), Some("SignatureDoesNotMatch"));
     let garage = b"<Error><Code>AccessDenied</Code><Message>Forbidden: Invalid signature</Message><Resource>/b/k</Resource><Region>garage</Region></Error>";
     assert_eq!(error_code(garage), Some("AccessDenied"));
-    assert_eq!(error_code(b"<Error><Code> NoSuchKey </Code></Error>"), Some("NoSuchKey"));
-    for junk in [&b""[..], b"not xml", b"<Code>", b"<Code></Code>", b"<Code>a b</Code>"] {
+    assert_eq!(
+        error_code(b"<Error><Code> NoSuchKey </Code></Error>"),
+        Some("NoSuchKey")
+    );
+    for junk in [
+        &b""[..],
+        b"not xml",
+        b"<Code>",
+        b"<Code></Code>",
+        b"<Code>a b</Code>",
+    ] {
         assert_eq!(error_code(junk), None);
     }
 }
@@ -207,7 +257,11 @@ fn classification_of_refusals() {
         (403, Some("RequestTimeTooSkewed"), true, Denied),
     ];
     for (status, code, confirmed, want) in cases {
-        assert_eq!(classify(status, code, confirmed), want, "{status} {code:?} {confirmed}");
+        assert_eq!(
+            classify(status, code, confirmed),
+            want,
+            "{status} {code:?} {confirmed}"
+        );
     }
 }
 
@@ -240,7 +294,10 @@ fn publishing_unchanged_keys_keeps_the_generation() {
     assert_eq!(cell.publish(creds("a", "b", Some("t1"), Some(later))), None);
     let snap = cell.load().expect("published");
     assert_eq!((snap.generation(), snap.expires()), (1, Some(later)));
-    assert_eq!(cell.publish(creds("a", "b", Some("t2"), Some(later))), Some(2));
+    assert_eq!(
+        cell.publish(creds("a", "b", Some("t2"), Some(later))),
+        Some(2)
+    );
 }
 
 #[test]
@@ -249,9 +306,18 @@ fn refresh_schedule() {
     let min = |m: u64| Duration::from_secs(m * 60);
     assert_eq!(next_refresh(now, None), credentials::STATIC_REFRESH);
     assert_eq!(next_refresh(now, Some(now + min(12))), min(7));
-    assert_eq!(next_refresh(now, Some(now + min(600))), credentials::STATIC_REFRESH);
-    assert_eq!(next_refresh(now, Some(now + min(5))), credentials::MIN_REFRESH);
-    assert_eq!(next_refresh(now, Some(now - min(1))), credentials::MIN_REFRESH);
+    assert_eq!(
+        next_refresh(now, Some(now + min(600))),
+        credentials::STATIC_REFRESH
+    );
+    assert_eq!(
+        next_refresh(now, Some(now + min(5))),
+        credentials::MIN_REFRESH
+    );
+    assert_eq!(
+        next_refresh(now, Some(now - min(1))),
+        credentials::MIN_REFRESH
+    );
     assert_eq!(retry_after(1), Duration::from_secs(5));
     assert_eq!(retry_after(3), Duration::from_secs(20));
     assert_eq!(retry_after(40), credentials::MAX_RETRY);
@@ -277,11 +343,32 @@ fn refresh_task_publishes_and_signals_the_first_answer() {
     });
     let snap = p.credentials().load().expect("published");
     assert_eq!(snap.generation(), 1);
-    assert!(p.presign(Method::Get, "/nix-cache-info", SystemTime::now()).is_ok());
+    assert!(p
+        .presign(Method::Get, "/nix-cache-info", SystemTime::now())
+        .is_ok());
 }
 
 #[test]
 fn credentials_thread_without_s3_upstreams_is_not_started() {
     let t = CredentialsThread::start(Vec::new(), Duration::from_secs(1)).expect("ok");
     assert!(t.is_none());
+}
+
+/// Not an assertion: prints the cost of one presign on this machine.
+/// `cargo test --lib s3::tests::presign_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "timing only"]
+fn presign_cost() {
+    let cell = cell_with(creds("AKID", "secret", Some("session-token"), None));
+    let p = presigner("s3://cache?endpoint=127.0.0.1:3900&scheme=http", cell);
+    let path = "/nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz";
+    let n = 20_000u32;
+    let started = std::time::Instant::now();
+    let now = SystemTime::now();
+    for i in 0..n {
+        let at = now + Duration::from_secs(u64::from(i));
+        std::hint::black_box(p.presign(Method::Get, path, at).expect("signs"));
+    }
+    let each = started.elapsed() / n;
+    eprintln!("presign: {each:?} each over {n} (GET, path-style, session token)");
 }

@@ -18,6 +18,8 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`s3`]: S3 upstreams against a real Garage server (with the real Nix
+//!   client) and against a fake S3 for the 403 rules.
 
 mod bench;
 mod cli;
@@ -29,5 +31,6 @@ mod logging;
 mod metrics;
 mod nar;
 mod routing;
+mod s3;
 mod server;
 mod systemd;
