@@ -6,6 +6,7 @@
 //! Signing is pure hashing over the credentials snapshot (no SDK runtime,
 //! no identity cache, no tokio), so a worker never waits for it.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use aws_sigv4::http_request::{
     UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
 
 use super::{CredentialCell, Endpoint, S3Error};
 use crate::config::s3::S3Url;
@@ -108,16 +110,37 @@ impl Presigner {
         let mut target = String::with_capacity(self.key_prefix.len() + key.len() + 512);
         target.push_str(&self.key_prefix);
         encode_key_path(key, &mut target)?;
-        let signed_url = format!("{}{target}", self.base);
+        let query = self.signature(&snap.identity, method, &target, now)?;
+        for (i, (name, value)) in query.iter().enumerate() {
+            target.push(if i == 0 { '?' } else { '&' });
+            target.push_str(name);
+            target.push('=');
+            uri_encode(value.as_bytes(), false, &mut target);
+        }
+        Ok(Signed {
+            target,
+            generation: snap.generation,
+        })
+    }
+
+    /// The `X-Amz-*` query parameters that sign `method` on the encoded
+    /// key path `target` (bucket prefix included).
+    fn signature(
+        &self,
+        identity: &Identity,
+        method: Method,
+        target: &str,
+        now: SystemTime,
+    ) -> Result<Vec<(&'static str, Cow<'static, str>)>, S3Error> {
+        let sign_err = |e: &dyn fmt::Display| S3Error::Sign(e.to_string());
         let mut settings = SigningSettings::default();
         settings.signature_location = SignatureLocation::QueryParams;
         settings.expires_in = Some(self.expiry);
         // S3 signs the path exactly as sent: encoded once, not normalised.
         settings.percent_encoding_mode = PercentEncodingMode::Single;
         settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let sign_err = |e: &dyn fmt::Display| S3Error::Sign(e.to_string());
         let params = v4::SigningParams::builder()
-            .identity(&snap.identity)
+            .identity(identity)
             .region(&self.region)
             .name("s3")
             .time(now)
@@ -129,23 +152,14 @@ impl Presigner {
             Method::Get => "GET",
             Method::Head => "HEAD",
         };
+        let url = format!("{}{target}", self.base);
         let host = std::iter::once(("host", self.host.as_str()));
-        let request = SignableRequest::new(method, signed_url, host, SignableBody::UnsignedPayload)
+        let request = SignableRequest::new(method, url, host, SignableBody::UnsignedPayload)
             .map_err(|e| sign_err(&e))?;
         let (instructions, _) = sign(request, &params)
             .map_err(|e| sign_err(&e))?
             .into_parts();
-        let (_, query) = instructions.into_parts();
-        for (i, (name, value)) in query.iter().enumerate() {
-            target.push(if i == 0 { '?' } else { '&' });
-            target.push_str(name);
-            target.push('=');
-            uri_encode(value.as_bytes(), false, &mut target);
-        }
-        Ok(Signed {
-            target,
-            generation: snap.generation,
-        })
+        Ok(instructions.into_parts().1)
     }
 
     /// S3 answered a request signed with `generation` with a 2xx.

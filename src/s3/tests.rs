@@ -372,3 +372,24 @@ fn presign_cost() {
     let each = started.elapsed() / n;
     eprintln!("presign: {each:?} each over {n} (GET, path-style, session token)");
 }
+
+#[test]
+fn s3_upstreams_join_the_set_under_their_configured_url() {
+    let s3 = "s3://nixcache?endpoint=127.0.0.1:3900&scheme=http&region=garage";
+    let toml = format!(
+        "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\n\n[[upstreams]]\nurl = \"{s3}\"\npriority = 40\n"
+    );
+    let cfg = crate::config::Config::from_toml(
+        &toml,
+        crate::config::Source::Embedded,
+        "t",
+        &crate::config::env::MapEnv::new(&[]),
+    )
+    .expect("config");
+    let set = crate::upstream::UpstreamSet::from_config(&cfg).expect("set");
+    assert_eq!(set.len(), 2);
+    let i = set.index_of(s3).expect("indexed by its configured URL");
+    assert!(set.list[i].origin.s3().is_some());
+    assert_eq!(set.list[i].origin.to_string(), s3);
+    assert!(set.list[0].origin.s3().is_none());
+}
