@@ -170,6 +170,10 @@ fn abort_on_panic() {
     }));
 }
 
+/// How long start-up waits for S3 upstreams' first credentials (env and
+/// files answer in milliseconds; IMDS on a machine without it takes longer).
+const S3_FIRST_CREDENTIALS: Duration = Duration::from_secs(5);
+
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     abort_on_panic();
@@ -190,7 +194,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         (None, Some(l)) => ListenSource::Bind(check_listen(l)?),
         (None, None) => bail!("server.listen is empty and no listening socket was inherited"),
     };
-    let (mut upstreams, s3_skipped) = UpstreamSet::from_config(&cfg)?;
+    let mut upstreams = UpstreamSet::from_config(&cfg)?;
     if cfg.discovery.enabled {
         upstreams.reserve_discovered(cfg.discovery.max_upstreams as usize);
     }
@@ -200,9 +204,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         urls,
         upstreams.capacity(),
     ));
-    for url in &s3_skipped {
-        tracing::warn!(upstream = %url, "S3 upstreams are not supported by this build yet; leaving it out of routing");
-    }
+    let presigners = upstreams.list.iter().filter_map(|u| u.origin.s3().cloned());
+    let s3_credentials =
+        crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
+            .context("cannot start the S3 credentials thread")?;
     let (routes, writer, health_rows) = open_routes(&cfg, &upstreams)?;
     let _ = metrics.gauges.set(crate::metrics::Gauges {
         routes: routes.clone(),
@@ -321,6 +326,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     systemd.stopping("draining connections");
     stop_workers(workers, cfg.server.shutdown_grace);
     control.stop(Duration::from_secs(2));
+    if let Some(creds) = s3_credentials {
+        creds.stop(Duration::from_secs(1));
+    }
     if let Some((handle, thread)) = writer {
         if let Err(e) = handle.shutdown_blocking() {
             tracing::warn!(error = %e, "route database writer did not shut down cleanly");

@@ -22,6 +22,7 @@
 //! | [`route`] | HOT read / COLD write | shared route cache; SQLite writer thread |
 //! | [`index`] | HOT read / COLD write | upstreams' membership summaries (NixBloom, RFC 0195) and ncro's own filter |
 //! | [`race`] | HOT | fan-out to upstreams, first good answer wins, single-flight |
+//! | [`s3`] | HOT presign / COLD credentials | S3 upstreams: presigned requests, AWS credential chain on its own tokio thread |
 //! | [`control`] | COLD | control core (its own monoio runtime): health probes, mDNS discovery, index summaries; publishes the upstream set and health snapshots |
 //! | [`mesh`] | COLD | signed UDP gossip of race results between nodes (ncro 2.2 wire format), on the control core |
 //! | [`metrics`] | HOT write / COLD read | per-worker counters merged at scrape time |
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod proto;
 pub mod race;
 pub mod route;
+pub mod s3;
 pub mod serve;
 pub mod signals;
 pub mod systemd;

@@ -111,6 +111,7 @@ pub const OUTCOMES: &[&str] = &[
     "status_other",
     "protocol",
     "too_large",
+    "auth",
     "other",
 ];
 
@@ -379,7 +380,7 @@ impl Metrics {
         use prometheus::Encoder;
         let mut families = collect::families(self);
         // The encoder rejects a family without samples (and stops there): a
-        // per-upstream family is empty when every upstream is S3 (skipped).
+        // per-upstream family is empty when no upstream is configured.
         families.retain(|f| !f.get_metric().is_empty());
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {

@@ -102,6 +102,8 @@ pub enum FailKind {
     Protocol,
     /// The body exceeded the size allowed for a narinfo.
     TooLarge,
+    /// An S3 upstream had no usable credentials, or S3 refused them.
+    Auth,
 }
 
 impl FailKind {
@@ -118,6 +120,7 @@ impl FailKind {
             FailKind::OtherStatus(_) => "status_other",
             FailKind::Protocol => "protocol",
             FailKind::TooLarge => "too_large",
+            FailKind::Auth => "auth",
         }
     }
 }

@@ -65,17 +65,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamSet {
-    /// Builds the HTTP(S) upstreams of `cfg`. S3 upstreams are returned by
-    /// name in the second value: they need the S3 client, which this build
-    /// does not have yet, and are left out of routing with a warning.
-    pub fn from_config(cfg: &Config) -> Result<(UpstreamSet, Vec<String>), UpstreamError> {
+    /// Builds the upstreams of `cfg`. An S3 upstream gets an empty
+    /// credentials cell that [`crate::s3::CredentialsThread`] fills.
+    pub fn from_config(cfg: &Config) -> Result<UpstreamSet, UpstreamError> {
         let mut set = UpstreamSet::default();
-        let mut skipped = Vec::new();
         for u in &cfg.upstreams {
-            if let UpstreamKind::S3(_) = u.kind {
-                skipped.push(u.url.clone());
-                continue;
-            }
             let invalid = |why: String| UpstreamError::Invalid {
                 url: u.url.clone(),
                 why,
@@ -84,7 +78,13 @@ impl UpstreamSet {
                 .basic_auth
                 .as_ref()
                 .map(|(user, pw)| (user.as_str(), pw.as_deref()));
-            let origin = Origin::parse(&u.url, auth).map_err(|e| invalid(e.to_string()))?;
+            let origin = match &u.kind {
+                UpstreamKind::S3(s3) => crate::s3::origin(s3, &u.url, Default::default())
+                    .map_err(|e| invalid(e.to_string()))?,
+                UpstreamKind::Http => {
+                    Origin::parse(&u.url, auth).map_err(|e| invalid(e.to_string()))?
+                }
+            };
             let keys = u
                 .public_keys
                 .iter()
@@ -98,7 +98,7 @@ impl UpstreamSet {
                 filters: u.filters.clone(),
             });
         }
-        Ok((set, skipped))
+        Ok(set)
     }
 
     /// Appends a configured upstream.

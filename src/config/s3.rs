@@ -52,6 +52,9 @@ impl S3Url {
                     if v.contains("://") {
                         return Err(format!("s3 upstream {url:?}: endpoint must be host[:port] without a scheme; use scheme=http|https"));
                     }
+                    if v.is_empty() || v.contains(['/', '?', '#', '@']) {
+                        return Err(format!("s3 upstream {url:?}: endpoint must be host[:port], got {v:?}"));
+                    }
                     s.endpoint = Some(v)
                 }
                 "scheme" if v == "http" || v == "https" => s.scheme = v,
@@ -101,8 +104,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // from_str_radix alone would take "+f" as a hex number.
+            let hex = b
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -151,5 +157,13 @@ mod tests {
         assert!(S3Url::parse("s3://b?endpoint=http://x")
             .unwrap_err()
             .contains("without a scheme"));
+        for bad in ["", "h:1/p", "h?x", "u@h"] {
+            let url = format!("s3://b?endpoint={}", bad.replace('?', "%3F"));
+            let err = S3Url::parse(&url).unwrap_err();
+            assert!(err.contains("endpoint must be host[:port]"), "{url}: {err}");
+        }
+        assert!(S3Url::parse("s3://b?region=%+f")
+            .unwrap_err()
+            .contains("bad percent-encoding"));
     }
 }

@@ -183,8 +183,21 @@ impl LocalClient {
 
     /// Sends `req` to `origin` and returns once the response head arrived.
     /// A pooled connection that turns out to be dead is replaced by a fresh
-    /// one once, transparently.
+    /// one once, transparently. Requests to S3 origins are presigned and
+    /// their refusals vetted by [`crate::s3::send`].
     pub async fn send(&self, origin: &Origin, req: &Request<'_>) -> Result<Response, ClientError> {
+        match origin.s3() {
+            Some(presigner) => crate::s3::send(self, presigner, origin, req).await,
+            None => self.send_plain(origin, req).await,
+        }
+    }
+
+    /// [`Self::send`] without the S3 step: `req.path` goes out as is.
+    pub(crate) async fn send_plain(
+        &self,
+        origin: &Origin,
+        req: &Request<'_>,
+    ) -> Result<Response, ClientError> {
         req.validate()?;
         if let Some(stream) = self.inner.checkout(origin.pool_key()) {
             match self.exchange(stream, origin, req).await {
@@ -462,6 +475,8 @@ mod tests {
             ClientError::Chunked(ChunkedError::InvalidSize),
             ClientError::BodyTooLarge,
             ClientError::Aborted,
+            ClientError::S3(crate::s3::S3Error::NoCredentials),
+            ClientError::S3(crate::s3::S3Error::BadPath),
         ];
         for e in &errors {
             assert!(ClientError::KINDS.contains(&e.kind()), "{e:?}");

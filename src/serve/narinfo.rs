@@ -341,6 +341,7 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
         "timeout" => FailKind::Timeout,
         "reset" | "io" | "aborted" => FailKind::Reset,
         "too_large" => FailKind::TooLarge,
+        "auth" => FailKind::Auth,
         _ => FailKind::Protocol,
     }
 }

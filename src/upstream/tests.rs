@@ -16,7 +16,7 @@ fn setup() -> (Config, UpstreamSet) {
         &crate::config::env::MapEnv::new(&[]),
     )
     .expect("config");
-    let (set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let set = UpstreamSet::from_config(&cfg).expect("set");
     (cfg, set)
 }
 

@@ -50,16 +50,16 @@ const ROUTED_ROLES: &[(&str, &str)] = &[
 ];
 
 /// The output of one script run.
-struct Run {
+pub(crate) struct Run {
     /// None when killed (timeout) or ended by a signal.
-    code: Option<i32>,
-    output: String,
-    secs: f64,
+    pub(crate) code: Option<i32>,
+    pub(crate) output: String,
+    pub(crate) secs: f64,
 }
 
 /// Runs `cmd` in its own process group with stdout+stderr into `log`;
 /// after `limit` the whole group (only what this call started) is killed.
-fn run(cmd: &mut Command, log: &Path, limit: Duration) -> Run {
+pub(crate) fn run(cmd: &mut Command, log: &Path, limit: Duration) -> Run {
     let t = Instant::now();
     let spawned = File::create(log).and_then(|f| {
         let err = f.try_clone()?;
@@ -127,7 +127,7 @@ fn caches() -> &'static NixCaches {
     }
 }
 
-fn harness_scripts() -> Result<PathBuf, String> {
+pub(crate) fn harness_scripts() -> Result<PathBuf, String> {
     let dir = match std::env::var_os("NCRO_NIX_HARNESS") {
         Some(d) => PathBuf::from(d),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/nix-harness"),
@@ -275,7 +275,14 @@ impl Drop for Served<'_> {
 }
 
 /// Runs client-fetch.sh against `url` for `paths`.
-fn fetch(scripts: &Path, url: &str, keys: &str, paths: &[&str], extra: &[&str], log: &Path) -> Run {
+pub(crate) fn fetch(
+    scripts: &Path,
+    url: &str,
+    keys: &str,
+    paths: &[&str],
+    extra: &[&str],
+    log: &Path,
+) -> Run {
     let mut cmd = Command::new(scripts.join("client-fetch.sh"));
     cmd.args(["-K", keys, "-t", &FETCH_LIMIT_S.to_string()])
         .args(extra)
@@ -286,13 +293,13 @@ fn fetch(scripts: &Path, url: &str, keys: &str, paths: &[&str], extra: &[&str], 
 
 /// Collects one line per step so a failure shows every step's outcome.
 #[derive(Default)]
-struct Report {
+pub(crate) struct Report {
     lines: Vec<String>,
     failures: Vec<String>,
 }
 
 impl Report {
-    fn step(&mut self, name: &str, ok: bool, summary: &str, details: &str) {
+    pub(crate) fn step(&mut self, name: &str, ok: bool, summary: &str, details: &str) {
         let mark = if ok { "ok  " } else { "FAIL" };
         self.lines.push(format!("{mark} {name:<14} {summary}"));
         if !ok {
@@ -303,7 +310,7 @@ impl Report {
         }
     }
 
-    fn finish(self, context: &str) {
+    pub(crate) fn finish(self, context: &str) {
         let table = self.lines.join("\n");
         if !self.failures.is_empty() {
             panic!("{context}\n{table}\n\n{}", self.failures.join("\n\n"));
@@ -313,13 +320,13 @@ impl Report {
 }
 
 /// The 32-character hash part of a store path from the manifest.
-fn store_hash(path: &str) -> &str {
+pub(crate) fn store_hash(path: &str) -> &str {
     let hash = path.strip_prefix("/nix/store/").and_then(|p| p.get(..32));
     hash.unwrap_or_else(|| panic!("not a store path: {path}"))
 }
 
 /// The last `client-fetch:` summary line of a run, for the report.
-fn summary(r: &Run) -> String {
+pub(crate) fn summary(r: &Run) -> String {
     let line = r
         .output
         .lines()

@@ -461,9 +461,14 @@ fn set_listen(table: &mut toml::Table, addr: SocketAddr) {
 }
 
 /// The `NCRO_*` names among `keys`: they would override the test's config.
+/// `AWS_*` ones too: ambient AWS credentials or profiles must not reach the
+/// S3 upstreams of a test (S3 tests pass their own).
 fn ncro_vars(keys: impl Iterator<Item = OsString>) -> Vec<OsString> {
-    keys.filter(|k| k.to_string_lossy().starts_with("NCRO_"))
-        .collect()
+    keys.filter(|k| {
+        let k = k.to_string_lossy();
+        k.starts_with("NCRO_") || k.starts_with("AWS_")
+    })
+    .collect()
 }
 
 fn port_taken(logs: &str) -> bool {

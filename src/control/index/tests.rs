@@ -15,7 +15,7 @@ fn set_with_room() -> UpstreamSet {
         &crate::config::env::MapEnv::new(&[]),
     )
     .unwrap();
-    let (mut set, _) = UpstreamSet::from_config(&cfg).unwrap();
+    let mut set = UpstreamSet::from_config(&cfg).unwrap();
     set.reserve_discovered(1);
     set
 }

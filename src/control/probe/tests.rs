@@ -167,7 +167,7 @@ fn restore_maps_rows_by_url_and_ignores_unknown_ones() {
         &crate::config::env::MapEnv::new(&[]),
     )
     .expect("config");
-    let (set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let set = UpstreamSet::from_config(&cfg).expect("set");
     let row = |url: &str, ema, fails| HealthRow {
         url: url.into(),
         ema_latency: ema,
@@ -198,7 +198,7 @@ fn discovery_prober() -> (Arc<Upstreams>, Arc<Routing>, Prober, LoopState) {
         &crate::config::env::MapEnv::new(&[]),
     )
     .expect("config");
-    let (mut set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let mut set = UpstreamSet::from_config(&cfg).expect("set");
     set.reserve_discovered(2);
     let ups = Arc::new(Upstreams::new(set));
     let tls = crate::http::tls::client_config_with(&[]).expect("tls");

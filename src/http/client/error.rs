@@ -40,6 +40,9 @@ pub enum ClientError {
     BodyTooLarge,
     #[error("response body unusable after an earlier error or cancelled read")]
     Aborted,
+    /// An S3 upstream's request could not be signed, or S3 refused it.
+    #[error("S3: {0}")]
+    S3(#[from] crate::s3::S3Error),
 }
 
 impl ClientError {
@@ -55,6 +58,7 @@ impl ClientError {
         "protocol",
         "too_large",
         "aborted",
+        "auth",
     ];
 
     /// Fixed, low-cardinality label for metrics.
@@ -76,6 +80,8 @@ impl ClientError {
             }
             ClientError::BodyTooLarge => "too_large",
             ClientError::Aborted => "aborted",
+            ClientError::S3(crate::s3::S3Error::BadPath) => "request",
+            ClientError::S3(_) => "auth",
         }
     }
 
@@ -88,7 +94,10 @@ impl ClientError {
     pub fn retry_elsewhere(&self) -> bool {
         !matches!(
             self,
-            ClientError::InvalidRequest(_) | ClientError::BodyTooLarge | ClientError::Aborted
+            ClientError::InvalidRequest(_)
+                | ClientError::BodyTooLarge
+                | ClientError::Aborted
+                | ClientError::S3(crate::s3::S3Error::BadPath)
         )
     }
 }

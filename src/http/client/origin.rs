@@ -70,6 +70,8 @@ pub struct Origin {
     /// `scheme://host:port`: idle connections are shared per key, so two
     /// origins that differ only in path prefix or credentials share them.
     key: Arc<str>,
+    /// Set for S3 upstreams: every request is presigned (see [`crate::s3`]).
+    s3: Option<Arc<crate::s3::Presigner>>,
 }
 
 impl Origin {
@@ -114,7 +116,20 @@ impl Origin {
             authorization: basic_auth.map(basic_header).transpose()?,
             server_name,
             key,
+            s3: None,
         })
+    }
+
+    /// This origin with its requests presigned by `presigner`.
+    pub fn with_s3(self, presigner: Arc<crate::s3::Presigner>) -> Origin {
+        Origin {
+            s3: Some(presigner),
+            ..self
+        }
+    }
+
+    pub fn s3(&self) -> Option<&Arc<crate::s3::Presigner>> {
+        self.s3.as_ref()
     }
 
     pub fn is_tls(&self) -> bool {
@@ -158,6 +173,9 @@ impl Origin {
 /// Shows the URL without credentials, so it is safe to log.
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s3) = &self.s3 {
+            return f.write_str(s3.url());
+        }
         write!(
             f,
             "{}://{}{}",
@@ -173,6 +191,7 @@ impl fmt::Debug for Origin {
         f.debug_struct("Origin")
             .field("url", &self.to_string())
             .field("basic_auth", &self.authorization.is_some())
+            .field("s3", &self.s3)
             .finish()
     }
 }

@@ -16,7 +16,7 @@ fn upstreams(key: &SecretKey) -> UpstreamSet {
         key.public().to_nix_string()
     );
     let cfg = Config::from_toml(&toml, Source::Embedded, "t", &MapEnv::new(&[])).unwrap();
-    UpstreamSet::from_config(&cfg).unwrap().0
+    UpstreamSet::from_config(&cfg).unwrap()
 }
 
 fn narinfo(key: &SecretKey, name: &str) -> String {

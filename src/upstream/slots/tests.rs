@@ -12,7 +12,7 @@ fn set(reserved: usize) -> UpstreamSet {
         &crate::config::env::MapEnv::new(&[]),
     )
     .expect("config");
-    let (mut set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let mut set = UpstreamSet::from_config(&cfg).expect("set");
     set.reserve_discovered(reserved);
     set
 }

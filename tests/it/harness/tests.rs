@@ -173,13 +173,22 @@ fn early_exit_is_reported_with_logs() {
 
 #[test]
 fn only_ncro_variables_are_removed() {
-    let vars = ["NCRO_LISTEN", "PATH", "NCRO_DB_PATH", "XNCRO_", "ncro_x"].map(OsString::from);
+    let vars = [
+        "NCRO_LISTEN",
+        "PATH",
+        "NCRO_DB_PATH",
+        "XNCRO_",
+        "ncro_x",
+        "AWS_PROFILE",
+    ]
+    .map(OsString::from);
     let removed = ncro_vars(vars.into_iter());
     assert_eq!(
         removed,
         [
             OsString::from("NCRO_LISTEN"),
-            OsString::from("NCRO_DB_PATH")
+            OsString::from("NCRO_DB_PATH"),
+            OsString::from("AWS_PROFILE")
         ]
     );
 }
