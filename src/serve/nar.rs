@@ -243,14 +243,14 @@ async fn relay(
     // Without the cooldown, the client's Range resume would be routed
     // straight back to the upstream that cut it.
     ctx.shared.routing.failed(upstream, fail_kind(&error));
-    let object = if req.http10 && resp.is_chunked() {
+    let object = if !ctx.shared.config.server.nar_failover || (req.http10 && resp.is_chunked()) {
         None
     } else {
         failover::Object::of(&resp, req.target)
     };
     drop(resp);
     let Some(object) = object else {
-        tracing::warn!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; its length is unknown, so no failover; closing the client connection");
+        tracing::warn!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; no failover (disabled, or the length is unknown); closing the client connection");
         conn.mark_nar_failed();
         return Ok(After::Close);
     };

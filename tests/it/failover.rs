@@ -226,3 +226,39 @@ fn without_another_holder_the_connection_closes() {
     assert_cut_short(&pair, &got);
     pair.failovers_reach("no_alternative", 1.0);
 }
+
+#[test]
+fn with_failover_off_the_connection_closes_at_the_cut() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::with_contents("off", &random_bytes(NAR_FILE));
+    let a = FakeUpstream::builder()
+        .path(&p, &k)
+        .rule(
+            PathMatch::exact(&p.nar_request_path()),
+            Fault::HangMidBody(CUT),
+        )
+        .start();
+    let b = FakeUpstream::builder()
+        .file(&p.nar_request_path(), p.nar.clone())
+        .start();
+    let db = db_dir();
+    let ups = [entry(a.url(), 10, &k), entry(b.url(), 20, &k)];
+    let ncro = NcroConfig::new(&ups, &db.path().join("r.db"))
+        .set("server", "nar_failover", false)
+        .set("timeouts", "idle", "500ms")
+        .start();
+    assert_eq!(ncro.get(&p.narinfo_request_path()).status, 200);
+    let got = fetch(ncro.addr(), &p.nar_request_path(), &[], LIMIT);
+    assert!(
+        !got.complete && got.closed,
+        "{:?}\n{}",
+        got.headers,
+        ncro.logs()
+    );
+    assert_eq!(got.body, p.nar[..CUT], "{}", ncro.logs());
+    assert_eq!(b.request_count(&p.nar_request_path()), 0, "B asked");
+    let sc = scrape(&ncro);
+    for r in ["completed", "no_alternative", "mismatch", "failed"] {
+        assert_eq!(sc.value("ncro_nar_failovers_total", &[("result", r)]), 0.0);
+    }
+}
