@@ -262,3 +262,66 @@ fn with_failover_off_the_connection_closes_at_the_cut() {
         assert_eq!(sc.value("ncro_nar_failovers_total", &[("result", r)]), 0.0);
     }
 }
+
+/// A spliced-in upstream that stalls too is left like the first; the next
+/// one continues from the new offset. Without a third, the result is
+/// `failed` and the client has both prefixes, in order.
+#[test]
+fn a_second_cut_moves_on_to_the_third_upstream() {
+    let second_cut = 20 * 1024;
+    for third in [true, false] {
+        let k = TestKey::generate("k-1");
+        let p = TestPath::with_contents("twice-cut", &random_bytes(NAR_FILE));
+        let nar_path = p.nar_request_path();
+        let a = FakeUpstream::builder()
+            .path(&p, &k)
+            .rule(PathMatch::exact(&nar_path), Fault::HangMidBody(CUT))
+            .start();
+        let b = FakeUpstream::builder()
+            .file(&nar_path, p.nar.clone())
+            .rule(PathMatch::exact(&nar_path), Fault::HangMidBody(second_cut))
+            .start();
+        let mut c = FakeUpstream::builder();
+        if third {
+            c = c.file(&nar_path, p.nar.clone());
+        }
+        let c = c.start();
+        let db = db_dir();
+        let ups = [
+            entry(a.url(), 10, &k),
+            entry(b.url(), 20, &k),
+            entry(c.url(), 30, &k),
+        ];
+        let ncro = NcroConfig::new(&ups, &db.path().join("r.db"))
+            .set("server", "workers", 1)
+            .set("timeouts", "idle", "500ms")
+            .start();
+        assert_eq!(ncro.get(&p.narinfo_request_path()).status, 200);
+        let got = fetch(ncro.addr(), &nar_path, &[], LIMIT);
+        let last = p.nar.len() - 1;
+        let range_of = |up: &FakeUpstream| -> Vec<Option<String>> {
+            up.requests()
+                .into_iter()
+                .filter(|r| r.path == nar_path)
+                .map(|r| r.header("Range").map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(range_of(&b), [Some(format!("bytes={CUT}-{last}"))]);
+        let scraped = || scrape(&ncro);
+        let settled = |result: &str| {
+            eventually(Duration::from_secs(5), || {
+                scraped().value("ncro_nar_failovers_total", &[("result", result)]) == 1.0
+            })
+        };
+        if third {
+            assert!(got.complete && got.body == p.nar, "{}", ncro.logs());
+            let from = CUT + second_cut;
+            assert_eq!(range_of(&c), [Some(format!("bytes={from}-{last}"))]);
+            assert!(settled("completed"), "{}", ncro.logs());
+        } else {
+            assert!(!got.complete && got.closed, "{}", ncro.logs());
+            assert_eq!(got.body, p.nar[..CUT + second_cut]);
+            assert!(settled("failed"), "{}", ncro.logs());
+        }
+    }
+}
