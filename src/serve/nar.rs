@@ -254,32 +254,45 @@ async fn relay(
         conn.mark_nar_failed();
         return Ok(After::Close);
     };
-    tracing::info!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; continuing from another upstream");
-    let mut cut = failover::Cut {
+    tracing::debug!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; continuing from another upstream");
+    let cut = failover::Cut {
         path: req.target,
         object,
         sent,
     };
+    continue_elsewhere(conn, ctx, req, cut, from, mode, keep).await
+}
+
+/// Finishes a cut body from the upstreams not asked yet, or closes the
+/// client connection when none can.
+async fn continue_elsewhere(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    mut cut: failover::Cut<'_>,
+    from: Source<'_>,
+    mode: RelayMode,
+    keep: bool,
+) -> io::Result<After> {
+    let before = cut.sent;
     let resumed =
         failover::resume(ctx, from.set, from.rest, &mut conn.stream, mode, &mut cut).await;
-    ctx.metrics.nar_bytes.add(cut.sent - sent);
-    match resumed {
-        failover::Resumed::Completed => Ok(if keep { After::KeepAlive } else { After::Close }),
-        failover::Resumed::ClientGone | failover::Resumed::GaveUp => {
-            if resumed == failover::Resumed::GaveUp {
-                tracing::warn!(
-                    path = req.path,
-                    sent = cut.sent,
-                    "no other upstream could continue the NAR; closing the client connection"
-                );
-            }
-            // The head promised a complete body; closing the connection is
-            // the only way to tell the client it did not get one (Nix then
-            // resumes with a Range request).
-            conn.mark_nar_failed();
-            Ok(After::Close)
-        }
+    ctx.metrics.nar_bytes.add(cut.sent - before);
+    if resumed == failover::Resumed::Completed {
+        return Ok(if keep { After::KeepAlive } else { After::Close });
     }
+    if resumed == failover::Resumed::GaveUp {
+        tracing::warn!(
+            path = req.path,
+            sent = cut.sent,
+            "no other upstream could continue the NAR; closing the client connection"
+        );
+    }
+    // The head promised a complete body; closing the connection is the
+    // only way to tell the client it did not get one (Nix then resumes
+    // with a Range request).
+    conn.mark_nar_failed();
+    Ok(After::Close)
 }
 
 /// Relays a chunked upstream body without its framing, for an HTTP/1.0
