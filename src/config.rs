@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub cpus: Option<Vec<usize>>,
     pub control_cpu: Option<usize>,
     pub nar_relay: NarRelay,
+    /// Continue a NAR cut mid-stream from another upstream that proves it
+    /// holds the same object (docs/nar-failover.md).
+    pub nar_failover: bool,
     pub shutdown_grace: Duration,
     /// Open client connections across all workers; more are answered 503
     /// and closed. 0: no cap.
@@ -340,6 +343,7 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
         cpus: s.cpus.clone(),
         control_cpu: s.control_cpu,
         nar_relay: s.nar_relay,
+        nar_failover: s.nar_failover,
         shutdown_grace: s.shutdown_grace.0,
         max_connections: s.max_connections,
     })

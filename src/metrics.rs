@@ -213,6 +213,21 @@ pub enum BatchPath {
 
 pub const BATCH_PATH_RESULTS: [&str; 3] = ["found", "absent", "failed"];
 
+/// How a mid-stream NAR failover ended, for `ncro_nar_failovers_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailoverResult {
+    /// Another upstream finished the body.
+    Completed = 0,
+    /// No other upstream answered the Range request with a 2xx.
+    NoAlternative = 1,
+    /// Some answered, none proved the same object of the same size.
+    Mismatch = 2,
+    /// One was spliced in and failed too; none finished.
+    Failed = 3,
+}
+
+pub const FAILOVER_RESULTS: [&str; 4] = ["completed", "no_alternative", "mismatch", "failed"];
+
 /// Counters owned by one worker. Aligned so that two workers' slots never
 /// share a cache line (the hot counters sit at the start of the struct).
 #[repr(align(128))]
@@ -247,6 +262,8 @@ pub struct WorkerMetrics {
     pub endpoint_requests: [[LocalCounter; 4]; 6],
     /// Store hashes asked in batch requests, by [`BatchPath`].
     pub batch_paths: [LocalCounter; 3],
+    /// Mid-stream NAR failovers, by [`FailoverResult`].
+    pub nar_failovers: [LocalCounter; 4],
     pub upstreams: Box<[UpstreamMetrics]>,
 }
 
@@ -277,6 +294,7 @@ impl WorkerMetrics {
             nar_duration: [0, 1].map(|_| LocalHistogram::new(LATENCY_BUCKETS)),
             endpoint_requests: Default::default(),
             batch_paths: Default::default(),
+            nar_failovers: Default::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }
     }
@@ -296,6 +314,11 @@ impl WorkerMetrics {
         if let Some(i) = ENDPOINTS.iter().position(|&e| e == endpoint) {
             self.endpoint_requests[i][result as usize].inc();
         }
+    }
+
+    /// Records how a mid-stream NAR failover ended.
+    pub fn nar_failed_over(&self, result: FailoverResult) {
+        self.nar_failovers[result as usize].inc();
     }
 
     /// Records a finished NAR request (errors also count in `nar_errors`).

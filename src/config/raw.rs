@@ -79,6 +79,8 @@ pub struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_cpu: Option<usize>,
     pub nar_relay: NarRelay,
+    /// Continue a NAR cut mid-stream from another upstream holding it.
+    pub nar_failover: bool,
     pub shutdown_grace: Dur,
     /// Open client connections across all workers; 0 means no cap.
     pub max_connections: usize,
@@ -95,6 +97,7 @@ impl Default for RawServer {
             cpus: None,
             control_cpu: None,
             nar_relay: NarRelay::Auto,
+            nar_failover: true,
             shutdown_grace: secs(10),
             max_connections: 10_000,
         }

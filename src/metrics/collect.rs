@@ -9,7 +9,7 @@ use prometheus::proto::{
 
 use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
-    ENDPOINT_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
+    ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
 };
 use crate::route::RouteTable;
 
@@ -351,6 +351,17 @@ fn endpoint_families(b: &mut Builder) {
         "Store hashes asked in batch narinfo requests, by what was learned.",
         MetricType::COUNTER,
         paths,
+    ));
+    let failovers = FAILOVER_RESULTS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| counter_metric(&[("result", r)], b.sum(|w| &w.nar_failovers[i])))
+        .collect();
+    b.out.push(family(
+        "ncro_nar_failovers_total",
+        "NAR bodies cut mid-stream whose rest was sought from another upstream, by result.",
+        MetricType::COUNTER,
+        failovers,
     ));
 }
 

@@ -1,7 +1,10 @@
 //! `GET/HEAD /nar/...`: streamed from the upstream that served the
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
+mod failover;
+
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::io::AsyncWriteRentExt;
@@ -17,6 +20,7 @@ use crate::http::response::{write_head, Framing};
 use crate::route;
 use crate::serve::narinfo::{discard_body, fail_kind};
 use crate::serve::{After, Conn};
+use crate::upstream::UpstreamSet;
 use crate::worker::{unix_now, WorkerCtx};
 
 /// Response headers passed from the upstream to the client.
@@ -93,11 +97,19 @@ pub async fn serve(
         headers: &fwd,
     };
     let mut failures = Failures::default();
-    for i in order {
+    let mut order = order.into_iter();
+    while let Some(i) = order.next() {
         // The health snapshot may be newer or older than `set`.
         let Some(up) = set.live(i) else { continue };
         match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(&resp) => return relay(conn, ctx, req, resp, i, keep).await,
+            Ok(resp) if is_final(&resp) => {
+                let from = Source {
+                    set: &set,
+                    upstream: i,
+                    rest: order,
+                };
+                return relay(conn, ctx, req, resp, from, keep).await;
+            }
             Ok(resp) => {
                 let s = resp.status();
                 failures.status(s);
@@ -151,14 +163,23 @@ impl Failures {
     }
 }
 
+/// The upstream whose answer is relayed, and those not asked yet, best
+/// first: the candidates for a mid-stream failover.
+struct Source<'a> {
+    set: &'a Arc<UpstreamSet>,
+    upstream: usize,
+    rest: std::vec::IntoIter<usize>,
+}
+
 async fn relay(
     conn: &mut Conn,
     ctx: &WorkerCtx,
     req: &Request<'_>,
     mut resp: UpResponse,
-    upstream: usize,
+    from: Source<'_>,
     keep: bool,
 ) -> io::Result<After> {
+    let upstream = from.upstream;
     let status = resp.status();
     let head_only = req.method == Method::Head || status == 304;
     let (framing, keep) = if head_only {
@@ -208,32 +229,70 @@ async fn relay(
     if let Some(u) = ctx.metrics.upstreams.get(upstream) {
         u.nar_bytes.add(sent);
     }
-    match relayed {
-        Ok(n) => {
-            ctx.metrics.nar_bytes.add(n);
-            Ok(if keep { After::KeepAlive } else { After::Close })
-        }
-        Err(e) => {
-            ctx.metrics.nar_bytes.add(e.sent());
+    ctx.metrics.nar_bytes.add(sent);
+    let error = match relayed {
+        Ok(_) => return Ok(if keep { After::KeepAlive } else { After::Close }),
+        // Clients cancel downloads all the time: not ncro's problem.
+        Err(e @ RelayError::Client { .. }) => {
+            tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay");
             conn.mark_nar_failed();
-            // The head promised a complete body; closing the connection is
-            // the only way to tell the client it did not get one (Nix then
-            // resumes with a Range request).
-            match e {
-                // Clients cancel downloads all the time: not ncro's problem.
-                RelayError::Client { .. } => {
-                    tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay")
-                }
-                RelayError::Upstream { ref error, .. } => {
-                    // Without the cooldown, the client's Range resume would
-                    // be routed straight back to the upstream that cut it.
-                    ctx.shared.routing.failed(upstream, fail_kind(error));
-                    tracing::warn!(path = req.path, error = %e, "NAR relay cut short by the upstream; closing the client connection")
-                }
-            }
-            Ok(After::Close)
+            return Ok(After::Close);
         }
+        Err(RelayError::Upstream { error, .. }) => error,
+    };
+    // Without the cooldown, the client's Range resume would be routed
+    // straight back to the upstream that cut it.
+    ctx.shared.routing.failed(upstream, fail_kind(&error));
+    let object = if !ctx.shared.config.server.nar_failover || (req.http10 && resp.is_chunked()) {
+        None
+    } else {
+        failover::Object::of(&resp, req.target)
+    };
+    drop(resp);
+    let Some(object) = object else {
+        tracing::warn!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; no failover (disabled, or the length is unknown); closing the client connection");
+        conn.mark_nar_failed();
+        return Ok(After::Close);
+    };
+    tracing::debug!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; continuing from another upstream");
+    let cut = failover::Cut {
+        path: req.target,
+        object,
+        sent,
+    };
+    continue_elsewhere(conn, ctx, req, cut, from, mode, keep).await
+}
+
+/// Finishes a cut body from the upstreams not asked yet, or closes the
+/// client connection when none can.
+async fn continue_elsewhere(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    mut cut: failover::Cut<'_>,
+    from: Source<'_>,
+    mode: RelayMode,
+    keep: bool,
+) -> io::Result<After> {
+    let before = cut.sent;
+    let resumed =
+        failover::resume(ctx, from.set, from.rest, &mut conn.stream, mode, &mut cut).await;
+    ctx.metrics.nar_bytes.add(cut.sent - before);
+    if resumed == failover::Resumed::Completed {
+        return Ok(if keep { After::KeepAlive } else { After::Close });
     }
+    if resumed == failover::Resumed::GaveUp {
+        tracing::warn!(
+            path = req.path,
+            sent = cut.sent,
+            "no other upstream could continue the NAR; closing the client connection"
+        );
+    }
+    // The head promised a complete body; closing the connection is the
+    // only way to tell the client it did not get one (Nix then resumes
+    // with a Range request).
+    conn.mark_nar_failed();
+    Ok(After::Close)
 }
 
 /// Relays a chunked upstream body without its framing, for an HTTP/1.0

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod failover;
 mod nix_log;
 
 use crate::fake::{FakeUpstream, TestKey, TestPath};
@@ -203,6 +204,18 @@ struct Served<'a> {
 }
 
 fn serve<'a>(caches: &'a NixCaches, tag: &str) -> Served<'a> {
+    serve_with(caches, tag, ["A", "B", "C"], &[])
+}
+
+/// Like [`serve`], with the shared cache dir served as each of A, B and C
+/// in `dirs` (["A", "A", "C"] serves A twice) and extra environment for
+/// serve-caches.sh (`NH_SERVE_ARGS_A` and the like: fault rules).
+fn serve_with<'a>(
+    caches: &'a NixCaches,
+    tag: &str,
+    dirs: [&str; 3],
+    env: &[(&str, &str)],
+) -> Served<'a> {
     let root = caches.out.with_file_name(format!("nix-serve-{tag}"));
     if root.join("serve").is_dir() {
         // Leftovers of a killed run: stop its servers (the script only
@@ -216,13 +229,18 @@ fn serve<'a>(caches: &'a NixCaches, tag: &str) -> Served<'a> {
     }
     let _ = std::fs::remove_dir_all(&root); // absent on a first run
     std::fs::create_dir_all(&root).expect("create serve dir");
-    std::os::unix::fs::symlink(caches.out.join("caches"), root.join("caches"))
-        .expect("link caches");
+    std::fs::create_dir_all(root.join("caches")).expect("create caches dir");
+    for (name, dir) in ["A", "B", "C"].into_iter().zip(dirs) {
+        let shared = caches.out.join("caches").join(dir);
+        std::os::unix::fs::symlink(shared, root.join("caches").join(name)).expect("link cache");
+    }
     let mut last = String::new();
     for _ in 0..3 {
         let base = free_ports(3);
         let mut cmd = caches.script("serve-caches.sh");
-        cmd.arg(&root).arg(base.to_string());
+        cmd.arg(&root)
+            .arg(base.to_string())
+            .envs(env.iter().copied());
         let r = run(
             &mut cmd,
             &root.with_extension("start.log"),

@@ -21,7 +21,7 @@
 //! depth stay where they are (`routing`, `nar`); the matrix is the
 //! complete sweep.
 
-mod fetch;
+pub mod fetch;
 mod run;
 
 use std::path::Path;
@@ -77,6 +77,10 @@ pub enum Sees {
     /// NAR: 200 whose head promises the whole NAR, fewer bytes, then the
     /// connection closes; the `Range` resume that Nix sends next is served.
     CutShort,
+    /// NAR, beside a healthy upstream: 200 with the whole body in one
+    /// response, its rest from the healthy upstream by a `Range` request
+    /// from where the faulty one stopped (docs/nar-failover.md).
+    FailedOver,
     /// NAR: the upstream's 302 and its `Location`, relayed.
     Redirected,
     /// NAR: a close-delimited body that ended early; ncro cannot tell it
@@ -157,7 +161,7 @@ const fn row(
 use Counted::{NarError, NarOk, Outcome};
 use Inject as I;
 use Kept::{Negative, Nothing, Route};
-use Sees::{CutShort, FromHealthy, LooksComplete, Redirected, Served, Status};
+use Sees::{CutShort, FailedOver, FromHealthy, LooksComplete, Redirected, Served, Status};
 use Target::{Nar, Narinfo};
 
 #[rustfmt::skip]
@@ -187,10 +191,10 @@ pub const ROWS: &[Row] = &[
     row("502", Nar, I::Status(502), (Status(502), Nothing, NarError), (FromHealthy, Status(502))),
     row("503 with Retry-After", Nar, I::Unavailable, (Status(502), Nothing, NarError), (FromHealthy, Status(502))),
     row("reset before headers", Nar, I::ResetBeforeHead, (Status(502), Nothing, NarError), (FromHealthy, Status(502))),
-    row("reset mid-body", Nar, I::ResetMidBody, (CutShort, Nothing, NarError), (CutShort, CutShort)),
+    row("reset mid-body", Nar, I::ResetMidBody, (CutShort, Nothing, NarError), (FailedOver, CutShort)),
     row("hang before headers", Nar, I::HangBeforeHead, (Status(504), Nothing, NarError), (FromHealthy, Status(504))),
-    row("hang mid-body", Nar, I::HangMidBody, (CutShort, Nothing, NarError), (CutShort, CutShort)),
-    row("truncated body, Content-Length", Nar, I::TruncatedWithLength, (CutShort, Nothing, NarError), (CutShort, CutShort)),
+    row("hang mid-body", Nar, I::HangMidBody, (CutShort, Nothing, NarError), (FailedOver, CutShort)),
+    row("truncated body, Content-Length", Nar, I::TruncatedWithLength, (CutShort, Nothing, NarError), (FailedOver, CutShort)),
     row("truncated body, no Content-Length", Nar, I::TruncatedNoLength, (LooksComplete, Nothing, NarOk), (LooksComplete, LooksComplete)),
     row("chunked framing error", Nar, I::BadChunked, (CutShort, Nothing, NarError), (CutShort, CutShort)),
     row("redirect", Nar, I::Redirect, (Redirected, Nothing, NarOk), (Redirected, Redirected)),
@@ -209,6 +213,10 @@ fn sees_text(s: Sees, healthy: bool) -> String {
         }
         (CutShort, true) => {
             "cut short as alone; the client's resume is served by the healthy upstream".into()
+        }
+        (FailedOver, _) => {
+            "200, whole body in one response: the rest from the healthy upstream (Range from the cut)"
+                .into()
         }
         (Redirected, _) => "302 relayed with its `Location`".into(),
         (LooksComplete, _) => "200, close-delimited body ends early: looks whole (note 1)".into(),

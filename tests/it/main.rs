@@ -19,6 +19,8 @@
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
+//! - [`failover`]: mid-stream NAR failover to another upstream holding
+//!   the same NAR, and when it must not happen.
 //! - [`faults`]: the fault-injection matrix (every upstream fault, for
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
@@ -35,6 +37,7 @@ mod cli;
 mod discovery;
 mod e2e_nix;
 mod endpoints;
+mod failover;
 mod fake;
 mod faults;
 mod harness;

@@ -176,7 +176,7 @@ pub fn run(row: &Row, beside: Beside, relay: &str) {
     check_sees(&s, row.target, sees, &got);
     if matches!(
         sees,
-        Sees::Status(_) | Sees::Served | Sees::FromHealthy | Sees::Redirected
+        Sees::Status(_) | Sees::Served | Sees::FromHealthy | Sees::Redirected | Sees::FailedOver
     ) {
         assert!(
             still_usable(&mut got),
@@ -260,6 +260,33 @@ fn check_sees(s: &Setup, target: Target, sees: Sees, got: &Got) {
                 assert_eq!(len, nar.len().to_string(), "{}", ctx());
             }
             assert_eq!(got.header("Accept-Ranges"), Some("bytes"), "{}", ctx());
+        }
+        Sees::FailedOver => {
+            assert_eq!(got.status, 200, "{}", ctx());
+            assert!(
+                got.complete && got.body == *nar,
+                "{} bytes; {}",
+                got.body.len(),
+                ctx()
+            );
+            let h = s.healthy().expect("failover needs the healthy upstream");
+            let last = nar.len() - 1;
+            let ranges: Vec<_> = h
+                .requests()
+                .into_iter()
+                .filter(|r| r.path == s.p.nar_request_path())
+                .filter_map(|r| r.header("Range").map(str::to_owned))
+                .collect();
+            // A reset may lose bytes the faulty upstream wrote; never more.
+            let from = |r: &String| {
+                r.strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix(&format!("-{last}")))
+                    .and_then(|n| n.parse::<usize>().ok())
+            };
+            assert!(
+                ranges.len() == 1 && from(&ranges[0]).is_some_and(|n| n <= nar.len() / 2),
+                "healthy upstream's ranges: {ranges:?}"
+            );
         }
         Sees::Redirected => {
             assert_eq!(got.status, 302, "{}", ctx());
