@@ -34,6 +34,17 @@ pub enum After {
     Close,
 }
 
+impl After {
+    /// `KeepAlive` when the client may send another request.
+    pub fn keep_if(keep: bool) -> After {
+        if keep {
+            After::KeepAlive
+        } else {
+            After::Close
+        }
+    }
+}
+
 pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
     let _ = stream.set_nodelay(true); // latency of small responses matters more than segments
     let mut conn = Conn {
@@ -246,7 +257,7 @@ impl Conn {
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }
-        Ok(if keep { After::KeepAlive } else { After::Close })
+        Ok(After::keep_if(keep))
     }
 
     async fn narinfo(

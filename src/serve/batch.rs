@@ -120,7 +120,7 @@ fn method_not_allowed(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, keep:
         &[allow, types],
         b"use POST or QUERY with one store hash per line\n",
     );
-    after(keep)
+    After::keep_if(keep)
 }
 
 /// Answers a body that could not be read; the connection closes, since
@@ -283,15 +283,7 @@ async fn write_lines(
         conn.wbuf.extend_from_slice(b"0\r\n\r\n");
     }
     ctx.metrics.endpoint_finished(METRIC, EndpointResult::Ok);
-    Ok(after(keep))
-}
-
-fn after(keep: bool) -> After {
-    if keep {
-        After::KeepAlive
-    } else {
-        After::Close
-    }
+    Ok(After::keep_if(keep))
 }
 
 #[cfg(test)]

@@ -36,9 +36,5 @@ pub fn serve(conn: &mut Conn, ctx: &WorkerCtx, req: &Request<'_>, keep: bool) ->
             &filter.body,
         );
     }
-    if keep {
-        After::KeepAlive
-    } else {
-        After::Close
-    }
+    After::keep_if(keep)
 }

@@ -24,11 +24,9 @@ pub mod paths;
 
 use std::io;
 
-use monoio::io::AsyncWriteRentExt;
-
 use crate::config::NarRelay;
 use crate::http::client::{
-    Method as UpMethod, RelayError, RelayMode, Request as UpRequest, Response as UpResponse,
+    Method as UpMethod, RelayMode, Request as UpRequest, Response as UpResponse,
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
@@ -181,7 +179,7 @@ async fn debuginfo(
     let date = ctx.date();
     let refs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
     crate::http::response::write_simple(&mut conn.wbuf, 200, keep, false, &date, &refs, &body);
-    Ok((after(keep), EndpointResult::Ok))
+    Ok((After::keep_if(keep), EndpointResult::Ok))
 }
 
 /// Points the debuginfo record's NAR at the upstream that wrote the record,
@@ -272,10 +270,11 @@ async fn relay(
     drop(headers);
     conn.flush(ctx).await?;
     if head_only {
-        return Ok((after(keep), EndpointResult::Ok));
+        return Ok((After::keep_if(keep), EndpointResult::Ok));
     }
     let relayed = if resp.is_chunked() && req.http10 {
-        relay_decoded(&mut resp, conn, ctx).await
+        super::nar::relay_decoded(&mut resp, &mut conn.stream, ctx.shared.config.timeouts.idle)
+            .await
     } else {
         let mode = match ctx.shared.config.server.nar_relay {
             NarRelay::Splice => RelayMode::Splice,
@@ -284,55 +283,12 @@ async fn relay(
         resp.relay_to(&mut conn.stream, mode).await
     };
     match relayed {
-        Ok(_) => Ok((after(keep), EndpointResult::Ok)),
+        Ok(_) => Ok((After::keep_if(keep), EndpointResult::Ok)),
         Err(e) => {
             // The head promised a complete body: only closing says it is not.
             tracing::debug!(path = req.path, error = %e, "side-path relay cut short");
             Ok((After::Close, EndpointResult::Error))
         }
-    }
-}
-
-/// A chunked upstream body without its framing, for an HTTP/1.0 client
-/// (its body ends with the connection). Rare; one copy per piece.
-async fn relay_decoded(
-    resp: &mut UpResponse,
-    conn: &mut Conn,
-    ctx: &WorkerCtx,
-) -> Result<u64, RelayError> {
-    let idle = ctx.shared.config.timeouts.idle;
-    let mut sent = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        match resp.read_chunk().await {
-            Ok(Some(piece)) => {
-                buf.clear();
-                buf.extend_from_slice(piece);
-            }
-            Ok(None) => return Ok(sent),
-            Err(error) => return Err(RelayError::Upstream { error, sent }),
-        }
-        let n = buf.len() as u64;
-        let (written, back) = match monoio::time::timeout(idle, conn.stream.write_all(buf)).await {
-            Ok(r) => r,
-            Err(_) => {
-                let error = io::Error::new(io::ErrorKind::TimedOut, "client write timed out");
-                return Err(RelayError::Client { error, sent });
-            }
-        };
-        if let Err(error) = written {
-            return Err(RelayError::Client { error, sent });
-        }
-        buf = back;
-        sent += n;
-    }
-}
-
-fn after(keep: bool) -> After {
-    if keep {
-        After::KeepAlive
-    } else {
-        After::Close
     }
 }
 

@@ -207,7 +207,7 @@ async fn relay(
     drop(headers);
     conn.flush(ctx).await?;
     if head_only {
-        return Ok(if keep { After::KeepAlive } else { After::Close });
+        return Ok(After::keep_if(keep));
     }
     let mode = match ctx.shared.config.server.nar_relay {
         NarRelay::Copy => RelayMode::Copy,
@@ -231,7 +231,7 @@ async fn relay(
     }
     ctx.metrics.nar_bytes.add(sent);
     let error = match relayed {
-        Ok(_) => return Ok(if keep { After::KeepAlive } else { After::Close }),
+        Ok(_) => return Ok(After::keep_if(keep)),
         // Clients cancel downloads all the time: not ncro's problem.
         Err(e @ RelayError::Client { .. }) => {
             tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay");
@@ -279,7 +279,7 @@ async fn continue_elsewhere(
         failover::resume(ctx, from.set, from.rest, &mut conn.stream, mode, &mut cut).await;
     ctx.metrics.nar_bytes.add(cut.sent - before);
     if resumed == failover::Resumed::Completed {
-        return Ok(if keep { After::KeepAlive } else { After::Close });
+        return Ok(After::keep_if(keep));
     }
     if resumed == failover::Resumed::GaveUp {
         tracing::warn!(
@@ -299,7 +299,7 @@ async fn continue_elsewhere(
 /// client: it cannot parse chunks, so its body ends with the connection
 /// (`relay_to` would pass the chunk-size lines through). Rare, so one
 /// small copy per piece is fine.
-async fn relay_decoded(
+pub(super) async fn relay_decoded(
     resp: &mut UpResponse,
     dst: &mut TcpStream,
     idle: Duration,

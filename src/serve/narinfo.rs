@@ -393,11 +393,7 @@ pub fn write_overloaded(conn: &mut crate::serve::Conn, ctx: &WorkerCtx, keep: bo
         ],
         b"too many lookups in flight; retry shortly\n",
     );
-    if keep {
-        After::KeepAlive
-    } else {
-        After::Close
-    }
+    After::keep_if(keep)
 }
 
 #[cfg(test)]
