@@ -50,7 +50,7 @@ fn hash(seed: u64) -> StoreHash {
 pub static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let env = MapEnv::new(&[]);
     let cfg = Config::from_toml(CONFIG, Source::Embedded, "bench", &env).expect("config");
-    let (set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let set = UpstreamSet::from_config(&cfg).expect("set");
     let now = Instant::now();
     let table: Vec<_> = [10.0, 30.0, 20.0]
         .iter()

@@ -34,7 +34,7 @@ fn routing(cfg: &Config, set: &UpstreamSet) -> Routing {
 static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let env = MapEnv::new(&[]);
     let cfg = Config::from_toml(CONFIG, Source::Embedded, "bench", &env).expect("config");
-    let (mut set, _) = UpstreamSet::from_config(&cfg).expect("set");
+    let mut set = UpstreamSet::from_config(&cfg).expect("set");
     set.reserve_discovered(8);
     let all_up = routing(&cfg, &set);
     let mut retired = set.clone();

@@ -20,8 +20,11 @@ use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
 use ncro::proto::store_path::{StoreHash, HASH_LEN};
 use ncro::proto::{base32, cache_info};
 
+/// A fuzz target's check: panics on a broken invariant.
+pub type Check = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("http_request", http_request),
     ("chunked", chunked),
     ("narinfo", narinfo),

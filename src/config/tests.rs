@@ -13,8 +13,10 @@ fn load_str(text: &str) -> Result<Config, ConfigError> {
 #[test]
 fn embedded_default_matches_code_defaults() {
     let parsed: RawConfig = toml::from_str(DEFAULT_TOML).unwrap();
-    let mut with_upstreams = RawConfig::default();
-    with_upstreams.upstreams = parsed.upstreams.clone();
+    let with_upstreams = RawConfig {
+        upstreams: parsed.upstreams.clone(),
+        ..RawConfig::default()
+    };
     assert_eq!(
         parsed, with_upstreams,
         "default.toml and the Default impls disagree"
