@@ -4,6 +4,12 @@
 //! are handled here: complete requests already in the read buffer are
 //! answered back to back, and their in-memory responses are written with
 //! one syscall.
+//!
+//! Memory per idle keep-alive connection is kept to a few kilobytes (10,000
+//! idle connections cost about 40 MB): the task's future holds only the
+//! request loop (the NAR relay and the race are boxed when used), the read
+//! buffer starts at 1 KiB, and the write buffer goes back to a per-worker
+//! pool whenever the connection waits for its next request.
 
 pub mod batch;
 pub mod bloom;
@@ -13,6 +19,7 @@ pub mod limit;
 pub mod nar;
 pub mod narinfo;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use monoio::buf::IoBufMut;
@@ -26,6 +33,42 @@ use crate::worker::WorkerCtx;
 
 /// Responses buffered from pipelined requests before a write is forced.
 const MAX_BUFFERED_OUT: usize = 64 * 1024;
+
+/// First read buffer of a connection: a Nix request head is 100-300 bytes.
+/// It grows by doubling when a head needs more.
+const READ_BUF: usize = 1024;
+/// A read buffer grown past this (a long pipelined burst) is given back
+/// when the connection goes idle.
+const MAX_IDLE_READ_BUF: usize = 8 * 1024;
+/// Write buffers: first size, the largest kept in the pool (a `/metrics`
+/// body is not), and how many an idle worker keeps.
+const WRITE_BUF: usize = 4096;
+const MAX_POOLED_WRITE_BUF: usize = 64 * 1024;
+const WRITE_POOL: usize = 256;
+
+thread_local! {
+    /// Write buffers of this worker's connections that wait for a request,
+    /// so that an idle keep-alive connection holds none.
+    static WRITE_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_write_buf() -> Vec<u8> {
+    WRITE_BUFS
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| Vec::with_capacity(WRITE_BUF))
+}
+
+fn give_write_buf(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > MAX_POOLED_WRITE_BUF {
+        return;
+    }
+    buf.clear();
+    WRITE_BUFS.with_borrow_mut(|pool| {
+        if pool.len() < WRITE_POOL {
+            pool.push(buf);
+        }
+    });
+}
 
 /// What to do with the connection after a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +92,8 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
     let _ = stream.set_nodelay(true); // latency of small responses matters more than segments
     let mut conn = Conn {
         stream,
-        rbuf: Vec::with_capacity(4096),
-        wbuf: Vec::with_capacity(4096),
+        rbuf: Vec::with_capacity(READ_BUF),
+        wbuf: Vec::new(),
         head_request: false,
         access: None,
         nar_failed: false,
@@ -58,6 +101,7 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
     if let Err(e) = conn.run(&ctx).await {
         tracing::debug!(worker = ctx.index, error = %e, "client connection ended with an error");
     }
+    give_write_buf(std::mem::take(&mut conn.wbuf));
     ctx.metrics.connections_closed.inc();
     ctx.active.set(ctx.active.get() - 1);
     ctx.shared.connections.release();
@@ -66,6 +110,9 @@ pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
 pub struct Conn {
     pub stream: TcpStream,
     rbuf: Vec<u8>,
+    /// Responses not yet written. Empty (no allocation) while the
+    /// connection waits for a request; taken from the worker's pool when a
+    /// request arrives.
     pub wbuf: Vec<u8>,
     /// The request being answered is a HEAD: [`Conn::error`] then sends no
     /// body, which the client would otherwise read as the next response.
@@ -125,8 +172,16 @@ impl Conn {
             if self.rbuf.is_empty() && ctx.drain.is_fired() {
                 return Ok(Head::Closed);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 2048 {
-                self.rbuf.reserve(8192);
+            if self.rbuf.is_empty() {
+                // Idle until the next request: hold as little as possible.
+                give_write_buf(std::mem::take(&mut self.wbuf));
+                if self.rbuf.capacity() > MAX_IDLE_READ_BUF {
+                    self.rbuf = Vec::with_capacity(READ_BUF);
+                }
+            }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
+            if spare < READ_BUF / 2 {
+                self.rbuf.reserve(self.rbuf.capacity().max(READ_BUF));
             }
             let buf = std::mem::take(&mut self.rbuf);
             let len = buf.len();
@@ -149,6 +204,9 @@ impl Conn {
 
     async fn answer_one(&mut self, ctx: &WorkerCtx) -> std::io::Result<After> {
         ctx.metrics.requests_total.inc();
+        if self.wbuf.capacity() == 0 {
+            self.wbuf = take_write_buf();
+        }
         self.access = access::start(self.wbuf.len());
         let rbuf = std::mem::take(&mut self.rbuf);
         self.head_request = false;
@@ -244,7 +302,9 @@ impl Conn {
             }
             self.nar_failed = false;
             let started = std::time::Instant::now();
-            let result = nar::serve(self, ctx, req, keep).await;
+            // Boxed: the relay's state is large and only NAR requests need
+            // it, so it is not part of every idle connection's task.
+            let result = Box::pin(nar::serve(self, ctx, req, keep)).await;
             let outcome = if self.nar_failed || result.is_err() {
                 NarOutcome::Error
             } else {
@@ -449,6 +509,19 @@ mod tests {
         let mut only = b"\r\n\r\n".to_vec();
         skip_empty_lines(&mut only);
         assert!(only.is_empty() && !has_full_head(&only));
+    }
+
+    /// Every idle keep-alive connection is one task of this size (plus a
+    /// 1 KiB read buffer): 4,480 bytes before the NAR relay and the race
+    /// were boxed.
+    #[test]
+    fn connection_task_stays_small() {
+        fn future_size<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = future_size(serve_conn);
+        println!("serve_conn future: {size} bytes");
+        assert!(size <= 2048, "serve_conn's future is {size} bytes");
     }
 
     #[test]

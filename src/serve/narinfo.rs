@@ -58,7 +58,9 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         }
         None => ctx.metrics.narinfo_cache_misses.inc(),
     }
-    let (resolved, role) = ctx.flights.run(hash, || resolve_once(ctx, hash)).await;
+    // Boxed: the race's state is large and only misses need it, so it is
+    // not part of every idle connection's task.
+    let (resolved, role) = Box::pin(ctx.flights.run(hash, || resolve_once(ctx, hash))).await;
     if role == race::Role::Joined {
         ctx.metrics.singleflight_waiters.inc();
     }
