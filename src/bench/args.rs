@@ -38,6 +38,10 @@ pub enum Scenario {
     Nar,
     /// Like Nix: a narinfo, then the NAR its `URL:` names.
     Closure,
+    /// Thundering herd: every connection asks for the same hash at the same
+    /// moment, one list hash per round; the next round starts when every
+    /// connection has its answer. Ends when the list is used up.
+    NarinfoHerd,
 }
 
 impl Scenario {
@@ -47,6 +51,7 @@ impl Scenario {
             Scenario::NarinfoMiss => "narinfo-miss",
             Scenario::Nar => "nar",
             Scenario::Closure => "closure",
+            Scenario::NarinfoHerd => "narinfo-herd",
         }
     }
 }
@@ -84,6 +89,11 @@ pub struct RunArgs {
     /// Stop after this many measured requests instead of after --duration.
     #[arg(short = 'n', long)]
     pub requests: Option<u64>,
+    /// Request each list entry exactly once (all connections share one
+    /// cursor), then stop: first-time lookups only, e.g. to time misses
+    /// that an upstream can answer.
+    #[arg(long)]
+    pub once: bool,
     /// Open loop: total requests per second, spread over the connections
     /// (closure: narinfo + NAR pairs per second). Latency counts from each
     /// request's intended send time.

@@ -14,11 +14,12 @@
 //! progress line.
 
 mod conn;
+mod herd;
 
 use std::io::IsTerminal as _;
 use std::net::ToSocketAddrs as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,12 +43,27 @@ pub enum Limit {
 /// What the requests name.
 #[derive(Debug, Clone)]
 pub enum Workload {
-    /// `/<hash>.narinfo` (narinfo-hit; closure adds the NARs).
+    /// `/<hash>.narinfo` (narinfo-hit and -herd; closure adds the NARs).
     Hashes(Vec<StoreHash>),
     /// URL paths without the leading `/` (nar).
     Urls(Vec<Box<str>>),
     /// Fresh random hashes (narinfo-miss).
     Random,
+}
+
+impl Workload {
+    /// Entries in the list (1 for random hashes: one endless source).
+    pub fn len(&self) -> usize {
+        match self {
+            Workload::Hashes(v) => v.len(),
+            Workload::Urls(v) => v.len(),
+            Workload::Random => 1,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A validated run: everything the threads need, immutable.
@@ -65,6 +81,11 @@ pub struct Plan {
     pub warmup: Duration,
     pub timeout: Duration,
     pub seed: u64,
+    /// `--once`: the list cursor all connections share (None: each
+    /// connection walks the list on its own, wrapping around).
+    pub once: Option<Arc<AtomicUsize>>,
+    /// Set for the narinfo-herd scenario.
+    pub herd: Option<Arc<herd::Herd>>,
 }
 
 impl Plan {
@@ -87,6 +108,8 @@ impl Plan {
             warmup: Duration::ZERO,
             timeout: Duration::from_secs(10),
             seed: 1,
+            once: None,
+            herd: None,
         })
     }
 
@@ -99,6 +122,16 @@ impl Plan {
         }
         if a.requests == Some(0) {
             return Err(BenchError::Usage("--requests must be at least 1".into()));
+        }
+        if a.once && a.scenario == Scenario::NarinfoMiss {
+            return Err(BenchError::Usage(
+                "--once walks a list; narinfo-miss has none".into(),
+            ));
+        }
+        if a.scenario == Scenario::NarinfoHerd && (a.rate.is_some() || a.once) {
+            return Err(BenchError::Usage(
+                "narinfo-herd sets its own pace: no --rate or --once".into(),
+            ));
         }
         let workload = workload(a.scenario, a.list.as_deref(), a.synthetic, a.seed)?;
         let mut plan = Plan::new(&a.target, a.scenario, workload)?;
@@ -114,6 +147,14 @@ impl Plan {
         plan.warmup = a.warmup;
         plan.timeout = a.timeout;
         plan.seed = a.seed;
+        plan.once = a.once.then(Arc::default);
+        if a.scenario == Scenario::NarinfoHerd {
+            let len = plan.workload.len() as u64;
+            let rounds = a
+                .requests
+                .map_or(len, |n| len.min(n / a.connections as u64));
+            plan.herd = Some(Arc::new(herd::Herd::new(a.connections, rounds)));
+        }
         Ok(plan)
     }
 
@@ -410,6 +451,37 @@ mod tests {
             Ok(Workload::Random)
         ));
         assert!(workload(Scenario::Nar, None, None, 1).is_err());
+    }
+
+    #[test]
+    fn once_and_herd_plans() {
+        use clap::Parser as _;
+        let plan = |args: &[&str]| {
+            let mut argv = vec!["ncro", "bench", "run", "-t", "http://127.0.0.1:9"];
+            argv.extend_from_slice(args);
+            let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+            let Some(crate::cli::Command::Bench(b)) = cli.command else {
+                panic!("bench")
+            };
+            let crate::bench::args::BenchCommand::Run(r) = b.command else {
+                panic!("run")
+            };
+            Plan::from_args(&r)
+        };
+        let p = plan(&["--synthetic", "50", "--once"]).unwrap();
+        assert!(p.once.is_some() && p.herd.is_none());
+        let p = plan(&[
+            "-s",
+            "narinfo-herd",
+            "--synthetic",
+            "50",
+            "--connections",
+            "10",
+        ])
+        .unwrap();
+        assert!(p.herd.is_some() && p.once.is_none());
+        assert!(plan(&["-s", "narinfo-miss", "--once"]).is_err());
+        assert!(plan(&["-s", "narinfo-herd", "--synthetic", "5", "--rate", "10"]).is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the same runtime as ncro (one monoio thread per core, SO_REUSEPORT).
 //! It answers `/nix-cache-info`, `/<hash>.narinfo` and `/nar/<...>.nar`
 //! from a [`Dataset`], with optional latency, 500s and connection resets.
+//! `/_bench/stats` answers the requests it has seen so far, by kind, as
+//! JSON: how a script checks how many requests a proxy forwarded.
 //!
 //! Every response is prepared before the request arrives (narinfos are
 //! rendered and signed at start, NAR bodies are slices of one shared
@@ -13,6 +15,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,7 +86,56 @@ struct Served {
     /// `held[i]`: whether path `i` is answered (precomputed draw).
     held: Vec<bool>,
     cache_info: Bytes,
+    /// One slot per server thread, written only by that thread.
+    counts: Vec<Counts>,
 }
+
+/// Requests seen by one thread. Aligned to its own cache line so that
+/// threads never share one.
+#[derive(Default)]
+#[repr(align(64))]
+struct Counts {
+    narinfo: AtomicU64,
+    nar: AtomicU64,
+    other: AtomicU64,
+}
+
+impl Served {
+    fn count(&self, thread: usize, path: &str) {
+        let Some(c) = self.counts.get(thread) else {
+            return;
+        };
+        let slot = if path.ends_with(".narinfo") {
+            &c.narinfo
+        } else if path.starts_with("/nar/") {
+            &c.nar
+        } else {
+            &c.other
+        };
+        // Only this thread writes the slot: a load and a store, no lock prefix.
+        slot.store(slot.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// `{"narinfo":N,"nar":N,"other":N}` summed over threads.
+    fn stats_json(&self) -> Bytes {
+        let sum = |f: fn(&Counts) -> &AtomicU64| -> u64 {
+            self.counts
+                .iter()
+                .map(|c| f(c).load(Ordering::Relaxed))
+                .sum()
+        };
+        let body = format!(
+            "{{\"narinfo\":{},\"nar\":{},\"other\":{}}}\n",
+            sum(|c| &c.narinfo),
+            sum(|c| &c.nar),
+            sum(|c| &c.other)
+        );
+        Bytes::from(body)
+    }
+}
+
+/// Path of the request counters (not counted itself).
+pub const STATS_PATH: &str = "/_bench/stats";
 
 /// A running synthetic cache; [`UpstreamHandle::stop`] ends its threads.
 pub struct UpstreamHandle {
@@ -131,6 +183,7 @@ pub fn start(dataset: Arc<Dataset>, cfg: ServerConfig) -> Result<UpstreamHandle,
         dataset,
         behaviour: cfg.behaviour.clone(),
         held,
+        counts: (0..cfg.threads.max(1)).map(|_| Counts::default()).collect(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handle = UpstreamHandle {
@@ -200,6 +253,7 @@ fn server_thread(
         let _ = ready.send(Ok(()));
         let seed = (index as u64) << 32 ^ u64::from(std::process::id());
         let ctx = Rc::new(ThreadCtx {
+            index,
             served,
             rng: RefCell::new(Rng::new(mix(seed))),
             date: RefCell::new((0, [b' '; 29])),
@@ -219,6 +273,7 @@ fn server_thread(
 
 /// Per-thread state shared by that thread's connections.
 struct ThreadCtx {
+    index: usize,
     served: Arc<Served>,
     rng: RefCell<Rng>,
     date: RefCell<(u64, [u8; 29])>,
@@ -247,6 +302,9 @@ fn decide(served: &Served, path: &str) -> Answer {
     const NOT_FOUND: Answer = Answer::Small(404, "text/plain", Bytes::from_static(b"not found\n"));
     if path == "/nix-cache-info" {
         return Answer::Small(200, "text/x-nix-cache-info", served.cache_info.clone());
+    }
+    if path == STATS_PATH {
+        return Answer::Small(200, "application/json", served.stats_json());
     }
     let held = |i: u64| served.held.get(i as usize).copied().unwrap_or(false);
     if let Some(name) = path
@@ -281,6 +339,9 @@ async fn serve_conn(ctx: Rc<ThreadCtx>, mut stream: TcpStream) {
                 let answer = if req.method == Method::Other || req.has_body {
                     Answer::BadRequest
                 } else {
+                    if req.path != STATS_PATH {
+                        ctx.served.count(ctx.index, req.path);
+                    }
                     decide(&ctx.served, req.path)
                 };
                 (answer, req.keep_alive, req.method == Method::Head, len)

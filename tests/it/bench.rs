@@ -345,6 +345,39 @@ fn injected_failures_are_counted_by_kind() {
     assert_eq!((count(&v, &["requests"]), broken), (30, 30), "{v:#}");
 }
 
+/// Single-flight, end to end: 100 clients ask for each fresh hash at the
+/// same moment, on a multi-worker ncro; the synthetic upstream's own
+/// counter must show one narinfo request per hash.
+#[test]
+fn herd_of_clients_costs_one_upstream_request_per_hash() {
+    let up = Upstream::start(&["--narinfos", "20", "--latency", "5ms"]);
+    let db = tempfile::tempdir().unwrap();
+    let url = up.url();
+    let upstreams = [(url.as_str(), 10, up.public_key.as_str())];
+    let mut config = test_config("127.0.0.1:0", &upstreams, &db.path().join("r.db"));
+    config = config.replace("[server]\n", "[server]\nworkers = 2\n");
+    let proxy = NcroProcess::start(&config);
+    let v = bench_run(&[
+        "-t",
+        &proxy.url(),
+        "-s",
+        "narinfo-herd",
+        "--synthetic",
+        "20",
+        "--connections",
+        "100",
+    ]);
+    assert_eq!(count(&v, &["statuses", "200"]), 2000, "{v:#}");
+    let stats = http_get(up.addr, "/_bench/stats").unwrap();
+    let stats: Value = serde_json::from_slice(&stats.body).expect("stats JSON");
+    assert_eq!(
+        (count(&stats, &["narinfo"]), count(&stats, &["nar"])),
+        (20, 0),
+        "{stats}\n{}",
+        proxy.logs()
+    );
+}
+
 #[test]
 fn synthetic_narinfos_pass_through_ncro() {
     let up = Upstream::start(&["--narinfos", "40", "--latency", "1ms..3ms"]);

@@ -7,6 +7,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::herd::Herd;
 use super::{Clock, Live, Plan, Workload};
 use crate::bench::args::Scenario;
 use crate::bench::report::{ErrorKind, Stats};
@@ -116,6 +117,9 @@ impl ThreadShared {
 /// record, until the run's end or its request budget.
 async fn connection(sh: Rc<ThreadShared>, index: usize) {
     let plan = &sh.plan;
+    if let Some(herd) = &plan.herd {
+        return herd_connection(&sh, herd).await;
+    }
     let large = matches!(plan.scenario, Scenario::Nar | Scenario::Closure);
     let mut conn = ClientConn::new(&plan.target, if large { LARGE_BUF } else { SMALL_BUF });
     let mut step = Step::new(plan, index);
@@ -148,14 +152,37 @@ async fn connection(sh: Rc<ThreadShared>, index: usize) {
                 if sh.past_end(now) {
                     break;
                 }
-                (now, now)
+                // Connections start as soon as their thread has the clock,
+                // up to 2 ms before `start`: such a request belongs to the
+                // run (with --once it uses up a list entry), not to a warm-up.
+                (now.max(sh.clock.start), now)
             }
         };
         let measured = slot >= sh.clock.warm_end;
         if measured && !sh.take_ticket() {
             break;
         }
-        step.run(&sh, &mut conn, start, measured).await;
+        if !step.run(&sh, &mut conn, start, measured).await {
+            break;
+        }
+    }
+}
+
+/// A narinfo-herd connection: one request per round, every round.
+async fn herd_connection(sh: &ThreadShared, herd: &Herd) {
+    let Workload::Hashes(hashes) = &sh.plan.workload else {
+        return;
+    };
+    let mut conn = ClientConn::new(&sh.plan.target, SMALL_BUF);
+    let mut rx = herd.subscribe();
+    for k in 0u64.. {
+        if !Herd::wait(&mut rx, k).await {
+            break;
+        }
+        let hash = hashes[k as usize % hashes.len()].as_bytes();
+        let parts: [&[u8]; 3] = [b"/", hash, b".narinfo"];
+        request(sh, &mut conn, &parts, false, Instant::now(), true).await;
+        herd.finish(k, sh.past_end(Instant::now()));
     }
 }
 
@@ -183,11 +210,7 @@ struct Step {
 impl Step {
     fn new(plan: &Plan, index: usize) -> Step {
         // Spread connections over the list instead of all starting at 0.
-        let len = match &plan.workload {
-            Workload::Hashes(v) => v.len(),
-            Workload::Urls(v) => v.len(),
-            Workload::Random => 1,
-        };
+        let len = plan.workload.len();
         Step {
             cursor: index * len / plan.connections.max(1),
             hash: [b'0'; HASH_LEN],
@@ -195,15 +218,28 @@ impl Step {
         }
     }
 
+    /// One request (two for closure); false once `--once` has used up the list.
     async fn run(
         &mut self,
         sh: &ThreadShared,
         conn: &mut ClientConn,
         start: Instant,
         measured: bool,
-    ) {
-        let c = self.cursor;
-        self.cursor = self.cursor.wrapping_add(1);
+    ) -> bool {
+        let c = match &sh.plan.once {
+            Some(shared) => {
+                let c = shared.fetch_add(1, Ordering::Relaxed);
+                if c >= sh.plan.workload.len() {
+                    return false;
+                }
+                c
+            }
+            None => {
+                let c = self.cursor;
+                self.cursor = self.cursor.wrapping_add(1);
+                c
+            }
+        };
         match (&sh.plan.workload, sh.plan.scenario) {
             (Workload::Random, _) => {
                 sh.rng.borrow_mut().fill_hash(&mut self.hash);
@@ -221,13 +257,14 @@ impl Step {
                 let status = request(sh, conn, &parts, closure, start, measured).await;
                 if closure && status == Some(200) && self.nar_url(&conn.captured) {
                     if measured && !sh.take_ticket() {
-                        return;
+                        return false;
                     }
                     let parts: [&[u8]; 2] = [b"/", &self.url];
                     request(sh, conn, &parts, false, Instant::now(), measured).await;
                 }
             }
         }
+        true
     }
 
     /// Copies the narinfo's relative `URL:` into `self.url`.
