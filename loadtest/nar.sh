@@ -6,8 +6,10 @@
 #   uring-splice  nar_relay = "splice", io_uring
 #   epoll-copy    nar_relay = "copy",   MONOIO_FORCE_LEGACY_DRIVER=1
 #   epoll-splice  nar_relay = "splice", MONOIO_FORCE_LEGACY_DRIVER=1
-# (`nar_relay = "auto"` picks one of these by driver; this run is what
-# decides which.)
+#   nginx-proxy   nginx proxy_pass (buffering on, 8 x 64k buffers, keep-alive
+#                 upstream), one worker on CPU 0: the CPU-per-GB baseline
+# (`nar_relay = "auto"` picks one of the ncro modes by driver; this run is
+# what decides which.)
 #
 # Placement: each ncro runs one worker on CPU 0 (whole process under
 # taskset -c 0); the upstream nginx (one worker, sendfile) and the clients
@@ -25,7 +27,7 @@
 #
 # Usage: loadtest/nar.sh [NCRO_BIN] [ROUNDS]      (default ROUNDS=5)
 # Env: CACHES (/tmp/ncro-bench/caches), SINGLE_REPS (10), STREAMS (16),
-#      MULTI_REPS (2), SMALL_DUR (5s; empty skips), TARGETS (all five),
+#      MULTI_REPS (2), SMALL_DUR (5s; empty skips), TARGETS (all six),
 #      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18680).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -34,9 +36,9 @@ ROUNDS=${2:-5}
 CACHES=${CACHES:-/tmp/ncro-bench/caches}
 SINGLE_REPS=${SINGLE_REPS:-10}; STREAMS=${STREAMS:-16}; MULTI_REPS=${MULTI_REPS:-2}
 SMALL_DUR=${SMALL_DUR-5s}
-TARGETS=${TARGETS:-"direct uring-copy uring-splice epoll-copy epoll-splice"}
+TARGETS=${TARGETS:-"direct nginx-proxy uring-copy uring-splice epoll-copy epoll-splice"}
 BASEPORT=${BASEPORT:-18680}
-UPA=$((BASEPORT + 1)); UPB=$((BASEPORT + 2))
+UPA=$((BASEPORT + 1)); UPB=$((BASEPORT + 2)); NGPROXY=$((BASEPORT + 3))
 BIG=$((100 << 20)); SMALL=$((1 << 20))
 
 lt_init nar
@@ -69,10 +71,45 @@ cp "$W/nginx.conf" "$RUN/nginx.conf"
 lt_nginx "$W/nginx.conf" 1; NGPIDS=$NGINX_PIDS
 lt_wait_http "http://127.0.0.1:$UPA/nix-cache-info"
 
+# The baseline proxy: nginx proxy_pass on CPU 0, as the shared kit's
+# fallback proxy configures it (buffering on, never spooling to disk).
+mkdir -p "$W/px"
+cat > "$W/nginx-proxy.conf" <<NG
+worker_processes 1;
+worker_cpu_affinity 01;
+pid $W/nginx-proxy.pid;
+error_log $W/nginx-proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  tcp_nodelay on;
+  keepalive_timeout 65s;
+  keepalive_requests 1000000;
+  client_body_temp_path $W/px/body;
+  proxy_temp_path $W/px/proxy;
+  fastcgi_temp_path $W/px/fcgi;
+  uwsgi_temp_path $W/px/uwsgi;
+  scgi_temp_path $W/px/scgi;
+  upstream cache_a { server 127.0.0.1:$UPA; keepalive 64; keepalive_requests 1000000; }
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_buffering on;
+  proxy_buffer_size 16k;
+  proxy_buffers 8 64k;
+  proxy_busy_buffers_size 128k;
+  proxy_max_temp_file_size 0;
+  server { listen 127.0.0.1:$NGPROXY backlog=4096; location / { proxy_pass http://cache_a; } }
+}
+NG
+cp "$W/nginx-proxy.conf" "$RUN/nginx-proxy.conf"
+lt_nginx "$W/nginx-proxy.conf" 0; PXPIDS=$NGINX_PIDS
+lt_wait_http "http://127.0.0.1:$NGPROXY/nix-cache-info"
+
 declare -A PORT PID DRV
 i=10
 for t in $TARGETS; do
   [ "$t" = direct ] && { PORT[$t]=$UPA; continue; }
+  [ "$t" = nginx-proxy ] && { PORT[$t]=$NGPROXY; continue; }
   i=$((i + 1)); PORT[$t]=$((BASEPORT + i))
   case $t in
     uring-*) envs=(LT_TARGET="$t") ;;
@@ -102,6 +139,11 @@ done
 for t in $TARGETS; do
   [ "$t" = direct ] && continue
   base="http://127.0.0.1:${PORT[$t]}"
+  if [ "$t" = nginx-proxy ]; then
+    sum=$(curl -s "$base$BIG_NAR" | sha256sum | cut -d' ' -f1)
+    [ "$sum" = "$BIG_SUM" ] || lt_die "nginx-proxy relayed a 100 MiB NAR that differs from the file"
+    continue
+  fi
   lt_wait_http "$base/nix-cache-info"
   DRV[$t]=$(lt_ncro_driver "$W/ncro-$t.log")
   [ "${DRV[$t]}" = "${t%-*}" ] || [ "${DRV[$t]}-${t%-*}" = io_uring-uring ] \
@@ -123,7 +165,11 @@ for r in $(seq "$ROUNDS"); do
   order=""; k=$(( (r - 1) % NT ))
   for j in $(seq 0 $((NT - 1))); do idx=$(( (k + j) % NT + 1 )); order+="${!idx} "; done
   for t in $order; do
-    if [ "$t" = direct ]; then sp=""; tp=""; else sp=${PID[$t]}; tp=${PID[$t]}; fi
+    case $t in
+      direct) sp=""; tp="" ;;
+      nginx-proxy) sp=$PXPIDS; tp="" ;;
+      *) sp=${PID[$t]}; tp=${PID[$t]} ;;
+    esac
     url="http://127.0.0.1:${PORT[$t]}$BIG_NAR"
     lt_curl "$t-s1-r$r" "$url" 1 "$SINGLE_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,16 >&2
     lt_curl "$t-s$STREAMS-r$r" "$url" "$STREAMS" "$MULTI_REPS" "$sp" "$NGPIDS" "$BIG" "$tp" | cut -d' ' -f1,4,6-10,16,18 >&2
@@ -135,7 +181,7 @@ for r in $(seq "$ROUNDS"); do
 done
 echo "load_at_end: $(cat /proc/loadavg)" >> "$RUN/machine.txt"
 for t in $TARGETS; do
-  [ "$t" = direct ] && continue
+  case $t in direct | nginx-proxy) continue ;; esac
   echo "$t: VmHWM $(awk '/^VmHWM/{print $2, $3}' "/proc/${PID[$t]}/status")" >> "$RUN/machine.txt"
 done
 
@@ -169,7 +215,7 @@ ratio_cell() { # A B KIND KEY
       "$(lt_stat "^$t-small-r" rps)" "$(lt_stat "^$t-small-r" p99_ms)" "$(lt_stat "^$t-small-r" us_cpu_per_req)"
   done
   echo
-  echo "proxy CPU: ncro's own (0 for direct). all CPU: ncro + nginx + clients + ksoftirqd per GB, the fair"
+  echo "proxy CPU: the proxy's own (ncro, or the nginx-proxy master and worker; 0 for direct). all CPU: proxy + upstream nginx + clients + ksoftirqd per GB, the fair"
   echo "total on loopback, where the kernel charges the receive-side copy to whichever process runs it."
   echo
   echo "Ratios, median (per round):"
@@ -183,6 +229,16 @@ ratio_cell() { # A B KIND KEY
       "$(ratio_cell direct "$t" "s$STREAMS" MBps)" "$(ratio_cell direct "$t" "s$STREAMS" all_cpu_s_per_GB)" \
       "$(ratio_cell direct "$t" small rps)"
   done
+  case " $TARGETS " in
+    *" nginx-proxy "*)
+      for t in $TARGETS; do
+        case $t in direct | nginx-proxy) continue ;; esac
+        printf '| %s / nginx-proxy | %s | proxy: %s | %s | proxy: %s | %s |\n' "$t" \
+          "$(ratio_cell nginx-proxy "$t" s1 MBps)" "$(ratio_cell nginx-proxy "$t" s1 cpu_s_per_GB)" \
+          "$(ratio_cell nginx-proxy "$t" "s$STREAMS" MBps)" "$(ratio_cell nginx-proxy "$t" "s$STREAMS" cpu_s_per_GB)" \
+          "$(ratio_cell nginx-proxy "$t" small rps)"
+      done ;;
+  esac
   for d in uring epoll; do
     case " $TARGETS " in *" $d-copy "*" $d-splice "*) ;; *) continue ;; esac
     printf '| %s: splice / copy | %s | %s | %s | %s | %s |\n' "$d" \

@@ -237,6 +237,32 @@ fn sink() -> (SocketAddr, JoinHandle<Vec<u8>>) {
     (addr, handle)
 }
 
+/// A sink that reads in small steps with pauses, so the relay finds the
+/// client's socket full again and again (the splice relay's wait for room).
+fn slow_sink() -> (SocketAddr, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+    let addr = listener.local_addr().expect("sink addr");
+    let handle = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("sink accept");
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        let mut reads = 0u32;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            reads += 1;
+            if reads % 8 == 0 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        out
+    });
+    (addr, handle)
+}
+
 fn client_with(timeouts: ClientTimeouts) -> LocalClient {
     let tls = ncro::http::tls::client_config(None).expect("tls config");
     LocalClient::new(
@@ -364,6 +390,43 @@ async fn relay_copy_and_splice_identical() {
     assert_eq!(server.accepted(), 1, "splice never read past the body");
 }
 both_drivers!(relay_copy_and_splice_identical: relay_identical_fusion, relay_identical_legacy);
+
+/// The splice relay against a client slower than the upstream, then the
+/// same client socket used again by the runtime: the relay must leave both
+/// sockets in the mode the driver expects (blocking under io_uring).
+async fn splice_to_a_slow_client_then_reuse_both_sockets() {
+    let body = pattern(4 * 1024 * 1024 + 7);
+    let reply = with_length(&body);
+    let server = Server::start(move |_| Reply::Send(reply.clone()));
+    let c = client();
+    let o = origin(&server.url());
+    let (addr, handle) = slow_sink();
+    let mut dst = monoio::net::TcpStream::connect_addr(addr)
+        .await
+        .expect("connect sink");
+    let mut resp = get(&c, &o, "/x.nar").await.expect("response");
+    let sent = resp.relay_to(&mut dst, RelayMode::Splice).await;
+    assert_eq!(sent.expect("relay"), body.len() as u64);
+    let (written, _) = monoio::io::AsyncWriteRentExt::write_all(&mut dst, b"tail".to_vec()).await;
+    written.expect("client socket still usable by the runtime");
+    monoio::io::AsyncWriteRent::shutdown(&mut dst)
+        .await
+        .expect("shutdown sink");
+    drop(dst);
+    let mut want = body.clone();
+    want.extend_from_slice(b"tail");
+    assert!(handle.join().expect("sink thread") == want, "bytes differ");
+    let again = get(&c, &o, "/again").await.expect("pooled upstream reused");
+    assert_eq!(
+        again.read_to_end(8 << 20).await.expect("body").len(),
+        body.len()
+    );
+    assert_eq!(server.accepted(), 1);
+}
+both_drivers!(
+    splice_to_a_slow_client_then_reuse_both_sockets: splice_slow_client_fusion,
+    splice_slow_client_legacy
+);
 
 async fn keep_alive_reuse() {
     let server = Server::start(|_| Reply::Send(with_length(b"hello")));

@@ -17,6 +17,7 @@ mod origin;
 mod pool;
 mod relay;
 mod response;
+mod splice;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

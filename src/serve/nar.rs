@@ -211,11 +211,11 @@ async fn relay(
     }
     let mode = match ctx.shared.config.server.nar_relay {
         NarRelay::Copy => RelayMode::Copy,
-        NarRelay::Splice => RelayMode::Splice,
-        // Measured (docs/benchmarks.md): splice wins on epoll and loses under
-        // concurrency on io_uring, where every splice runs on an io-wq thread.
-        NarRelay::Auto if ctx.driver == "epoll" => RelayMode::Splice,
-        NarRelay::Auto => RelayMode::Copy,
+        // Measured (docs/benchmarks.md): splice costs the proxy 0.4x the CPU
+        // per GB of copying, on both drivers (direct non-blocking calls, no
+        // io-wq threads). It applies to plain-TCP Content-Length bodies;
+        // TLS and chunked bodies are copied whatever the mode.
+        NarRelay::Splice | NarRelay::Auto => RelayMode::Splice,
     };
     let relayed = if resp.is_chunked() && req.http10 {
         relay_decoded(&mut resp, &mut conn.stream, ctx.shared.config.timeouts.idle).await

@@ -7,10 +7,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use monoio::net::Pipe;
 use monoio_rustls::TlsConnector;
 
 use super::conn::Stream;
+use super::splice::SplicePipe;
 use super::{ClientTimeouts, BODY_BUF_SIZE};
 use crate::http::resolve::Resolver;
 
@@ -49,8 +49,8 @@ pub(super) struct Inner {
     pub(super) pool: PoolOptions,
     pub(super) idle: RefCell<HashMap<Arc<str>, VecDeque<IdleConn>>>,
     pub(super) buffers: RefCell<Vec<Vec<u8>>>,
-    /// (read end, write end); only fully drained pipes come back here.
-    pub(super) pipes: RefCell<Vec<(Pipe, Pipe)>>,
+    /// Only fully drained pipes come back here.
+    pub(super) pipes: RefCell<Vec<SplicePipe>>,
 }
 
 impl Inner {
@@ -101,12 +101,12 @@ impl Inner {
         }
     }
 
-    pub(super) fn take_pipe(&self) -> Option<(Pipe, Pipe)> {
+    pub(super) fn take_pipe(&self) -> Option<SplicePipe> {
         let pooled = self.pipes.borrow_mut().pop();
-        pooled.or_else(|| monoio::net::unix::new_pipe().ok())
+        pooled.or_else(|| SplicePipe::new().ok())
     }
 
-    pub(super) fn give_pipe(&self, pipe: (Pipe, Pipe)) {
+    pub(super) fn give_pipe(&self, pipe: SplicePipe) {
         let mut pipes = self.pipes.borrow_mut();
         if pipes.len() < MAX_POOLED_PIPES {
             pipes.push(pipe);

@@ -3,22 +3,18 @@
 //! Copy mode moves at most one 256 KiB buffer at a time through userspace;
 //! chunked bodies are forwarded with their framing, validated on the way.
 //! Splice mode moves plain-TCP Content-Length bodies through a pipe without
-//! touching userspace (see docs on splice vs copy: it pays off on epoll,
-//! less so on io_uring where each splice runs on an io-wq thread).
+//! touching userspace ([`super::splice`]: direct non-blocking splice calls
+//! on the worker, on both drivers).
 
 use std::io;
 
 use monoio::buf::IoBuf;
-use monoio::io::splice::{SpliceDestination, SpliceSource};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::response::{Body, Framing};
+use super::splice::{self, SpliceError};
 use super::{ClientError, Response, BODY_BUF_SIZE};
-
-/// Largest single splice: a pipe holds 64 KiB by default, and monoio 0.2.4
-/// gives no access to the pipe fd to enlarge it.
-const SPLICE_STEP: u64 = 64 * 1024;
 
 /// How `Response::relay_to` moves the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +191,7 @@ async fn relay_splice(
         body.finish();
         return Ok(());
     }
-    let Some((mut pipe_r, mut pipe_w)) = body.client.take_pipe() else {
+    let Some(pipe) = body.client.take_pipe() else {
         // No pipe (fd exhaustion): the copy path still works.
         return relay_copy(body, dst, progress).await;
     };
@@ -206,47 +202,20 @@ async fn relay_splice(
     let tcp = stream
         .plain_tcp()
         .ok_or_else(|| progress.upstream(ClientError::Aborted))?;
-    let mut left = remaining;
-    while left > 0 {
-        // Never ask for more than the body: the upstream stays reusable.
-        let step = left.min(SPLICE_STEP) as u32;
-        let moved =
-            match monoio::time::timeout(body.idle, tcp.splice_to_pipe(&mut pipe_w, step)).await {
-                Err(_) => return Err(progress.upstream(ClientError::IdleTimeout)),
-                Ok(Err(e)) => return Err(progress.upstream(ClientError::Io(e))),
-                Ok(Ok(0)) => return Err(progress.upstream(ClientError::ConnectionClosed)),
-                Ok(Ok(m)) => m,
-            };
-        left -= u64::from(moved);
-        drain_pipe(&mut pipe_r, dst, moved, body.idle, progress).await?;
+    let moved = splice::relay(tcp, dst, &pipe, remaining, body.idle, &mut progress.sent).await;
+    match moved {
+        Ok(()) => {}
+        Err(SpliceError::Upstream(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(progress.upstream(ClientError::ConnectionClosed))
+        }
+        Err(SpliceError::Upstream(e)) => return Err(progress.upstream(ClientError::Io(e))),
+        Err(SpliceError::UpstreamIdle) => return Err(progress.upstream(ClientError::IdleTimeout)),
+        Err(SpliceError::Client(e)) => return Err(progress.client(e)),
     }
     // Only a fully drained pipe is reusable; every error path above drops it.
-    body.client.give_pipe((pipe_r, pipe_w));
+    body.client.give_pipe(pipe);
     body.framing = Framing::Length { remaining: 0 };
     body.stream = Some(stream);
     body.finish();
-    Ok(())
-}
-
-async fn drain_pipe(
-    pipe_r: &mut monoio::net::Pipe,
-    dst: &mut TcpStream,
-    mut len: u32,
-    idle: std::time::Duration,
-    progress: &mut Progress,
-) -> Result<(), RelayError> {
-    while len > 0 {
-        let out = match monoio::time::timeout(idle, dst.splice_from_pipe(pipe_r, len)).await {
-            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "client write timed out"),
-            Ok(Err(e)) => e,
-            Ok(Ok(0)) => io::Error::new(io::ErrorKind::WriteZero, "client accepted no bytes"),
-            Ok(Ok(m)) => {
-                len -= m;
-                progress.sent += u64::from(m);
-                continue;
-            }
-        };
-        return Err(progress.client(out));
-    }
     Ok(())
 }
