@@ -378,3 +378,43 @@ lt_curl() {
         (gb > 0 ? (scpu + ucpu + ccpu + ksirq) / gb : 0)
     }' "$out" | tee -a "$RUN/records.txt"
 }
+
+# lt_bench LABEL ARGS...: `ncro bench run ARGS` on CPU 1 (one client
+# thread), JSON in raw/LABEL.json; prints one key=value record (also in
+# records.txt) with req/s and latency percentiles in microseconds.
+lt_bench() {
+  local label=$1; shift
+  local json="$RUN/raw/$label.json" l0
+  l0=$(lt_load1)
+  printf 'taskset -c 1 ncro bench run -q --threads 1 %s --json raw/%s.json\n' "$*" "$label" >> "$RUN/commands.txt"
+  taskset -c 1 "$NCRO" bench run -q --threads 1 "$@" --json "$json" > "$RUN/raw/$label.txt" 2>&1 \
+    || { echo "label=$label failed=1" | tee -a "$RUN/records.txt"; return 0; }
+  python3 - "$json" "$label" "$l0" <<'PY' | tee -a "$RUN/records.txt"
+import json, sys
+j = json.load(open(sys.argv[1])); l = j["latency_us"]
+st = ",".join(f"{k}:{v}" for k, v in sorted(j["statuses"].items())) or "none"
+print(f"label={sys.argv[2]} requests={j['requests']} rps={j['req_per_s']:.0f} "
+      f"p50_us={l['p50']} p90_us={l['p90']} p99_us={l['p99']} max_us={l['max']} "
+      f"errors={j['errors']} statuses={st} load1_before={sys.argv[3]}")
+PY
+}
+
+# lt_upstream NAME PORT CPU ARGS...: a synthetic cache (`ncro bench
+# upstream`) on CPU, its lists in $W/NAME; sets UP_PID and UP_KEY.
+lt_upstream() {
+  local name=$1 port=$2 cpu=$3; shift 3
+  mkdir -p "$W/$name"
+  printf 'taskset -c %s ncro bench upstream --listen 127.0.0.1:%s --threads 1 --write-lists %s %s\n' \
+    "$cpu" "$port" "$name" "$*" >> "$RUN/commands.txt"
+  taskset -c "$cpu" "$NCRO" bench upstream --listen "127.0.0.1:$port" --threads 1 \
+    --write-lists "$W/$name" "$@" > "$W/$name.log" 2>&1 &
+  UP_PID=$!
+  LT_PIDS+=("$UP_PID")
+  local i
+  for i in $(seq 600); do grep -q '^serving' "$W/$name.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^serving' "$W/$name.log" || lt_die "bench upstream $name did not start: $(tail -3 "$W/$name.log")"
+  UP_KEY=$(awk '/^public key: /{print $3}' "$W/$name.log")
+}
+
+# Field KEY of the last record labelled LABEL.
+lt_rec() { lt_field "$(grep "^label=$1 " "$RUN/records.txt" | tail -1)" "$2"; }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # narinfo hits: ncro answering from its route cache vs nginx serving the
-# same narinfo files statically (the ceiling for a narinfo server).
+# same narinfo files statically (the ceiling for a narinfo server), and vs
+# nginx as a fallback-chain proxy (try A, on 404 try B) in front of the
+# same caches (what a cache-less proxy costs).
 #
 # Setup, all on loopback:
 #   - one nginx (worker_processes 1, CPU 0) with three servers: the static
@@ -11,12 +13,15 @@
 #     caches carry dummy Sig lines; ncro skips verification without keys);
 #   - ncro's route cache is warmed by requesting every path of the list once;
 #     the measured runs must then forward nothing upstream (checked per run);
-#   - wrk -t1 on CPU 1 walks the same 20k list (rotate.lua) against both,
-#     same duration, interleaved rounds (order alternates per round).
+#   - the chain proxy (nginx, worker_processes 1, CPU 0) forwards to a second
+#     upstream nginx on CPU 1 (beside wrk), so CPU 0 holds only the proxy;
+#   - wrk -t1 on CPU 1 walks the same 20k list (rotate.lua) against all,
+#     same duration, interleaved rounds (order rotates per round).
 #
 # Usage: loadtest/narinfo-hit.sh [NCRO_BIN] [DURATION] [ROUNDS]
 #   defaults: release build of this checkout, 15s, 3
 # Env: CONNS ("64 1024"), CACHES (/tmp/ncro-bench/caches), LIST (a-20k),
+#      CHAIN (1: also measure the nginx chain proxy; 0: skip it),
 #      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18480).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -26,7 +31,9 @@ CONNS=${CONNS:-"64 1024"}
 CACHES=${CACHES:-/tmp/ncro-bench/caches}
 LIST=${LIST:-a-20k}
 BASEPORT=${BASEPORT:-18480}
+CHAIN=${CHAIN:-1}
 CEIL=$((BASEPORT + 1)); UPA=$((BASEPORT + 2)); UPB=$((BASEPORT + 3)); NCPORT=$((BASEPORT + 4))
+CHPORT=$((BASEPORT + 5)); CHA=$((BASEPORT + 6)); CHB=$((BASEPORT + 7))
 
 lt_init narinfo-hit
 lt_machine
@@ -74,6 +81,55 @@ NC
 cp "$W/nginx.conf" "$RUN/nginx.conf"; cp "$W/ncro.toml" "$RUN/ncro.toml"
 
 lt_nginx "$W/nginx.conf" 0; NGPIDS=$NGINX_PIDS
+SERVERS="nginx ncro"
+if [ "$CHAIN" = 1 ]; then
+  mkdir -p "$W/px"
+  # The chain's own upstreams, on CPU 1 beside wrk.
+  cat > "$W/nginx-chain-up.conf" <<NG
+worker_processes 1;
+worker_cpu_affinity 10;
+pid $W/nginx-chain-up.pid;
+error_log $W/nginx-chain-up-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_timeout 65s; keepalive_requests 1000000;
+  types { text/x-nix-narinfo narinfo; }
+  server { listen 127.0.0.1:$CHA backlog=4096; root $CACHES/A; }
+  server { listen 127.0.0.1:$CHB backlog=4096; root $CACHES/B; }
+}
+NG
+  # The shared kit's fallback proxy, one worker on CPU 0.
+  cat > "$W/nginx-chain.conf" <<NG
+worker_processes 1;
+worker_cpu_affinity 01;
+pid $W/nginx-chain.pid;
+error_log $W/nginx-chain-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; tcp_nodelay on;
+  keepalive_timeout 65s; keepalive_requests 1000000;
+  client_body_temp_path $W/px/body; proxy_temp_path $W/px/proxy;
+  fastcgi_temp_path $W/px/fcgi; uwsgi_temp_path $W/px/uwsgi; scgi_temp_path $W/px/scgi;
+  upstream cache_a { server 127.0.0.1:$CHA; keepalive 256; keepalive_requests 1000000; }
+  upstream cache_b { server 127.0.0.1:$CHB; keepalive 256; keepalive_requests 1000000; }
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_buffering on; proxy_buffer_size 16k; proxy_buffers 8 64k;
+  proxy_busy_buffers_size 128k; proxy_max_temp_file_size 0;
+  server {
+    listen 127.0.0.1:$CHPORT backlog=4096;
+    location / { proxy_pass http://cache_a; proxy_intercept_errors on; error_page 404 = @b; }
+    location @b { proxy_pass http://cache_b; }
+  }
+}
+NG
+  cp "$W/nginx-chain.conf" "$RUN/nginx-chain.conf"; cp "$W/nginx-chain-up.conf" "$RUN/nginx-chain-up.conf"
+  lt_nginx "$W/nginx-chain-up.conf" 1; CHUPPIDS=$NGINX_PIDS
+  lt_nginx "$W/nginx-chain.conf" 0; CHPIDS=$NGINX_PIDS
+  lt_wait_http "http://127.0.0.1:$CHPORT/nix-cache-info"
+  SERVERS="nginx ncro chain"
+fi
 lt_ncro "$W/ncro.log" -- "$NCRO" serve --config "$W/ncro.toml"
 lt_wait_http "http://127.0.0.1:$CEIL/nix-cache-info"
 lt_wait_http "http://127.0.0.1:$NCPORT/nix-cache-info"
@@ -102,15 +158,19 @@ HDR_NC=$(curl -s -o /dev/null -D - "http://127.0.0.1:$NCPORT$(head -1 "$L")" | w
 echo "bodies identical: $SAME/5; response head bytes: nginx $HDR_NG, ncro $HDR_NC" | tee -a "$RUN/machine.txt" >&2
 
 lt_wait_quiet narinfo-hit
+set -- $SERVERS
+NS=$#
 for r in $(seq "$ROUNDS"); do
   for c in $CONNS; do
-    if [ $((r % 2)) -eq 1 ]; then order="nginx ncro"; else order="ncro nginx"; fi
+    # Rotate the order each round so no server always runs first.
+    order=""; k=$(( (r - 1) % NS ))
+    for j in $(seq 0 $((NS - 1))); do idx=$(( (k + j) % NS + 1 )); order+="${!idx} "; done
     for s in $order; do
-      if [ "$s" = nginx ]; then
-        lt_wrk "nginx-c$c-r$r" "http://127.0.0.1:$CEIL" "$L" "$c" "$DUR" "$NGPIDS" >/dev/null
-      else
-        lt_wrk "ncro-c$c-r$r" "http://127.0.0.1:$NCPORT" "$L" "$c" "$DUR" "$NCRO_PID" "$NGPIDS" "$W/upstream.log" >/dev/null
-      fi
+      case $s in
+        nginx) lt_wrk "nginx-c$c-r$r" "http://127.0.0.1:$CEIL" "$L" "$c" "$DUR" "$NGPIDS" >/dev/null ;;
+        ncro) lt_wrk "ncro-c$c-r$r" "http://127.0.0.1:$NCPORT" "$L" "$c" "$DUR" "$NCRO_PID" "$NGPIDS" "$W/upstream.log" >/dev/null ;;
+        chain) lt_wrk "chain-c$c-r$r" "http://127.0.0.1:$CHPORT" "$L" "$c" "$DUR" "$CHPIDS" "$CHUPPIDS" >/dev/null ;;
+      esac
       tail -1 "$RUN/records.txt" | cut -d' ' -f1-8,12-17,19 >&2
     done
   done
@@ -130,6 +190,12 @@ FWD=$(lt_values '^ncro-' upstream_reqs | awk '{s+=$1} END{print s+0}')
   echo "Quiet check before the batch: $(tail -1 "$RUN/load.txt")"
   echo
   lt_wrk_table nginx ncro "$CONNS" "$ROUNDS"
+  if [ "$CHAIN" = 1 ]; then
+    echo
+    echo "Against nginx as a fallback-chain proxy (every request forwarded to cache A):"
+    echo
+    lt_wrk_table chain ncro "$CONNS" "$ROUNDS"
+  fi
   echo
   lt_check_records
 } > "$RUN/summary.md"
