@@ -21,7 +21,8 @@ use super::{ClientError, Response, BODY_BUF_SIZE};
 pub enum RelayMode {
     Copy,
     /// Zero-copy through a pipe; used only for plain-TCP Content-Length
-    /// bodies, everything else silently uses `Copy`.
+    /// bodies larger than one copy buffer, everything else silently uses
+    /// `Copy`.
     Splice,
 }
 
@@ -82,8 +83,15 @@ impl Response {
         let body = &mut self.body;
         let mut progress = Progress { sent: 0 };
         body.begin().map_err(|e| progress.upstream(e))?;
+        // A body that fits one copy buffer moves with one read and one
+        // write; splicing it would cost more system calls (socket mode
+        // switches, splices, readiness waits) than the copy saves.
+        let unread = match body.framing {
+            Framing::Length { remaining } => remaining.saturating_sub(body.buffered() as u64),
+            _ => 0,
+        };
         let splice = mode == RelayMode::Splice
-            && matches!(body.framing, Framing::Length { .. })
+            && unread > BODY_BUF_SIZE as u64
             && body
                 .stream
                 .as_mut()
