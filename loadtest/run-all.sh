@@ -16,8 +16,9 @@
 #      measuring anyway; the load is recorded either way), LOAD_MAX (1.0),
 #      BUSY_MAX (15), QUICK=1 (short runs, to try the script).
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+# Before lib.sh, which would otherwise set its own (longer) defaults.
 export WAIT_MAX=${WAIT_MAX:-60} LOAD_MAX=${LOAD_MAX:-1.0} BUSY_MAX=${BUSY_MAX:-15}
+. "$(dirname "$0")/lib.sh"
 SRC_BIN=$(lt_ncro_bin "${1:-}")
 
 lt_init all
