@@ -215,7 +215,7 @@ impl Conn {
                 self.head_request = req.method == Method::Head;
                 // The one endpoint that reads a request body.
                 let (after, body) = if batch::is_batch(req.path) {
-                    batch::serve(self, ctx, &req, &rbuf[..len], &rbuf[len..]).await?
+                    Box::pin(batch::serve(self, ctx, &req, &rbuf[..len], &rbuf[len..])).await?
                 } else {
                     (self.dispatch(ctx, &req).await?, 0)
                 };
@@ -313,7 +313,8 @@ impl Conn {
             ctx.metrics.nar_finished(outcome, started.elapsed());
             return result;
         } else if let Some(target) = extra::classify(path) {
-            return extra::serve(self, ctx, req, target, keep).await;
+            // Boxed, like the NAR relay: rare, and large futures.
+            return Box::pin(extra::serve(self, ctx, req, target, keep)).await;
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }
