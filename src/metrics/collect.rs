@@ -402,6 +402,15 @@ fn state_families(b: &mut Builder) {
         vec![info],
     ));
     let Some(g) = b.m.gauges.get() else { return };
+    // Without a writer the database could not be opened at start: memory
+    // only for the life of the process.
+    let degraded = g.routes.writer().is_none_or(|w| w.is_degraded());
+    b.out.push(family(
+        "ncro_route_db_degraded",
+        "1 while routes are not persisted (database not opened, or the last write failed).",
+        MetricType::GAUGE,
+        vec![gauge_metric(&[], f64::from(u8::from(degraded)))],
+    ));
     let Some(w) = g.routes.writer() else { return };
     let gauge = |name: &str, help: &str, v: u64| {
         family(

@@ -18,9 +18,12 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`crash`]: the route database under SIGKILL, an unopenable path, a
+//!   read-only and a full file system.
 
 mod bench;
 mod cli;
+mod crash;
 mod e2e_nix;
 mod fake;
 mod harness;
