@@ -9,6 +9,7 @@ use prometheus::proto::{
 
 use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
+    SHED_REASONS,
 };
 use crate::route::RouteTable;
 
@@ -272,6 +273,17 @@ fn upstream_families(b: &mut Builder) {
         "Races run (route-cache misses that were not joined).",
         |w| &w.races,
     );
+    let shed = SHED_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| counter_metric(&[("reason", reason)], b.sum(|w| &w.shed[i])))
+        .collect();
+    b.out.push(family(
+        "ncro_narinfo_shed_total",
+        "Races refused by the mass-query limits (answered 503, or a stale route).",
+        MetricType::COUNTER,
+        shed,
+    ));
     b.counter(
         "ncro_narinfo_bad_signatures_total",
         "Upstream narinfos rejected for their signature.",

@@ -20,6 +20,7 @@
 //! - [`health`]: health probing, routing order, cooldowns and limits.
 //! - [`crash`]: the route database under SIGKILL, an unopenable path, a
 //!   read-only and a full file system.
+//! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
 
 mod bench;
 mod cli;
@@ -31,6 +32,7 @@ mod health;
 mod logging;
 mod metrics;
 mod nar;
+mod overload;
 mod routing;
 mod server;
 mod systemd;
