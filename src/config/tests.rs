@@ -125,7 +125,7 @@ fn invalid_values_name_the_key() {
 #[test]
 fn regression_log_level_with_space_and_multibyte_char_is_an_error_not_a_panic() {
     let level = |l: &str| load_str(&format!("[logging]\nlevel = \"{l}\"\n"));
-    let err = level("  ipe\u{feff}R=RRRRrs").err().expect("not a level");
+    let err = level("  ipe\u{feff}R=RRRRrs").expect_err("not a level");
     assert!(err.to_string().contains("logging.level"), "{err}");
     // Targets may be any text; whitespace around directives is removed.
     for (given, kept) in [

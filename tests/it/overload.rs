@@ -18,7 +18,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use crate::fake::{random_hash, FakeUpstream, TestKey, TestPath};
-use crate::harness::{http_get, HttpConn, NcroProcess};
+use crate::harness::{http_get, HttpConn};
 use crate::metrics::scrape;
 use crate::routing::{db_dir, entry, NcroConfig};
 
