@@ -262,8 +262,9 @@ fn an_unopenable_database_path_degrades_to_memory_only() {
 }
 
 /// Runs ncro in a new user and mount namespace with a tmpfs of `size` on
-/// `dir`, holding copies of `seed`'s files, remounted read-only before ncro
-/// starts when `read_only`. None (after saying why) where namespaces are
+/// `dir`, holding copies of `seed`'s files, made read-only before ncro
+/// starts when `read_only` (a read-only bind remount: writes fail with
+/// EROFS; a plain `remount,ro` of the tmpfs is refused in a user namespace). None (after saying why) where namespaces are
 /// not available and `CI` is not set.
 fn start_on_tmpfs(
     cfg: &NcroConfig,
@@ -285,7 +286,7 @@ fn start_on_tmpfs(
     let script = r#"set -e
 mount -t tmpfs -o "size=$2,mode=0755" ncro-it "$1"
 if [ -n "$3" ]; then cp -- "$3"/* "$1"/; fi
-if [ "$4" = 1 ]; then mount -o remount,ro "$1"; fi
+if [ "$4" = 1 ]; then mount -o remount,bind,ro "$1"; fi
 shift 4
 exec "$@""#;
     let seed = seed.map_or(String::new(), |s| s.display().to_string());
