@@ -515,7 +515,18 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
         }
     };
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    for directive in l.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+    // Directives are trimmed here and passed on trimmed: tracing-subscriber
+    // 0.3 trims each directive but then slices the untrimmed text with the
+    // trimmed offsets, which panics on leading whitespace followed by a
+    // multi-byte character (found by the `config` fuzz target).
+    let directives: Vec<&str> = l
+        .level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let level = directives.join(",");
+    for &directive in &directives {
         // A bare word is a valid filter (it names a target), but in practice
         // it is a misspelt level ("inof") that silently disables logging.
         if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
@@ -525,16 +536,13 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
             )));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(&l.level).map_err(|e| {
+    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
         invalid(format!(
             "logging.level {:?} is not a valid level or filter directive: {e}",
             l.level
         ))
     })?;
-    Ok(LoggingConfig {
-        level: l.level.clone(),
-        format,
-    })
+    Ok(LoggingConfig { level, format })
 }
 
 /// Upper bound of `discovery.max_upstreams`: per-upstream state is

@@ -228,6 +228,17 @@ pub enum FailoverResult {
 
 pub const FAILOVER_RESULTS: [&str; 4] = ["completed", "no_alternative", "mismatch", "failed"];
 
+/// Why a race was refused (load shedding), for `ncro_narinfo_shed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedReason {
+    /// The worker's queue of requests waiting for a race permit was full.
+    QueueFull = 0,
+    /// No permit came free within the wait limit (`timeouts.race_deadline`).
+    WaitTimeout = 1,
+}
+
+pub const SHED_REASONS: [&str; 2] = ["queue_full", "wait_timeout"];
+
 /// Counters owned by one worker. Aligned so that two workers' slots never
 /// share a cache line (the hot counters sit at the start of the struct).
 #[repr(align(128))]
@@ -251,6 +262,8 @@ pub struct WorkerMetrics {
     pub nar_bytes: LocalCounter,
     pub nar_errors: LocalCounter,
     pub races: LocalCounter,
+    /// Races refused by the mass-query limits, by [`ShedReason`].
+    pub shed: [LocalCounter; 2],
     /// Time from the start of a race to its outcome.
     pub race_latency: LocalHistogram,
     pub attempts_per_resolve: [LocalHistogram; 3],
@@ -288,6 +301,7 @@ impl WorkerMetrics {
             nar_bytes: Default::default(),
             nar_errors: Default::default(),
             races: Default::default(),
+            shed: Default::default(),
             race_latency: LocalHistogram::new(LATENCY_BUCKETS),
             attempts_per_resolve: [0, 1, 2].map(|_| LocalHistogram::new(COUNT_BUCKETS)),
             race_wait: LocalHistogram::new(DEFAULT_BUCKETS),

@@ -126,6 +126,26 @@ fn invalid_values_name_the_key() {
     }
 }
 
+/// Found by the `config` fuzz target: tracing-subscriber panicked on a
+/// directive with leading whitespace and a multi-byte character.
+#[test]
+fn regression_log_level_with_space_and_multibyte_char_is_an_error_not_a_panic() {
+    let level = |l: &str| load_str(&format!("[logging]\nlevel = \"{l}\"\n"));
+    let err = level("  ipe\u{feff}R=RRRRrs").expect_err("not a level");
+    assert!(err.to_string().contains("logging.level"), "{err}");
+    // Targets may be any text; whitespace around directives is removed.
+    for (given, kept) in [
+        (" \u{e9}=info", "\u{e9}=info"),
+        (
+            "info,  \u{e9}t\u{e9}[x]=debug",
+            "info,\u{e9}t\u{e9}[x]=debug",
+        ),
+        (" info , ncro::access=debug ", "info,ncro::access=debug"),
+    ] {
+        assert_eq!(level(given).unwrap().logging.level, kept);
+    }
+}
+
 #[test]
 fn env_overrides_apply_when_non_empty() {
     let env = MapEnv::new(&[

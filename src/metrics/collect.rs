@@ -9,7 +9,7 @@ use prometheus::proto::{
 
 use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
-    ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS,
+    ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS, SHED_REASONS,
 };
 use crate::route::RouteTable;
 
@@ -282,6 +282,17 @@ fn upstream_families(b: &mut Builder) {
         "Races run (route-cache misses that were not joined).",
         |w| &w.races,
     );
+    let shed = SHED_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| counter_metric(&[("reason", reason)], b.sum(|w| &w.shed[i])))
+        .collect();
+    b.out.push(family(
+        "ncro_narinfo_shed_total",
+        "Races refused by the mass-query limits (answered 503, or a stale route).",
+        MetricType::COUNTER,
+        shed,
+    ));
     b.counter(
         "ncro_narinfo_bad_signatures_total",
         "Upstream narinfos rejected for their signature.",
@@ -459,6 +470,15 @@ fn state_families(b: &mut Builder) {
         vec![info],
     ));
     let Some(g) = b.m.gauges.get() else { return };
+    // Without a writer the database could not be opened at start: memory
+    // only for the life of the process.
+    let degraded = g.routes.writer().is_none_or(|w| w.is_degraded());
+    b.out.push(family(
+        "ncro_route_db_degraded",
+        "1 while routes are not persisted (database not opened, or the last write failed).",
+        MetricType::GAUGE,
+        vec![gauge_metric(&[], f64::from(u8::from(degraded)))],
+    ));
     let Some(w) = g.routes.writer() else { return };
     let gauge = |name: &str, help: &str, v: u64| {
         family(

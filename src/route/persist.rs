@@ -10,11 +10,15 @@
 //! the WAL file before `COMMIT` returns, so killing the process (even with
 //! SIGKILL) loses nothing that was committed and never corrupts the file.
 //! Only an OS crash or power loss can drop the last few commits (still
-//! without corruption), which is acceptable for a cache.
+//! without corruption), which is acceptable for a cache. A write is
+//! acknowledged when its batch commits (counted in `rows_written`); what is
+//! still queued or in the failing batch is lost on a kill or a write error.
+//! docs/operations.md ("Crash safety") states the promise to operators and
+//! `tests/it/crash.rs` checks it through the real binary.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -518,6 +522,9 @@ struct WriterStats {
     batches: AtomicU64,
     rows: AtomicU64,
     stored_routes: AtomicU64,
+    /// Set while the last write transaction failed (full disk, read-only
+    /// file system): routes are then served from memory only.
+    degraded: AtomicBool,
 }
 
 /// Cheap to clone; every worker holds one. Only the writer thread owns the
@@ -590,6 +597,11 @@ impl WriterHandle {
     /// Rows in the `routes` table after the last batch or sweep.
     pub fn stored_routes(&self) -> u64 {
         self.stats.stored_routes.load(Ordering::Relaxed)
+    }
+    /// True while the last write transaction failed: new routes live in
+    /// memory only until a later batch commits again.
+    pub fn is_degraded(&self) -> bool {
+        self.stats.degraded.load(Ordering::Relaxed)
     }
 
     /// A handle whose ops go to the returned receiver instead of a thread.
@@ -668,8 +680,18 @@ impl Writer {
             Ok(rows) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+                if self.stats.degraded.swap(false, Ordering::Relaxed) {
+                    // Errors of a kind are logged once; say when they stop,
+                    // so the log shows how long persistence was off.
+                    self.logged_kinds = 0;
+                    tracing::warn!(path = %self.db.path,
+                        "route database writes succeed again; routes are persisted again");
+                }
             }
-            Err(e) => self.check("write batch", Err(e)),
+            Err(e) => {
+                self.stats.degraded.store(true, Ordering::Relaxed);
+                self.check("write batch", Err(e));
+            }
         }
         let r = self.db.enforce_cap(self.cfg.max_entries as u64);
         self.check("evict", r);
@@ -1157,6 +1179,34 @@ mod tests {
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .unwrap();
         write_error_case(&format!("PRAGMA max_page_count = {pages}"), 3);
+    }
+
+    #[test]
+    fn degraded_while_writes_fail_and_cleared_by_the_next_commit() {
+        let (_, db) = open_and_load(":memory:", 0).unwrap();
+        let pages: i64 = db
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        // No page may be added: a 64 KiB narinfo cannot be stored, a small
+        // row still fits in the existing leaf pages.
+        db.conn
+            .execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .unwrap();
+        let (w, join) = spawn_writer(db, cfg(1000));
+        assert!(!w.is_degraded());
+        let mut big = (*entry("https://a", FAR, 1)).clone();
+        big.narinfo = Bytes::from(vec![b'x'; 64 * 1024]);
+        assert!(w.try_write(WriteOp::Route(hash(1), Arc::new(big))));
+        w.flush_blocking().unwrap();
+        assert!(w.is_degraded(), "a failed batch degrades");
+        assert_eq!(w.stored_routes(), 0);
+        assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
+        w.flush_blocking().unwrap();
+        assert!(!w.is_degraded(), "a committed batch clears it");
+        assert_eq!(w.stored_routes(), 1);
+        w.shutdown_blocking().unwrap();
+        join.join().unwrap();
     }
 
     #[test]

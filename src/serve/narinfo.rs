@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
 use crate::http::response::write_simple;
-use crate::metrics::ResolveResult;
+use crate::metrics::{ResolveResult, ShedReason};
 use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::nixbloom::Probe;
 use crate::proto::signature::verify_narinfo;
@@ -18,6 +18,7 @@ use crate::race::{
 };
 use crate::route::{Cached, RouteEntry};
 use crate::serve::After;
+use crate::upstream::limits::LimitError;
 use crate::upstream::{filter, RacePlan, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
 
@@ -127,6 +128,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(%hash, error = %e, "narinfo race refused");
+            let reason = match e {
+                LimitError::QueueFull => ShedReason::QueueFull,
+                LimitError::Timeout => ShedReason::WaitTimeout,
+            };
+            ctx.metrics.shed[reason as usize].inc();
             return Resolved::Overloaded;
         }
     };

@@ -32,8 +32,13 @@
 //! - [`s3`]: S3 upstreams against a real Garage server (with the real Nix
 //!   client) and against a fake S3 for the 403 rules.
 
+//! - [`crash`]: the route database under SIGKILL, an unopenable path, a
+//!   read-only and a full file system.
+//! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
+
 mod bench;
 mod cli;
+mod crash;
 mod discovery;
 mod e2e_nix;
 mod endpoints;
@@ -47,6 +52,7 @@ mod logging;
 mod mesh;
 mod metrics;
 mod nar;
+mod overload;
 mod routing;
 mod s3;
 mod server;
