@@ -13,7 +13,8 @@ use crate::config::{env::ProcessEnv, Config, LogFormat};
 use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
 use crate::route::persist::{self, WriterConfig, WriterHandle};
-use crate::route::RouteTable;
+use crate::route::reader::BodyReader;
+use crate::route::{LoadReport, RouteTable};
 use crate::upstream::{UpstreamSet, Upstreams};
 use crate::worker::{self, ListenSource, SharedState};
 
@@ -225,6 +226,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         resolver.clone(),
         tls.clone(),
     );
+    prober.follow_routes(routes.clone());
     install_health_metrics(&metrics, &routing, &upstreams);
     let mut cache_info = crate::proto::cache_info::render(
         crate::proto::store_path::STORE_DIR,
@@ -397,44 +399,63 @@ fn install_health_metrics(
 
 type Writer = Option<(WriterHandle, std::thread::JoinHandle<()>)>;
 
-/// Opens the route database, loads every live route into memory, and starts
-/// the writer thread; also returns the persisted health rows. Routes whose
-/// upstream is gone or whose filters now refuse them are dropped (here and
-/// in the database). A database that cannot be opened degrades to
-/// memory-only routing with a loud log rather than refusing to serve.
+/// Opens the route database, loads every live route into memory (bodies
+/// stay on disk, read back by the reader thread when hit), and starts the
+/// writer and reader threads; also returns the persisted health rows.
+/// Routes whose upstream is gone are dropped (here and in the database);
+/// filters are checked again when a body is read back. A database that
+/// cannot be opened degrades to memory-only routing with a loud log rather
+/// than refusing to serve.
 fn open_routes(
     cfg: &Config,
     upstreams: &UpstreamSet,
 ) -> anyhow::Result<(Arc<RouteTable>, Writer, Vec<persist::HealthRow>)> {
     let c = &cfg.cache;
     let started = std::time::Instant::now();
-    match persist::open_and_load(&c.db_path, persist::unix_now()) {
-        Ok((mut loaded, db)) => {
-            let refused = upstreams.recheck_routes(&mut loaded.routes);
-            let wcfg = WriterConfig {
-                max_entries: c.max_entries,
-                ..WriterConfig::default()
-            };
-            let (handle, thread) = persist::spawn_writer(db, wcfg);
-            let table = RouteTable::new(c.max_entries, Some(handle.clone()));
-            let (n, neg, skipped) = (loaded.routes.len(), loaded.negatives.len(), loaded.skipped);
-            table.load(loaded.routes, loaded.negatives);
-            for hash in &refused {
-                // A refusal is counted by the writer; the route is gone from memory anyway.
-                let _ = handle.try_write(persist::WriteOp::Remove(*hash));
-            }
-            tracing::info!(db = %c.db_path, routes = n, negatives = neg, skipped, refused = refused.len(), ms = started.elapsed().as_millis() as u64, "route database loaded");
-            Ok((Arc::new(table), Some((handle, thread)), loaded.health))
-        }
+    let urls: Vec<Arc<str>> = upstreams.list.iter().map(|u| u.url.clone()).collect();
+    let memory_only = || {
+        RouteTable::new(c.max_entries, urls.clone(), None)
+            .with_slot_capacity(upstreams.capacity())
+            .with_narinfo_memory(c.narinfo_memory)
+    };
+    let db = match persist::open(&c.db_path) {
+        Ok(db) => db,
         Err(e) => {
             tracing::error!(db = %c.db_path, error = %e, "cannot open the route database; routing from memory only, nothing will persist");
-            Ok((
-                Arc::new(RouteTable::new(c.max_entries, None)),
-                None,
-                Vec::new(),
-            ))
+            return Ok((Arc::new(memory_only()), None, Vec::new()));
+        }
+    };
+    let health = db.load_health().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read persisted upstream health; starting fresh");
+        Vec::new()
+    });
+    let table = memory_only();
+    let report = table.load(&db, persist::unix_now()).unwrap_or_else(|e| {
+        tracing::error!(db = %c.db_path, error = %e, "cannot load routes from the database; starting with an empty route table");
+        LoadReport::default()
+    });
+    let (handle, thread) = persist::spawn_writer(
+        db,
+        WriterConfig {
+            max_entries: c.max_entries,
+            ..WriterConfig::default()
+        },
+    );
+    for hash in &report.refused {
+        // A refusal is counted by the writer; the route is not in memory anyway.
+        let _ = handle.try_write(persist::WriteOp::Remove(*hash));
+    }
+    let mut table = table.with_writer(handle.clone());
+    if c.db_path != ":memory:" {
+        match BodyReader::spawn(&c.db_path) {
+            Ok((reader, _detached)) => table = table.with_reader(reader),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the route database reader; routes whose narinfo is not in memory are raced again")
+            }
         }
     }
+    tracing::info!(db = %c.db_path, routes = report.routes, negatives = report.negatives, skipped = report.skipped, refused = report.refused.len(), ms = started.elapsed().as_millis() as u64, "route database loaded");
+    Ok((Arc::new(table), Some((handle, thread)), health))
 }
 
 /// One TLS client configuration for all workers: web PKI roots plus every

@@ -108,6 +108,8 @@ pub struct UpstreamConfig {
 pub struct CacheConfig {
     pub db_path: String,
     pub max_entries: usize,
+    /// Bytes of narinfo bodies kept in memory (`narinfo_memory_mb`).
+    pub narinfo_memory: u64,
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub latency_alpha: f64,
@@ -448,6 +450,9 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
     if c.max_entries <= 0 {
         return Err(invalid("cache.max_entries must be positive"));
     }
+    if c.narinfo_memory_mb <= 0 {
+        return Err(invalid("cache.narinfo_memory_mb must be positive"));
+    }
     if !(c.latency_alpha > 0.0 && c.latency_alpha < 1.0) {
         return Err(invalid(format!(
             "cache.latency_alpha must be between 0 and 1 exclusive, got {}",
@@ -472,6 +477,7 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
     Ok(CacheConfig {
         db_path,
         max_entries: c.max_entries as usize,
+        narinfo_memory: (c.narinfo_memory_mb as u64).saturating_mul(1 << 20),
         ttl: positive("cache.ttl", c.ttl.0)?,
         negative_ttl: positive("cache.negative_ttl", c.negative_ttl.0)?,
         latency_alpha: c.latency_alpha,

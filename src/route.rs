@@ -1,27 +1,60 @@
 //! HOT read side of the route table: which upstream answered a store hash,
-//! with the narinfo bytes to serve again, shared by every worker thread.
+//! shared by every worker thread.
 //!
-//! Lookups are one sharded quick_cache read (no SQLite, no allocation, no
-//! logging). Writes update the cache and hand a copy of the `Arc` to the
-//! writer thread in [`persist`], which is the only code that touches SQLite.
-//! quick_cache has no TTL, so every slot carries its absolute expiry and a
-//! lookup that finds an expired slot treats it as a miss and removes it.
+//! Three sharded quick_caches, sized so that a million routes fit in a few
+//! hundred megabytes:
+//!
+//! - `routes`: packed store hash (20 bytes) → expiry, upstream slot and
+//!   the slot's generation (8 bytes), for every route and negative entry;
+//! - `nars`: 128-bit keyed hash of a NAR URL → the upstream that served its
+//!   narinfo;
+//! - `bodies`: the narinfo bytes to answer a hit with, bounded in bytes
+//!   (`cache.narinfo_memory_mb`) rather than in routes. A route whose body
+//!   fell out (or was never read, after a restart) is [`Cached::Cold`]: its
+//!   body is read back from the database by the reader thread in
+//!   [`reader`], never by the worker, and kept again.
+//!
+//! Upstreams are named by their slot in the upstream set (append-only;
+//! discovery may give a retired slot to another URL). The table keeps each
+//! slot's URL and a generation that moves on when the URL changes
+//! ([`RouteTable::assign`], called before such a set is published), so a
+//! reused slot never serves the routes of the URL that held it before.
+//!
+//! Lookups take one shard read lock per cache and allocate nothing. Writes
+//! update the caches and queue a copy for the writer thread in [`persist`],
+//! the only code that writes SQLite. quick_cache has no TTL, so every slot
+//! carries its absolute expiry and a lookup that finds an expired slot
+//! treats it as a miss and removes it.
+//!
+//! Why bodies are not all in memory: narinfos are 500–800 bytes, so a
+//! million of them alone exceed a 300 MB budget, while the routing data
+//! takes about 110 bytes per route. ncro 2.2 kept 1,024 routes in memory
+//! and read every other hit from SQLite on the request path; here the hot
+//! set stays in memory and only a cold hit pays for a read (tens of
+//! microseconds, on another thread), still without asking an upstream.
 
 pub mod persist;
+pub mod reader;
+#[cfg(test)]
+mod tests;
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use quick_cache::sync::Cache;
+use quick_cache::Weighter;
 
-use crate::proto::store_path::StoreHash;
-use persist::{WriteOp, WriterHandle};
+use crate::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
+use persist::{Db, PersistError, StoredRoute, WriteOp, WriterHandle};
+use reader::BodyReader;
 
-/// A route: the upstream that served `<hash>.narinfo`, and what it served.
-/// One allocation per route (inside its `Arc`) plus the three byte buffers;
-/// `upstream` is shared by every route to the same upstream.
+/// Memory for narinfo bodies when the configuration does not say.
+pub const DEFAULT_NARINFO_MEMORY: u64 = 64 << 20;
+
+/// A route as a race found it: what is stored in the database, and what the
+/// table keeps of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteEntry {
     /// Upstream URL as configured; it is the identity of an upstream.
@@ -29,7 +62,7 @@ pub struct RouteEntry {
     /// Served as is on hits; clones share the buffer, never copy it.
     /// Build it with `Bytes::copy_from_slice` (exact size): a slice of a
     /// larger read buffer would keep the whole buffer alive for as long as
-    /// the route lives.
+    /// the body stays cached.
     pub narinfo: Bytes,
     /// The narinfo `URL` field, leading '/' stripped, query kept.
     pub nar_url: Box<str>,
@@ -56,27 +89,121 @@ pub fn nar_key(nar_url: &str) -> &str {
     s.split_once('?').map_or(s, |(key, _)| key)
 }
 
+/// A live route with its narinfo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    /// The upstream's slot in the upstream set.
+    pub upstream: usize,
+    pub narinfo: Bytes,
+}
+
 /// Answer of [`RouteTable::get`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Cached {
-    Hit(Arc<RouteEntry>),
+    Hit(Hit),
+    /// A live route whose narinfo is not in memory: read it with
+    /// [`RouteTable::read_body`] (off the worker thread) before answering.
+    Cold {
+        upstream: usize,
+    },
     /// No upstream had it recently; answer 404 without racing.
     Negative,
 }
 
-#[derive(Clone)]
-enum Slot {
-    Route(Arc<RouteEntry>),
-    Negative { expires_at: u64 },
+/// A store hash packed into the 20 bytes its 32 base-32 characters carry
+/// (any bijection will do; this is not Nix's byte order).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct RouteKey([u8; 20]);
+
+const fn digit_table() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[NIX_BASE32_ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+}
+
+static DIGIT: [u8; 256] = digit_table();
+
+impl RouteKey {
+    #[inline]
+    fn of(hash: &StoreHash) -> RouteKey {
+        let mut out = [0u8; 20];
+        // 8 characters of 5 bits fill 5 bytes exactly.
+        for (chars, bytes) in hash.as_bytes().chunks_exact(8).zip(out.chunks_exact_mut(5)) {
+            let v = chars
+                .iter()
+                .fold(0u64, |v, &c| v << 5 | u64::from(DIGIT[usize::from(c)]));
+            bytes.copy_from_slice(&v.to_be_bytes()[3..]);
+        }
+        RouteKey(out)
+    }
+
+    /// The store hash this key was packed from.
+    fn hash(&self) -> StoreHash {
+        let mut chars = [0u8; 32];
+        for (bytes, out) in self.0.chunks_exact(5).zip(chars.chunks_exact_mut(8)) {
+            let mut v = [0u8; 8];
+            v[3..].copy_from_slice(bytes);
+            let v = u64::from_be_bytes(v);
+            for (i, c) in out.iter_mut().enumerate() {
+                *c = NIX_BASE32_ALPHABET[(v >> (5 * (7 - i)) & 31) as usize];
+            }
+        }
+        StoreHash::parse(&chars).expect("a packed key unpacks to base-32")
+    }
+}
+
+/// `upstream` value of a negative entry.
+const NEGATIVE: u16 = u16::MAX;
+
+/// 8 bytes per route: unix seconds fit in u32 until 2106 (later expiries
+/// are clamped, which only shortens a route that would outlive the process).
+/// `gen` is the generation of the upstream slot when the route was stored:
+/// a slot given to another URL since no longer serves the route.
+#[derive(Clone, Copy)]
+struct Slot {
+    expires_at: u32,
+    upstream: u16,
+    gen: u16,
 }
 
 impl Slot {
-    fn expires_at(&self) -> u64 {
-        match self {
-            Slot::Route(e) => e.expires_at,
-            Slot::Negative { expires_at } => *expires_at,
+    #[inline]
+    fn live(self, now: u64) -> bool {
+        u64::from(self.expires_at) > now
+    }
+}
+
+/// Which URL an upstream slot names, and how many times it changed (wraps
+/// after 65,536 reassignments of one slot; a route that old has long expired
+/// in practice).
+struct SlotName {
+    url: RwLock<Option<Arc<str>>>,
+    gen: AtomicU16,
+}
+
+impl SlotName {
+    fn new(url: Option<Arc<str>>) -> Self {
+        SlotName {
+            url: RwLock::new(url),
+            gen: AtomicU16::new(0),
         }
     }
+}
+
+/// A narinfo body and what the mesh merge rule compares a peer's route with
+/// (unknown for a body read back from the database).
+#[derive(Clone)]
+struct Body {
+    narinfo: Bytes,
+    merit: Option<(f32, u64)>,
+}
+
+fn secs32(t: u64) -> u32 {
+    t.min(u64::from(u32::MAX)) as u32
 }
 
 /// The NAR index is keyed by a 128-bit keyed hash of the NAR key instead of
@@ -87,17 +214,24 @@ impl Slot {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct NarKey(u64, u64);
 
+/// Weight of a cached body: its bytes plus what holding it costs besides
+/// (cache slot, `Bytes` header and allocation), so the budget is in RSS.
 #[derive(Clone)]
-struct NarSlot {
-    upstream: Arc<str>,
-    expires_at: u64,
+struct BodyWeight;
+
+const BODY_OVERHEAD: u64 = 96;
+
+impl Weighter<RouteKey, Body> for BodyWeight {
+    fn weight(&self, _: &RouteKey, body: &Body) -> u64 {
+        body.narinfo.len() as u64 + BODY_OVERHEAD
+    }
 }
 
 /// The NAR index keeps no ghost slots (quick_cache's memory of recently
 /// evicted keys, which costs a full slot each): a NAR key only comes back
 /// when its route is inserted again, and the route cache already keeps
-/// ghosts for that decision. This saves about 28 bytes per route.
-fn nar_index(max_entries: usize) -> Cache<NarKey, NarSlot> {
+/// ghosts for that decision.
+fn nar_index(max_entries: usize) -> Cache<NarKey, Slot> {
     let options = quick_cache::OptionsBuilder::new()
         .estimated_items_capacity(max_entries)
         .weight_capacity(max_entries as u64)
@@ -112,14 +246,35 @@ fn nar_index(max_entries: usize) -> Cache<NarKey, NarSlot> {
     )
 }
 
+fn body_cache(bytes: u64) -> Cache<RouteKey, Body, BodyWeight> {
+    let bytes = bytes.max(BODY_OVERHEAD + 1);
+    let items = (bytes / 700).clamp(16, 1 << 24) as usize;
+    Cache::with_weighter(items, bytes, BodyWeight)
+}
+
+/// Counters of the cold path, for `/metrics`.
+#[derive(Default)]
+struct ColdStats {
+    disk_reads: AtomicU64,
+    disk_misses: AtomicU64,
+}
+
 /// Routes and negative entries shared by all workers (`Arc<RouteTable>`).
 pub struct RouteTable {
-    routes: Cache<StoreHash, Slot>,
-    nars: Cache<NarKey, NarSlot>,
+    routes: Cache<RouteKey, Slot>,
+    nars: Cache<NarKey, Slot>,
+    bodies: Cache<RouteKey, Body, BodyWeight>,
     nar_hashers: (RandomState, RandomState),
+    /// The URL of every upstream slot (`UpstreamSet` slot order, sized for
+    /// its capacity); a route's `upstream` indexes this.
+    names: Box<[SlotName]>,
     max_entries: usize,
     /// None when routes are not persisted (no database configured, tests).
     writer: Option<WriterHandle>,
+    /// None without a database file (memory-only routing, `:memory:`): a
+    /// route whose body fell out of memory is then raced again.
+    reader: Option<BodyReader>,
+    cold: ColdStats,
     /// Routes this node's races learned, for mesh gossip; set once at
     /// start when the mesh is enabled. The control thread drains it.
     learned: OnceLock<flume::Sender<Learned>>,
@@ -130,10 +285,25 @@ pub struct RouteTable {
 /// A route as it reaches the gossip feed.
 pub type Learned = (StoreHash, Arc<RouteEntry>);
 
+/// What [`RouteTable::load`] read.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LoadReport {
+    pub routes: usize,
+    pub negatives: usize,
+    /// Unexpired rows that cannot be served: no narinfo stored (rows from
+    /// ncro 2.2 before it stored them) or malformed.
+    pub skipped: usize,
+    /// Routes to upstreams no longer configured: not loaded, to be removed
+    /// from the database.
+    pub refused: Vec<StoreHash>,
+}
+
 impl RouteTable {
     /// `max_entries` bounds routes and negative entries together (quick_cache
-    /// holds it approximately, per shard).
-    pub fn new(max_entries: usize, writer: Option<WriterHandle>) -> Self {
+    /// holds it approximately, per shard). `upstreams` are the URLs of the
+    /// upstream slots taken at start, in slot order; see
+    /// [`Self::with_slot_capacity`] and [`Self::assign`] for the others.
+    pub fn new(max_entries: usize, upstreams: Vec<Arc<str>>, writer: Option<WriterHandle>) -> Self {
         let max_entries = max_entries.max(1);
         let routes = Cache::new(max_entries);
         let nars = nar_index(max_entries);
@@ -146,12 +316,51 @@ impl RouteTable {
         RouteTable {
             routes,
             nars,
+            bodies: body_cache(DEFAULT_NARINFO_MEMORY),
             nar_hashers: (RandomState::new(), RandomState::new()),
+            names: upstreams
+                .into_iter()
+                .map(|u| SlotName::new(Some(u)))
+                .collect(),
             max_entries,
             writer,
+            reader: None,
+            cold: ColdStats::default(),
             learned: OnceLock::new(),
             learned_dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Makes room for `capacity` upstream slots (the upstream set's
+    /// capacity: configured plus discovered), so that routes won by a
+    /// discovered upstream are kept too.
+    pub fn with_slot_capacity(mut self, capacity: usize) -> Self {
+        let mut names = std::mem::take(&mut self.names).into_vec();
+        // NEGATIVE is reserved; nobody runs 65,535 upstreams.
+        let capacity = capacity.min(usize::from(NEGATIVE));
+        names.resize_with(capacity.max(names.len()), || SlotName::new(None));
+        self.names = names.into();
+        self
+    }
+
+    /// Upstream slot `slot` now names `url` (a discovered upstream joined,
+    /// or took over a retired slot). When the URL changes, every route and
+    /// NAR hint stored for the slot's previous URL stops being served.
+    pub fn assign(&self, slot: usize, url: &Arc<str>) {
+        let Some(name) = self.names.get(slot) else {
+            return;
+        };
+        let mut held = name.url.write().unwrap_or_else(|e| e.into_inner());
+        if held.as_deref() != Some(&**url) {
+            *held = Some(url.clone());
+            name.gen.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The URL upstream slot `slot` names for the table.
+    pub fn slot_url(&self, slot: usize) -> Option<Arc<str>> {
+        let name = self.names.get(slot)?;
+        name.url.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Starts feeding every route [`Self::insert`] stores to the returned
@@ -167,24 +376,51 @@ impl RouteTable {
         self.learned_dropped.load(Ordering::Relaxed)
     }
 
+    /// Bounds the memory for narinfo bodies (bytes, overhead included).
+    pub fn with_narinfo_memory(mut self, bytes: u64) -> Self {
+        self.bodies = body_cache(bytes);
+        self
+    }
+
+    /// Persists every change through `writer` from now on.
+    pub fn with_writer(mut self, writer: WriterHandle) -> Self {
+        self.writer = Some(writer);
+        self
+    }
+
+    /// Reads bodies that are not in memory from the database.
+    pub fn with_reader(mut self, reader: BodyReader) -> Self {
+        self.reader = Some(reader);
+        self
+    }
+
     /// The live route or negative entry for `hash` at `now` (unix seconds).
     #[inline]
     pub fn get(&self, hash: &StoreHash, now: u64) -> Option<Cached> {
-        let slot = self.routes.get(hash)?;
-        if slot.expires_at() > now {
-            return Some(match slot {
-                Slot::Route(e) => Cached::Hit(e),
-                Slot::Negative { .. } => Cached::Negative,
-            });
+        let key = RouteKey::of(hash);
+        let slot = self.routes.get(&key)?;
+        if !self.holds(slot, now) {
+            // Re-checked under the shard lock: another worker may have stored
+            // a fresh slot since our read, and that one must stay.
+            self.routes.remove_if(&key, |s| !self.holds(*s, now));
+            return None;
         }
-        // Re-checked under the shard lock: another worker may have stored a
-        // fresh slot since our read, and that one must stay.
-        self.routes.remove_if(hash, |s| s.expires_at() <= now);
-        None
+        if slot.upstream == NEGATIVE {
+            return Some(Cached::Negative);
+        }
+        let upstream = usize::from(slot.upstream);
+        Some(match self.bodies.get(&key) {
+            Some(body) => Cached::Hit(Hit {
+                upstream,
+                narinfo: body.narinfo,
+            }),
+            None => Cached::Cold { upstream },
+        })
     }
 
     /// Stores a route (replacing any slot for `hash`), indexes its NAR and
-    /// queues it for persistence and, with the mesh on, for gossip.
+    /// queues it for persistence and, with the mesh on, for gossip. A route
+    /// to a URL no upstream slot names (any more) is not kept.
     pub fn insert(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
         if let Some(feed) = self.learned.get() {
             // Never waits: a full feed only means a peer hears of this
@@ -203,60 +439,111 @@ impl RouteTable {
     }
 
     fn store(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
-        self.index_nar(&entry);
-        match &self.writer {
-            Some(w) => {
-                self.routes.insert(hash, Slot::Route(entry.clone()));
-                self.enqueue(w, WriteOp::Route(hash, entry));
-            }
-            None => self.routes.insert(hash, Slot::Route(entry)),
+        let Some((upstream, gen)) = self.upstream_index(&entry.upstream) else {
+            return;
+        };
+        let key = RouteKey::of(&hash);
+        // Body first: a reader that sees the new slot finds its body.
+        let body = Body {
+            narinfo: entry.narinfo.clone(),
+            merit: Some((entry.latency_ms, entry.verified_at)),
+        };
+        self.bodies.insert(key, body);
+        let slot = Slot {
+            expires_at: secs32(entry.expires_at),
+            upstream,
+            gen,
+        };
+        self.put(key, slot, entry.nar_key());
+        if let Some(w) = &self.writer {
+            self.enqueue(w, WriteOp::Route(hash, entry));
         }
     }
 
     /// Remembers that no upstream has `hash` until `expires_at`.
     pub fn insert_negative(&self, hash: StoreHash, expires_at: u64) {
-        self.routes.insert(hash, Slot::Negative { expires_at });
+        let slot = Slot {
+            expires_at: secs32(expires_at),
+            upstream: NEGATIVE,
+            gen: 0,
+        };
+        self.routes.insert(RouteKey::of(&hash), slot);
         if let Some(w) = &self.writer {
             self.enqueue(w, WriteOp::Negative(hash, expires_at));
         }
     }
 
     /// Forgets `hash` (e.g. its upstream no longer serves it), here and in
-    /// the database. Its NAR index entry goes too if it still points to the
-    /// same upstream.
+    /// the database. Its NAR index entry stays: it expires with the route
+    /// and at worst sends one NAR request to an upstream that answers 404.
     pub fn remove(&self, hash: &StoreHash) {
-        if let Some((_, Slot::Route(e))) = self.routes.remove(hash) {
-            let key = self.nar_index_key(e.nar_key());
-            self.nars.remove_if(&key, |n| n.upstream == e.upstream);
-        }
+        let key = RouteKey::of(hash);
+        self.routes.remove(&key);
+        self.bodies.remove(&key);
         if let Some(w) = &self.writer {
             self.enqueue(w, WriteOp::Remove(*hash));
         }
     }
 
-    /// The upstream that served the narinfo naming this NAR, if still live.
-    /// `nar_key` comes from [`nar_key`].
+    /// Reads the narinfo of a [`Cached::Cold`] route from the database, on
+    /// the reader thread. `None` when there is no database, the reader is
+    /// saturated, or the stored row no longer names `upstream` (a newer
+    /// race replaced it, or it expired): the caller then races.
+    pub async fn read_body(&self, hash: &StoreHash, upstream: usize) -> Option<Bytes> {
+        let reader = self.reader.as_ref()?;
+        let url = self.slot_url(upstream)?;
+        let body = reader.read(*hash, url).await;
+        let counter = match body {
+            Some(_) => &self.cold.disk_reads,
+            None => &self.cold.disk_misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        body
+    }
+
+    /// Keeps a body read by [`read_body`](Self::read_body) in memory.
+    pub fn keep_body(&self, hash: &StoreHash, narinfo: Bytes) {
+        let body = Body {
+            narinfo,
+            merit: None,
+        };
+        self.bodies.insert(RouteKey::of(hash), body);
+    }
+
+    /// Latency (ms) and verification time of the route for `hash`, when
+    /// its body is in memory and came from a race or a peer (for the mesh
+    /// merge rule).
+    pub fn merit(&self, hash: &StoreHash) -> Option<(f32, u64)> {
+        self.bodies.get(&RouteKey::of(hash))?.merit
+    }
+
+    /// The upstream (index) that served the narinfo naming this NAR, if
+    /// still live. `nar_key` comes from [`nar_key`].
     #[inline]
-    pub fn nar_upstream(&self, nar_key: &str, now: u64) -> Option<Arc<str>> {
+    pub fn nar_upstream(&self, nar_key: &str, now: u64) -> Option<usize> {
         let key = self.nar_index_key(nar_key);
         let slot = self.nars.get(&key)?;
-        if slot.expires_at > now {
-            return Some(slot.upstream);
+        if self.serves(slot, now) {
+            return Some(usize::from(slot.upstream));
         }
-        self.nars.remove_if(&key, |s| s.expires_at <= now);
+        self.nars.remove_if(&key, |s| !self.serves(*s, now));
         None
     }
 
-    /// Sends requests for the NAR `nar_key` to `upstream` until
-    /// `expires_at`, without a route (a debuginfo record naming a NAR of
-    /// the cache that served it). Memory only: the hint is not persisted.
-    pub fn pin_nar(&self, nar_key: &str, upstream: Arc<str>, expires_at: u64) {
+    /// Sends requests for the NAR `nar_key` to upstream slot `upstream`
+    /// until `expires_at`, without a route (a debuginfo record naming a NAR
+    /// of the cache that served it). Memory only: the hint is not persisted.
+    pub fn pin_nar(&self, nar_key: &str, upstream: usize, expires_at: u64) {
+        let Some(name) = self.names.get(upstream) else {
+            return;
+        };
         if nar_key.is_empty() {
             return;
         }
-        let slot = NarSlot {
-            upstream,
-            expires_at,
+        let slot = Slot {
+            expires_at: secs32(expires_at),
+            upstream: upstream as u16,
+            gen: name.gen.load(Ordering::Relaxed),
         };
         self.nars.insert(self.nar_index_key(nar_key), slot);
     }
@@ -266,10 +553,28 @@ impl RouteTable {
     pub fn route_hashes(&self, now: u64) -> impl Iterator<Item = StoreHash> + '_ {
         self.routes
             .iter()
-            .filter_map(move |(hash, slot)| match slot {
-                Slot::Route(e) if e.expires_at > now => Some(hash),
-                _ => None,
-            })
+            .filter(move |&(_, slot)| slot.upstream != NEGATIVE && self.serves(slot, now))
+            .map(|(key, _)| key.hash())
+    }
+
+    /// Whether a route or negative entry is still to be served.
+    #[inline]
+    fn holds(&self, slot: Slot, now: u64) -> bool {
+        if slot.upstream == NEGATIVE {
+            slot.live(now)
+        } else {
+            self.serves(slot, now)
+        }
+    }
+
+    /// Whether a live route or NAR hint still names its slot's URL.
+    #[inline]
+    fn serves(&self, slot: Slot, now: u64) -> bool {
+        slot.live(now)
+            && self
+                .names
+                .get(usize::from(slot.upstream))
+                .is_some_and(|n| n.gen.load(Ordering::Relaxed) == slot.gen)
     }
 
     /// Routes plus negative entries currently held (expired ones included
@@ -282,10 +587,24 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
-    /// Bytes held by the two caches' own slots and hash maps, not counting
-    /// the entries they point to (for a metrics gauge and sizing).
+    /// Bytes held by the route and NAR caches' own slots and hash maps (for
+    /// a metrics gauge and sizing); bodies are in [`Self::body_bytes`].
     pub fn structure_bytes(&self) -> usize {
         self.routes.memory_used().total() + self.nars.memory_used().total()
+    }
+
+    /// Weight of the narinfo bodies held in memory (bytes plus overhead).
+    pub fn body_bytes(&self) -> u64 {
+        self.bodies.weight()
+    }
+
+    /// Cold hits answered from the database, and cold hits it could not
+    /// answer (raced instead).
+    pub fn disk_reads(&self) -> (u64, u64) {
+        (
+            self.cold.disk_reads.load(Ordering::Relaxed),
+            self.cold.disk_misses.load(Ordering::Relaxed),
+        )
     }
 
     /// Writes refused because the writer queue was full or closed. The table
@@ -298,39 +617,65 @@ impl RouteTable {
         self.writer.as_ref()
     }
 
-    /// Fills the table at startup from what [`persist::open_and_load`]
-    /// read, without writing anything back. When there are more routes than
-    /// fit, the most recently verified are kept. Negative entries go last so
-    /// that, as in ncro 2.2, a negative entry wins over a route for the same
-    /// hash.
-    pub fn load(
-        &self,
-        mut routes: Vec<(StoreHash, Arc<RouteEntry>)>,
-        negatives: Vec<(StoreHash, u64)>,
-    ) {
-        if routes.len() > self.max_entries {
-            routes.sort_unstable_by_key(|(_, e)| std::cmp::Reverse(e.verified_at));
-            routes.truncate(self.max_entries);
-        }
-        for (hash, entry) in routes {
-            self.index_nar(&entry);
-            self.routes.insert(hash, Slot::Route(entry));
-        }
+    /// Fills the table at startup from the database, writing nothing. Bodies
+    /// stay on disk. Routes to upstreams the table does not know are left
+    /// out and listed in the report. When there are more routes than fit,
+    /// the most recently verified are kept. Negative entries go last so
+    /// that, as in ncro 2.2, a negative entry wins over a route for the
+    /// same hash.
+    pub fn load(&self, db: &Db, now: u64) -> Result<LoadReport, PersistError> {
+        let mut report = LoadReport::default();
+        let mut last: Option<(Arc<str>, u16, u16)> = None;
+        let mut sink = |hash: StoreHash, row: StoredRoute<'_>| {
+            // Rows come in runs of a few upstreams: try the last match first.
+            let found = match &last {
+                Some((url, i, gen)) if **url == *row.upstream => Some((*i, *gen)),
+                _ => self.upstream_index(row.upstream),
+            };
+            let Some((upstream, gen)) = found else {
+                report.refused.push(hash);
+                return false;
+            };
+            last = Some((row.upstream.into(), upstream, gen));
+            let slot = Slot {
+                expires_at: secs32(row.expires_at),
+                upstream,
+                gen,
+            };
+            self.put(RouteKey::of(&hash), slot, nar_key(row.nar_url));
+            report.routes += 1;
+            true
+        };
+        let skipped = db.load_routes(now, self.max_entries, &mut sink)?;
+        let (negatives, bad) = db.load_negatives(now)?;
+        report.skipped = skipped + bad;
+        report.negatives = negatives.len();
         for (hash, expires_at) in negatives {
-            self.routes.insert(hash, Slot::Negative { expires_at });
+            let slot = Slot {
+                expires_at: secs32(expires_at),
+                upstream: NEGATIVE,
+                gen: 0,
+            };
+            self.routes.insert(RouteKey::of(&hash), slot);
         }
+        Ok(report)
     }
 
-    fn index_nar(&self, entry: &RouteEntry) {
-        let key = entry.nar_key();
-        if key.is_empty() {
-            return;
+    fn put(&self, key: RouteKey, slot: Slot, nar_key: &str) {
+        if !nar_key.is_empty() {
+            self.nars.insert(self.nar_index_key(nar_key), slot);
         }
-        let slot = NarSlot {
-            upstream: entry.upstream.clone(),
-            expires_at: entry.expires_at,
-        };
-        self.nars.insert(self.nar_index_key(key), slot);
+        self.routes.insert(key, slot);
+    }
+
+    /// The slot naming `url` and its generation, read together so that a
+    /// concurrent [`Self::assign`] cannot pair one URL with another's
+    /// generation. Linear: a few dozen slots, and only on the miss path.
+    fn upstream_index(&self, url: &str) -> Option<(u16, u16)> {
+        self.names.iter().enumerate().find_map(|(i, name)| {
+            let held = name.url.read().unwrap_or_else(|e| e.into_inner());
+            (held.as_deref() == Some(url)).then(|| (i as u16, name.gen.load(Ordering::Relaxed)))
+        })
     }
 
     fn nar_index_key(&self, key: &str) -> NarKey {
@@ -348,231 +693,5 @@ impl RouteTable {
         // would put a log call on the request path exactly when the disk is
         // slow.
         let _queued = w.try_write(op);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hash(i: u8) -> StoreHash {
-        let mut s = *b"0mdqa9w1p6cmli6976v4wi0sw9r4p5pr";
-        s[0] = crate::proto::store_path::NIX_BASE32_ALPHABET[usize::from(i % 32)];
-        StoreHash::parse(&s).unwrap()
-    }
-
-    fn entry(upstream: &str, nar_url: &str, expires_at: u64) -> Arc<RouteEntry> {
-        Arc::new(RouteEntry {
-            upstream: upstream.into(),
-            narinfo: Bytes::from_static(b"StorePath: /nix/store/x\n"),
-            nar_url: nar_url.into(),
-            nar_hash: "sha256:abc".into(),
-            nar_size: 1,
-            expires_at,
-            verified_at: 1,
-            latency_ms: 1.0,
-        })
-    }
-
-    fn hit(c: Option<Cached>) -> Option<Arc<RouteEntry>> {
-        match c {
-            Some(Cached::Hit(e)) => Some(e),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn shared_across_threads() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        assert_send_sync::<RouteTable>();
-        assert_send_sync::<WriterHandle>();
-    }
-
-    #[test]
-    fn hit_until_expiry_then_miss_and_removed() {
-        let t = RouteTable::new(100, None);
-        let e = entry("https://a", "nar/x.nar.xz", 100);
-        t.insert(hash(1), e.clone());
-        let got = hit(t.get(&hash(1), 99)).unwrap();
-        assert!(Arc::ptr_eq(&got, &e), "a hit shares the entry, no copy");
-        assert_eq!(t.len(), 1);
-        assert!(t.get(&hash(1), 100).is_none());
-        assert_eq!(t.len(), 0, "expired slot removed on lookup");
-        assert!(t.get(&hash(2), 0).is_none());
-    }
-
-    #[test]
-    fn negative_entries_expire_and_are_replaced_by_routes() {
-        let t = RouteTable::new(100, None);
-        t.insert_negative(hash(1), 50);
-        assert!(matches!(t.get(&hash(1), 49), Some(Cached::Negative)));
-        assert!(t.get(&hash(1), 50).is_none());
-        t.insert_negative(hash(2), 50);
-        t.insert(hash(2), entry("https://a", "nar/y", 80));
-        assert_eq!(&*hit(t.get(&hash(2), 60)).unwrap().upstream, "https://a");
-    }
-
-    #[test]
-    fn insert_replaces_existing_route() {
-        let t = RouteTable::new(100, None);
-        t.insert(hash(1), entry("https://a", "nar/x", 100));
-        t.insert(hash(1), entry("https://b", "nar/x", 100));
-        assert_eq!(&*hit(t.get(&hash(1), 0)).unwrap().upstream, "https://b");
-        assert_eq!(t.len(), 1);
-        assert_eq!(t.nar_upstream("nar/x", 0).as_deref(), Some("https://b"));
-    }
-
-    #[test]
-    fn raced_routes_reach_the_learned_feed_and_peer_routes_do_not() {
-        let t = RouteTable::new(100, None);
-        t.insert(hash(1), entry("https://a", "nar/x", 100)); // before the feed
-        let feed = t.learned_feed(2).unwrap();
-        assert!(t.learned_feed(2).is_none(), "one feed only");
-        t.insert(hash(2), entry("https://a", "nar/y", 100));
-        t.insert_from_peer(hash(3), entry("https://a", "nar/z", 100));
-        assert!(hit(t.get(&hash(3), 0)).is_some(), "peer routes are served");
-        assert_eq!(t.nar_upstream("nar/z", 0).as_deref(), Some("https://a"));
-        t.insert(hash(4), entry("https://a", "nar/w", 100));
-        t.insert(hash(5), entry("https://a", "nar/v", 100)); // feed full
-        let got: Vec<StoreHash> = feed.drain().map(|(h, _)| h).collect();
-        assert_eq!(got, [hash(2), hash(4)]);
-        assert_eq!(t.learned_dropped(), 1);
-        assert!(
-            hit(t.get(&hash(5), 0)).is_some(),
-            "a full feed never loses the route"
-        );
-    }
-
-    #[test]
-    fn nar_key_strips_leading_slash_and_query() {
-        assert_eq!(nar_key("nar/abc.nar.xz"), "nar/abc.nar.xz");
-        assert_eq!(nar_key("/nar/abc.nar.xz?hash=1&x=2"), "nar/abc.nar.xz");
-        assert_eq!(nar_key("nar/abc.nar?"), "nar/abc.nar");
-        assert_eq!(nar_key(""), "");
-    }
-
-    #[test]
-    fn nar_index_follows_routes_and_expiry() {
-        let t = RouteTable::new(100, None);
-        t.insert(hash(1), entry("https://a", "nar/abc.nar.xz?token=t", 100));
-        assert_eq!(
-            t.nar_upstream(nar_key("/nar/abc.nar.xz"), 99).as_deref(),
-            Some("https://a")
-        );
-        assert!(t.nar_upstream("nar/other.nar.xz", 0).is_none());
-        assert!(t.nar_upstream("nar/abc.nar.xz", 100).is_none(), "expired");
-        assert!(t.nar_upstream("nar/abc.nar.xz", 0).is_none(), "and removed");
-        // Routes without a URL field are not indexed.
-        t.insert(hash(2), entry("https://a", "", 100));
-        assert!(t.nar_upstream("", 0).is_none());
-    }
-
-    #[test]
-    fn pinned_nar_is_routed_until_expiry() {
-        let t = RouteTable::new(100, None);
-        t.pin_nar("nar/dbg.nar.xz", "https://b".into(), 50);
-        assert_eq!(
-            t.nar_upstream("nar/dbg.nar.xz", 49).as_deref(),
-            Some("https://b")
-        );
-        assert!(t.nar_upstream("nar/dbg.nar.xz", 50).is_none(), "expired");
-        assert!(t.is_empty(), "a pin is no route");
-        t.pin_nar("", "https://b".into(), 50);
-        assert!(t.nar_upstream("", 0).is_none());
-    }
-
-    #[test]
-    fn remove_forgets_route_and_its_nar() {
-        let (w, rx) = WriterHandle::detached(16);
-        let t = RouteTable::new(100, Some(w));
-        t.insert(hash(1), entry("https://a", "nar/x", 100));
-        t.insert(hash(2), entry("https://b", "nar/y", 100));
-        t.remove(&hash(1));
-        t.remove(&hash(2));
-        assert!(t.get(&hash(1), 0).is_none());
-        assert!(t.nar_upstream("nar/x", 0).is_none());
-        assert!(t.nar_upstream("nar/y", 0).is_none());
-        let ops: Vec<_> = rx.drain().collect();
-        assert!(
-            matches!(ops[2], WriteOp::Remove(h) if h == hash(1)),
-            "persisted too"
-        );
-        assert_eq!(ops.len(), 4);
-    }
-
-    #[test]
-    fn remove_keeps_nar_entry_owned_by_another_upstream() {
-        let t = RouteTable::new(100, None);
-        t.insert(hash(1), entry("https://a", "nar/x", 100));
-        t.insert(hash(2), entry("https://b", "nar/x", 100));
-        t.remove(&hash(1));
-        assert_eq!(t.nar_upstream("nar/x", 0).as_deref(), Some("https://b"));
-    }
-
-    #[test]
-    fn writes_are_queued_and_a_full_queue_drops_without_blocking() {
-        let (w, rx) = WriterHandle::detached(2);
-        let t = RouteTable::new(100, Some(w));
-        t.insert(hash(1), entry("https://a", "nar/x", 100));
-        t.insert_negative(hash(2), 100);
-        t.insert(hash(3), entry("https://a", "nar/z", 100)); // queue full
-        assert_eq!(t.dropped_writes(), 1);
-        // The table itself is still right.
-        assert!(hit(t.get(&hash(3), 0)).is_some());
-        assert!(matches!(t.get(&hash(2), 0), Some(Cached::Negative)));
-        let ops: Vec<_> = rx.drain().collect();
-        assert!(matches!(&ops[0], WriteOp::Route(h, e) if *h == hash(1) && &*e.nar_url == "nar/x"));
-        assert!(matches!(ops[1], WriteOp::Negative(h, 100) if h == hash(2)));
-        assert_eq!(RouteTable::new(1, None).dropped_writes(), 0);
-    }
-
-    #[test]
-    fn route_hashes_lists_live_routes_only() {
-        let t = RouteTable::new(100, None);
-        t.insert(hash(1), entry("https://a", "nar/x", 100));
-        t.insert(hash(2), entry("https://a", "nar/y", 50));
-        t.insert_negative(hash(3), 100);
-        let mut got: Vec<_> = t.route_hashes(60).collect();
-        got.sort();
-        assert_eq!(got, [hash(1)]);
-        assert_eq!(t.route_hashes(0).count(), 2);
-    }
-
-    #[test]
-    fn stays_near_max_entries() {
-        let t = RouteTable::new(1000, None);
-        for i in 0..5000u32 {
-            let mut s = [b'0'; 32];
-            for (k, b) in s.iter_mut().rev().take(4).enumerate() {
-                *b = crate::proto::store_path::NIX_BASE32_ALPHABET[((i >> (5 * k)) & 31) as usize];
-            }
-            t.insert(
-                StoreHash::parse(&s).unwrap(),
-                entry("https://a", "nar/x", 100),
-            );
-        }
-        assert!(t.len() <= 1100, "{}", t.len());
-        assert!(t.len() >= 900, "{}", t.len());
-    }
-
-    #[test]
-    fn load_fills_without_writing_and_negatives_win() {
-        let (w, rx) = WriterHandle::detached(16);
-        let t = RouteTable::new(2, Some(w));
-        let mut routes = Vec::new();
-        for (i, verified) in [(1u8, 30u64), (2, 10), (3, 20)] {
-            let mut e = (*entry("https://a", "nar/n", 100)).clone();
-            e.verified_at = verified;
-            e.nar_url = format!("nar/{i}").into();
-            routes.push((hash(i), Arc::new(e)));
-        }
-        t.load(routes, vec![(hash(3), 100)]);
-        assert!(rx.is_empty(), "loading writes nothing back");
-        // Over capacity: the least recently verified (hash 2) is left out.
-        assert!(hit(t.get(&hash(1), 0)).is_some());
-        assert!(t.get(&hash(2), 0).is_none());
-        assert!(t.nar_upstream("nar/2", 0).is_none());
-        assert!(matches!(t.get(&hash(3), 0), Some(Cached::Negative)));
-        assert_eq!(t.nar_upstream("nar/1", 0).as_deref(), Some("https://a"));
     }
 }

@@ -334,9 +334,9 @@ impl Conn {
         let keep = keep && !ctx.drain.is_fired();
         let status = narinfo::status_of(&resolved);
         match resolved {
-            narinfo::Resolved::Found(entry) => {
+            narinfo::Resolved::Found(hit) => {
                 ctx.metrics.narinfo_ok.inc();
-                self.ok(ctx, keep, head, b"text/x-nix-narinfo", &entry.narinfo);
+                self.ok(ctx, keep, head, b"text/x-nix-narinfo", &hit.narinfo);
                 if keep {
                     After::KeepAlive
                 } else {

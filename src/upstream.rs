@@ -23,9 +23,7 @@ use crate::config::{Config, UpstreamKind};
 use crate::http::client::Origin;
 use crate::proto::narinfo::NarInfo;
 use crate::proto::signature::PublicKey;
-use crate::proto::store_path::StoreHash;
 use crate::race::Candidate;
-use crate::route::RouteEntry;
 use filter::FilterRule;
 use health::HealthSnapshot;
 use limits::Limits;
@@ -128,31 +126,14 @@ impl UpstreamSet {
         self.list.iter().map(|u| u.priority).collect()
     }
 
-    /// Whether a route loaded from the database may still be served under
-    /// the current configuration: its upstream is still configured (or
-    /// discovered and live) and its
-    /// filters (which may have changed since the route was stored) accept
-    /// the narinfo.
-    pub fn still_routes(&self, entry: &RouteEntry) -> bool {
-        let Some(up) = self.index_of(&entry.upstream).and_then(|i| self.live(i)) else {
+    /// Whether upstream `i`'s filters (which may have changed since the
+    /// route was stored) accept a narinfo read back from the database.
+    pub fn accepts_stored(&self, i: usize, narinfo: &[u8]) -> bool {
+        let Some(up) = self.live(i) else {
             return false;
         };
         up.filters.is_empty()
-            || NarInfo::parse(&entry.narinfo).is_ok_and(|info| filter::allows(&up.filters, &info))
-    }
-
-    /// Drops the routes [`Self::still_routes`] refuses; returns their hashes
-    /// so the caller can forget them in the database too.
-    pub fn recheck_routes(&self, routes: &mut Vec<(StoreHash, Arc<RouteEntry>)>) -> Vec<StoreHash> {
-        let mut dropped = Vec::new();
-        routes.retain(|(hash, e)| {
-            let keep = self.still_routes(e);
-            if !keep {
-                dropped.push(*hash);
-            }
-            keep
-        });
-        dropped
+            || NarInfo::parse(narinfo).is_ok_and(|info| filter::allows(&up.filters, &info))
     }
 }
 
@@ -266,6 +247,13 @@ impl Routing {
         let down = snap.any_down() || self.recycled.load(Ordering::Relaxed);
         self.health.store(Arc::new(snap));
         self.any_down.store(down, Ordering::Relaxed);
+    }
+
+    /// Whether any upstream is DOWN (or a slot was reused): only then can
+    /// [`Self::route_is_down`] say yes. One relaxed load.
+    #[inline]
+    pub fn any_down(&self) -> bool {
+        self.any_down.load(Ordering::Relaxed)
     }
 
     /// Whether a cached route names a DOWN upstream (and so must be raced

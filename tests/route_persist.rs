@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ncro::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
-use ncro::route::persist::{open_and_load, spawn_writer, unix_now, WriterConfig};
+use ncro::route::persist::{open, open_and_load, spawn_writer, unix_now, WriterConfig};
 use ncro::route::{RouteEntry, RouteTable};
 
 /// Set in the child: the database path it writes to.
@@ -153,8 +153,8 @@ fn child_writer_loop(path: &str, first: u64) {
         batch_max: 256,
     };
     let (writer, _join) = spawn_writer(db, cfg);
-    let table = RouteTable::new(1 << 20, Some(writer.clone()));
     let upstream: Arc<str> = Arc::from("https://cache.example");
+    let table = RouteTable::new(1 << 20, vec![upstream.clone()], Some(writer.clone()));
     let mut out = std::io::stdout().lock();
     for chunk in 0..200_000u64 {
         let start = first + chunk * 7;
@@ -183,25 +183,26 @@ fn rss_bytes() -> u64 {
 #[ignore = "measurement: run alone in release"]
 fn measure_route_table_memory() {
     const N: u64 = 1_000_000;
-    const NARINFO: usize = 100;
+    const NARINFO: usize = 550;
     let upstream: Arc<str> = Arc::from("https://cache.example");
     let before = rss_bytes();
-    let table = RouteTable::new(N as usize, None);
+    let table = RouteTable::new(N as usize, vec![upstream.clone()], None);
     let empty = rss_bytes();
     for i in 0..N {
         table.insert(hash(i), Arc::new(entry(i, &upstream, NARINFO)));
     }
     let after = rss_bytes();
-    let per = (after - before) as f64 / N as f64;
+    let routing = (after - before) as f64 - table.body_bytes() as f64;
     println!(
         "route table: {} entries held of {N}; empty table {:.1} MB; cache slots and maps \
-         {:.1} MB; RSS delta {:.1} MB; {per:.0} bytes/entry with a {NARINFO}-byte narinfo \
-         ({:.0} bytes/entry besides the narinfo)",
+         {:.1} MB; narinfo bodies {:.1} MB (bounded); RSS delta {:.1} MB; {:.0} bytes/route \
+         besides the bodies",
         table.len(),
         (empty - before) as f64 / 1e6,
         table.structure_bytes() as f64 / 1e6,
+        table.body_bytes() as f64 / 1e6,
         (after - before) as f64 / 1e6,
-        per - NARINFO as f64,
+        routing / N as f64,
     );
     assert!(table.len() as u64 > N * 9 / 10);
     // Steady state: as many again, so half are evicted and ghosts fill up.
@@ -212,7 +213,7 @@ fn measure_route_table_memory() {
     let per_steady = (steady - before) as f64 / table.len() as f64;
     println!(
         "after {} inserts: {} held; cache slots and maps {:.1} MB; RSS delta {:.1} MB; \
-         {per_steady:.0} bytes/entry held",
+         {per_steady:.0} bytes/entry held, bodies included",
         2 * N,
         table.len(),
         table.structure_bytes() as f64 / 1e6,
@@ -220,27 +221,26 @@ fn measure_route_table_memory() {
     );
     // A sanity bound far above the measurement, so a regression that doubles
     // the per-entry cost shows up.
-    assert!(per_steady < 1000.0, "{per_steady} bytes/entry");
+    assert!(per_steady < 400.0, "{per_steady} bytes/entry");
 }
 
 #[test]
 #[ignore = "measurement: run alone in release"]
 fn measure_load_one_million_rows() {
     let n: u64 = std::env::var("NCRO_LOAD_ROWS").map_or(1_000_000, |v| v.parse().unwrap());
-    let narinfo: usize = std::env::var("NCRO_LOAD_NARINFO").map_or(700, |v| v.parse().unwrap());
+    let narinfo: usize = std::env::var("NCRO_LOAD_NARINFO").map_or(550, |v| v.parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("routes.db");
     let path = path.to_str().unwrap();
     let upstreams: Vec<Arc<str>> = (0..4).map(|u| Arc::from(format!("https://c{u}"))).collect();
 
-    let (_, db) = open_and_load(path, 0).unwrap();
     let cfg = WriterConfig {
         max_entries: n as usize,
         batch_max: 4096,
         ..WriterConfig::default()
     };
-    let (writer, join) = spawn_writer(db, cfg);
-    let table = RouteTable::new(n as usize, Some(writer.clone()));
+    let (writer, join) = spawn_writer(open(path).unwrap(), cfg);
+    let table = RouteTable::new(n as usize, upstreams.clone(), Some(writer.clone()));
     let t = Instant::now();
     for i in 0..n {
         table.insert(
@@ -260,19 +260,19 @@ fn measure_load_one_million_rows() {
     drop(table);
     let size = std::fs::metadata(path).unwrap().len();
 
+    let before = rss_bytes();
     let t = Instant::now();
-    let (loaded, _db) = open_and_load(path, 1).unwrap();
+    let db = open(path).unwrap();
+    let table = RouteTable::new(n as usize, upstreams, None);
+    let report = table.load(&db, 1).unwrap();
     let load_s = t.elapsed().as_secs_f64();
-    assert_eq!(loaded.routes.len() as u64, n);
-    let table = RouteTable::new(n as usize, None);
-    let t = Instant::now();
-    table.load(loaded.routes, loaded.negatives);
-    let fill_s = t.elapsed().as_secs_f64();
+    assert_eq!(report.routes as u64, n);
     println!(
         "{n} routes, {narinfo}-byte narinfos, db {:.0} MB: writer {:.0} rows/s ({write_s:.1} s); \
-         open_and_load {load_s:.2} s; RouteTable::load {fill_s:.2} s; {} held",
+         open + RouteTable::load {load_s:.2} s; {} held; RSS delta {:.1} MB",
         size as f64 / 1e6,
         n as f64 / write_s,
-        table.len()
+        table.len(),
+        (rss_bytes() - before) as f64 / 1e6,
     );
 }

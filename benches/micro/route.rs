@@ -24,7 +24,7 @@ struct Fixture {
 
 static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let upstream: Arc<str> = Arc::from("https://cache.nixos.org");
-    let table = RouteTable::new(ROUTES * 2, None);
+    let table = RouteTable::new(ROUTES * 2, vec![upstream.clone()], None);
     let mut map = HashMap::with_capacity(ROUTES);
     let mut hashes = Vec::with_capacity(ROUTES);
     for i in 0..ROUTES as u64 {
@@ -112,10 +112,10 @@ struct InsertFixture {
 }
 
 static INSERT: LazyLock<InsertFixture> = LazyLock::new(|| {
-    let plain = RouteTable::new(ROUTES * 2, None);
-    let fed = RouteTable::new(ROUTES * 2, None);
-    let feed = fed.learned_feed(1 << 16).expect("first feed");
     let upstream: Arc<str> = Arc::from("https://cache.nixos.org");
+    let plain = RouteTable::new(ROUTES * 2, vec![upstream.clone()], None);
+    let fed = RouteTable::new(ROUTES * 2, vec![upstream.clone()], None);
+    let feed = fed.learned_feed(1 << 16).expect("first feed");
     let text = crate::fake_base32(7, 32);
     InsertFixture {
         plain,

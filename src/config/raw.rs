@@ -132,6 +132,9 @@ pub struct RawCache {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_path: Option<String>,
     pub max_entries: i64,
+    /// MiB of narinfo bodies kept in memory; the rest are read back from
+    /// the database when hit.
+    pub narinfo_memory_mb: i64,
     pub ttl: Dur,
     pub negative_ttl: Dur,
     pub latency_alpha: f64,
@@ -143,6 +146,7 @@ impl Default for RawCache {
         RawCache {
             db_path: None,
             max_entries: 100_000,
+            narinfo_memory_mb: 64,
             ttl: secs(3600),
             negative_ttl: secs(600),
             latency_alpha: 0.3,

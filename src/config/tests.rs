@@ -30,6 +30,7 @@ fn embedded_default_matches_code_defaults() {
         vec!["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=".to_string()]
     );
     assert_eq!(c.cache.max_entries, 100_000);
+    assert_eq!(c.cache.narinfo_memory, 64 << 20);
     assert_eq!(c.cache.ttl, Duration::from_secs(3600));
     assert_eq!(c.timeouts.idle, c.server.read_timeout);
 }
@@ -87,6 +88,7 @@ fn invalid_values_name_the_key() {
         ("[server]\nread_timeout = \"0s\"\n", "server.read_timeout must be positive"),
         ("[cache]\nlatency_alpha = 1.0\n", "cache.latency_alpha must be between 0 and 1 exclusive"),
         ("[cache]\nmax_entries = 0\n", "cache.max_entries must be positive"),
+        ("[cache]\nnarinfo_memory_mb = 0\n", "cache.narinfo_memory_mb must be positive"),
         ("[cache.mass_query]\nmax_concurrent_races = 0\n", "cache.mass_query.max_concurrent_races must be >= 1"),
         ("upstreams = []\n", "at least one upstream is required"),
         ("[[upstreams]]\nurl = \"\"\n", "upstream[0]: URL is empty"),

@@ -26,6 +26,7 @@ use crate::control::Job;
 use crate::http::client::{ClientTimeouts, LocalClient, Origin, Request};
 use crate::http::resolve::Resolver;
 use crate::route::persist::{HealthRow, WriteOp, WriterHandle};
+use crate::route::RouteTable;
 use crate::upstream::health::{HealthSnapshot, ProbeResult, State, UpstreamHealth};
 use crate::upstream::slots::Slot;
 use crate::upstream::{Routing, Sample, UpstreamSet, Upstreams};
@@ -66,6 +67,9 @@ pub struct Prober {
     /// logged, so an unchanged refusal is logged once.
     noted: std::collections::HashSet<String>,
     table: Vec<UpstreamHealth>,
+    /// Told of every slot (re)assignment before the set naming it is
+    /// published, so a reused slot never serves its old URL's routes.
+    routes: Option<Arc<RouteTable>>,
     writer: Option<WriterHandle>,
     resolver: Resolver,
     tls: Arc<rustls::ClientConfig>,
@@ -113,6 +117,7 @@ pub fn setup(
         discovered: None,
         noted: Default::default(),
         table,
+        routes: None,
         writer,
         resolver,
         tls,
@@ -204,6 +209,12 @@ async fn recv_or_pending<T>(rx: Option<&flume::Receiver<T>>) -> Result<T, flume:
 }
 
 impl Prober {
+    /// Keeps `routes`' upstream slots in step with the sets this prober
+    /// publishes.
+    pub fn follow_routes(&mut self, routes: Arc<RouteTable>) {
+        self.routes = Some(routes);
+    }
+
     pub fn into_job(self) -> Job {
         Box::new(move || Box::pin(self.run()))
     }

@@ -107,10 +107,19 @@ pub fn adopt(
     }
     let latency = r.latency_ema as f32;
     let verified_at = u64::try_from(r.last_verified).unwrap_or(0).min(now);
-    if let Some(Cached::Hit(have)) = local.routes.get(&hash, now) {
-        if !wins(latency, verified_at, &have) {
-            return Err(Skip::NotBetter);
+    match local.routes.get(&hash, now) {
+        Some(Cached::Hit(_) | Cached::Cold { .. }) => {
+            // A local route whose merit is unknown (its body was read back
+            // from the database) is kept: it was verified here.
+            let better = local
+                .routes
+                .merit(&hash)
+                .is_some_and(|(l, v)| wins(latency, verified_at, l, v));
+            if !better {
+                return Err(Skip::NotBetter);
+            }
         }
+        Some(Cached::Negative) | None => {}
     }
     let entry = RouteEntry {
         upstream: up.url.clone(),
@@ -129,10 +138,11 @@ pub fn adopt(
 /// The merge rule. Compared at the precision routes are stored with
 /// (f32), so a route that comes back unchanged is never "better" than
 /// itself.
-pub fn wins(latency: f32, verified_at: u64, have: &RouteEntry) -> bool {
-    match latency.total_cmp(&have.latency_ms) {
+/// `have_latency` and `have_verified` are the local route's.
+pub fn wins(latency: f32, verified_at: u64, have_latency: f32, have_verified: u64) -> bool {
+    match latency.total_cmp(&have_latency) {
         std::cmp::Ordering::Less => true,
-        std::cmp::Ordering::Equal => verified_at > have.verified_at,
+        std::cmp::Ordering::Equal => verified_at > have_verified,
         std::cmp::Ordering::Greater => false,
     }
 }

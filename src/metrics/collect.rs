@@ -526,4 +526,20 @@ fn state_families(b: &mut Builder) {
         "Routes stored in the SQLite database.",
         w.stored_routes(),
     ));
+    b.out.push(gauge(
+        "ncro_route_narinfo_memory_bytes",
+        "Memory held by cached narinfo bodies (bounded by cache.narinfo_memory_mb).",
+        g.routes.body_bytes(),
+    ));
+    let (reads, misses) = g.routes.disk_reads();
+    b.out.push(counter(
+        "ncro_route_narinfo_disk_reads_total",
+        "Route-cache hits whose narinfo was read back from the database.",
+        reads,
+    ));
+    b.out.push(counter(
+        "ncro_route_narinfo_disk_misses_total",
+        "Route-cache hits whose narinfo could not be read back (raced instead).",
+        misses,
+    ));
 }

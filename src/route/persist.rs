@@ -65,6 +65,8 @@ pub enum PersistError {
     NotWal { path: String, mode: String },
     #[error("the route database writer thread has stopped")]
     WriterClosed,
+    #[error("cannot start the route database {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
 }
 
 /// One `upstream_health` row.
@@ -76,11 +78,11 @@ pub struct HealthRow {
     pub total_queries: u64,
 }
 
-/// What startup reads back from the database.
+/// Every live row in full, as [`open_and_load`] reads it back: for tests and
+/// tools. The server does not hold this; it streams the routing columns
+/// into the route table ([`Db::load_routes`]) and leaves bodies on disk.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Unexpired routes. Already `Arc`ed so the route table takes them as is
-    /// (no second copy of a million entries at startup).
     pub routes: Vec<(StoreHash, Arc<RouteEntry>)>,
     /// Unexpired negative entries: hash and absolute expiry (unix seconds).
     pub negatives: Vec<(StoreHash, u64)>,
@@ -88,6 +90,18 @@ pub struct Loaded {
     /// Unexpired rows that cannot be served from memory: written by ncro 2.2
     /// without `narinfo_bytes`, or malformed.
     pub skipped: usize,
+}
+
+/// Routes read back in full, with their hashes.
+pub type FullRoutes = Vec<(StoreHash, Arc<RouteEntry>)>;
+
+/// The routing columns of one stored route, borrowed from the row.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredRoute<'a> {
+    pub upstream: &'a str,
+    /// As stored: the narinfo `URL` field, leading '/' stripped.
+    pub nar_url: &'a str,
+    pub expires_at: u64,
 }
 
 /// An open database. Move it to the writer with [`spawn_writer`].
@@ -105,13 +119,32 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Opens (creating or migrating as needed) the database at `path` and loads
-/// every unexpired route, negative entry and health row.
+/// Opens (creating or migrating as needed) the database at `path`.
+pub fn open(path: &str) -> Result<Db, PersistError> {
+    Db::open(path)
+}
+
+/// Opens the database at `path` and reads every unexpired row in full.
 pub fn open_and_load(path: &str, now: u64) -> Result<(Loaded, Db), PersistError> {
     let db = Db::open(path)?;
-    let loaded = db.load(now).map_err(|e| db.err("load", e))?;
+    let (routes, skipped) = db.read_routes(now).map_err(|e| db.err("load", e))?;
+    let (negatives, bad) = db.load_negatives(now)?;
+    let loaded = Loaded {
+        routes,
+        negatives,
+        health: db.load_health()?,
+        skipped: skipped + bad,
+    };
     Ok((loaded, db))
 }
+
+/// Covers the startup scan: every column [`Db::load_routes`] reads, so the
+/// scan walks this index (about 150 bytes a row) instead of the table,
+/// whose rows carry the narinfo (500-800 bytes). Measured on 1M routes:
+/// 0.14 s of CPU against 1.5 s. An extra index is invisible to ncro 2.2,
+/// which keeps it up to date like any other when it writes the file.
+const LOAD_INDEX: &str = "CREATE INDEX IF NOT EXISTS idx_routes_load ON routes \
+    (ttl, store_path, upstream_url, nar_url, last_verified, length(narinfo_bytes))";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS routes (
@@ -186,6 +219,10 @@ impl Db {
             c.execute_batch("ALTER TABLE routes ADD COLUMN narinfo_bytes BLOB")
                 .map_err(|e| ("add narinfo_bytes", e))?;
         }
+        // After the migration: the index covers narinfo_bytes' length. Built
+        // once on a file from ncro 2.2 (about 4 s per million rows).
+        c.execute_batch(LOAD_INDEX)
+            .map_err(|e| ("create load index", e))?;
         self.route_count = c
             .query_row("SELECT COUNT(*) FROM routes", [], |r| r.get::<_, i64>(0))
             .map_err(|e| ("count routes", e))? as u64;
@@ -212,50 +249,114 @@ impl Db {
         self.route_count
     }
 
-    fn load(&self, now: u64) -> rusqlite::Result<Loaded> {
-        let now = to_i64(now);
-        let mut out = Loaded {
-            routes: Vec::with_capacity(self.route_count as usize),
-            ..Loaded::default()
+    /// Streams the routing columns of every unexpired route with a stored
+    /// narinfo into `sink` until it has accepted `limit` of them (the most
+    /// recently verified first when there are more rows than that). Returns
+    /// how many unexpired rows were skipped: no narinfo stored, or malformed.
+    pub fn load_routes(
+        &self,
+        now: u64,
+        limit: usize,
+        sink: &mut dyn FnMut(StoreHash, StoredRoute<'_>) -> bool,
+    ) -> Result<usize, PersistError> {
+        self.scan_routes(now, limit, sink)
+            .map_err(|e| self.err("load routes", e))
+    }
+
+    fn scan_routes(
+        &self,
+        now: u64,
+        limit: usize,
+        sink: &mut dyn FnMut(StoreHash, StoredRoute<'_>) -> bool,
+    ) -> rusqlite::Result<usize> {
+        // Ordering costs a sort of every row, so only when some must be left out.
+        let order = if self.route_count > limit as u64 {
+            "ORDER BY last_verified DESC"
+        } else {
+            ""
         };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT store_path, upstream_url, nar_url, ttl, length(narinfo_bytes) \
+             FROM routes INDEXED BY idx_routes_load WHERE ttl > ?1 {order}"
+        ))?;
+        let mut rows = stmt.query([to_i64(now)])?;
+        let (mut loaded, mut skipped) = (0usize, 0usize);
+        while let Some(row) = rows.next()? {
+            let route = (|| {
+                let hash = StoreHash::parse(text(row, 0)?.as_bytes())?;
+                let stored = StoredRoute {
+                    upstream: text(row, 1)?,
+                    nar_url: text(row, 2)?,
+                    expires_at: int(row, 3)?,
+                };
+                (int(row, 4)? > 0).then_some((hash, stored))
+            })();
+            match route {
+                Some(_) if loaded >= limit => break,
+                Some((hash, stored)) => loaded += usize::from(sink(hash, stored)),
+                None => skipped += 1,
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// Every unexpired route in full (narinfo included), and the number of
+    /// unexpired rows skipped. Reads the whole table: tests and tools only.
+    pub fn read_routes(&self, now: u64) -> rusqlite::Result<(FullRoutes, usize)> {
         let mut stmt = self.conn.prepare(
             "SELECT store_path, upstream_url, latency_ms, last_verified, ttl, \
              nar_hash, nar_size, nar_url, narinfo_bytes FROM routes WHERE ttl > ?1",
         )?;
         // Every route names one of a handful of upstreams: share one Arc each.
         let mut upstreams: HashSet<Arc<str>> = HashSet::new();
-        let mut rows = stmt.query([now])?;
+        let mut rows = stmt.query([to_i64(now)])?;
+        let (mut out, mut skipped) = (Vec::new(), 0);
         while let Some(row) = rows.next()? {
             match decode_route(row, &mut upstreams) {
-                Some(route) => out.routes.push(route),
-                None => out.skipped += 1,
+                Some(route) => out.push(route),
+                None => skipped += 1,
             }
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT store_path, expires_at FROM negative_cache WHERE expires_at > ?1")?;
-        let mut rows = stmt.query([now])?;
-        while let Some(row) = rows.next()? {
-            let hash = text(row, 0).and_then(|s| StoreHash::parse(s.as_bytes()));
-            match (hash, int(row, 1)) {
-                (Some(h), Some(exp)) => out.negatives.push((h, exp)),
-                _ => out.skipped += 1,
+        Ok((out, skipped))
+    }
+
+    /// Unexpired negative entries, and the number of malformed rows.
+    pub fn load_negatives(&self, now: u64) -> Result<(Vec<(StoreHash, u64)>, usize), PersistError> {
+        let run = || -> rusqlite::Result<_> {
+            let mut stmt = self.conn.prepare(
+                "SELECT store_path, expires_at FROM negative_cache WHERE expires_at > ?1",
+            )?;
+            let mut rows = stmt.query([to_i64(now)])?;
+            let (mut out, mut bad) = (Vec::new(), 0);
+            while let Some(row) = rows.next()? {
+                let hash = text(row, 0).and_then(|s| StoreHash::parse(s.as_bytes()));
+                match (hash, int(row, 1)) {
+                    (Some(h), Some(exp)) => out.push((h, exp)),
+                    _ => bad += 1,
+                }
             }
-        }
-        let mut stmt = self.conn.prepare(
-            "SELECT url, ema_latency, consecutive_fails, total_queries FROM upstream_health",
-        )?;
-        out.health = stmt
-            .query_map([], |r| {
+            Ok((out, bad))
+        };
+        run().map_err(|e| self.err("load negatives", e))
+    }
+
+    /// Every `upstream_health` row.
+    pub fn load_health(&self) -> Result<Vec<HealthRow>, PersistError> {
+        let run = || -> rusqlite::Result<_> {
+            let mut stmt = self.conn.prepare(
+                "SELECT url, ema_latency, consecutive_fails, total_queries FROM upstream_health",
+            )?;
+            let rows = stmt.query_map([], |r| {
                 Ok(HealthRow {
                     url: r.get(0)?,
                     ema_latency: r.get(1)?,
                     consecutive_fails: r.get::<_, i64>(2)?.clamp(0, u32::MAX as i64) as u32,
                     total_queries: r.get::<_, i64>(3)?.max(0) as u64,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(out)
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        };
+        run().map_err(|e| self.err("load health", e))
     }
 
     /// Applies one batch in a single transaction. `route_count` only moves

@@ -18,7 +18,6 @@ mod body;
 pub mod json;
 
 use std::io::{self, Write as _};
-use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt};
 
@@ -27,7 +26,7 @@ use crate::http::response::{write_head, write_simple, Framing};
 use crate::metrics::{BatchPath, EndpointResult};
 use crate::proto::narinfo::NarInfo;
 use crate::proto::store_path::StoreHash;
-use crate::route::RouteEntry;
+use crate::route::Hit;
 use crate::serve::narinfo::{self, Resolved};
 use crate::serve::{After, Conn};
 use crate::worker::WorkerCtx;
@@ -205,14 +204,11 @@ async fn answer(
 /// The routes found, in request order; stops at the first hash without a
 /// definite answer (the in-flight lookups are dropped, as when a client
 /// disconnects).
-async fn resolve_all(
-    ctx: &WorkerCtx,
-    hashes: &[StoreHash],
-) -> Result<Vec<Arc<RouteEntry>>, Failed> {
+async fn resolve_all(ctx: &WorkerCtx, hashes: &[StoreHash]) -> Result<Vec<Hit>, Failed> {
     let limit = CONCURRENCY
         .min(ctx.shared.config.cache.max_concurrent_races as usize)
         .max(1);
-    let mut results: Vec<Option<Arc<RouteEntry>>> = vec![None; hashes.len()];
+    let mut results: Vec<Option<Hit>> = vec![None; hashes.len()];
     let mut lookups = stream::iter(hashes.iter().copied().enumerate())
         .map(|(i, hash)| async move { (i, narinfo::answer(ctx, hash).await) })
         .buffer_unordered(limit);
@@ -243,7 +239,7 @@ async fn resolve_all(
 async fn write_lines(
     conn: &mut Conn,
     ctx: &WorkerCtx,
-    found: &[Arc<RouteEntry>],
+    found: &[Hit],
     keep: bool,
     http10: bool,
 ) -> io::Result<After> {
@@ -264,7 +260,10 @@ async fn write_lines(
             // Leaving the path out would claim it is absent: end the answer
             // unfinished instead (no last chunk), which the client sees as
             // a failed transfer.
-            tracing::error!(upstream = %entry.upstream, "stored narinfo cannot be rendered as JSON");
+            tracing::error!(
+                upstream = entry.upstream,
+                "stored narinfo cannot be rendered as JSON"
+            );
             ctx.metrics.endpoint_finished(METRIC, EndpointResult::Error);
             return Ok(After::Close);
         };

@@ -120,17 +120,20 @@ async fn respond(
 /// store hash is live, unless that upstream is DOWN.
 fn routed(ctx: &WorkerCtx, target: &Target) -> Option<usize> {
     let hash = target.route?;
-    let entry = match ctx.shared.routes.get(&hash, unix_now())? {
-        crate::route::Cached::Hit(e) => e,
+    let upstream = match ctx.shared.routes.get(&hash, unix_now())? {
+        crate::route::Cached::Hit(h) => h.upstream,
+        // The narinfo body is not needed here, only where it came from.
+        crate::route::Cached::Cold { upstream } => upstream,
         // A definite narinfo miss says nothing about logs: Hydra keeps the
         // logs of builds whose outputs it never uploaded.
         crate::route::Cached::Negative => return None,
     };
+    let url = ctx.shared.routes.slot_url(upstream)?;
     let upstreams = &ctx.shared.upstreams;
-    if ctx.shared.routing.route_is_down(upstreams, &entry.upstream) {
+    if ctx.shared.routing.route_is_down(upstreams, &url) {
         return None;
     }
-    upstreams.load().index_of(&entry.upstream)
+    upstreams.load().index_of(&url)
 }
 
 async fn answer(
@@ -190,17 +193,11 @@ fn pin_archive(ctx: &WorkerCtx, body: &[u8], upstream: usize) {
     };
     // Slots are append-only: the index names the same upstream in a newer
     // set unless it was retired, and then there is nothing to pin to.
-    let Some(url) = ctx
-        .shared
-        .upstreams
-        .load()
-        .live(upstream)
-        .map(|u| u.url.clone())
-    else {
+    if !ctx.shared.upstreams.load().is_live(upstream) {
         return;
-    };
+    }
     let expires_at = unix_now() + ctx.shared.config.cache.ttl.as_secs();
-    ctx.shared.routes.pin_nar(&key, url, expires_at);
+    ctx.shared.routes.pin_nar(&key, upstream, expires_at);
 }
 
 /// The NAR index key of a debuginfo record's `archive`, resolved against

@@ -69,7 +69,7 @@ pub async fn serve(
         .shared
         .routes
         .nar_upstream(key, unix_now())
-        .and_then(|u| set.index_of(&u));
+        .filter(|&i| i < set.len());
     let order = ctx
         .shared
         .routing

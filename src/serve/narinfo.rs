@@ -16,7 +16,7 @@ use crate::proto::store_path::StoreHash;
 use crate::race::{
     self, Attempt, AttemptResult, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
 };
-use crate::route::{Cached, RouteEntry};
+use crate::route::{Cached, Hit, RouteEntry};
 use crate::serve::After;
 use crate::upstream::limits::LimitError;
 use crate::upstream::{filter, RacePlan, UpstreamSet};
@@ -25,7 +25,7 @@ use crate::worker::{unix_now, WorkerCtx};
 /// What a resolution produced; shared by every request that joined it.
 #[derive(Clone, Debug)]
 pub enum Resolved {
-    Found(Arc<RouteEntry>),
+    Found(Hit),
     Miss,
     Unavailable {
         timed_out: bool,
@@ -40,19 +40,20 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     // no other upstream gives a usable answer.
     let mut stale = None;
     match ctx.shared.routes.get(&hash, unix_now()) {
-        Some(Cached::Hit(e))
-            if ctx
-                .shared
-                .routing
-                .route_is_down(&ctx.shared.upstreams, &e.upstream) =>
-        {
+        Some(Cached::Hit(h)) if route_down(ctx, h.upstream) => {
             ctx.metrics.narinfo_cache_misses.inc();
-            stale = Some(e);
+            stale = Some(h);
         }
-        Some(Cached::Hit(e)) => {
+        Some(Cached::Hit(h)) => {
             ctx.metrics.narinfo_cache_hits.inc();
-            return Resolved::Found(e);
+            return Resolved::Found(h);
         }
+        // Its narinfo is read back from disk inside the flight below, so
+        // that concurrent requests share one read.
+        Some(Cached::Cold { upstream }) if !route_down(ctx, upstream) => {
+            ctx.metrics.narinfo_cache_hits.inc();
+        }
+        Some(Cached::Cold { .. }) => ctx.metrics.narinfo_cache_misses.inc(),
         Some(Cached::Negative) => {
             ctx.metrics.narinfo_negative_hits.inc();
             return Resolved::Miss;
@@ -96,13 +97,12 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 // Another worker may have finished between our route-cache
                 // miss and taking the guard.
                 let resolved = match ctx.shared.routes.get(&hash, unix_now()) {
-                    Some(Cached::Hit(e))
-                        if !ctx
-                            .shared
-                            .routing
-                            .route_is_down(&ctx.shared.upstreams, &e.upstream) =>
-                    {
-                        Resolved::Found(e)
+                    Some(Cached::Hit(h)) if !route_down(ctx, h.upstream) => Resolved::Found(h),
+                    Some(Cached::Cold { upstream }) if !route_down(ctx, upstream) => {
+                        match cold_body(ctx, hash, upstream).await {
+                            Some(h) => Resolved::Found(h),
+                            None => resolve(ctx, hash).await,
+                        }
                     }
                     Some(Cached::Negative) => Resolved::Miss,
                     _ => resolve(ctx, hash).await,
@@ -115,6 +115,36 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             }
         }
     }
+}
+
+/// Whether a cached route's upstream is DOWN (or its slot was reused), so
+/// that the route is raced again. The slot's URL is only looked up while
+/// some upstream is DOWN.
+fn route_down(ctx: &WorkerCtx, upstream: usize) -> bool {
+    let routing = &ctx.shared.routing;
+    routing.any_down() && {
+        let url = ctx.shared.routes.slot_url(upstream);
+        routing.route_is_down(&ctx.shared.upstreams, url.as_deref().unwrap_or(""))
+    }
+}
+
+/// The narinfo of a route whose body is only on disk, read on the database
+/// reader thread. Filters are checked again: they may have changed since
+/// the route was stored (a refused route is forgotten).
+async fn cold_body(ctx: &WorkerCtx, hash: StoreHash, upstream: usize) -> Option<Hit> {
+    let routes = &ctx.shared.routes;
+    let narinfo = routes.read_body(&hash, upstream).await?;
+    if !ctx
+        .shared
+        .upstreams
+        .load()
+        .accepts_stored(upstream, &narinfo)
+    {
+        routes.remove(&hash);
+        return None;
+    }
+    routes.keep_body(&hash, narinfo.clone());
+    Some(Hit { upstream, narinfo })
 }
 
 /// Races the upstreams for `hash` and records the result in the route table.
@@ -220,8 +250,12 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 verified_at: now,
                 latency_ms: latency.as_secs_f32() * 1000.0,
             });
-            ctx.shared.routes.insert(hash, entry.clone());
-            Resolved::Found(entry)
+            let hit = Hit {
+                upstream,
+                narinfo: entry.narinfo.clone(),
+            };
+            ctx.shared.routes.insert(hash, entry);
+            Resolved::Found(hit)
         }
         Outcome::Miss => {
             // Upstreams left out (DOWN) may hold the path:

@@ -143,37 +143,29 @@ fn routes_to_down_upstreams_are_noticed_cheaply() {
     assert!(!r.route_is_down(&ups, "http://127.0.0.1:1"));
 }
 
-fn route(upstream: &str, name: &str) -> Arc<RouteEntry> {
-    let narinfo = format!(
+fn stored_narinfo(name: &str) -> String {
+    format!(
         "StorePath: /nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-{name}\nURL: nar/x.nar\n\
          NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\nNarSize: 5\n"
-    );
-    Arc::new(RouteEntry {
-        upstream: upstream.into(),
-        narinfo: narinfo.into(),
-        nar_url: "nar/x.nar".into(),
-        nar_hash: "".into(),
-        nar_size: 5,
-        expires_at: u64::MAX,
-        verified_at: 0,
-        latency_ms: 1.0,
-    })
+    )
 }
 
 #[test]
-fn loaded_routes_are_checked_against_the_current_config() {
+fn stored_narinfos_are_checked_against_the_current_filters() {
     let (_cfg, set) = setup();
-    let hash = |c: u8| StoreHash::parse(&[c; 32]).expect("hash");
-    let mut routes = vec![
-        (hash(b'0'), route("http://127.0.0.1:1", "hello")),
-        (hash(b'1'), route("http://127.0.0.1:1", "secret-key")),
-        (hash(b'2'), route("http://127.0.0.1:2", "secret-key")),
-        (hash(b'3'), route("http://removed", "hello")),
-    ];
-    let dropped = set.recheck_routes(&mut routes);
-    assert_eq!(dropped, [hash(b'1'), hash(b'3')]);
-    let kept: Vec<_> = routes.iter().map(|(h, _)| *h).collect();
-    assert_eq!(kept, [hash(b'0'), hash(b'2')], "filters are per upstream");
+    let accepts = |i: usize, name: &str| set.accepts_stored(i, stored_narinfo(name).as_bytes());
+    assert!(accepts(0, "hello"));
+    assert!(!accepts(0, "secret-key"), "upstream 0 denies secret*");
+    assert!(accepts(1, "secret-key"), "filters are per upstream");
+    assert!(!accepts(7, "hello"), "unknown upstream");
+    assert!(
+        !set.accepts_stored(0, b"not a narinfo"),
+        "unparsable under a filter"
+    );
+    assert!(
+        set.accepts_stored(1, b"not a narinfo"),
+        "no filters, nothing to check"
+    );
 }
 
 /// Not a timed assertion: prints what planning one race costs (snapshot

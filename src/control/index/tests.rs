@@ -75,7 +75,7 @@ fn hash(i: u32) -> StoreHash {
 
 #[test]
 fn published_filter_holds_every_live_route_and_nothing_else_much() {
-    let routes = Arc::new(RouteTable::new(10_000, None));
+    let routes = Arc::new(RouteTable::new(10_000, vec!["http://a".into()], None));
     let now = crate::worker::unix_now();
     for i in 0..2000 {
         routes.insert(

@@ -39,6 +39,13 @@ impl Prober {
         }
         self.noted.retain(|url| wanted.contains(url.as_str()));
         if changed {
+            if let Some(routes) = &self.routes {
+                // Before publishing: a worker that sees a reused slot must
+                // already find its old URL's routes invalid.
+                for (i, u) in next.list.iter().enumerate() {
+                    routes.assign(i, &u.url);
+                }
+            }
             let next = Arc::new(next);
             self.upstreams.publish(next.clone());
             self.set = next;

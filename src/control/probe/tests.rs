@@ -281,3 +281,45 @@ fn a_probe_answer_from_a_slots_earlier_life_is_ignored() {
     );
     assert!(ups.load().is_live(1));
 }
+
+#[test]
+fn the_route_table_follows_slot_assignments_before_they_are_published() {
+    use crate::proto::store_path::StoreHash;
+    use crate::route::{Cached, RouteEntry, RouteTable};
+    let (ups, _routing, mut prober, mut st) = discovery_prober();
+    let set = ups.load();
+    let urls = set.list.iter().map(|u| u.url.clone()).collect();
+    let routes = Arc::new(RouteTable::new(100, urls, None).with_slot_capacity(set.capacity()));
+    prober.follow_routes(routes.clone());
+    let t0 = Instant::now();
+    let route = |url: &str| {
+        Arc::new(RouteEntry {
+            upstream: url.into(),
+            narinfo: bytes::Bytes::from_static(b"x"),
+            nar_url: "".into(),
+            nar_hash: "".into(),
+            nar_size: 1,
+            expires_at: 100,
+            verified_at: 1,
+            latency_ms: 1.0,
+        })
+    };
+    let h = StoreHash::parse(b"0mdqa9w1p6cmli6976v4wi0sw9r4p5pr").unwrap();
+    let (a, b, c) = (
+        "http://10.0.0.1:80",
+        "http://10.0.0.2:80",
+        "http://10.0.0.3:80",
+    );
+    prober.reconcile(discovered(&[a, b]), &mut st, t0);
+    routes.insert(h, route(a));
+    assert!(
+        matches!(routes.get(&h, 0), Some(Cached::Hit(hit)) if hit.upstream == 1),
+        "a discovered upstream's route is kept"
+    );
+    // a goes; c then takes a's slot (every reserved slot has been used).
+    prober.reconcile(discovered(&[b]), &mut st, t0);
+    assert!(routes.get(&h, 0).is_some(), "retired, not reused: kept");
+    prober.reconcile(discovered(&[b, c]), &mut st, t0);
+    assert_eq!(ups.load().index_of(c), Some(1), "slot 1 recycled");
+    assert!(routes.get(&h, 0).is_none(), "a's route is not c's");
+}

@@ -60,10 +60,11 @@ impl Fixture {
     fn new() -> Fixture {
         let key = SecretKey::generate("cache-a-1").unwrap();
         let set = upstreams(&key);
+        let urls = set.list.iter().map(|u| u.url.clone()).collect();
         Fixture {
             key,
             set,
-            routes: RouteTable::new(100, None),
+            routes: RouteTable::new(100, urls, None),
         }
     }
 
@@ -194,18 +195,8 @@ fn merge_rule_lower_ema_wins_then_newer_verification() {
 
 #[test]
 fn wins_is_the_documented_rule() {
-    let have = RouteEntry {
-        upstream: "http://a".into(),
-        narinfo: Bytes::new(),
-        nar_url: "".into(),
-        nar_hash: "".into(),
-        nar_size: 0,
-        expires_at: 0,
-        verified_at: 100,
-        latency_ms: 10.0,
-    };
-    assert!(wins(9.0, 0, &have));
-    assert!(!wins(11.0, 1000, &have));
-    assert!(wins(10.0, 101, &have));
-    assert!(!wins(10.0, 100, &have));
+    assert!(wins(9.0, 0, 10.0, 100));
+    assert!(!wins(11.0, 1000, 10.0, 100));
+    assert!(wins(10.0, 101, 10.0, 100));
+    assert!(!wins(10.0, 100, 10.0, 100));
 }
