@@ -86,8 +86,7 @@ fn print_or_fail(written: std::io::Result<()>) -> i32 {
 /// request path logs at info (the access log is debug, target
 /// `ncro::access`).
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.logging.level)
-        .unwrap_or_else(|_| "info".into());
+    let filter = crate::config::log_filter(&cfg.logging.level).unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -510,6 +510,19 @@ pub fn default_db_path(env: &dyn env::EnvLookup) -> String {
     dir.join("routes.db").display().to_string()
 }
 
+/// The tracing filter for a validated `logging.level`. Field values in
+/// directives (`target[span{field=value}]=level`) are matched as literal
+/// text, not as regular expressions: tracing-subscriber compiles such a
+/// regex into a full DFA, and some short patterns took minutes of CPU
+/// (found by the `config` fuzz target).
+pub fn log_filter(
+    level: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(level)
+}
+
 fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
     let format = match l.format.as_str() {
         "json" => LogFormat::Json,
@@ -542,7 +555,7 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
             )));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+    log_filter(&level).map_err(|e| {
         invalid(format!(
             "logging.level {:?} is not a valid level or filter directive: {e}",
             l.level

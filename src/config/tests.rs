@@ -148,6 +148,29 @@ fn regression_log_level_with_space_and_multibyte_char_is_an_error_not_a_panic() 
     }
 }
 
+/// Found by the `config` fuzz target: with regex field values, this level
+/// kept `ncro check-config` busy for minutes compiling a DFA.
+#[test]
+fn regression_log_level_field_values_are_not_compiled_as_regexes() {
+    let level = concat!(
+        "[[[{ 21:8P0:= ::",
+        "...................................................................................",
+        "@@@@@@@@@@@@@@@@@@@@@@@@H@@@@@@@@@@@`@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@",
+        "::::|::]:= :::]:= ::}"
+    );
+    let started = std::time::Instant::now();
+    let parsed = load_str(&format!("[logging]\nlevel = \"{level}\"\n"));
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    // The outcome either way, not the time, is what a user sees.
+    if let Err(e) = parsed {
+        assert!(e.to_string().contains("logging.level"), "{e}");
+    }
+    // A literal field value still filters.
+    let c = load_str("[logging]\nlevel = \"info,ncro[conn{peer=a.b}]=debug\"\n").unwrap();
+    assert_eq!(c.logging.level, "info,ncro[conn{peer=a.b}]=debug");
+}
+
 #[test]
 fn env_overrides_apply_when_non_empty() {
     let env = MapEnv::new(&[
