@@ -93,7 +93,12 @@ fn nar_errors(o: &Outcome) -> f64 {
 fn check_failover(report: &mut Report, name: &str, o: &Outcome, every_nar: bool) {
     report.step(name, o.run.code == Some(0), &summary(&o.run), &o.run.output);
     let completed = failovers(&o.after, "completed");
-    let cuts_ok = o.cut >= 1.0 && (!every_nar || o.closure_paths == Some(o.cut));
+    // With the 1 ms cooldown most NARs go through the cutting server; a
+    // loaded machine can let the mirror (0.3 s late) or cache C win a
+    // narinfo race now and then, so not always all of them. What must hold
+    // is that several were cut and every cut was finished by failover.
+    let max = o.closure_paths.unwrap_or(0.0);
+    let cuts_ok = o.cut >= 1.0 && (!every_nar || (o.cut >= 2.0 && o.cut <= max));
     report.step(
         &format!("{name}_counted"),
         cuts_ok && completed == o.cut && nar_errors(o) == 0.0,
