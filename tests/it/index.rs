@@ -7,29 +7,16 @@
 
 mod formats;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::fake::{random_hash, FakeUpstream, FakeUpstreamBuilder, TestKey, TestPath};
 use crate::harness::{HttpConn, NcroProcess};
-use crate::metrics::{scrape, Scrape};
+use crate::metrics::{scrape, scrape_until, Scrape};
 use crate::routing::{db_dir, entry, NcroConfig};
 
-/// Polls `/metrics` until `ready` holds; panics with the last scrape.
+/// Polls `/metrics` until `ready` holds (summaries refresh asynchronously).
 fn wait_metrics(ncro: &NcroProcess, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = scrape(ncro);
-        if ready(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never happened:\n{}\n{}",
-            m.text,
-            ncro.logs()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    scrape_until(ncro, what, Duration::from_secs(20), ready)
 }
 
 /// Waits until ncro uses a summary of `url`.

@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer as _, SigningKey};
 use serde::Serialize;
@@ -92,20 +92,7 @@ fn narinfo_requests(up: &FakeUpstream) -> usize {
 
 /// Polls `/metrics` until `ready` holds (the gossip is asynchronous).
 fn scrape_until(ncro: &NcroProcess, what: &str, ready: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let m = scrape(ncro);
-        if ready(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}\n{}",
-            m.text,
-            ncro.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::metrics::scrape_until(ncro, what, WAIT, ready)
 }
 
 fn packets(m: &Scrape, result: &str) -> f64 {

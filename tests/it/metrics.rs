@@ -125,6 +125,31 @@ pub fn scrape(ncro: &NcroProcess) -> Scrape {
     Scrape::parse(&r.text())
 }
 
+/// Polls `/metrics` until `ready` holds (for work ncro does asynchronously:
+/// gossip, index refreshes); panics with the last scrape and ncro's logs
+/// after `timeout`.
+pub fn scrape_until(
+    ncro: &NcroProcess,
+    what: &str,
+    timeout: std::time::Duration,
+    ready: impl Fn(&Scrape) -> bool,
+) -> Scrape {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let m = scrape(ncro);
+        if ready(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\n{}\n{}",
+            m.text,
+            ncro.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Two upstreams in one tier: `a` has the paths (slowly), `b` answers 500
 /// at once for them and 404 otherwise.
 struct Setup {
