@@ -315,7 +315,7 @@ impl Publisher {
             .route_hashes(now)
             .map(|h| Probe::of(&h))
             .collect();
-        let mut b = BloomBuilder::new(probes.len() as u64, self.fpr);
+        let mut b = BloomBuilder::roomy(probes.len() as u64, self.fpr);
         probes.iter().for_each(|&p| b.insert(p));
         let body = b.finish().body().clone();
         let etag = format!("\"{:016x}\"", xxhash_rust::xxh64::xxh64(&body, 0));

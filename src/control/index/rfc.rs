@@ -191,7 +191,7 @@ fn build(cache: &RfcCache, fpr: f64) -> Bloom {
     let base = cache.base.as_ref().map_or(&[][..], |b| &b.1[..]);
     let adds = cache.segments.values().flat_map(|s| &s.adds);
     let n = base.len() + cache.segments.values().map(|s| s.adds.len()).sum::<usize>();
-    let mut b = BloomBuilder::new(n as u64, fpr);
+    let mut b = BloomBuilder::roomy(n as u64, fpr);
     base.iter().chain(adds).for_each(|&p| b.insert(p));
     b.finish()
 }
