@@ -372,10 +372,10 @@ lt_curl() {
     END {
       el = t1 - t0; gb = bytes / 1e9; scpu = s / hz; ucpu = u / hz; ccpu = c / hz; busy = b / hz
       ksirq = k / hz; other = busy - scpu - ucpu - ccpu - ksirq; if (other < 0) other = 0
-      printf "label=%s streams=%d transfers=%d bad=%d bytes=%.0f wall_s=%.3f MBps=%.0f stream_MBps=%.0f..%.0f server_cpu_s=%.2f cpu_s_per_GB=%.3f upstream_cpu_s=%.2f up_cpu_s_per_GB=%.3f client_cpu_s=%.2f ksoftirqd_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f max_threads=%s load1_before=%s all_cpu_s_per_GB=%.3f\n",
+      printf "label=%s streams=%d transfers=%d bad=%d bytes=%.0f wall_s=%.3f MBps=%.0f stream_MBps=%.0f..%.0f server_cpu_s=%.2f cpu_s_per_GB=%.3f upstream_cpu_s=%.2f up_cpu_s_per_GB=%.3f client_cpu_s=%.2f ksoftirqd_s=%.2f machine_busy_s=%.2f other_cpu_s=%.2f steal_s=%.2f max_threads=%s load1_before=%s all_cpu_s_per_GB=%.3f side_cpu_s_per_GB=%.3f\n",
         label, n, xfers, bad + (xfers != n * reps), bytes, el, bytes / 1e6 / el, mn, mx, scpu, (gb > 0 ? scpu / gb : 0),
         ucpu, (gb > 0 ? ucpu / gb : 0), ccpu, ksirq, busy, other, st / hz, tmax, l0,
-        (gb > 0 ? (scpu + ucpu + ccpu + ksirq) / gb : 0)
+        (gb > 0 ? (scpu + ucpu + ccpu + ksirq) / gb : 0), (gb > 0 ? (ucpu + ccpu + ksirq) / gb : 0)
     }' "$out" | tee -a "$RUN/records.txt"
 }
 

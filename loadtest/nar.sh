@@ -26,15 +26,15 @@
 # NAR to the upstream that served them, and must relay them byte-identical.
 #
 # Usage: loadtest/nar.sh [NCRO_BIN] [ROUNDS]      (default ROUNDS=5)
-# Env: CACHES (/tmp/ncro-bench/caches), SINGLE_REPS (10), STREAMS (16),
-#      MULTI_REPS (2), SMALL_DUR (5s; empty skips), TARGETS (all six),
+# Env: CACHES (/tmp/ncro-bench/caches), SINGLE_REPS (20), STREAMS (16),
+#      MULTI_REPS (3), SMALL_DUR (5s; empty skips), TARGETS (all six),
 #      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18680).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 NCRO=$(lt_ncro_bin "${1:-}")
 ROUNDS=${2:-5}
 CACHES=${CACHES:-/tmp/ncro-bench/caches}
-SINGLE_REPS=${SINGLE_REPS:-10}; STREAMS=${STREAMS:-16}; MULTI_REPS=${MULTI_REPS:-2}
+SINGLE_REPS=${SINGLE_REPS:-20}; STREAMS=${STREAMS:-16}; MULTI_REPS=${MULTI_REPS:-3}
 SMALL_DUR=${SMALL_DUR-5s}
 TARGETS=${TARGETS:-"direct nginx-proxy uring-copy uring-splice epoll-copy epoll-splice"}
 BASEPORT=${BASEPORT:-18680}
@@ -205,17 +205,18 @@ ratio_cell() { # A B KIND KEY
   echo "(includes io-wq threads). Medians with (min–max) over rounds."
   echo "Quiet check before the batch: $(tail -1 "$RUN/load.txt")"
   echo
-  echo "| target | 1 stream MB/s | proxy CPU s/GB | all CPU s/GB | $STREAMS streams MB/s | proxy CPU s/GB | all CPU s/GB | max threads | small req/s | p99 ms | proxy CPU µs/req |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| target | 1 stream MB/s | proxy CPU s/GB | CPU 1 s/GB | all CPU s/GB | $STREAMS streams MB/s | proxy CPU s/GB | CPU 1 s/GB | all CPU s/GB | max threads | small req/s | p99 ms | proxy CPU µs/req |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for t in $TARGETS; do
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
-      "$(lt_stat "^$t-s1-r" MBps)" "$(lt_stat "^$t-s1-r" cpu_s_per_GB)" "$(lt_stat "^$t-s1-r" all_cpu_s_per_GB)" \
-      "$(lt_stat "^$t-s$STREAMS-r" MBps)" "$(lt_stat "^$t-s$STREAMS-r" cpu_s_per_GB)" "$(lt_stat "^$t-s$STREAMS-r" all_cpu_s_per_GB)" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
+      "$(lt_stat "^$t-s1-r" MBps)" "$(lt_stat "^$t-s1-r" cpu_s_per_GB)" "$(lt_stat "^$t-s1-r" side_cpu_s_per_GB)" "$(lt_stat "^$t-s1-r" all_cpu_s_per_GB)" \
+      "$(lt_stat "^$t-s$STREAMS-r" MBps)" "$(lt_stat "^$t-s$STREAMS-r" cpu_s_per_GB)" "$(lt_stat "^$t-s$STREAMS-r" side_cpu_s_per_GB)" "$(lt_stat "^$t-s$STREAMS-r" all_cpu_s_per_GB)" \
       "$(lt_stat "^$t-s$STREAMS-r" max_threads)" \
       "$(lt_stat "^$t-small-r" rps)" "$(lt_stat "^$t-small-r" p99_ms)" "$(lt_stat "^$t-small-r" us_cpu_per_req)"
   done
   echo
-  echo "proxy CPU: the proxy's own (ncro, or the nginx-proxy master and worker; 0 for direct). all CPU: proxy + upstream nginx + clients + ksoftirqd per GB, the fair"
+  echo "proxy CPU: the proxy's own (ncro, or the nginx-proxy master and worker; 0 for direct). CPU 1: upstream nginx + clients + ksoftirqd per GB,"
+  echo "the work on the CPU that bounds a loopback transfer (the clients' receive copy is there). all CPU: proxy + CPU 1, the fair"
   echo "total on loopback, where the kernel charges the receive-side copy to whichever process runs it."
   echo
   echo "Ratios, median (per round):"
