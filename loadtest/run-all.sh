@@ -9,6 +9,7 @@
 #   nar.sh          NAR relay 1 and 16 streams vs direct and nginx proxy_pass, CPU per GB,
 #                   copy and splice on both drivers, 1 MiB NAR req/s
 #   footprint.sh    1M routes (load time, RSS), 10k idle connections (RSS)
+#   nar-profile.sh  perf samples per GB on the clients' CPU by relay mode (if perf works)
 #
 # Usage: loadtest/run-all.sh [NCRO_BIN]
 # The binary is copied first, so a build during the run cannot replace it.
@@ -32,7 +33,7 @@ if [ "${QUICK:-}" = 1 ]; then
   HIT=(2s 1); MISS=(1 2s); NAR=(1); export SINGLE_REPS=2 MULTI_REPS=1 SMALL_DUR=2s
   export ROUTES=${ROUTES:-100000} HITS=20000 IDLE_CONNS=2000 HERD_ROUNDS=5
 else
-  HIT=(10s 2); MISS=(3 4s); NAR=(2); export SINGLE_REPS=5 MULTI_REPS=1 SMALL_DUR=3s
+  HIT=(10s 2); MISS=(3 4s); NAR=(5); export SINGLE_REPS=20 MULTI_REPS=3 SMALL_DUR=3s
 fi
 
 # part NAME SCRIPT ARGS...: runs a part with its run folder inside ours.
@@ -47,6 +48,10 @@ part narinfo-hit "$LT_DIR/narinfo-hit.sh" "$NCRO" "${HIT[@]}"
 part miss "$LT_DIR/miss.sh" "$NCRO" "${MISS[@]}"
 part nar "$LT_DIR/nar.sh" "$NCRO" "${NAR[@]}"
 part footprint "$LT_DIR/footprint.sh" "$NCRO"
+# Evidence for the NAR rows (docs/benchmarks.md), where perf can sample.
+if command -v perf > /dev/null && perf stat -a -o /dev/null true 2> /dev/null; then
+  part nar-profile "$LT_DIR/nar-profile.sh" "$NCRO" 3
+fi
 echo "load_at_end: $(cat /proc/loadavg)" >> "$RUN/machine.txt"
 echo "duration_s: $(( $(date +%s) - started ))" >> "$RUN/machine.txt"
 
@@ -90,8 +95,14 @@ row() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"; }
       row "NAR relay, $s stream(s), io_uring + splice (default): ncro ÷ direct, MB/s" "**$r**" "≥ 0.95" "$(verdict "$r" '>=' 0.95)"
       r=$(median_of "$(in_run "$NARD" lt_ratios nginx-proxy uring-splice cpu_s_per_GB "${NAR[0]}" "s$s-r%s")")
       row "NAR relay, $s stream(s): ncro ÷ nginx proxy_pass, proxy CPU s per GB" "**$r**" "≤ 0.5" "$(verdict "$r" '<=' 0.5)"
+      r=$(median_of "$(in_run "$NARD" lt_ratios direct uring-splice side_cpu_s_per_GB "${NAR[0]}" "s$s-r%s")")
+      row "NAR relay, $s stream(s), splice: CPU 1 (upstream + clients) s per GB ÷ direct's" "$r" "(why)" "-"
       r=$(median_of "$(in_run "$NARD" lt_ratios direct uring-copy MBps "${NAR[0]}" "s$s-r%s")")
       row "NAR relay, $s stream(s), io_uring + copy: ncro ÷ direct, MB/s" "$r" "(reference)" "-"
+      r=$(median_of "$(in_run "$NARD" lt_ratios nginx-proxy uring-copy cpu_s_per_GB "${NAR[0]}" "s$s-r%s")")
+      row "NAR relay, $s stream(s), io_uring + copy: ncro ÷ nginx proxy_pass, proxy CPU s per GB" "$r" "(reference)" "-"
+      r=$(median_of "$(in_run "$NARD" lt_ratios direct uring-copy side_cpu_s_per_GB "${NAR[0]}" "s$s-r%s")")
+      row "NAR relay, $s stream(s), copy: CPU 1 (upstream + clients) s per GB ÷ direct's" "$r" "(why)" "-"
     done
   fi
   if [ -n "$MISSD" ]; then
@@ -122,6 +133,13 @@ row() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"; }
       mb=$(awk -v k="$(in_run "$FPD" lt_rec "idle-$drv" rss_idle_kB)" 'BEGIN{printf "%.0f", k / 1024}')
       row "$(in_run "$FPD" lt_rec "idle-$drv" open) idle keep-alive connections ($drv): RSS, MB" "**$mb**" "< 100" "$(verdict "$mb" '<=' 100)"
     done
+  fi
+  PROFD=$(sub nar-profile)
+  if [ -n "$PROFD" ]; then
+    echo
+    echo "Where the NAR relay's CPU goes on the client's CPU (nar-profile part):"
+    echo
+    sed -n '/^| mode/,/^$/p' "$PROFD/summary.md"
   fi
   echo
   grep -h "WARNING" "$ALL"/*/summary.md 2>/dev/null | sed 's/^/    /' || true
