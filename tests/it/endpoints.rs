@@ -56,11 +56,26 @@ fn start(ups: &[(String, i32, String)]) -> (NcroProcess, tempfile::TempDir) {
     (ncro, db)
 }
 
-fn endpoint_count(ncro: &NcroProcess, endpoint: &str, result: &str) -> u64 {
-    let page = ncro.get("/metrics").text();
+/// Waits (up to 5 s) for `ncro_endpoint_requests_total{endpoint, result}`
+/// to read `want`, and fails with the value it reads otherwise. A request
+/// is counted once its answer is complete, which can be a moment after the
+/// client has read the last byte.
+fn assert_endpoint_count(ncro: &NcroProcess, endpoint: &str, result: &str, want: u64) {
     let name =
         format!("ncro_endpoint_requests_total{{endpoint=\"{endpoint}\",result=\"{result}\"}}");
-    metric(&page, &name).unwrap_or_else(|| panic!("{name} missing"))
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let page = ncro.get("/metrics").text();
+        let got = metric(&page, &name).unwrap_or_else(|| panic!("{name} missing"));
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is {got}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -107,9 +122,9 @@ fn side_paths_go_to_the_upstream_that_served_the_narinfo() {
     let h = c.request("HEAD", &log_path(&d), &[]).expect("HEAD");
     assert_eq!((h.status, h.header("Content-Length")), (200, Some("11")));
     assert!(!asked(&a).contains(&log_path(&d)));
-    assert_eq!(endpoint_count(&ncro, "log", "ok"), 2);
-    assert_eq!(endpoint_count(&ncro, "ls", "ok"), 1);
-    assert_eq!(endpoint_count(&ncro, "build_trace", "ok"), 1);
+    assert_endpoint_count(&ncro, "log", "ok", 2);
+    assert_endpoint_count(&ncro, "ls", "ok", 1);
+    assert_endpoint_count(&ncro, "build_trace", "ok", 1);
 }
 
 #[test]
@@ -136,8 +151,8 @@ fn without_a_route_the_upstreams_are_raced() {
     assert_eq!(b.request_count(&real), 1, "both upstreams are asked");
     let r = ncro.get(dbg);
     assert_eq!((r.status, r.text().as_str()), (200, "{}"));
-    assert_eq!(endpoint_count(&ncro, "realisation", "ok"), 1);
-    assert_eq!(endpoint_count(&ncro, "debuginfo", "ok"), 1);
+    assert_endpoint_count(&ncro, "realisation", "ok", 1);
+    assert_endpoint_count(&ncro, "debuginfo", "ok", 1);
 }
 
 #[test]
@@ -185,8 +200,8 @@ fn not_found_only_when_every_upstream_says_so() {
     // Nothing was remembered from the failure: the next request succeeds.
     let r = ncro.get(&log_path(&flaky));
     assert_eq!((r.status, r.text().as_str()), (200, "back again\n"));
-    assert_eq!(endpoint_count(&ncro, "log", "not_found"), 2);
-    assert_eq!(endpoint_count(&ncro, "log", "error"), 1);
+    assert_endpoint_count(&ncro, "log", "not_found", 2);
+    assert_endpoint_count(&ncro, "log", "error", 1);
 }
 
 #[test]
@@ -228,8 +243,8 @@ fn malformed_side_paths_are_refused_and_never_forwarded() {
         assert_eq!(r.status, 400, "{path}");
     }
     assert_eq!(asked(&a), Vec::<String>::new(), "nothing was forwarded");
-    assert_eq!(endpoint_count(&ncro, "log", "bad_request"), 4);
-    assert_eq!(endpoint_count(&ncro, "debuginfo", "bad_request"), 2);
+    assert_endpoint_count(&ncro, "log", "bad_request", 4);
+    assert_endpoint_count(&ncro, "debuginfo", "bad_request", 2);
 }
 
 #[test]
@@ -272,7 +287,7 @@ fn an_upstream_dying_mid_body_closes_the_client_connection() {
     // The head promised 256 KiB: the client must see a short body, never a
     // complete-looking one.
     assert!(r.is_err() || r.is_ok_and(|r| r.body.len() < 256 << 10));
-    assert_eq!(endpoint_count(&ncro, "log", "error"), 1);
+    assert_endpoint_count(&ncro, "log", "error", 1);
 }
 
 #[test]
