@@ -16,7 +16,7 @@
 //! docs/operations.md ("Crash safety") states the promise to operators and
 //! `tests/it/crash.rs` checks it through the real binary.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -724,6 +724,9 @@ pub fn spawn_writer(db: Db, cfg: WriterConfig) -> (WriterHandle, std::thread::Jo
         cfg,
         stats: stats.clone(),
         logged_kinds: 0,
+        held: HashMap::new(),
+        next_retry: Instant::now(),
+        held_full_logged: false,
     };
     let join = std::thread::Builder::new()
         .name("ncro-db-writer".into())
@@ -732,12 +735,59 @@ pub fn spawn_writer(db: Db, cfg: WriterConfig) -> (WriterHandle, std::thread::Jo
     (WriterHandle { tx, stats }, join)
 }
 
+/// Writes that failed for a reason that passes (full disk, read-only or
+/// unreachable file system, lock, I/O error) are held back, newest per key,
+/// and retried at most this often until they commit.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Most writes held back (a narinfo each, about 1 KB): past this, further
+/// failed writes are dropped and live in memory only.
+const MAX_HELD: usize = 16_384;
+
+/// What a write is about: a later write with the same key replaces an
+/// earlier one, so only the newest is held back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum HeldKey {
+    Path(StoreHash),
+    Health(String),
+}
+
+fn held_key(op: &WriteOp) -> Option<HeldKey> {
+    match op {
+        WriteOp::Route(h, _) | WriteOp::Negative(h, _) | WriteOp::Remove(h) => {
+            Some(HeldKey::Path(*h))
+        }
+        WriteOp::Health(row) => Some(HeldKey::Health(row.url.clone())),
+        WriteOp::Flush(_) | WriteOp::Shutdown => None,
+    }
+}
+
+/// Errors a later attempt can get past. Others (corruption, a malformed
+/// row) would fail again and are not retried.
+fn is_passing(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+        )
+    )
+}
+
 struct Writer {
     db: Db,
     cfg: WriterConfig,
     stats: Arc<WriterStats>,
     /// Bit per error kind already logged at error level.
     logged_kinds: u32,
+    /// Failed writes waiting for the database to work again (newest per key).
+    held: HashMap<HeldKey, WriteOp>,
+    next_retry: Instant,
+    /// `MAX_HELD` was reached (logged once per failure episode).
+    held_full_logged: bool,
 }
 
 impl Writer {
@@ -747,7 +797,11 @@ impl Writer {
         // ncro 2.2 also swept once at startup.
         let mut next_sweep = Instant::now();
         loop {
-            let wait = next_sweep.saturating_duration_since(Instant::now());
+            let mut until = next_sweep;
+            if !self.held.is_empty() {
+                until = until.min(self.next_retry);
+            }
+            let wait = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(op) => {
                     let mut stop = matches!(op, WriteOp::Shutdown);
@@ -759,11 +813,20 @@ impl Writer {
                     }
                     self.commit(&mut batch);
                     if stop {
+                        self.give_up_held();
                         return;
                     }
                 }
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => return,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    if !self.held.is_empty() && Instant::now() >= self.next_retry {
+                        self.retry_held();
+                        self.publish();
+                    }
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    self.give_up_held();
+                    return;
+                }
             }
             if Instant::now() >= next_sweep {
                 let r = self.db.sweep(unix_now());
@@ -777,31 +840,121 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteOp>) {
-        match self.db.write_batch(batch) {
+        if !self.held.is_empty() {
+            // Newer writes replace held-back ones for the same path, so the
+            // two can commit in either order.
+            for op in batch.iter() {
+                if let Some(k) = held_key(op) {
+                    self.held.remove(&k);
+                }
+            }
+        }
+        let hold = match self.db.write_batch(batch) {
             Ok(rows) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats.rows.fetch_add(rows, Ordering::Relaxed);
-                if self.stats.degraded.swap(false, Ordering::Relaxed) {
-                    // Errors of a kind are logged once; say when they stop,
-                    // so the log shows how long persistence was off.
-                    self.logged_kinds = 0;
-                    tracing::warn!(path = %self.db.path,
-                        "route database writes succeed again; routes are persisted again");
+                if !self.held.is_empty() {
+                    self.retry_held();
                 }
+                self.recovered_if_clear();
+                false
             }
             Err(e) => {
                 self.stats.degraded.store(true, Ordering::Relaxed);
+                let hold = is_passing(&e);
                 self.check("write batch", Err(e));
+                hold
             }
-        }
+        };
         let r = self.db.enforce_cap(self.cfg.max_entries as u64);
         self.check("evict", r);
         self.publish();
         for op in batch.drain(..) {
-            if let WriteOp::Flush(reply) = op {
-                // The flusher may have given up waiting; nothing to tell it.
-                let _ = reply.send(());
+            match op {
+                WriteOp::Flush(reply) => {
+                    // The flusher may have given up waiting; nothing to tell it.
+                    let _ = reply.send(());
+                }
+                WriteOp::Shutdown => {}
+                op if hold => self.hold(op),
+                _ => {}
             }
+        }
+    }
+
+    /// Keeps a failed write for a later attempt, newest per key.
+    fn hold(&mut self, op: WriteOp) {
+        let Some(k) = held_key(&op) else { return };
+        if self.held.len() >= MAX_HELD && !self.held.contains_key(&k) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if !std::mem::replace(&mut self.held_full_logged, true) {
+                tracing::error!(path = %self.db.path, held = MAX_HELD,
+                    "route database still failing; further routes are kept in memory only and \
+                     will not be written when it recovers");
+            }
+            return;
+        }
+        if self.held.is_empty() {
+            self.next_retry = Instant::now() + RETRY_EVERY;
+        }
+        self.held.insert(k, op);
+    }
+
+    /// One attempt to commit the held-back writes, at most every
+    /// [`RETRY_EVERY`].
+    fn retry_held(&mut self) {
+        let now = Instant::now();
+        if now < self.next_retry {
+            return;
+        }
+        self.next_retry = now + RETRY_EVERY;
+        let ops: Vec<WriteOp> = self.held.drain().map(|(_, op)| op).collect();
+        match self.db.write_batch(&ops) {
+            Ok(rows) => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+                tracing::info!(path = %self.db.path, rows,
+                    "route database writes held back while it failed are now stored");
+                self.recovered_if_clear();
+            }
+            Err(e) => {
+                self.stats.degraded.store(true, Ordering::Relaxed);
+                let passing = is_passing(&e);
+                self.check("write held-back batch", Err(e));
+                if passing {
+                    for op in ops {
+                        if let Some(k) = held_key(&op) {
+                            self.held.insert(k, op);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Clears `degraded` once the last write committed and nothing is held
+    /// back.
+    fn recovered_if_clear(&mut self) {
+        if self.held.is_empty() && self.stats.degraded.swap(false, Ordering::Relaxed) {
+            // Errors of a kind are logged once; say when they stop, so the
+            // log shows how long persistence was off.
+            self.logged_kinds = 0;
+            self.held_full_logged = false;
+            tracing::warn!(path = %self.db.path,
+                "route database writes succeed again; routes are persisted again");
+        }
+    }
+
+    /// At exit: one last attempt, then say what is lost.
+    fn give_up_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.next_retry = Instant::now();
+        self.retry_held();
+        if !self.held.is_empty() {
+            tracing::error!(path = %self.db.path, lost = self.held.len(),
+                "route database still failing at exit; routes held back for it are not stored");
         }
     }
 
@@ -1304,10 +1457,50 @@ mod tests {
         assert_eq!(w.stored_routes(), 0);
         assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
         w.flush_blocking().unwrap();
-        assert!(!w.is_degraded(), "a committed batch clears it");
-        assert_eq!(w.stored_routes(), 1);
+        assert_eq!(w.stored_routes(), 1, "new writes commit past the held one");
+        assert!(w.is_degraded(), "the 64 KiB route is still held back");
+        // A newer write for the same path replaces the held-back one.
+        assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+        w.flush_blocking().unwrap();
+        assert!(
+            !w.is_degraded(),
+            "a commit with nothing held back clears it"
+        );
+        assert_eq!(w.stored_routes(), 2);
         w.shutdown_blocking().unwrap();
         join.join().unwrap();
+    }
+
+    #[test]
+    fn writes_that_failed_on_a_lock_are_stored_once_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let (_, db) = open_and_load(&path, 0).unwrap();
+        db.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let (w, join) = spawn_writer(db, cfg(1000));
+        for i in 0..3 {
+            assert!(w.try_write(WriteOp::Route(hash(i), entry("https://a", FAR, 1))));
+        }
+        assert!(w.try_write(WriteOp::Remove(hash(2))));
+        w.flush_blocking().unwrap();
+        assert!(w.is_degraded(), "the lock makes the batch fail");
+        assert_eq!(w.stored_routes(), 0);
+        other.execute_batch("COMMIT").unwrap();
+        // Nothing new arrives: the writer retries by itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.is_degraded() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!w.is_degraded(), "held-back writes never committed");
+        assert_eq!(w.stored_routes(), 2, "routes 0 and 1; 2 was removed after");
+        w.shutdown_blocking().unwrap();
+        join.join().unwrap();
+        let (routes, _) = open_and_load(&path, 0).unwrap();
+        let mut hashes: Vec<_> = routes.routes.iter().map(|r| r.0).collect();
+        hashes.sort();
+        assert_eq!(hashes, [hash(0), hash(1)]);
     }
 
     #[test]
