@@ -761,20 +761,11 @@ fn held_key(op: &WriteOp) -> Option<HeldKey> {
     }
 }
 
-/// Errors a later attempt can get past. Others (corruption, a malformed
-/// row) would fail again and are not retried.
+/// Errors a later attempt can get past: every kind [`error_kind`] names
+/// except corruption and the rest ("other": a malformed row would fail
+/// again).
 fn is_passing(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            ErrorCode::DiskFull
-                | ErrorCode::ReadOnly
-                | ErrorCode::CannotOpen
-                | ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::SystemIoFailure
-        )
-    )
+    error_kind(e).0 & (32 | 64) == 0
 }
 
 struct Writer {

@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -31,23 +31,10 @@ use crate::fake::{FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::harness::{HttpConn, NcroProcess};
 use crate::metrics::scrape;
 use crate::routing::{db_dir, entry, NcroConfig};
+use crate::server::eventually;
 
 /// Longest wait for something the writer thread does on its own.
 const WRITER_WAIT: Duration = Duration::from_secs(20);
-
-/// Polls `cond` every 20 ms until it holds; false after `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// `store_path` -> `narinfo_bytes` of every row in `routes`, read by an
 /// independent SQLite connection (none while the file does not exist).
@@ -157,7 +144,7 @@ fn acknowledged_routes_survive_sigkill_mid_stream() {
     let mut ncro = cfg.start();
     let stream = Stream::start(&ncro, &paths, 4);
     assert!(
-        wait_until(Duration::from_secs(60), || stream.answered() >= 300),
+        eventually(Duration::from_secs(60), || stream.answered() >= 300),
         "only {} routes answered\n{}",
         stream.answered(),
         ncro.logs()
@@ -387,13 +374,13 @@ fn a_full_disk_degrades_to_memory_and_recovers() {
     };
     let rows = |n: &NcroProcess| scrape(n).value("ncro_route_writer_rows_total", &[]);
     get_all(before);
-    assert!(wait_until(WRITER_WAIT, || rows(&ncro) >= 10.0));
+    assert!(eventually(WRITER_WAIT, || rows(&ncro) >= 10.0));
 
     let filler = fill(&inside);
     get_all(during);
     let errors = |n: &NcroProcess| scrape(n).value("ncro_route_writer_errors_total", &[]);
     assert!(
-        wait_until(WRITER_WAIT, || errors(&ncro) >= 1.0),
+        eventually(WRITER_WAIT, || errors(&ncro) >= 1.0),
         "writes to a full disk never failed\n{}",
         ncro.logs()
     );
@@ -413,7 +400,7 @@ fn a_full_disk_degrades_to_memory_and_recovers() {
     std::fs::remove_file(&filler).expect("remove filler");
     get_all(after);
     assert!(
-        wait_until(WRITER_WAIT, || scrape(&ncro)
+        eventually(WRITER_WAIT, || scrape(&ncro)
             .value("ncro_route_db_degraded", &[])
             == 0.0),
         "never recovered\n{}",
@@ -425,7 +412,7 @@ fn a_full_disk_degrades_to_memory_and_recovers() {
     // (every route is committed, the sweep is minutes away), so a copy of
     // the database and its WAL is a consistent snapshot.
     let want = (before.len() + after.len()) as f64;
-    assert!(wait_until(WRITER_WAIT, || rows(&ncro) >= want));
+    assert!(eventually(WRITER_WAIT, || rows(&ncro) >= want));
     let copy = db_dir();
     for suffix in ["", "-wal"] {
         let name = format!("routes.db{suffix}");

@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use crate::fake::{FakeUpstream, TestKey, TestPath};
 use crate::harness::NcroProcess;
+use crate::server::eventually;
 
 const SERVICE: &str = "_nix-serve._tcp.local.";
 const INSTANCE: &str = "ncro-it-cache";
@@ -157,20 +158,6 @@ fn metric(ncro: &NcroProcess, line_start: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
 }
 
-/// Polls `cond` every 50 ms until it holds; false after `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
     in_private_lan(|| {
@@ -200,7 +187,7 @@ fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
         let mut announcer = Announcer::start(&announced, port);
         let announced_at = Instant::now();
 
-        let found = wait_until(Duration::from_secs(15), || {
+        let found = eventually(Duration::from_secs(15), || {
             listed(&ncro).contains(&(v4.clone(), "discovered".into()))
         });
         assert!(
@@ -236,7 +223,7 @@ fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
         let asked = lan.request_count(&first.narinfo_request_path());
         assert!((1..=2).contains(&asked), "LAN cache asked {asked} times");
         // And health probing.
-        let probed = wait_until(Duration::from_secs(5), || {
+        let probed = eventually(Duration::from_secs(5), || {
             lan.request_count("/nix-cache-info") > 0
         });
         assert!(probed, "the discovered cache is never probed");
@@ -258,7 +245,7 @@ fn an_announced_cache_is_discovered_raced_kept_and_dropped_after_silence() {
         // not at once.
         announcer.stop();
         let silent = Instant::now();
-        let gone = wait_until(ROUND * 8, || {
+        let gone = eventually(ROUND * 8, || {
             !listed(&ncro)
                 .iter()
                 .any(|(_, source)| source == "discovered")
@@ -310,7 +297,7 @@ fn discovery_works_with_health_probes_off_and_one_address_family() {
         let v4 = format!("http://10.77.0.2:{port}");
         let addrs = ["10.77.0.2", "fd77::2"].map(|a| a.parse::<IpAddr>().expect("ip"));
         let _announcer = Announcer::start(&addrs, port);
-        let found = wait_until(Duration::from_secs(15), || {
+        let found = eventually(Duration::from_secs(15), || {
             listed(&ncro).contains(&(v4.clone(), "discovered".into()))
         });
         assert!(

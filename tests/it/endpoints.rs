@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::fake::{random_bytes, random_hash, FakeUpstream, Fault, TestKey, TestPath};
 use crate::harness::{HttpConn, NcroProcess};
+use crate::metrics::scrape_until;
 use crate::routing::{db_dir, entry, NcroConfig};
-use crate::server::metric;
 
 /// A derivation path (name ends in `.drv`) whose narinfo a fake can serve.
 fn drv(name: &str) -> TestPath {
@@ -61,21 +61,11 @@ fn start(ups: &[(String, i32, String)]) -> (NcroProcess, tempfile::TempDir) {
 /// is counted once its answer is complete, which can be a moment after the
 /// client has read the last byte.
 fn assert_endpoint_count(ncro: &NcroProcess, endpoint: &str, result: &str, want: u64) {
-    let name =
-        format!("ncro_endpoint_requests_total{{endpoint=\"{endpoint}\",result=\"{result}\"}}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let page = ncro.get("/metrics").text();
-        let got = metric(&page, &name).unwrap_or_else(|| panic!("{name} missing"));
-        if got == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} is {got}, expected {want}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let labels = [("endpoint", endpoint), ("result", result)];
+    let what = format!("ncro_endpoint_requests_total{labels:?} = {want}");
+    scrape_until(ncro, &what, Duration::from_secs(5), |m| {
+        m.value("ncro_endpoint_requests_total", &labels) == want as f64
+    });
 }
 
 #[test]

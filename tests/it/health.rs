@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::fake::{random_hash, FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::harness::NcroProcess;
+use crate::server::eventually;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -101,22 +102,8 @@ fn urls_in_order(h: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Polls `cond` every 20 ms until it holds; false after `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(ms(20));
-    }
-}
-
 fn wait_state(ncro: &NcroProcess, url: &str, state: &str) {
-    let reached = wait_until(STATE_WAIT, || entry(&health(ncro), url)["status"] == state);
+    let reached = eventually(STATE_WAIT, || entry(&health(ncro), url)["status"] == state);
     assert!(reached, "{url} never became {state}: {}", health(ncro));
 }
 
@@ -179,7 +166,7 @@ fn slow_upstream_falls_behind_a_fast_one_after_a_few_probes() {
         &knobs,
     );
     let ncro = NcroProcess::start(&cfg);
-    let ordered = wait_until(STATE_WAIT, || {
+    let ordered = eventually(STATE_WAIT, || {
         let h = health(&ncro);
         let (s, f) = (entry(&h, &slow.url()), entry(&h, &fast.url()));
         let measured = f["latency_ms"].as_f64() > Some(0.0);
@@ -440,7 +427,7 @@ fn an_upstream_without_nix_cache_info_stays_active() {
         &Knobs::default(),
     ));
     // Well past the ten probes that would make it DOWN if 404 were a failure.
-    let probed = wait_until(STATE_WAIT, || bare.request_count("/nix-cache-info") >= 24);
+    let probed = eventually(STATE_WAIT, || bare.request_count("/nix-cache-info") >= 24);
     assert!(probed, "probes did not run");
     let e = entry(&health(&ncro), &bare.url());
     assert_eq!(e["status"], "ACTIVE", "{e}");

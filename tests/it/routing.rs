@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::fake::{FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::harness::{test_config, HttpConn, NcroProcess, Response};
+use crate::server::eventually;
 
 /// One `[[upstreams]]` entry: URL, priority, public key ("" for none).
 pub type UpstreamEntry = (String, i32, String);
@@ -834,17 +835,6 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
 }
 
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
 #[test]
 fn cancelled_losers_close_their_connections() {
     const WARMUP: usize = 5;
@@ -878,14 +868,14 @@ fn cancelled_losers_close_their_connections() {
     };
     get_all(&paths[..WARMUP]);
     assert!(
-        wait_until(Duration::from_secs(5), || silent.open() == 0),
+        eventually(Duration::from_secs(5), || silent.open() == 0),
         "warm-up losers still open: {}",
         silent.open()
     );
     let fds_before = open_fds(ncro.pid());
 
     get_all(&paths[WARMUP..]);
-    let closed = wait_until(Duration::from_secs(5), || silent.open() == 0);
+    let closed = eventually(Duration::from_secs(5), || silent.open() == 0);
     assert!(
         closed,
         "{} of the loser connections are still open\n{}",
