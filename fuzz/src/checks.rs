@@ -14,7 +14,7 @@ use ncro::mesh::codec::{self, Datagram, MAX_DATAGRAM};
 use ncro::mesh::trust::Trust;
 use ncro::proto::cache_index::{self, shard, Manifest};
 use ncro::proto::cache_info::CacheInfo;
-use ncro::proto::narinfo::NarInfo;
+use ncro::proto::narinfo::{relay_form, NarInfo};
 use ncro::proto::nixbloom::{Bloom, BloomBuilder, Probe};
 use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
 use ncro::proto::store_path::{StoreHash, HASH_LEN};
@@ -189,6 +189,27 @@ pub fn narinfo(data: &[u8]) {
     assert_eq!(info, again, "render round trip changed the narinfo");
     assert_eq!(fingerprint, again.fingerprint());
     assert_eq!(rendered, again.render(), "render is not stable");
+    // What clients get: the same narinfo, in a form Nix reads as ncro did,
+    // and already final (relaying it again changes nothing).
+    let relayed = relay_form(data, None);
+    assert_eq!(
+        NarInfo::parse(&relayed).as_ref(),
+        Ok(&info),
+        "relay_form changed the narinfo"
+    );
+    assert!(
+        relayed.ends_with(b"\n"),
+        "relayed narinfo lacks a final newline"
+    );
+    assert!(
+        !relayed.starts_with(b"\n") && !relayed.windows(2).any(|w| w == b"\n\n"),
+        "relayed narinfo keeps an empty line"
+    );
+    assert_eq!(
+        &*relay_form(&relayed, None),
+        &*relayed,
+        "relay_form is not stable"
+    );
 }
 
 /// Keys from config files and signatures from upstreams. Input: a public

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::codec::WireRoute;
-use crate::proto::narinfo::NarInfo;
+use crate::proto::narinfo::{relay_form, NarInfo};
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
 use crate::route::{Cached, RouteEntry, RouteTable};
@@ -123,8 +123,9 @@ pub fn adopt(
     }
     let entry = RouteEntry {
         upstream: up.url.clone(),
-        // Served in the same normalised layout as a race result.
-        narinfo: Bytes::from(info.render()),
+        // Served as a race result is: the upstream's bytes, with only the
+        // lines Nix would misread rewritten.
+        narinfo: Bytes::from(relay_form(bytes, None).into_owned()),
         nar_url: info.url.trim_start_matches('/').into(),
         nar_hash: info.nar_hash.as_str().into(),
         nar_size: info.nar_size,

@@ -1,4 +1,4 @@
-//! The `<hash>.narinfo` format: parse, fingerprint and render.
+//! The `<hash>.narinfo` format: parse, fingerprint, relay and render.
 //!
 //! The parser accepts the variations caches write (no space after `:`, an
 //! empty `References:`, empty lines, unknown keys, no final newline) and is
@@ -10,8 +10,12 @@
 //! Nix itself is stricter than this parser. Measured with Nix 2.8: it takes
 //! each value from two bytes after the `:`, so `URL:nar/x` reads as URL
 //! `ar/x`; `References:` with no space swallows the next line and fails;
-//! a missing final newline is "corrupt". So what we serve to clients must
-//! be [`NarInfo::render`]'s output, never an upstream's bytes as received.
+//! a missing final newline is "corrupt"; an empty line glues itself to the
+//! next key's name, so Nix ignores that line. What ncro serves is
+//! therefore [`relay_form`]: the upstream's bytes as received, every line
+//! and field kept (unknown ones such as `System:` too), with only those
+//! lines rewritten that Nix would misread (docs/endpoints.md lists the
+//! rewrites).
 
 use super::base32;
 use super::store_path::{name_of, StoreHash, HASH_LEN, STORE_DIR};
@@ -19,9 +23,12 @@ use base64::Engine as _;
 use std::borrow::Cow;
 use thiserror::Error;
 
-/// Largest narinfo body accepted. Real ones are well under 4 KiB; the
-/// limit keeps a hostile upstream from making us buffer without bound.
-pub const MAX_NARINFO_SIZE: usize = 64 * 1024;
+/// Largest narinfo body accepted. Most are under 4 KiB, but real ones
+/// reach hundreds of KiB (cache.nixos.org's `texlive-combined-full`: 207 KB,
+/// 3,691 references), and Nix itself has no limit; 4 MiB is 20 times the
+/// largest seen, and still keeps a hostile upstream from making us buffer
+/// without bound.
+pub const MAX_NARINFO_SIZE: usize = 4 * 1024 * 1024;
 
 /// Longest store path name Nix accepts.
 const MAX_NAME_LEN: usize = 211;
@@ -316,6 +323,99 @@ impl NarInfo {
     }
 }
 
+/// The bytes to hand a Nix client for an upstream's narinfo `body`, one
+/// that [`NarInfo::parse`] accepted: the upstream's own bytes, every line
+/// and field as sent, unless Nix would misread them (see the module docs).
+/// Only the lines at fault change, each on its own:
+///
+/// - a known field written `Key:value` becomes `Key: value`, and any
+///   `Key:` with nothing after it `Key: ` (Nix reads a value from two bytes
+///   after the colon, so the first would lose a byte and the second would
+///   swallow the next line);
+/// - empty lines are dropped (Nix would ignore the line after one);
+/// - a missing final newline is added (Nix calls the narinfo corrupt);
+/// - with `url`, the `URL:` line's value is replaced (a configured NAR URL
+///   rewrite).
+///
+/// Borrowed (no copy) when nothing changes, the usual case.
+pub fn relay_form<'a>(body: &'a [u8], url: Option<&str>) -> Cow<'a, [u8]> {
+    let mut lines = body.split(|&b| b == b'\n').peekable();
+    let mut out: Option<Vec<u8>> = None;
+    let mut at = 0usize; // bytes of `body` consumed so far
+    while let Some(line) = lines.next() {
+        let last = lines.peek().is_none();
+        let next_at = at + line.len() + usize::from(!last);
+        if last && line.is_empty() {
+            break; // the body ended with a newline
+        }
+        let fix = line_fix(line, url);
+        let needs_newline = last; // no final newline
+        if fix.is_none() && !needs_newline && out.is_none() {
+            at = next_at;
+            continue;
+        }
+        let buf = out.get_or_insert_with(|| {
+            let mut v = Vec::with_capacity(body.len() + 16);
+            v.extend_from_slice(&body[..at]);
+            v
+        });
+        match fix {
+            None => buf.extend_from_slice(line),
+            Some(LineFix::Drop) => {
+                at = next_at;
+                continue;
+            }
+            Some(LineFix::Space(colon)) => {
+                buf.extend_from_slice(&line[..=colon]);
+                buf.push(b' ');
+                buf.extend_from_slice(&line[colon + 1..]);
+            }
+            Some(LineFix::Value(colon, value)) => {
+                buf.extend_from_slice(&line[..=colon]);
+                buf.push(b' ');
+                buf.extend_from_slice(value.as_bytes());
+            }
+        }
+        buf.push(b'\n');
+        at = next_at;
+    }
+    match out {
+        Some(v) => Cow::Owned(v),
+        None => Cow::Borrowed(body),
+    }
+}
+
+/// How [`relay_form`] changes one line.
+enum LineFix<'u> {
+    Drop,
+    /// Insert a space after the colon at this offset.
+    Space(usize),
+    /// Replace the value after the colon at this offset.
+    Value(usize, &'u str),
+}
+
+fn line_fix<'u>(line: &[u8], url: Option<&'u str>) -> Option<LineFix<'u>> {
+    if line.is_empty() {
+        return Some(LineFix::Drop);
+    }
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = &line[..colon];
+    let value = &line[colon + 1..];
+    let spaced = value.first() == Some(&b' ');
+    if let Some(url) = url {
+        if name == b"URL" {
+            let current = value.strip_prefix(b" ").unwrap_or(value);
+            let same = spaced && current == url.as_bytes();
+            return (!same).then_some(LineFix::Value(colon, url));
+        }
+    }
+    let known = std::str::from_utf8(name)
+        .ok()
+        .and_then(Key::from_name)
+        .is_some();
+    (!spaced && (known || value.is_empty())).then_some(LineFix::Space(colon))
+}
+
 fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
@@ -595,6 +695,100 @@ Sig: cache-a-1:UNq1BY1CpVIYX894d71znLj/2fxo4JEJhxeFVxwkXZMPBS8ieGP+VgZnxvQ9SLi8D
     }
 
     #[test]
+    fn relay_form_keeps_a_well_formed_narinfo_as_sent() {
+        let relayed = relay_form(REAL.as_bytes(), None);
+        assert!(matches!(relayed, Cow::Borrowed(_)));
+        assert_eq!(&*relayed, REAL.as_bytes());
+        // Unknown fields, field order, an absent References line and
+        // double spaces are the upstream's business: kept byte for byte.
+        let odd = "StorePath: /nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x\n\
+            NarSize: 5\n\
+            System: i686-linux\n\
+            URL: nar/x.nar\n\
+            PartialClosure: 1\n\
+            Future:  two spaces\n\
+            NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n";
+        assert!(parse(odd).is_ok());
+        assert!(matches!(relay_form(odd.as_bytes(), None), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn relay_form_rewrites_only_the_lines_nix_misreads() {
+        // Each of these breaks Nix 2.8 when served as-is (measured): the
+        // first byte after "URL:" is eaten, "References:" swallows the next
+        // line, an empty line hides the line after it, and a missing final
+        // newline is "corrupt".
+        let sloppy = "StorePath:/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x\n\
+            URL:nar/x.nar\n\
+            System: x86_64-linux\n\
+            References:\n\
+            \n\
+            Unknown:\n\
+            Odd:kept\n\
+            NarHash:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n\
+            NarSize:5";
+        let relayed = relay_form(sloppy.as_bytes(), None);
+        assert_eq!(
+            std::str::from_utf8(&relayed).unwrap(),
+            "StorePath: /nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x\n\
+             URL: nar/x.nar\n\
+             System: x86_64-linux\n\
+             References: \n\
+             Unknown: \n\
+             Odd:kept\n\
+             NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n\
+             NarSize: 5\n"
+        );
+        assert_eq!(parse(sloppy), parse(std::str::from_utf8(&relayed).unwrap()));
+        // Only the final newline missing: everything else as sent.
+        let no_newline = REAL.trim_end_matches('\n');
+        assert_eq!(&*relay_form(no_newline.as_bytes(), None), REAL.as_bytes());
+    }
+
+    #[test]
+    fn relay_form_replaces_the_url_value_only() {
+        let relayed = relay_form(
+            REAL.as_bytes(),
+            Some("nar/z3358nh04rrn2fw765nlbl8ff0w9p8cp.nar.xz"),
+        );
+        let text = std::str::from_utf8(&relayed).unwrap();
+        let expected = REAL.replace(
+            "URL: nar/17c7k3n58rpb2v76acz518qn3z0y23pkx9dc1plz246kgzj0jpz2.nar.xz",
+            "URL: nar/z3358nh04rrn2fw765nlbl8ff0w9p8cp.nar.xz",
+        );
+        assert_eq!(text, expected);
+        // Already that URL: nothing to copy.
+        let same = relay_form(
+            REAL.as_bytes(),
+            Some("nar/17c7k3n58rpb2v76acz518qn3z0y23pkx9dc1plz246kgzj0jpz2.nar.xz"),
+        );
+        assert!(matches!(same, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn property_relay_form_parses_to_the_same_narinfo() {
+        let mut seed = 0x5eed_u64;
+        for _ in 0..300 {
+            let text = random_info(&mut seed).render();
+            // Spoil it the ways upstreams do: no spaces, blank lines, no
+            // final newline.
+            let sloppy = text
+                .replace(": ", ":")
+                .replacen('\n', "\n\n", 2)
+                .trim_end()
+                .to_owned();
+            let Ok(info) = NarInfo::parse(sloppy.as_bytes()) else {
+                continue;
+            };
+            let relayed = relay_form(sloppy.as_bytes(), None);
+            assert_eq!(NarInfo::parse(&relayed), Ok(info));
+            assert!(relayed.ends_with(b"\n"));
+            assert!(!relayed.windows(2).any(|w| w == b"\n\n"));
+            assert_eq!(&*relay_form(&relayed, None), &*relayed, "idempotent");
+        }
+    }
+
+    #[test]
     fn render_rewrites_forms_nix_misreads() {
         // Each of these breaks Nix 2.8 when served as-is (measured): the
         // first byte after "URL:" is eaten, "References:" swallows the next
@@ -832,7 +1026,8 @@ Sig: cache-a-1:UNq1BY1CpVIYX894d71znLj/2fxo4JEJhxeFVxwkXZMPBS8ieGP+VgZnxvQ9SLi8D
     }
 
     #[test]
-    fn size_limit_is_64_kib() {
+    fn size_limit_is_4_mib() {
+        assert_eq!(MAX_NARINFO_SIZE, 4 << 20);
         let pad = |total: usize| {
             let filler = total - MINIMAL.len() - "X: \n".len();
             format!("{MINIMAL}X: {}\n", "a".repeat(filler))

@@ -1,5 +1,6 @@
 //! `GET/HEAD /<hash>.narinfo`: route cache, then single-flight race. HOT.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
 use crate::http::response::write_simple;
 use crate::metrics::{ResolveResult, ShedReason};
-use crate::proto::narinfo::{NarInfo, MAX_NARINFO_SIZE};
+use crate::proto::narinfo::{relay_form, NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::nixbloom::Probe;
 use crate::proto::signature::verify_narinfo;
 use crate::proto::store_path::StoreHash;
@@ -196,6 +197,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         if let AttemptResult::Rejected(RejectKind::BadSignature) = rep.result {
             ctx.metrics.bad_signatures.inc();
         }
+        if rep.result == AttemptResult::Failed(FailKind::TooLarge) {
+            // Rare and worth an operator's attention: the path cannot be
+            // substituted through ncro from this upstream.
+            tracing::warn!(upstream = %set.list[i].url, %hash, limit = MAX_NARINFO_SIZE, "narinfo refused: larger than the limit; counted as outcome=\"too_large\"");
+        }
         if rep.result == AttemptResult::Accepted {
             if let Some(u) = ctx.metrics.upstreams.get(i) {
                 u.race_wins.inc();
@@ -237,12 +243,10 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             accepted,
             latency,
         } => {
-            let info: NarInfo = accepted;
+            let (info, narinfo): (NarInfo, Bytes) = accepted;
             let entry = Arc::new(RouteEntry {
                 upstream: set.list[upstream].url.clone(),
-                // Re-rendered in Nix's exact layout: some clients misread
-                // spacing variants that upstreams produce (see proto::narinfo).
-                narinfo: Bytes::from(info.render()),
+                narinfo,
                 nar_url: info.url.trim_start_matches('/').into(),
                 nar_hash: info.nar_hash.as_str().into(),
                 nar_size: info.nar_size,
@@ -389,8 +393,11 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
 }
 
 /// A narinfo is served only if it parses, names the requested path, passes
-/// the upstream's filters and verifies against its keys.
-fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<NarInfo> {
+/// the upstream's filters and verifies against its keys. What is served is
+/// the upstream's bytes ([`relay_form`]: only lines Nix would misread are
+/// rewritten), copied to their exact size so that the cached body does not
+/// keep the read buffer alive.
+fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
     let Ok(info) = NarInfo::parse(body) else {
         return Verdict::Reject(RejectKind::Malformed);
     };
@@ -405,7 +412,11 @@ fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<
         tracing::debug!(upstream = %up.url, %hash, "narinfo rejected: no valid signature");
         return Verdict::Reject(RejectKind::BadSignature);
     }
-    Verdict::Accept(info)
+    let served = match relay_form(body, None) {
+        Cow::Borrowed(same) => Bytes::copy_from_slice(same),
+        Cow::Owned(fixed) => Bytes::from(fixed),
+    };
+    Verdict::Accept((info, served))
 }
 
 /// Maps a resolution onto the response status (404 only for definite misses).

@@ -55,6 +55,11 @@ pub enum Inject {
     Malformed,
     /// The real narinfo with CRLF line ends.
     Crlf,
+    /// The narinfo without its signatures and with a `CA:` that does not
+    /// compute to its store path (a forged content address).
+    ForgedCa,
+    /// The narinfo padded with an unknown field past `MAX_NARINFO_SIZE`.
+    Oversize,
     /// 302 to an absolute URL on a healthy server.
     Redirect,
     /// About 200 KiB of response headers.
@@ -182,6 +187,8 @@ pub const ROWS: &[Row] = &[
     row("wrong StorePath", Narinfo, I::WrongStorePath, (Status(404), Negative, Outcome("wrong_store_path")), (FromHealthy, Status(404))),
     row("malformed narinfo", Narinfo, I::Malformed, (Status(502), Nothing, Outcome("malformed")), (FromHealthy, Status(502))),
     row("CRLF narinfo", Narinfo, I::Crlf, (Status(502), Nothing, Outcome("malformed")), (FromHealthy, Status(502))),
+    row("forged content address", Narinfo, I::ForgedCa, (Status(502), Nothing, Outcome("bad_signature")), (FromHealthy, Status(502))),
+    row("narinfo over 4 MiB", Narinfo, I::Oversize, (Status(502), Nothing, Outcome("too_large")), (FromHealthy, Status(502))),
     row("redirect", Narinfo, I::Redirect, (Status(502), Nothing, Outcome("status_other")), (FromHealthy, Status(502))),
     row("enormous headers", Narinfo, I::EnormousHeaders, (Status(502), Nothing, Outcome("protocol")), (FromHealthy, Status(502))),
     row("slow trickle", Narinfo, I::Trickle, (Served, Route, Outcome("accepted")), (FromHealthy, Served)),
@@ -300,7 +307,12 @@ fn every_fault_is_in_the_matrix_for_both_requests() {
     for r in ROWS.iter().filter(|r| r.target == Narinfo) {
         let narinfo_only = matches!(
             r.inject,
-            I::BadSignature | I::WrongStorePath | I::Malformed | I::Crlf
+            I::BadSignature
+                | I::WrongStorePath
+                | I::Malformed
+                | I::Crlf
+                | I::ForgedCa
+                | I::Oversize
         );
         let twins = ROWS
             .iter()

@@ -35,6 +35,8 @@
 //! - [`crash`]: the route database under SIGKILL, an unopenable path, a
 //!   read-only and a full file system.
 //! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
+//! - [`realdata_proxy`]: the real narinfo/NAR corpus (`../shared/realdata`)
+//!   through the real binary: exact bytes served, forgeries refused.
 
 mod bench;
 mod cli;
@@ -53,6 +55,7 @@ mod mesh;
 mod metrics;
 mod nar;
 mod overload;
+mod realdata_proxy;
 mod routing;
 mod s3;
 mod server;

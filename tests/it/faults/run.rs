@@ -149,6 +149,22 @@ fn fault_for(row: &Row, p: &TestPath, key: &TestKey, redirect_to: &str) -> Fault
             forged(narinfo.replace(&size, "NarSize: lots\n"))
         }
         Inject::Crlf => forged(narinfo.replace('\n', "\r\n")),
+        Inject::ForgedCa => {
+            let unsigned: String = narinfo
+                .lines()
+                .filter(|l| !l.starts_with("Sig:"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            // A real-looking CA whose hash is of other content.
+            forged(
+                unsigned
+                    + "CA: fixed:r:sha256:1b26xkfi12a87bd8yhnq5mhf6g52d7hb0b5sh63n5bmcg7alb5nk\n",
+            )
+        }
+        Inject::Oversize => {
+            let pad = 4 * 1024 * 1024 + 1 - narinfo.len();
+            forged(format!("{narinfo}X-Padding: {}\n", "a".repeat(pad)))
+        }
         Inject::Redirect => Fault::Redirect(redirect_to.to_owned()),
         Inject::EnormousHeaders => Fault::EnormousHeaders,
         Inject::Trickle => Fault::Trickle(step, Duration::from_millis(40)),
