@@ -1,7 +1,7 @@
 //! The bodies of the fuzz targets, one function per target.
 //!
 //! Shared by the cargo-fuzz binaries (nightly, libFuzzer) and by
-//! `tests/fuzz_corpus.rs` (stable), which replays every committed corpus
+//! `tests/it/fuzz_corpus.rs` (stable), which replays every committed regression
 //! file through the same function, so CI checks the corpus without nightly.
 //! Each function must never panic on any input except through one of its
 //! own assertions, which state properties the parsers promise.

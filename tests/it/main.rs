@@ -32,6 +32,11 @@
 //! - [`s3`]: S3 upstreams against a real Garage server (with the real Nix
 //!   client) and against a fake S3 for the 403 rules.
 
+//! - [`client`]: the upstream HTTP client (`ncro::http::client`) against
+//!   tiny blocking fake servers, on io_uring and on epoll.
+//! - [`route_persist`]: route persistence through real processes (SIGKILL
+//!   mid-write) and at full size.
+//! - [`fuzz_corpus`]: the committed fuzz regressions replayed on stable.
 //! - [`crash`]: the route database under SIGKILL, an unopenable path, a
 //!   read-only and a full file system.
 //! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
@@ -40,6 +45,7 @@
 
 mod bench;
 mod cli;
+mod client;
 mod crash;
 mod discovery;
 mod e2e_nix;
@@ -47,6 +53,7 @@ mod endpoints;
 mod failover;
 mod fake;
 mod faults;
+mod fuzz_corpus;
 mod harness;
 mod health;
 mod index;
@@ -56,6 +63,7 @@ mod metrics;
 mod nar;
 mod overload;
 mod realdata_proxy;
+mod route_persist;
 mod routing;
 mod s3;
 mod server;
