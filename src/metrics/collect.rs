@@ -479,6 +479,16 @@ fn state_families(b: &mut Builder) {
         MetricType::GAUGE,
         vec![gauge_metric(&[], f64::from(u8::from(degraded)))],
     ));
+    let (routes, pins) = g.routes.nar_claims_refused();
+    b.out.push(family(
+        "ncro_route_nar_claims_refused_total",
+        "NAR index writes refused because a live entry kept the NAR for another upstream, by source (route: a verified narinfo's URL; debuginfo: a debuginfo record's archive).",
+        MetricType::COUNTER,
+        vec![
+            counter_metric(&[("source", "route")], routes),
+            counter_metric(&[("source", "debuginfo")], pins),
+        ],
+    ));
     let Some(w) = g.routes.writer() else { return };
     let gauge = |name: &str, help: &str, v: u64| {
         family(

@@ -14,7 +14,8 @@
 //! - A `debuginfo` answer points at a NAR *of the cache that wrote it*
 //!   (`archive: "../nar/…"`): its NAR key is pinned in the NAR index to the
 //!   upstream that answered, so the client's next request (that NAR) goes
-//!   to the same upstream.
+//!   to the same upstream. Nothing signs the record, so a pin only fills a
+//!   NAR key nobody holds: it never replaces a live entry.
 //!
 //! Bodies are streamed with the upstream client's bounded-buffer relay;
 //! only a debuginfo answer (a small JSON) is read into memory.
@@ -197,7 +198,11 @@ fn pin_archive(ctx: &WorkerCtx, body: &[u8], upstream: usize) {
         return;
     }
     let expires_at = unix_now() + ctx.shared.config.cache.ttl.as_secs();
-    ctx.shared.routes.pin_nar(&key, upstream, expires_at);
+    // Nothing verified the record: it only fills a free key, never moves
+    // a NAR another upstream's narinfo (or an earlier pin) claimed.
+    if !ctx.shared.routes.pin_nar(&key, upstream, expires_at) {
+        tracing::debug!(nar = %key, upstream, "debuginfo archive names a NAR already routed; not pinned");
+    }
 }
 
 /// The NAR index key of a debuginfo record's `archive`, resolved against
