@@ -112,6 +112,7 @@ pub const OUTCOMES: &[&str] = &[
     "protocol",
     "too_large",
     "auth",
+    "request",
     "other",
 ];
 

@@ -81,6 +81,14 @@ pub async fn serve(
         path: req.path,
         headers: &[],
     };
+    // `classify` already admits only what Nix writes; this keeps the rule
+    // in one place: nothing is asked upstream that could not be sent.
+    if let Err(e) = up_req.check_forwardable() {
+        tracing::debug!(path = req.path, error = %e, "side path cannot be forwarded");
+        ctx.metrics
+            .endpoint_finished(label, EndpointResult::BadRequest);
+        return Ok(conn.error(ctx, 400, "invalid path\n", keep));
+    }
     let fetched = fetch::fetch(ctx, routed(ctx, &target), up_req).await;
     let keep = keep && !ctx.drain.is_fired();
     let (after, result) = respond(conn, ctx, req, target.kind, fetched, keep).await?;
