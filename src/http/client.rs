@@ -33,7 +33,7 @@ use monoio_rustls::TlsConnector;
 
 pub use error::ClientError;
 pub use origin::{Origin, OriginError};
-pub use pool::PoolOptions;
+pub use pool::{PoolDiscards, PoolOptions};
 pub use relay::{RelayError, RelayMode};
 pub use response::Response;
 
@@ -211,8 +211,25 @@ impl LocalClient {
                 idle: RefCell::new(HashMap::new()),
                 buffers: RefCell::new(Vec::new()),
                 pipes: RefCell::new(Vec::new()),
+                discards: Arc::default(),
             }),
         }
+    }
+
+    /// Counts idle connections discarded at checkout in `discards` (shared
+    /// with `/metrics`) instead of a counter of its own. Call before the
+    /// client is cloned.
+    pub fn with_pool_discards(mut self, discards: Arc<PoolDiscards>) -> LocalClient {
+        match Rc::get_mut(&mut self.inner) {
+            Some(inner) => inner.discards = discards,
+            None => debug_assert!(false, "with_pool_discards on a shared client"),
+        }
+        self
+    }
+
+    /// Idle connections discarded at checkout so far (see [`PoolDiscards`]).
+    pub fn pool_discards(&self) -> &PoolDiscards {
+        &self.inner.discards
     }
 
     /// Sends `req` to `origin` and returns once the response head arrived.
@@ -283,10 +300,11 @@ impl LocalClient {
             .server_name()
             .cloned()
             .ok_or(ClientError::InvalidRequest("origin has no TLS server name"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
         match monoio::time::timeout(timeout, self.inner.tls.connect(name, tcp)).await {
             Err(_) => Err(ClientError::ConnectTimeout),
             Ok(Err(e)) => Err(ClientError::Tls(e.into())),
-            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls), fd)),
         }
     }
 

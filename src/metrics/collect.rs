@@ -11,6 +11,7 @@ use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
     ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS, SHED_REASONS,
 };
+use crate::http::client::PoolDiscards;
 use crate::route::RouteTable;
 
 /// Cross-thread state sampled at scrape time.
@@ -298,6 +299,24 @@ fn upstream_families(b: &mut Builder) {
         "Upstream narinfos rejected for their signature.",
         |w| &w.bad_signatures,
     );
+    let discards = PoolDiscards::REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| {
+            let v =
+                b.m.workers
+                    .iter()
+                    .map(|w| w.pool_discards.counts()[i])
+                    .sum();
+            counter_metric(&[("reason", reason)], v)
+        })
+        .collect();
+    b.out.push(family(
+        "ncro_upstream_pool_discards_total",
+        "Idle upstream connections closed at checkout instead of reused: unsolicited bytes had arrived, or the upstream had closed it.",
+        MetricType::COUNTER,
+        discards,
+    ));
     let race = vec![histogram_metric(
         &[],
         b.m.workers.iter().map(|w| &w.race_latency),
