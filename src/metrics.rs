@@ -112,6 +112,7 @@ pub const OUTCOMES: &[&str] = &[
     "protocol",
     "too_large",
     "auth",
+    "request",
     "other",
 ];
 
@@ -277,6 +278,8 @@ pub struct WorkerMetrics {
     pub batch_paths: [LocalCounter; 3],
     /// Mid-stream NAR failovers, by [`FailoverResult`].
     pub nar_failovers: [LocalCounter; 4],
+    /// Idle upstream connections the worker's client discarded at checkout.
+    pub pool_discards: Arc<crate::http::client::PoolDiscards>,
     pub upstreams: Box<[UpstreamMetrics]>,
 }
 
@@ -309,6 +312,7 @@ impl WorkerMetrics {
             endpoint_requests: Default::default(),
             batch_paths: Default::default(),
             nar_failovers: Default::default(),
+            pool_discards: Arc::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }
     }

@@ -104,6 +104,10 @@ pub enum FailKind {
     TooLarge,
     /// An S3 upstream had no usable credentials, or S3 refused them.
     Auth,
+    /// The request could not be sent as built (a byte or a size the
+    /// client refuses, a path S3 cannot take): the request's fault, not
+    /// the upstream's, so it never starts a cooldown.
+    Request,
 }
 
 impl FailKind {
@@ -121,6 +125,7 @@ impl FailKind {
             FailKind::Protocol => "protocol",
             FailKind::TooLarge => "too_large",
             FailKind::Auth => "auth",
+            FailKind::Request => "request",
         }
     }
 }

@@ -6,8 +6,9 @@
 //!
 //! - `routes`: packed store hash (20 bytes) → expiry, upstream slot and
 //!   the slot's generation (8 bytes), for every route and negative entry;
-//! - `nars`: 128-bit keyed hash of a NAR URL → the upstream that served its
-//!   narinfo;
+//! - `nars`: 128-bit keyed hash of a NAR URL → the upstream asked first
+//!   for that NAR: the first upstream whose *verified* narinfo named it
+//!   (see [`RouteTable::nar_upstream`] for who may write it);
 //! - `bodies`: the narinfo bytes to answer a hit with, bounded in bytes
 //!   (`cache.narinfo_memory_mb`) rather than in routes. A route whose body
 //!   fell out (or was never read, after a restart) is [`Cached::Cold`]: its
@@ -41,9 +42,10 @@ mod tests;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
 use quick_cache::Weighter;
 
 use crate::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
@@ -231,7 +233,7 @@ impl Weighter<RouteKey, Body> for BodyWeight {
 /// evicted keys, which costs a full slot each): a NAR key only comes back
 /// when its route is inserted again, and the route cache already keeps
 /// ghosts for that decision.
-fn nar_index(max_entries: usize) -> Cache<NarKey, Slot> {
+fn nar_index(max_entries: usize) -> Cache<NarKey, NarSlot> {
     let options = quick_cache::OptionsBuilder::new()
         .estimated_items_capacity(max_entries)
         .weight_capacity(max_entries as u64)
@@ -259,10 +261,37 @@ struct ColdStats {
     disk_misses: AtomicU64,
 }
 
+/// Who writes a NAR index entry, and what that write may replace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NarClaim {
+    /// A route stored from a narinfo that verified for its upstream: takes
+    /// a free key, refreshes the upstream's own live entry, or replaces a
+    /// pin; never another upstream's live claim.
+    Route,
+    /// A debuginfo record's `archive` (nothing verified it): only a free key.
+    Pin,
+}
+
+/// A NAR index entry: where to ask first, and whether only a debuginfo
+/// pin (not a verified narinfo) put it there.
+#[derive(Clone, Copy)]
+struct NarSlot {
+    slot: Slot,
+    pinned: bool,
+}
+
+/// NAR index writes refused because a live entry named another upstream
+/// (or, for pins, any live entry), by [`NarClaim`]; for `/metrics`.
+#[derive(Default)]
+struct NarClaimStats {
+    route_refused: AtomicU64,
+    pin_refused: AtomicU64,
+}
+
 /// Routes and negative entries shared by all workers (`Arc<RouteTable>`).
 pub struct RouteTable {
     routes: Cache<RouteKey, Slot>,
-    nars: Cache<NarKey, Slot>,
+    nars: Cache<NarKey, NarSlot>,
     bodies: Cache<RouteKey, Body, BodyWeight>,
     nar_hashers: (RandomState, RandomState),
     /// The URL of every upstream slot (`UpstreamSet` slot order, sized for
@@ -275,6 +304,7 @@ pub struct RouteTable {
     /// route whose body fell out of memory is then raced again.
     reader: Option<BodyReader>,
     cold: ColdStats,
+    nar_claims: NarClaimStats,
     /// Routes this node's races learned, for mesh gossip; set once at
     /// start when the mesh is enabled. The control thread drains it.
     learned: OnceLock<flume::Sender<Learned>>,
@@ -326,6 +356,7 @@ impl RouteTable {
             writer,
             reader: None,
             cold: ColdStats::default(),
+            nar_claims: NarClaimStats::default(),
             learned: OnceLock::new(),
             learned_dropped: AtomicU64::new(0),
         }
@@ -517,35 +548,60 @@ impl RouteTable {
         self.bodies.get(&RouteKey::of(hash))?.merit
     }
 
-    /// The upstream (index) that served the narinfo naming this NAR, if
-    /// still live. `nar_key` comes from [`nar_key`].
+    /// The upstream (index) to ask first for this NAR, if still live.
+    /// `nar_key` comes from [`nar_key`].
+    ///
+    /// Nothing signs a narinfo's `URL` field, so an entry here only says
+    /// which upstream *first* claimed the NAR file with a narinfo that
+    /// verified for it. Writes (docs/security.md, "What may steer routing"):
+    /// - only a route stored from a verified narinfo (a race winner, a
+    ///   verified mesh merge, a route loaded at start) claims its NAR;
+    /// - a live claim naming another upstream is never replaced: the first
+    ///   verified claimant keeps the key until it expires (or its slot is
+    ///   given to another URL); the same upstream may refresh it;
+    /// - a debuginfo pin ([`Self::pin_nar`]) only takes a free key, and a
+    ///   verified claim replaces a pin.
+    ///
+    /// So an upstream that wins the race for one path cannot pull another
+    /// upstream's NAR file to itself by naming it in its own narinfo.
     #[inline]
     pub fn nar_upstream(&self, nar_key: &str, now: u64) -> Option<usize> {
         let key = self.nar_index_key(nar_key);
-        let slot = self.nars.get(&key)?;
-        if self.serves(slot, now) {
-            return Some(usize::from(slot.upstream));
+        let held = self.nars.get(&key)?;
+        if self.serves(held.slot, now) {
+            return Some(usize::from(held.slot.upstream));
         }
-        self.nars.remove_if(&key, |s| !self.serves(*s, now));
+        self.nars.remove_if(&key, |s| !self.serves(s.slot, now));
         None
     }
 
     /// Sends requests for the NAR `nar_key` to upstream slot `upstream`
     /// until `expires_at`, without a route (a debuginfo record naming a NAR
-    /// of the cache that served it). Memory only: the hint is not persisted.
-    pub fn pin_nar(&self, nar_key: &str, upstream: usize, expires_at: u64) {
+    /// of the cache that served it). Nothing verified the record, so the
+    /// pin only fills a free key: a live entry (a verified route's claim,
+    /// or an earlier pin) is never replaced. Memory only: the hint is not
+    /// persisted. Returns whether the pin was set.
+    pub fn pin_nar(&self, nar_key: &str, upstream: usize, expires_at: u64) -> bool {
         let Some(name) = self.names.get(upstream) else {
-            return;
+            return false;
         };
         if nar_key.is_empty() {
-            return;
+            return false;
         }
         let slot = Slot {
             expires_at: secs32(expires_at),
             upstream: upstream as u16,
             gen: name.gen.load(Ordering::Relaxed),
         };
-        self.nars.insert(self.nar_index_key(nar_key), slot);
+        self.claim_nar(nar_key, slot, NarClaim::Pin, crate::worker::unix_now())
+    }
+
+    /// NAR index writes refused so far: `(route claims, debuginfo pins)`.
+    pub fn nar_claims_refused(&self) -> (u64, u64) {
+        (
+            self.nar_claims.route_refused.load(Ordering::Relaxed),
+            self.nar_claims.pin_refused.load(Ordering::Relaxed),
+        )
     }
 
     /// Hashes of the live routes (negative entries left out), for ncro's
@@ -661,11 +717,59 @@ impl RouteTable {
         Ok(report)
     }
 
+    /// Stores a route's slot, and claims its NAR for its upstream (see
+    /// [`Self::nar_upstream`]). Callers hold a verified narinfo: a race
+    /// winner or a verified mesh merge ([`Self::store`]), or a route
+    /// written by one of those and loaded at start ([`Self::load`]).
     fn put(&self, key: RouteKey, slot: Slot, nar_key: &str) {
         if !nar_key.is_empty() {
-            self.nars.insert(self.nar_index_key(nar_key), slot);
+            self.claim_nar(nar_key, slot, NarClaim::Route, crate::worker::unix_now());
         }
         self.routes.insert(key, slot);
+    }
+
+    /// Writes `slot` for `nar_key` unless a live entry keeps the key: any
+    /// live entry refuses a pin; a live route claim naming another
+    /// upstream (slot and generation) refuses a route's claim. Atomic per
+    /// key (under the shard's lock), and never waits: a claim being written
+    /// by another thread at this instant is a live claim, and wins.
+    /// Returns whether `slot` was written.
+    fn claim_nar(&self, nar_key: &str, slot: Slot, claim: NarClaim, now: u64) -> bool {
+        let key = self.nar_index_key(nar_key);
+        let new = NarSlot {
+            slot,
+            pinned: claim == NarClaim::Pin,
+        };
+        let keeps = |held: NarSlot| {
+            let same = (held.slot.upstream, held.slot.gen) == (slot.upstream, slot.gen);
+            self.serves(held.slot, now)
+                && match claim {
+                    NarClaim::Pin => true,
+                    NarClaim::Route => !held.pinned && !same,
+                }
+        };
+        let update = |_: &NarKey, held: &mut NarSlot| {
+            if keeps(*held) {
+                EntryAction::Retain(false)
+            } else {
+                *held = new;
+                EntryAction::Retain(true)
+            }
+        };
+        let written = match self.nars.entry(&key, Some(Duration::ZERO), update) {
+            EntryResult::Retained(written) => written,
+            EntryResult::Vacant(guard) => guard.insert(new).is_ok(),
+            // Not returned for `Retain`; a placeholder of another writer.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => false,
+        };
+        if !written {
+            let refused = match claim {
+                NarClaim::Route => &self.nar_claims.route_refused,
+                NarClaim::Pin => &self.nar_claims.pin_refused,
+            };
+            refused.fetch_add(1, Ordering::Relaxed);
+        }
+        written
     }
 
     /// The slot naming `url` and its generation, read together so that a

@@ -300,6 +300,13 @@ impl Conn {
             if !valid_nar_path(path) {
                 return Ok(self.error(ctx, 400, "invalid NAR path\n", keep));
             }
+            // Its query and forwarded headers must be sendable as they are:
+            // refused here, a request no upstream could be sent never
+            // reaches one, nor counts against one's health.
+            if let Err(e) = nar::forwardable(req) {
+                tracing::debug!(path, error = %e, "NAR request cannot be forwarded; answered 400");
+                return Ok(self.error(ctx, 400, "request cannot be forwarded\n", keep));
+            }
             self.nar_failed = false;
             let started = std::time::Instant::now();
             // Boxed: the relay's state is large and only NAR requests need

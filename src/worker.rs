@@ -229,7 +229,8 @@ impl WorkerCtx {
             shared.tls.clone(),
             timeouts,
             Default::default(),
-        );
+        )
+        .with_pool_discards(metrics.pool_discards.clone());
         WorkerCtx {
             index,
             metrics,

@@ -33,7 +33,7 @@ use monoio_rustls::TlsConnector;
 
 pub use error::ClientError;
 pub use origin::{Origin, OriginError};
-pub use pool::PoolOptions;
+pub use pool::{PoolDiscards, PoolOptions};
 pub use relay::{RelayError, RelayMode};
 pub use response::Response;
 
@@ -46,8 +46,20 @@ use response::{decide_framing, parse_head, Body, Framing, Head, HeadParse};
 pub const BODY_BUF_SIZE: usize = 256 * 1024;
 /// Largest accepted response head (interim 1xx heads included).
 pub const MAX_HEAD: usize = 64 * 1024;
+/// Most bytes of an upstream request that may come from a client: the
+/// request target plus forwarded header fields (name, `: `, value, CRLF).
+/// The server refuses a request over it with 400 before any upstream is
+/// asked ([`Request::check_forwardable`]), so what it lets through fits
+/// [`MAX_REQUEST_HEAD`] with ncro's own fields, and a client's request can
+/// never make an upstream look faulty. Well above any NAR URL or side
+/// path; common servers refuse request lines over 8 KiB anyway.
+pub const MAX_FORWARDED: usize = 8 * 1024;
+/// Room for what ncro adds to a request head: method, the origin's path
+/// prefix, `Host`, `User-Agent`, `Accept`, `Authorization`, and an S3
+/// upstream's presigning query.
+const ORIGIN_HEAD_ROOM: usize = 8 * 1024;
 /// Largest request head we are willing to send.
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
+const MAX_REQUEST_HEAD: usize = MAX_FORWARDED + ORIGIN_HEAD_ROOM;
 const USER_AGENT: &str = concat!("ncro/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +105,27 @@ impl<'a> Request<'a> {
 
     pub fn with_headers(self, headers: &'a [(&'a str, &'a [u8])]) -> Self {
         Request { headers, ..self }
+    }
+
+    /// Whether this request, built from a client's, can be sent to any
+    /// upstream: the bytes [`LocalClient::send`] accepts, and at most
+    /// [`MAX_FORWARDED`] bytes from the client. The server calls it before
+    /// asking any upstream and answers 400 when it fails. (An S3 upstream
+    /// may still refuse a key it cannot encode; that is the request's
+    /// fault too: [`ClientError::is_request_fault`].)
+    pub fn check_forwardable(&self) -> Result<(), ClientError> {
+        self.validate()?;
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 4)
+            .sum();
+        if self.path.len() + fields > MAX_FORWARDED {
+            return Err(ClientError::InvalidRequest(
+                "request target and headers too large to forward",
+            ));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ClientError> {
@@ -178,8 +211,25 @@ impl LocalClient {
                 idle: RefCell::new(HashMap::new()),
                 buffers: RefCell::new(Vec::new()),
                 pipes: RefCell::new(Vec::new()),
+                discards: Arc::default(),
             }),
         }
+    }
+
+    /// Counts idle connections discarded at checkout in `discards` (shared
+    /// with `/metrics`) instead of a counter of its own. Call before the
+    /// client is cloned.
+    pub fn with_pool_discards(mut self, discards: Arc<PoolDiscards>) -> LocalClient {
+        match Rc::get_mut(&mut self.inner) {
+            Some(inner) => inner.discards = discards,
+            None => debug_assert!(false, "with_pool_discards on a shared client"),
+        }
+        self
+    }
+
+    /// Idle connections discarded at checkout so far (see [`PoolDiscards`]).
+    pub fn pool_discards(&self) -> &PoolDiscards {
+        &self.inner.discards
     }
 
     /// Sends `req` to `origin` and returns once the response head arrived.
@@ -250,10 +300,11 @@ impl LocalClient {
             .server_name()
             .cloned()
             .ok_or(ClientError::InvalidRequest("origin has no TLS server name"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
         match monoio::time::timeout(timeout, self.inner.tls.connect(name, tcp)).await {
             Err(_) => Err(ClientError::ConnectTimeout),
             Ok(Err(e)) => Err(ClientError::Tls(e.into())),
-            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls), fd)),
         }
     }
 
@@ -455,6 +506,42 @@ mod tests {
         let long = "/".repeat(MAX_REQUEST_HEAD);
         let mut buf = Vec::new();
         assert!(encode_request(&mut buf, &o, &Request::head(&long)).is_err());
+    }
+
+    #[test]
+    fn what_passes_the_forwarding_check_can_be_sent() {
+        // The most a client may put in: target plus forwarded fields.
+        let value = vec![b'x'; 1000];
+        let headers = [("If-None-Match", &value[..])];
+        let fields = "If-None-Match".len() + value.len() + 4;
+        let path = format!("/nar/x.nar?{}", "a".repeat(MAX_FORWARDED - fields - 11));
+        let req = Request::get(&path).with_headers(&headers);
+        req.check_forwardable().expect("exactly at the limit");
+        // A long origin prefix and credentials still fit beside it.
+        let prefix = "p".repeat(1024);
+        let url = format!("https://cache.example.org:8443/{prefix}/");
+        let secret = "s".repeat(2048);
+        let o = Origin::parse(&url, Some(("user", Some(secret.as_str())))).expect("origin");
+        let mut buf = Vec::new();
+        encode_request(&mut buf, &o, &req).expect("fits MAX_REQUEST_HEAD");
+        // One byte more is refused up front, as the server refuses it.
+        let over = format!("{path}a");
+        let req = Request::get(&over).with_headers(&headers);
+        assert!(matches!(
+            req.check_forwardable(),
+            Err(e) if e.is_request_fault()
+        ));
+        // Bytes the client would refuse to send: refused up front too.
+        for bad in ["/nar/x.nar?\u{e9}", "/nar/x.nar?a b", "/nar/x\x7f", "nar/x"] {
+            let e = Request::get(bad).check_forwardable().unwrap_err();
+            assert!(e.is_request_fault(), "{bad}: {e}");
+        }
+        let bad_value = [("Range", &b"bytes=0-\x01"[..])];
+        let e = Request::get("/nar/x.nar")
+            .with_headers(&bad_value)
+            .check_forwardable()
+            .unwrap_err();
+        assert!(e.is_request_fault());
     }
 
     #[test]

@@ -5,8 +5,14 @@
 //! signature, body, then the timestamp (inside the window around
 //! now, and newer than the last accepted from that sender). Nothing about
 //! the body is believed before the signature verified.
+//!
+//! Memory is bounded: configured peers are few and always tracked;
+//! self-signed strangers (`allow_unauthenticated`) are tracked up to
+//! [`MAX_TRACKED`], the oldest-inserted forgotten first in O(1). Replay
+//! protection stays sound for the forgotten ones through a floor: see
+//! [`Trust::fresh`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -54,17 +60,27 @@ pub struct Accepted {
     pub announce: Announce,
 }
 
-/// Senders tracked before stale ones are forgotten (only reachable with
-/// `allow_unauthenticated`, where any key may send).
+/// Unlisted senders tracked at most (only reachable with
+/// `allow_unauthenticated`, where any key may send); a new one beyond it
+/// makes the oldest-inserted one forgotten.
 const MAX_TRACKED: usize = 4096;
 
 pub struct Trust {
-    listed: HashSet<[u8; KEY_LEN]>,
+    /// Configured peers' keys, each with the timestamp of the last message
+    /// accepted from it. Bounded by the configuration; never forgotten.
+    listed: HashMap<[u8; KEY_LEN], Option<i64>>,
     /// Accept any sender whose packet verifies under its own key.
     open: bool,
     window_ns: i64,
-    /// Timestamp of the last accepted message per sender.
-    last: HashMap<[u8; KEY_LEN], i64>,
+    /// Timestamp of the last accepted message per unlisted sender; at most
+    /// [`MAX_TRACKED`].
+    strangers: HashMap<[u8; KEY_LEN], i64>,
+    /// The keys of `strangers` in the order they were first tracked, each
+    /// once: the front is the next to forget.
+    order: VecDeque<[u8; KEY_LEN]>,
+    /// The newest last-accepted timestamp of any forgotten stranger: an
+    /// untracked sender must send something newer.
+    floor: i64,
 }
 
 impl Trust {
@@ -76,10 +92,12 @@ impl Trust {
         window: Duration,
     ) -> Trust {
         Trust {
-            listed: listed.into_iter().collect(),
+            listed: listed.into_iter().map(|k| (k, None)).collect(),
             open,
             window_ns: i64::try_from(window.as_nanos()).unwrap_or(i64::MAX),
-            last: HashMap::new(),
+            strangers: HashMap::new(),
+            order: VecDeque::new(),
+            floor: i64::MIN,
         }
     }
 
@@ -89,7 +107,7 @@ impl Trust {
             return Err(Reject::Oversized);
         }
         let d = Datagram::split(packet).map_err(|_| Reject::Malformed)?;
-        let listed = self.listed.contains(&d.sender);
+        let listed = self.listed.contains_key(&d.sender);
         if !listed && !self.open {
             return Err(Reject::UnknownSender);
         }
@@ -107,20 +125,52 @@ impl Trust {
         })
     }
 
+    /// Accepts `ts` from `sender` if it is inside the window around
+    /// `now_ns` and newer than anything accepted from `sender`, and
+    /// remembers it. O(1): one or two hash lookups, at most one eviction.
+    ///
+    /// Forgetting a stranger (the table is full and a new one arrives)
+    /// must not let its old packets in again: its last timestamp raises
+    /// [`Self::floor`], and a sender not in the table is accepted only
+    /// with a timestamp above the floor. Every packet a forgotten sender
+    /// ever had accepted is at or below its last timestamp, so none can be
+    /// replayed, and the senders still tracked keep their own exact
+    /// threshold. The price is paid only while more than [`MAX_TRACKED`]
+    /// strangers send inside one window (a flood): a stranger new to the
+    /// table, or forgotten, is then refused (`replayed`) until its clock
+    /// passes the newest timestamp forgotten, at most one window later.
+    /// Configured peers are tracked apart and never forgotten, so a flood
+    /// of self-signed keys cannot touch them.
     fn fresh(&mut self, sender: [u8; KEY_LEN], ts: i64, now_ns: i64) -> Result<(), Reject> {
         if ts.abs_diff(now_ns) > self.window_ns.unsigned_abs() {
             return Err(Reject::Replayed);
         }
-        if self.last.get(&sender).is_some_and(|&last| ts <= last) {
+        if let Some(last) = self.listed.get_mut(&sender) {
+            if last.is_some_and(|last| ts <= last) {
+                return Err(Reject::Replayed);
+            }
+            *last = Some(ts);
+            return Ok(());
+        }
+        if let Some(last) = self.strangers.get_mut(&sender) {
+            if ts <= *last {
+                return Err(Reject::Replayed);
+            }
+            *last = ts;
+            return Ok(());
+        }
+        if ts <= self.floor {
             return Err(Reject::Replayed);
         }
-        if self.last.len() >= MAX_TRACKED && !self.last.contains_key(&sender) {
-            // A sender last heard before the window opened cannot be
-            // replayed anyway: any packet of its past is outside the window.
-            let horizon = now_ns.saturating_sub(self.window_ns);
-            self.last.retain(|_, &mut last| last > horizon);
+        if self.strangers.len() >= MAX_TRACKED {
+            if let Some(oldest) = self.order.pop_front() {
+                if let Some(last) = self.strangers.remove(&oldest) {
+                    self.floor = self.floor.max(last);
+                }
+            }
         }
-        self.last.insert(sender, ts);
+        self.strangers.insert(sender, ts);
+        self.order.push_back(sender);
         Ok(())
     }
 }
@@ -257,6 +307,85 @@ mod tests {
             let now = NOW + (i as i64) * (w / 100);
             t.check(&packet(&k, now), now).unwrap();
         }
-        assert!(t.last.len() <= MAX_TRACKED, "{}", t.last.len());
+        assert!(t.strangers.len() <= MAX_TRACKED, "{}", t.strangers.len());
+    }
+
+    /// A sender key that is only ever seen by `fresh` (no signature needed).
+    fn sender(i: u64) -> [u8; KEY_LEN] {
+        let mut k = [0xa5; KEY_LEN];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        k
+    }
+
+    #[test]
+    fn ten_thousand_fresh_senders_in_one_window_stay_under_the_cap() {
+        let mut t = trust(true);
+        for i in 0..10_000u64 {
+            // All inside one window: nobody has aged out.
+            t.fresh(sender(i), NOW + i as i64, NOW).unwrap();
+            assert!(t.strangers.len() <= MAX_TRACKED, "after {i}");
+            assert_eq!(t.order.len(), t.strangers.len(), "after {i}");
+        }
+        assert_eq!(t.strangers.len(), MAX_TRACKED);
+        // The oldest-inserted were forgotten; the newest are tracked.
+        assert!(!t.strangers.contains_key(&sender(0)));
+        assert!(t.strangers.contains_key(&sender(9_999)));
+    }
+
+    #[test]
+    fn forgotten_senders_cannot_be_replayed_and_tracked_ones_keep_their_own_threshold() {
+        let mut t = trust(true);
+        let peer = *key(1).verifying_key().as_bytes();
+        t.fresh(peer, NOW, NOW).unwrap();
+        t.fresh(sender(0), NOW + 5, NOW).unwrap();
+        // A flood of strangers forgets sender 0, never the listed peer.
+        for i in 1..=MAX_TRACKED as u64 {
+            t.fresh(sender(i), NOW + 10, NOW).unwrap();
+        }
+        assert!(!t.strangers.contains_key(&sender(0)), "forgotten");
+        assert_eq!(t.fresh(sender(0), NOW + 5, NOW), Err(Reject::Replayed));
+        assert_eq!(t.fresh(sender(0), NOW + 3, NOW), Err(Reject::Replayed));
+        assert_eq!(t.fresh(peer, NOW, NOW), Err(Reject::Replayed));
+        assert!(t.fresh(peer, NOW + 1, NOW).is_ok(), "peers keep their own");
+        // A tracked sender is judged by its own last timestamp only.
+        assert_eq!(
+            t.fresh(sender(MAX_TRACKED as u64), NOW + 10, NOW),
+            Err(Reject::Replayed)
+        );
+        assert!(t.fresh(sender(MAX_TRACKED as u64), NOW + 11, NOW).is_ok());
+        // Past the newest forgotten timestamp, sender 0 is welcome again.
+        assert!(t.fresh(sender(0), NOW + 6, NOW).is_ok());
+    }
+
+    #[test]
+    fn per_sender_cost_does_not_grow_with_the_table() {
+        // The fastest of several batches of new senders into a small
+        // table, and into a full one that must forget one per sender.
+        // With a scan of the table per new sender (as before), the second
+        // is hundreds of times slower; O(1) keeps them within noise.
+        fn fastest_batch(t: &mut Trust, from: u64) -> std::time::Duration {
+            (0..8u64)
+                .map(|b| {
+                    let started = std::time::Instant::now();
+                    for i in 0..100 {
+                        let n = from + b * 100 + i;
+                        t.fresh(sender(n), NOW + n as i64, NOW).unwrap();
+                    }
+                    started.elapsed()
+                })
+                .min()
+                .unwrap()
+        }
+        let mut t = trust(true);
+        let small = fastest_batch(&mut t, 0);
+        for i in 800..10_000u64 {
+            t.fresh(sender(i), NOW + i as i64, NOW).unwrap();
+        }
+        assert_eq!(t.strangers.len(), MAX_TRACKED);
+        let full = fastest_batch(&mut t, 10_000);
+        assert!(
+            full <= small * 20 + std::time::Duration::from_micros(200),
+            "100 new senders: {small:?} into a small table, {full:?} into a full one"
+        );
     }
 }

@@ -11,6 +11,7 @@ use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
     ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS, SHED_REASONS,
 };
+use crate::http::client::PoolDiscards;
 use crate::route::RouteTable;
 
 /// Cross-thread state sampled at scrape time.
@@ -298,6 +299,24 @@ fn upstream_families(b: &mut Builder) {
         "Upstream narinfos rejected for their signature.",
         |w| &w.bad_signatures,
     );
+    let discards = PoolDiscards::REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| {
+            let v =
+                b.m.workers
+                    .iter()
+                    .map(|w| w.pool_discards.counts()[i])
+                    .sum();
+            counter_metric(&[("reason", reason)], v)
+        })
+        .collect();
+    b.out.push(family(
+        "ncro_upstream_pool_discards_total",
+        "Idle upstream connections closed at checkout instead of reused: unsolicited bytes had arrived, or the upstream had closed it.",
+        MetricType::COUNTER,
+        discards,
+    ));
     let race = vec![histogram_metric(
         &[],
         b.m.workers.iter().map(|w| &w.race_latency),
@@ -478,6 +497,16 @@ fn state_families(b: &mut Builder) {
         "1 while routes are not persisted (database not opened, or the last write failed).",
         MetricType::GAUGE,
         vec![gauge_metric(&[], f64::from(u8::from(degraded)))],
+    ));
+    let (routes, pins) = g.routes.nar_claims_refused();
+    b.out.push(family(
+        "ncro_route_nar_claims_refused_total",
+        "NAR index writes refused because a live entry kept the NAR for another upstream, by source (route: a verified narinfo's URL; debuginfo: a debuginfo record's archive).",
+        MetricType::COUNTER,
+        vec![
+            counter_metric(&[("source", "route")], routes),
+            counter_metric(&[("source", "debuginfo")], pins),
+        ],
     ));
     let Some(w) = g.routes.writer() else { return };
     let gauge = |name: &str, help: &str, v: u64| {

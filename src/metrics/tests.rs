@@ -133,6 +133,8 @@ fn every_race_outcome_has_its_own_label() {
         FailKind::OtherStatus(401),
         FailKind::Protocol,
         FailKind::TooLarge,
+        FailKind::Auth,
+        FailKind::Request,
     ] {
         results.push(AttemptResult::Failed(f));
     }

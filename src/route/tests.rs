@@ -113,7 +113,81 @@ fn insert_replaces_existing_route() {
     t.insert(hash(1), entry(B, "nar/x", 100));
     assert_eq!(hit(t.get(&hash(1), 0)).unwrap().upstream, 1);
     assert_eq!(t.len(), 1);
+    // A's NAR claim had expired (by the clock) when B's narinfo came.
     assert_eq!(t.nar_upstream("nar/x", 0), Some(1));
+}
+
+/// An expiry this far past the wall clock (NAR claims are judged live or
+/// not by the clock).
+fn live(secs: u64) -> u64 {
+    crate::worker::unix_now() + secs
+}
+
+#[test]
+fn a_live_nar_claim_is_never_taken_by_another_upstream() {
+    let t = table(100, None);
+    let now = crate::worker::unix_now();
+    // A's verified narinfo for P names P's NAR file first.
+    t.insert(hash(1), entry(A, "nar/p.nar.xz", live(100)));
+    // B wins the race for Q with a narinfo naming the same file (the URL
+    // field is not signed): Q's route is B's, P's NAR stays A's.
+    t.insert(hash(2), entry(B, "/nar/p.nar.xz?steer=1", live(100)));
+    assert_eq!(hit(t.get(&hash(2), now)).unwrap().upstream, 1);
+    assert_eq!(t.nar_upstream("nar/p.nar.xz", now), Some(0));
+    // Through the mesh too (a verified merge stores the same way).
+    t.insert_from_peer(hash(3), entry(B, "nar/p.nar.xz", live(300)));
+    assert_eq!(t.nar_upstream("nar/p.nar.xz", now), Some(0));
+    assert_eq!(t.nar_claims_refused(), (2, 0));
+    // The claimant itself refreshes it: still A's after its first expiry.
+    t.insert(hash(4), entry(A, "nar/p.nar.xz", live(200)));
+    assert_eq!(t.nar_upstream("nar/p.nar.xz", now + 150), Some(0));
+    assert_eq!(t.nar_claims_refused(), (2, 0));
+}
+
+#[test]
+fn an_expired_or_reassigned_nar_claim_is_free_again() {
+    const C: &str = "http://c";
+    let t = table(100, None).with_slot_capacity(3);
+    let now = crate::worker::unix_now();
+    t.insert(hash(1), entry(A, "nar/old", now - 1));
+    t.insert(hash(2), entry(B, "nar/old", live(100)));
+    assert_eq!(t.nar_upstream("nar/old", now), Some(1), "expired: free");
+    t.assign(2, &Arc::from(C));
+    t.insert(hash(3), entry(C, "nar/moved", live(100)));
+    assert_eq!(t.nar_upstream("nar/moved", now), Some(2));
+    // Slot 2 now names another URL: C's claim no longer holds the key.
+    t.assign(2, &Arc::from("http://d"));
+    t.insert(hash(4), entry(A, "nar/moved", live(100)));
+    assert_eq!(t.nar_upstream("nar/moved", now), Some(0));
+    assert_eq!(t.nar_claims_refused(), (0, 0));
+}
+
+#[test]
+fn debuginfo_pins_only_fill_free_nar_keys() {
+    let t = table(100, None);
+    let now = crate::worker::unix_now();
+    t.insert(hash(1), entry(A, "nar/p.nar.xz", live(100)));
+    // A pin never replaces a live claim, whoever holds it.
+    assert!(!t.pin_nar("nar/p.nar.xz", 1, live(100)));
+    assert!(!t.pin_nar("nar/p.nar.xz", 0, live(500)));
+    assert_eq!(t.nar_upstream("nar/p.nar.xz", now), Some(0));
+    assert_eq!(
+        t.nar_upstream("nar/p.nar.xz", now + 200),
+        None,
+        "not extended"
+    );
+    // A free key takes a pin, and then no other pin.
+    assert!(t.pin_nar("nar/dbg.nar.xz", 1, live(100)));
+    assert!(!t.pin_nar("nar/dbg.nar.xz", 0, live(100)));
+    assert_eq!(t.nar_upstream("nar/dbg.nar.xz", now), Some(1));
+    assert_eq!(t.nar_claims_refused(), (0, 3));
+    // A verified narinfo naming the file outranks the pin.
+    t.insert(hash(2), entry(A, "nar/dbg.nar.xz", live(100)));
+    assert_eq!(t.nar_upstream("nar/dbg.nar.xz", now), Some(0));
+    // And an expired claim is free for a pin.
+    t.insert(hash(3), entry(B, "nar/gone", now - 1));
+    assert!(t.pin_nar("nar/gone", 0, live(100)));
+    assert_eq!(t.nar_upstream("nar/gone", now), Some(0));
 }
 
 #[test]
@@ -259,6 +333,32 @@ fn load_fills_routes_without_bodies_and_negatives_win() {
     assert!(t.get(&hash(3), 100).is_none());
     assert_eq!(t.get(&hash(4), 100), Some(Cached::Negative));
     assert_eq!(t.nar_upstream("nar/2", 100), Some(1));
+}
+
+#[test]
+fn loaded_routes_claim_nars_like_races_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // Both rows name one NAR file: the first row loaded claims it.
+    let path = database(
+        &dir,
+        vec![
+            WriteOp::Route(hash(1), stored(B, "nar/same", 10)),
+            WriteOp::Route(hash(2), stored(A, "nar/same", 30)),
+        ],
+    );
+    let db = open(&path).unwrap();
+    let t = table(100, None);
+    let now = crate::worker::unix_now();
+    assert_eq!(t.load(&db, now).unwrap().routes, 2);
+    assert_eq!(t.get(&hash(1), now), Some(Cached::Cold { upstream: 1 }));
+    assert_eq!(t.get(&hash(2), now), Some(Cached::Cold { upstream: 0 }));
+    let held = t.nar_upstream("nar/same", now).expect("claimed");
+    assert_eq!(t.nar_claims_refused(), (1, 0));
+    // A race result of the other upstream after the start changes nothing.
+    let other = if held == 0 { B } else { A };
+    t.insert(hash(3), entry(other, "nar/same", live(100)));
+    assert_eq!(t.nar_upstream("nar/same", now), Some(held));
+    assert_eq!(t.nar_claims_refused(), (2, 0));
 }
 
 #[test]

@@ -14,7 +14,8 @@
 //! - A `debuginfo` answer points at a NAR *of the cache that wrote it*
 //!   (`archive: "../nar/…"`): its NAR key is pinned in the NAR index to the
 //!   upstream that answered, so the client's next request (that NAR) goes
-//!   to the same upstream.
+//!   to the same upstream. Nothing signs the record, so a pin only fills a
+//!   NAR key nobody holds: it never replaces a live entry.
 //!
 //! Bodies are streamed with the upstream client's bounded-buffer relay;
 //! only a debuginfo answer (a small JSON) is read into memory.
@@ -80,6 +81,14 @@ pub async fn serve(
         path: req.path,
         headers: &[],
     };
+    // `classify` already admits only what Nix writes; this keeps the rule
+    // in one place: nothing is asked upstream that could not be sent.
+    if let Err(e) = up_req.check_forwardable() {
+        tracing::debug!(path = req.path, error = %e, "side path cannot be forwarded");
+        ctx.metrics
+            .endpoint_finished(label, EndpointResult::BadRequest);
+        return Ok(conn.error(ctx, 400, "invalid path\n", keep));
+    }
     let fetched = fetch::fetch(ctx, routed(ctx, &target), up_req).await;
     let keep = keep && !ctx.drain.is_fired();
     let (after, result) = respond(conn, ctx, req, target.kind, fetched, keep).await?;
@@ -197,7 +206,11 @@ fn pin_archive(ctx: &WorkerCtx, body: &[u8], upstream: usize) {
         return;
     }
     let expires_at = unix_now() + ctx.shared.config.cache.ttl.as_secs();
-    ctx.shared.routes.pin_nar(&key, upstream, expires_at);
+    // Nothing verified the record: it only fills a free key, never moves
+    // a NAR another upstream's narinfo (or an earlier pin) claimed.
+    if !ctx.shared.routes.pin_nar(&key, upstream, expires_at) {
+        tracing::debug!(nar = %key, upstream, "debuginfo archive names a NAR already routed; not pinned");
+    }
 }
 
 /// The NAR index key of a debuginfo record's `archive`, resolved against

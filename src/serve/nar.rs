@@ -75,27 +75,8 @@ pub async fn serve(
         .routing
         .nar_order(routed, std::time::Instant::now());
 
-    let mut fwd: Vec<(&str, &[u8])> = Vec::with_capacity(4);
-    for (name, v) in [
-        ("Range", req.range),
-        ("If-Range", req.if_range),
-        ("If-None-Match", req.if_none_match),
-        ("If-Modified-Since", req.if_modified_since),
-    ] {
-        if let Some(v) = v {
-            fwd.push((name, v));
-        }
-    }
-    let method = if req.method == Method::Head {
-        UpMethod::Head
-    } else {
-        UpMethod::Get
-    };
-    let up_req = UpRequest {
-        method,
-        path: req.target,
-        headers: &fwd,
-    };
+    let fwd = forwarded_headers(req);
+    let up_req = upstream_request(req, &fwd);
     let mut failures = Failures::default();
     let mut order = order.into_iter();
     while let Some(i) = order.next() {
@@ -118,7 +99,11 @@ pub async fn serve(
             }
             Err(e) => {
                 failures.error(&e);
-                ctx.shared.routing.failed(i, fail_kind(&e));
+                // A request this upstream cannot take (an S3 key it cannot
+                // encode) says nothing about its health.
+                if !e.is_request_fault() {
+                    ctx.shared.routing.failed(i, fail_kind(&e));
+                }
                 tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
             }
         }
@@ -128,6 +113,46 @@ pub async fn serve(
         404 => conn.error(ctx, 404, "not found\n", keep),
         s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
     })
+}
+
+/// The client's header fields that go upstream with a NAR request.
+fn forwarded_headers<'a>(req: &Request<'a>) -> Vec<(&'static str, &'a [u8])> {
+    let mut fwd = Vec::with_capacity(4);
+    for (name, v) in [
+        ("Range", req.range),
+        ("If-Range", req.if_range),
+        ("If-None-Match", req.if_none_match),
+        ("If-Modified-Since", req.if_modified_since),
+    ] {
+        if let Some(v) = v {
+            fwd.push((name, v));
+        }
+    }
+    fwd
+}
+
+/// The request sent upstream for a client's NAR request: its target
+/// (query included) and the [`forwarded_headers`].
+fn upstream_request<'a>(req: &Request<'a>, fwd: &'a [(&'a str, &'a [u8])]) -> UpRequest<'a> {
+    let method = if req.method == Method::Head {
+        UpMethod::Head
+    } else {
+        UpMethod::Get
+    };
+    UpRequest {
+        method,
+        path: req.target,
+        headers: fwd,
+    }
+}
+
+/// Whether a NAR request can be forwarded exactly as the upstream client
+/// would send it (bytes and size of its target and forwarded headers).
+/// Checked before any upstream is asked: a request ncro cannot forward is
+/// the client's fault (400), never an upstream failure.
+pub fn forwardable(req: &Request<'_>) -> Result<(), ClientError> {
+    let fwd = forwarded_headers(req);
+    upstream_request(req, &fwd).check_forwardable()
 }
 
 /// What the upstreams that did not serve a NAR said, folded into the

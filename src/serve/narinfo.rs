@@ -388,6 +388,8 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
         "reset" | "io" | "aborted" => FailKind::Reset,
         "too_large" => FailKind::TooLarge,
         "auth" => FailKind::Auth,
+        // Never the upstream's fault: no cooldown (`limits::is_transport`).
+        "request" => FailKind::Request,
         _ => FailKind::Protocol,
     }
 }

@@ -68,6 +68,9 @@ enum Reply {
     SendClose(Vec<u8>),
     /// Write the bytes, then neither answer nor close until the client does.
     SendHang(Vec<u8>),
+    /// Write the first bytes, wait, write the second (unasked for), then
+    /// wait for the next request on this connection.
+    SendThen(Vec<u8>, Duration, Vec<u8>),
 }
 
 type Handler = dyn Fn(&str) -> Reply + Send + Sync;
@@ -169,6 +172,15 @@ fn serve_conn(mut conn: TcpStream, handler: &Handler, heads: &Mutex<Vec<String>>
                 let mut sink = [0u8; 1024];
                 while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
                 return;
+            }
+            Reply::SendThen(first, wait, second) => {
+                if conn.write_all(&first).is_err() {
+                    return;
+                }
+                thread::sleep(wait);
+                if conn.write_all(&second).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -466,6 +478,67 @@ async fn stale_pooled_connection_is_retried() {
 }
 both_drivers!(stale_pooled_connection_is_retried: stale_retry_fusion, stale_retry_legacy);
 
+async fn unsolicited_bytes_are_never_read_as_the_next_response() {
+    // After a HEAD answer, a 204 and a complete body, the upstream sends a
+    // whole fake response nobody asked for while the connection idles in
+    // the pool. Each next request must get its own answer, on a fresh
+    // connection.
+    const FORGED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged";
+    let server = Server::start(|head| {
+        let later = Duration::from_millis(20);
+        let path = head.split(' ').nth(1).unwrap_or_default();
+        match path {
+            "/head" => Reply::SendThen(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n".to_vec(),
+                later,
+                FORGED.to_vec(),
+            ),
+            "/204" => Reply::SendThen(
+                b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                later,
+                FORGED.to_vec(),
+            ),
+            "/body" => Reply::SendThen(with_length(b"body"), later, FORGED.to_vec()),
+            _ => Reply::Send(with_length(b"real")),
+        }
+    });
+    let c = client();
+    let o = origin(&server.url());
+    // Each answer is complete, so its connection goes to the pool, where
+    // the forged bytes arrive 20 ms later, before the next checkout.
+    let settle = || monoio::time::sleep(Duration::from_millis(150));
+    let head = c.send(&o, &Request::head("/head")).await.expect("head");
+    assert!(head.is_complete());
+    drop(head);
+    settle().await;
+    assert_eq!(c.idle_connections(&o), 1);
+    let resp = get(&c, &o, "/204").await.expect("204");
+    assert_eq!(resp.status(), 204, "the answer to this request");
+    drop(resp);
+    settle().await;
+    let body = get(&c, &o, "/body")
+        .await
+        .expect("resp")
+        .read_to_end(100)
+        .await;
+    assert_eq!(&body.expect("body")[..], b"body");
+    settle().await;
+    for round in 0..3 {
+        let body = get(&c, &o, "/real")
+            .await
+            .expect("resp")
+            .read_to_end(100)
+            .await;
+        assert_eq!(&body.expect("body")[..], b"real", "round {round}");
+    }
+    assert_eq!(c.pool_discards().counts(), [3, 0], "unsolicited, eof");
+    assert_eq!(server.accepted(), 4, "a fresh connection each time");
+}
+both_drivers!(
+    unsolicited_bytes_are_never_read_as_the_next_response: unsolicited_fusion,
+    unsolicited_legacy
+);
+
 async fn idle_timeout_mid_body() {
     let mut reply = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec();
     reply.extend_from_slice(&[7u8; 10]);
@@ -755,16 +828,15 @@ fn relay_never_forwards_bytes_past_the_body() {
             let (result, seen) = relay(&mut resp, mode).await;
             assert_eq!(result.expect("relay"), body.len() as u64, "{mode:?}");
             assert!(seen == body, "{mode:?} forwarded bytes past the body");
-            // The junk is still unread in the socket; the next request on
-            // this connection fails loudly instead of returning it as data.
+            // The junk is still unread in the socket: the connection is
+            // discarded at the next checkout, never read as an answer.
             drop(resp);
-            let next = get(&c, &o, "/").await;
-            assert!(
-                matches!(next, Err(ClientError::Protocol(_))),
-                "{mode:?}: {next:?}"
-            );
         }
+        let next = get(&c, &o, "/").await.expect("a fresh connection");
+        assert_eq!(next.status(), 200);
+        assert!(c.pool_discards().counts()[0] >= 1, "the junk was seen");
     });
+    assert_eq!(server.accepted(), 3, "no connection with junk was reused");
 }
 
 #[test]

@@ -116,6 +116,10 @@ pub enum Fault {
     EnormousHeaders,
     /// Ignore `Range` (always 200, full body) and omit `Accept-Ranges`.
     NoRanges,
+    /// The normal answer, then, this long after it, these bytes that no
+    /// request asked for (a fake response head, say); the connection stays
+    /// open and serves later requests after them.
+    Unsolicited(Duration, Vec<u8>),
     /// Wait this long before the head, then keep evaluating later rules.
     Delay(Duration),
     /// Apply the fault only to the n-th (1-based) request this rule matched.

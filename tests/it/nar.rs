@@ -70,6 +70,42 @@ fn nar_comes_from_the_upstream_that_served_the_narinfo() {
 }
 
 #[test]
+fn a_narinfo_cannot_pull_another_upstreams_nar_file_to_its_upstream() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::new("held-by-the-upper-tier");
+    let q = TestPath::new("names-p-file");
+    let p_url = p.nar_request_path();
+    // The lower tier's narinfo for Q is validly signed, but its URL (which
+    // no signature covers) names P's NAR file, where it serves other bytes.
+    let q_narinfo = q.narinfo(&[&k]).replace(&q.nar_url(), &p.nar_url());
+    let upper = FakeUpstream::builder().path(&p, &k).start();
+    let lower = FakeUpstream::builder()
+        .narinfo(&q.hash, q_narinfo)
+        .file(&p_url, b"not the NAR of P".to_vec())
+        .start();
+    let (ncro, ups, _db) = front(vec![(10, upper), (20, lower)], &k, &[]);
+    let (upper, lower) = (&ups[0], &ups[1]);
+
+    assert_eq!(ncro.get(&p.narinfo_request_path()).status, 200);
+    let r = ncro.get(&q.narinfo_request_path());
+    assert_eq!(r.status, 200, "{}", ncro.logs());
+    assert!(r.text().contains(&format!("URL: {}\n", p.nar_url())));
+    assert_eq!(lower.request_count(&q.narinfo_request_path()), 1);
+
+    // P's NAR is asked of the upstream whose narinfo named it first.
+    let nar = ncro.get(&p_url);
+    assert_eq!(nar.status, 200);
+    assert!(nar.body == p.nar, "P's NAR, from the upper tier");
+    assert_eq!(
+        (nar_requests(upper, &p_url), nar_requests(lower, &p_url)),
+        (1, 0)
+    );
+    let page = ncro.get("/metrics").text();
+    let refused = "ncro_route_nar_claims_refused_total{source=\"route\"}";
+    assert_eq!(crate::server::metric(&page, refused), Some(1));
+}
+
+#[test]
 fn unrouted_nar_falls_back_in_priority_order() {
     let k = TestKey::generate("k-1");
     let p = TestPath::new("fallback");

@@ -85,6 +85,14 @@ impl ClientError {
         }
     }
 
+    /// The request could not be built or sent as asked (a byte or a size
+    /// the client refuses, a path S3 cannot take): the request's fault,
+    /// never the upstream's. Such an error must not count against the
+    /// upstream's health (cooldown, failure counters).
+    pub fn is_request_fault(&self) -> bool {
+        self.kind() == "request"
+    }
+
     pub fn is_timeout(&self) -> bool {
         self.kind() == "timeout"
     }

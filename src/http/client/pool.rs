@@ -4,12 +4,13 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio_rustls::TlsConnector;
 
-use super::conn::Stream;
+use super::conn::{IdleState, Stream};
 use super::splice::SplicePipe;
 use super::{ClientTimeouts, BODY_BUF_SIZE};
 use crate::http::resolve::Resolver;
@@ -36,6 +37,30 @@ impl Default for PoolOptions {
     }
 }
 
+/// Idle connections closed at checkout instead of reused, by why; read at
+/// scrape time (`ncro_upstream_pool_discards_total`). One writer: the
+/// worker whose client holds it.
+#[derive(Debug, Default)]
+pub struct PoolDiscards {
+    unsolicited: AtomicU64,
+    eof: AtomicU64,
+}
+
+impl PoolDiscards {
+    /// Every `reason` label, in the order of [`Self::counts`].
+    pub const REASONS: [&'static str; 2] = ["unsolicited", "eof"];
+
+    /// `[unsolicited, eof]`: the upstream had sent bytes nobody asked
+    /// for, or had closed (or reset) the connection.
+    pub fn counts(&self) -> [u64; 2] {
+        [self.unsolicited.load(Relaxed), self.eof.load(Relaxed)]
+    }
+
+    fn count(&self, c: &AtomicU64) {
+        c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+}
+
 pub(super) struct IdleConn {
     pub(super) stream: Stream,
     pub(super) since: Instant,
@@ -51,17 +76,29 @@ pub(super) struct Inner {
     pub(super) buffers: RefCell<Vec<Vec<u8>>>,
     /// Only fully drained pipes come back here.
     pub(super) pipes: RefCell<Vec<SplicePipe>>,
+    pub(super) discards: Arc<PoolDiscards>,
 }
 
 impl Inner {
+    /// An idle connection to `key` that is still open and has nothing
+    /// unread. Each candidate is checked with one non-blocking peek
+    /// ([`Stream::idle_state`]): bytes an upstream sent after its last
+    /// answer was complete would otherwise be parsed as the answer to the
+    /// next request, so such a connection is closed, as is one the
+    /// upstream closed, and counted in [`PoolDiscards`].
     pub(super) fn checkout(&self, key: &str) -> Option<Stream> {
         let mut idle = self.idle.borrow_mut();
         let queue = idle.get_mut(key)?;
         // Most recently used first: the warmest connection is least likely
         // to have been closed by the upstream.
         while let Some(conn) = queue.pop_back() {
-            if conn.since.elapsed() < self.pool.idle_expiry {
-                return Some(conn.stream);
+            if conn.since.elapsed() >= self.pool.idle_expiry {
+                continue;
+            }
+            match conn.stream.idle_state() {
+                IdleState::Quiet => return Some(conn.stream),
+                IdleState::Unsolicited => self.discards.count(&self.discards.unsolicited),
+                IdleState::Closed => self.discards.count(&self.discards.eof),
             }
         }
         None

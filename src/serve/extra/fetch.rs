@@ -12,7 +12,9 @@ use std::cell::RefCell;
 use bytes::Bytes;
 
 use crate::http::client::{Request as UpRequest, Response as UpResponse};
-use crate::race::{self, Attempt, AttemptResult, Candidate, Outcome, RaceConfig, Verdict};
+use crate::race::{
+    self, Attempt, AttemptResult, Candidate, FailKind, Outcome, RaceConfig, Verdict,
+};
 use crate::serve::narinfo::{discard_body, fail_kind};
 use crate::upstream::{RacePlan, UpstreamSet};
 use crate::worker::WorkerCtx;
@@ -123,9 +125,12 @@ async fn race_heads(
     let judge = |i: usize, _: &Bytes| Verdict::Accept(i);
     let report = |i: usize, rep: &race::AttemptReport| {
         // Only cooldowns: latency EMAs stay fed by narinfo races alone, and
-        // the narinfo attempt counters keep counting narinfo requests.
+        // the narinfo attempt counters keep counting narinfo requests. A
+        // request the upstream could not be sent is no failure of its own.
         if let AttemptResult::Failed(kind) = rep.result {
-            routing.failed(i, kind);
+            if kind != FailKind::Request {
+                routing.failed(i, kind);
+            }
             tracing::debug!(upstream = %set.list[i].url, path = req.path, result = kind.label(), "side-path attempt gave no answer");
         }
     };

@@ -176,7 +176,9 @@ pub async fn resume(
         let mut resp = match ctx.client.send(&up.origin, &req).await {
             Ok(resp) => resp,
             Err(e) => {
-                ctx.shared.routing.failed(i, fail_kind(&e));
+                if !e.is_request_fault() {
+                    ctx.shared.routing.failed(i, fail_kind(&e));
+                }
                 tracing::debug!(upstream = %up.url, error = %e, path = cut.path, "NAR failover: request failed");
                 continue;
             }

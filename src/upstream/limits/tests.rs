@@ -53,6 +53,7 @@ fn only_transport_failures_cool_an_upstream_down() {
         FailKind::Status5xx(503),
         FailKind::OtherStatus(429),
         FailKind::TooLarge,
+        FailKind::Request,
     ] {
         assert!(!is_transport(k), "{k:?}");
     }

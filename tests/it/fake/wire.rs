@@ -125,6 +125,13 @@ pub(super) fn answer(stream: &mut TcpStream, req: &RequestRecord, sh: &Shared) -
             write_head(stream, 302, &[("Location".into(), to)], Some(0), close).map(|_| next_ok)
         }
         Fault::Raw(bytes) => stream.write_all(&bytes).map(|_| Next::Close),
+        Fault::Unsolicited(after, bytes) => {
+            send(stream, &reply, head_only, close)?;
+            if !sh.sleep(after) {
+                return Ok(Next::Close);
+            }
+            stream.write_all(&bytes).map(|_| next_ok)
+        }
         Fault::Close => Ok(Next::Close),
         Fault::Reset => Ok(Next::Reset),
         Fault::Hang => {

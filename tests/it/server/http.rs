@@ -353,6 +353,54 @@ fn invalid_nar_paths_get_400_and_never_reach_upstream() {
     assert_eq!(up.requests().len(), 1, "{:?}", up.requests());
 }
 
+#[test]
+fn request_targets_ncro_cannot_forward_get_400_and_leave_upstream_health_alone() {
+    let key = TestKey::generate("val-3");
+    let good = TestPath::new("good-nar-2");
+    let a = fake_with(std::slice::from_ref(&good), &key);
+    let b = fake_with(&[], &key);
+    let n = start(
+        &[(&a.url(), &key.public_key()), (&b.url(), &key.public_key())],
+        "",
+    );
+    let upstream_lines = |page: &str| -> Vec<String> {
+        page.lines()
+            .filter(|l| l.starts_with("ncro_upstream_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = upstream_lines(&n.get("/metrics").text());
+    let nar = good.nar_request_path();
+    // A query byte the upstream client will not send, and a target within
+    // the 32 KiB head limit but over what may be forwarded.
+    let targets = [
+        format!("{nar}?\u{e9}"),
+        format!("{nar}?a=1&b=\u{e9}t\u{e9}"),
+        format!("{nar}?{}", "q".repeat(31 * 1024)),
+    ];
+    let mut c = conn(&n);
+    for t in &targets {
+        let r = c.get(t).unwrap();
+        let shown: String = t.chars().take(80).collect();
+        assert_eq!(r.status, 400, "{shown}...");
+        assert_open(&mut c, "an unforwardable target");
+    }
+    assert!(a.requests().is_empty(), "{:?}", a.requests());
+    assert!(b.requests().is_empty(), "{:?}", b.requests());
+    let health: serde_json::Value =
+        serde_json::from_slice(&n.get("/health").body).expect("/health is JSON");
+    let ups = health["upstreams"].as_array().expect("upstreams");
+    assert_eq!(ups.len(), 2, "{health}");
+    for u in ups {
+        assert_eq!(u["cooling_down"], false, "{health}");
+        assert_eq!(u["consecutive_fails"], 0, "{health}");
+    }
+    assert_eq!(upstream_lines(&n.get("/metrics").text()), before);
+    // The upstreams are asked as usual afterwards.
+    let r = c.get(&nar).unwrap();
+    assert_eq!((r.status, r.body == good.nar), (200, true));
+}
+
 /// Opens a connection and sends `first` bytes of a request head.
 fn slow_client(n: &Running, first: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(n.addr()).expect("connect");
