@@ -35,6 +35,9 @@
 //! - [`crash`]: the route database under SIGKILL, an unopenable path, a
 //!   read-only and a full file system.
 //! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
+//! - [`realdata`]: the real-data corpus (`shared/realdata`, other projects'
+//!   narinfos, NARs, keys and signature vectors) through the narinfo
+//!   parser, fingerprint, signature and content-address checks.
 
 mod bench;
 mod cli;
@@ -53,6 +56,7 @@ mod mesh;
 mod metrics;
 mod nar;
 mod overload;
+mod realdata;
 mod routing;
 mod s3;
 mod server;
