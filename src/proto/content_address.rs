@@ -466,6 +466,47 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn property_mangled_addresses_never_panic() {
+        // Truncations, byte flips and inserted separators of valid CA
+        // values either parse and give a store path, or fail cleanly.
+        let seeds = [
+            format!("fixed:r:sha256:{}", HELLO[2].1),
+            format!("fixed:sha1:{}", HELLO[1].1),
+            format!("fixed:r:md5:{}", HELLO[0].1),
+            format!("text:sha256:{}", HELLO[2].1),
+            "fixed:r:sha1:1ak1ymbmsfx7z8kh09jzkr3a4dvkrfjw".to_owned(),
+        ];
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let z = (state ^ (state >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z ^ (z >> 31)
+        };
+        const POOL: &[u8] = b"0az:r-=+/\xff";
+        let dep = "az31knmcmkcvqp327ha4d0jxlpimbbi3-dep";
+        let mut parsed = 0;
+        for round in 0..3000usize {
+            let mut bytes = seeds[round % seeds.len()].clone().into_bytes();
+            let i = next() as usize % bytes.len();
+            match round % 3 {
+                0 => bytes.truncate(i),
+                1 => bytes[i] = POOL[next() as usize % POOL.len()],
+                _ => bytes.insert(i, b":r"[next() as usize % 2]),
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let Ok(ca) = ContentAddress::parse(&text) else {
+                continue;
+            };
+            parsed += 1;
+            let refs: &[&str] = if next() % 2 == 0 { &[dep] } else { &[] };
+            if let Ok(p) = ca.store_path("x", refs, next() % 2 == 0) {
+                assert!(crate::proto::store_path::StoreHash::from_store_path(&p).is_some());
+            }
+        }
+        assert!(parsed > 100, "{parsed}");
+    }
+
+    #[test]
     fn error_messages() {
         assert_eq!(
             CaError::FixedWithReferences.to_string(),
