@@ -4,6 +4,7 @@
 pub mod base32;
 pub mod cache_index;
 pub mod cache_info;
+pub mod content_address;
 pub mod narinfo;
 pub mod nixbloom;
 pub mod signature;

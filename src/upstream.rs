@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, UpstreamKind};
 use crate::http::client::Origin;
 use crate::proto::narinfo::NarInfo;
-use crate::proto::signature::PublicKey;
+use crate::proto::signature::{verify_narinfo, PublicKey};
 use crate::race::Candidate;
 use filter::FilterRule;
 use health::HealthSnapshot;
@@ -126,14 +126,22 @@ impl UpstreamSet {
         self.list.iter().map(|u| u.priority).collect()
     }
 
-    /// Whether upstream `i`'s filters (which may have changed since the
-    /// route was stored) accept a narinfo read back from the database.
+    /// Whether upstream `i`'s filters and keys (which may have changed
+    /// since the route was stored) accept a narinfo read back from the
+    /// database. With keys, it must verify against the *current* ones
+    /// ([`verify_narinfo`]: a valid signature or a `CA:` that proves the
+    /// path), as a race would check it.
     pub fn accepts_stored(&self, i: usize, narinfo: &[u8]) -> bool {
         let Some(up) = self.live(i) else {
             return false;
         };
-        up.filters.is_empty()
-            || NarInfo::parse(narinfo).is_ok_and(|info| filter::allows(&up.filters, &info))
+        if up.filters.is_empty() && up.keys.is_empty() {
+            return true;
+        }
+        NarInfo::parse(narinfo).is_ok_and(|info| {
+            filter::allows(&up.filters, &info)
+                && (up.keys.is_empty() || verify_narinfo(&info, &up.keys).is_accepted())
+        })
     }
 }
 

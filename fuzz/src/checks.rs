@@ -14,6 +14,7 @@ use ncro::mesh::codec::{self, Datagram, MAX_DATAGRAM};
 use ncro::mesh::trust::Trust;
 use ncro::proto::cache_index::{self, shard, Manifest};
 use ncro::proto::cache_info::CacheInfo;
+use ncro::proto::content_address::{self, ContentAddress};
 use ncro::proto::narinfo::{relay_form, NarInfo};
 use ncro::proto::nixbloom::{Bloom, BloomBuilder, Probe};
 use ncro::proto::signature::{self, PublicKey, SecretKey, Verdict};
@@ -37,6 +38,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("mesh_packet", mesh_packet),
     ("nixbloom", nixbloom),
     ("cache_index", cache_index),
+    ("content_address", content_address),
 ];
 
 /// Client request heads, straight off the socket.
@@ -240,7 +242,7 @@ pub fn signature(data: &[u8]) {
     if keys.is_empty() {
         assert!(matches!(
             verdict,
-            Verdict::NoTrustedSignature | Verdict::ContentAddressed
+            Verdict::NoTrustedSignature | Verdict::ContentAddressed | Verdict::BadContentAddress
         ));
     }
     if let Some(key) = secret {
@@ -253,6 +255,54 @@ pub fn signature(data: &[u8]) {
                 key_name: key.name().to_owned()
             }
         );
+    }
+}
+
+/// `CA:` values from upstream narinfos and the store paths they imply.
+/// Input: a `CA:` value, a newline, then a narinfo. The unsigned verdict
+/// must agree with the proof, and a narinfo moved to the path its CA
+/// computes must be proven by it.
+pub fn content_address(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (ca_text, narinfo_text) = text.split_once('\n').unwrap_or((&text, ""));
+    if let Ok(ca) = ContentAddress::parse(ca_text) {
+        let size = match ca.algo {
+            "md5" => 16,
+            "sha1" => 20,
+            "sha256" => 32,
+            "sha512" => 64,
+            other => panic!("unknown algorithm {other} accepted"),
+        };
+        assert_eq!(ca.digest.len(), size, "{}", ca.algo);
+    }
+    let Ok(mut info) = NarInfo::parse(narinfo_text.as_bytes()) else {
+        return;
+    };
+    if ca_text.is_empty() {
+        return;
+    }
+    info.ca = Some(ca_text.to_owned());
+    let proven = content_address::proves_store_path(&info);
+    let verdict = signature::verify_narinfo(&info, &[]);
+    let want = if proven {
+        Verdict::ContentAddressed
+    } else {
+        Verdict::BadContentAddress
+    };
+    assert_eq!(verdict, want);
+    // Without self references (they would name the old path), the path
+    // the CA implies is one it proves.
+    let own = info
+        .store_path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    info.references.retain(|r| *r != own);
+    if let Ok(Some(path)) = content_address::implied_store_path(&info) {
+        assert!(StoreHash::from_store_path(&path).is_some(), "{path}");
+        info.store_path = path;
+        assert!(content_address::proves_store_path(&info), "{info:?}");
     }
 }
 

@@ -5,6 +5,7 @@
 //! value) is `<key name>:<base64 of 64 bytes>` over
 //! [`NarInfo::fingerprint`].
 
+use super::content_address;
 use super::narinfo::NarInfo;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -178,10 +179,14 @@ fn split_key<'a, const N: usize>(
 pub enum Verdict {
     /// A signature verified under the named key.
     Valid { key_name: String },
-    /// No valid signature, but the narinfo has a `CA:` field. Nix accepts
-    /// content-addressed paths unsigned (it checks the path against the
-    /// CA itself), so they are passed on.
+    /// No valid signature, but the narinfo's `CA:` field computes to its
+    /// `StorePath` ([`content_address::proves_store_path`]). Nix accepts
+    /// such content-addressed paths unsigned, so they are passed on.
     ContentAddressed,
+    /// No valid signature, and a `CA:` field that does not compute to
+    /// `StorePath` (another hash, unknown method, references the method
+    /// does not allow): refused like an unsigned narinfo.
+    BadContentAddress,
     /// No `Sig:` line names a trusted key.
     NoTrustedSignature,
     /// A signature under a trusted key name failed, or one is malformed.
@@ -199,6 +204,7 @@ impl Verdict {
         match self {
             Verdict::Valid { .. } => "valid",
             Verdict::ContentAddressed => "content_addressed",
+            Verdict::BadContentAddress => "bad_content_address",
             Verdict::NoTrustedSignature => "no_trusted_signature",
             Verdict::BadSignature => "bad_signature",
         }
@@ -209,7 +215,7 @@ impl Verdict {
 ///
 /// Callers skip this entirely for an upstream with no keys configured:
 /// with an empty `keys` nothing is trusted and the verdict is
-/// `NoTrustedSignature` (or `ContentAddressed`).
+/// `NoTrustedSignature` (or one of the content-address verdicts).
 ///
 /// Only signatures whose name matches a key are looked at; padded and
 /// unpadded base64 both work. A *malformed* signature (bad base64, not 64
@@ -218,6 +224,11 @@ impl Verdict {
 /// whatever else the narinfo carries, so it must never reach a client.
 /// A well-formed signature that does not verify is ignored if another
 /// verifies, as in Nix.
+///
+/// Without a valid signature, a narinfo with a `CA:` line is
+/// `ContentAddressed` only if the CA computes to its `StorePath` (Nix's
+/// `isContentAddressed`), else `BadContentAddress`: a `CA:` line anyone
+/// can add must not stand in for a signature.
 ///
 /// Verification is `verify_strict`, which like libsodium (used by Nix)
 /// rejects weak keys and non-canonical signatures, so we never accept a
@@ -246,7 +257,10 @@ pub fn verify_narinfo(info: &NarInfo, keys: &[PublicKey]) -> Verdict {
         Some(name) => Verdict::Valid {
             key_name: name.to_owned(),
         },
-        None if info.ca.is_some() => Verdict::ContentAddressed,
+        None if info.ca.is_some() && content_address::proves_store_path(info) => {
+            Verdict::ContentAddressed
+        }
+        None if info.ca.is_some() => Verdict::BadContentAddress,
         None if failed => Verdict::BadSignature,
         None => Verdict::NoTrustedSignature,
     }
@@ -502,24 +516,59 @@ mod tests {
     }
 
     #[test]
-    fn content_addressed_paths_pass_unsigned() {
+    fn a_ca_line_that_does_not_prove_the_path_is_refused() {
+        // The forgery: a signed narinfo with its Sig lines dropped and a CA
+        // line added. The CA is well-formed but names another path.
         let mut info = with_sigs(&[]);
         info.ca =
             Some("fixed:r:sha256:1b26xkfi12a87bd8yhnq5mhf6g52d7hb0b5sh63n5bmcg7alb5nk".into());
-        assert_eq!(
-            verify_narinfo(&info, &[key(KEY_A)]),
-            Verdict::ContentAddressed
-        );
+        let bad = Verdict::BadContentAddress;
+        assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), bad);
+        assert_eq!(verify_narinfo(&info, &[]), bad);
+        for ca in [
+            "fixed:git:sha1:1ak1ymbmsfx7z8kh09jzkr3a4dvkrfjw",
+            "text:sha256:x",
+            "junk",
+        ] {
+            info.ca = Some(ca.into());
+            assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), bad, "{ca}");
+        }
+        // A wrong but well-formed signature does not help it.
         let other = SecretKey::generate("cache-a-1").unwrap().sign("unrelated");
         info.sigs = vec![other];
-        assert_eq!(
-            verify_narinfo(&info, &[key(KEY_A)]),
-            Verdict::ContentAddressed
-        );
+        assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), bad);
+        // A valid signature is enough, whatever the CA says (as in Nix).
         info.sigs.push(REAL_SIG.into());
         assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), valid_a());
         info.sigs.push("cache-a-1:AAAA".into());
         assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), Verdict::BadSignature);
+    }
+
+    #[test]
+    fn content_addressed_paths_pass_unsigned() {
+        use crate::proto::content_address::tests::{DEP, SELF_REF};
+        let ca = Verdict::ContentAddressed;
+        for text in [DEP, SELF_REF] {
+            let mut info = NarInfo::parse(text.as_bytes()).unwrap();
+            assert!(info.sigs.is_empty());
+            assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), ca);
+            assert_eq!(verify_narinfo(&info, &[]), ca);
+            // Nix checks the CA before the signatures: a failing one is
+            // ignored, a malformed one under a trusted name still is not.
+            let other = SecretKey::generate("cache-a-1").unwrap().sign("unrelated");
+            info.sigs = vec![other];
+            assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), ca);
+            info.sigs.push("cache-a-1:AAAA".into());
+            assert_eq!(verify_narinfo(&info, &[key(KEY_A)]), Verdict::BadSignature);
+            // Any change to what the CA covers breaks it.
+            let mut info = NarInfo::parse(text.as_bytes()).unwrap();
+            info.references
+                .push("0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-x".into());
+            assert_eq!(
+                verify_narinfo(&info, &[key(KEY_A)]),
+                Verdict::BadContentAddress
+            );
+        }
     }
 
     #[test]
@@ -536,6 +585,8 @@ mod tests {
     fn verdict_acceptance_and_labels() {
         assert!(valid_a().is_accepted());
         assert!(Verdict::ContentAddressed.is_accepted());
+        assert!(!Verdict::BadContentAddress.is_accepted());
+        assert_eq!(Verdict::BadContentAddress.label(), "bad_content_address");
         assert!(!Verdict::NoTrustedSignature.is_accepted());
         assert!(!Verdict::BadSignature.is_accepted());
         assert_eq!(Verdict::BadSignature.label(), "bad_signature");

@@ -168,6 +168,63 @@ fn stored_narinfos_are_checked_against_the_current_filters() {
     );
 }
 
+/// One upstream (no filters) trusting `keys`.
+fn keyed_set(keys: &[&crate::proto::signature::SecretKey]) -> UpstreamSet {
+    let list: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{:?}", k.public().to_nix_string()))
+        .collect();
+    let toml = format!(
+        "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\npublic_keys = [{}]\n",
+        list.join(", ")
+    );
+    let cfg = Config::from_toml(
+        &toml,
+        crate::config::Source::Embedded,
+        "t",
+        &crate::config::env::MapEnv::new(&[]),
+    )
+    .expect("config");
+    UpstreamSet::from_config(&cfg).expect("set")
+}
+
+#[test]
+fn stored_narinfos_are_checked_against_the_current_keys() {
+    use crate::proto::content_address::tests::DEP;
+    use crate::proto::signature::SecretKey;
+    let old = SecretKey::generate("cache-1").unwrap();
+    let new = SecretKey::generate("cache-2").unwrap();
+    let unsigned = stored_narinfo("hello");
+    let mut info = NarInfo::parse(unsigned.as_bytes()).unwrap();
+    info.sigs = vec![old.sign(&info.fingerprint())];
+    let signed = info.render();
+    let (before, after, both) = (
+        keyed_set(&[&old]),
+        keyed_set(&[&new]),
+        keyed_set(&[&new, &old]),
+    );
+    let accepts = |set: &UpstreamSet, body: &str| set.accepts_stored(0, body.as_bytes());
+    assert!(accepts(&before, &signed));
+    assert!(
+        !accepts(&after, &signed),
+        "signed only by a key no longer trusted"
+    );
+    assert!(
+        accepts(&both, &signed),
+        "rotation: the old key is still listed"
+    );
+    assert!(!accepts(&before, &unsigned));
+    assert!(!before.accepts_stored(0, b"not a narinfo"));
+    // A route stored from a forged narinfo (signature dropped, a CA for
+    // other content added) is not served, whatever keys are configured.
+    info.sigs.clear();
+    info.ca = Some("fixed:r:sha256:0i0g5h0y4w5xf5rynap2x27zaib43xl5qr5wlj9vw83ai7p732m1".into());
+    assert!(!accepts(&before, &info.render()));
+    assert!(!accepts(&after, &info.render()));
+    // A genuine content-addressed path needs no signature.
+    assert!(accepts(&after, DEP));
+}
+
 /// Not a timed assertion: prints what planning one race costs (snapshot
 /// load, cooldown checks, candidate list, hedge delay) for 3 upstreams.
 #[test]

@@ -63,4 +63,5 @@ corpus_tests!(
     mesh_packet,
     nixbloom,
     cache_index,
+    content_address,
 );

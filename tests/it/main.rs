@@ -40,8 +40,11 @@
 //! - [`crash`]: the route database under SIGKILL, an unopenable path, a
 //!   read-only and a full file system.
 //! - [`overload`]: a burst of misses is shed with 503 while hits stay fast.
-//! - [`realdata_proxy`]: the real narinfo/NAR corpus (`../shared/realdata`)
-//!   through the real binary: exact bytes served, forgeries refused.
+//! - [`realdata`]: the real-data corpus (`shared/realdata`, other projects'
+//!   narinfos, NARs, keys and signature vectors) through the narinfo
+//!   parser, fingerprint, signature and content-address checks; and
+//!   (`realdata::proxy`) through the real binary: exact bytes served,
+//!   forgeries refused, NARs relayed byte for byte.
 
 mod bench;
 mod cli;
@@ -62,7 +65,7 @@ mod mesh;
 mod metrics;
 mod nar;
 mod overload;
-mod realdata_proxy;
+mod realdata;
 mod route_persist;
 mod routing;
 mod s3;

@@ -5,33 +5,10 @@
 //! corpus's manifest says the file should verify to.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::fake::FakeUpstream;
 use crate::harness::{HttpConn, NcroProcess};
-
-/// `$NCRO_REALDATA`, else `../shared/realdata` beside the checkout. `None`
-/// (with a note) when it is absent outside CI; under `CI=true` a missing
-/// corpus fails the test.
-pub fn realdata_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("NCRO_REALDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realdata"));
-    if dir.join("manifest.json").is_file() {
-        return Some(dir);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "real-data corpus not found at {} (CI needs ../shared/realdata next to the clone, or NCRO_REALDATA)",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "note: real-data corpus not found at {}; test skipped (set NCRO_REALDATA)",
-        dir.display()
-    );
-    None
-}
 
 /// One narinfo of the corpus and what the manifest says of it.
 struct Entry {
@@ -154,7 +131,7 @@ fn expected_body(body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_real_narinfo_is_answered_as_nix_would_judge_it() {
-    let Some(dir) = realdata_dir() else { return };
+    let Some(dir) = super::corpus() else { return };
     let keys = public_keys(&dir);
     assert_eq!(keys.len(), 4, "keys.txt lists four public keys: {keys:?}");
     let entries = corpus(&dir, &keys);
@@ -201,17 +178,17 @@ fn every_real_narinfo_is_answered_as_nix_would_judge_it() {
         "real corpus: {served} served, {refused} refused, {no_newline} given a final newline"
     );
     assert!(big_seen, "the 207 KB texlive narinfo was served");
-    // 1,010 valid cache.nixos.org-1 signatures on 1,008 files + other
-    // signers + CA paths, less the out-of-order one; refused: the two
-    // tampered go-nix variants, the unsigned ones and the out-of-order one.
-    assert!(served >= 1000, "served {served}");
-    assert!(refused >= 5, "refused {refused}");
+    // Served: every file with a valid signature by a key in keys.txt, or a
+    // CA that proves its path, less the out-of-order one. Refused: the two
+    // tampered go-nix variants, the three unsigned nix-casync files, the
+    // unsigned attic one and the out-of-order one.
+    assert_eq!((served, refused), (1012, 7));
     assert_eq!(no_newline, 18, "all ncps files lack a final newline");
 }
 
 #[test]
 fn forged_content_addresses_are_never_served() {
-    let Some(dir) = realdata_dir() else { return };
+    let Some(dir) = super::corpus() else { return };
     let keys = public_keys(&dir);
     let entries = corpus(&dir, &keys);
     // Every narinfo cache.nixos.org signed, with its signatures dropped and
@@ -261,7 +238,7 @@ fn forged_content_addresses_are_never_served() {
 
 #[test]
 fn real_nar_bodies_are_relayed_byte_exact() {
-    let Some(dir) = realdata_dir() else { return };
+    let Some(dir) = super::corpus() else { return };
     let mut nars = Vec::new();
     for sub in ["go-nix", "attic", "nix-casync"] {
         for f in std::fs::read_dir(dir.join("nar").join(sub)).expect("nar dir") {
