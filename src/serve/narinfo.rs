@@ -130,8 +130,9 @@ fn route_down(ctx: &WorkerCtx, upstream: usize) -> bool {
 }
 
 /// The narinfo of a route whose body is only on disk, read on the database
-/// reader thread. Filters are checked again: they may have changed since
-/// the route was stored (a refused route is forgotten).
+/// reader thread. Filters and the signature (or content address) are
+/// checked again under the current configuration: keys and filters may
+/// have changed since the route was stored (a refused route is forgotten).
 async fn cold_body(ctx: &WorkerCtx, hash: StoreHash, upstream: usize) -> Option<Hit> {
     let routes = &ctx.shared.routes;
     let narinfo = routes.read_body(&hash, upstream).await?;
