@@ -1,7 +1,6 @@
 //! Startup and shutdown wiring: config, logging, the listening address,
 //! worker and control threads, signals. COLD.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use crate::route::persist::{self, WriterConfig, WriterHandle};
 use crate::route::reader::BodyReader;
 use crate::route::{LoadReport, RouteTable};
 use crate::upstream::{UpstreamSet, Upstreams};
-use crate::worker::{self, ListenSource, SharedState};
+use crate::worker::{self, check_listen, ListenSource, SharedState};
 
 /// Process entry point; returns the exit code.
 pub fn main_entry() -> i32 {
@@ -136,26 +135,6 @@ fn log_config_summary(cfg: &Config) {
         log_level = %cfg.logging.level,
         "configuration loaded"
     );
-}
-
-/// Resolves `server.listen` and proves the port is free: monoio sets
-/// SO_REUSEPORT on every listener, so without this check a second ncro (or
-/// anything else using SO_REUSEPORT) would silently share the port.
-pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
-    let addr = listen
-        .to_socket_addrs()
-        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
-        .next()
-        .with_context(|| format!("server.listen {listen:?}: no address"))?;
-    // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
-    // EADDRINUSE if anything is already listening there.
-    match std::net::TcpListener::bind(addr) {
-        Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
-    }
 }
 
 /// A panic anywhere in a serving process is a bug that may have left shared

@@ -4,13 +4,14 @@
 //! each, and the drain on shutdown.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::{bail, Context};
 use bytes::Bytes;
 use monoio::net::{ListenerOpts, TcpListener};
 
@@ -325,6 +326,26 @@ fn build_runtime(index: usize) -> std::io::Result<WorkerRuntime> {
                 .build()?;
             Ok(rt.into())
         }
+    }
+}
+
+/// Resolves `server.listen` and proves the port is free: monoio sets
+/// SO_REUSEPORT on every listener, so without this check a second ncro (or
+/// anything else using SO_REUSEPORT) would silently share the port.
+pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
+    let addr = listen
+        .to_socket_addrs()
+        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("server.listen {listen:?}: no address"))?;
+    // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
+    // EADDRINUSE if anything is already listening there.
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
     }
 }
 

@@ -168,7 +168,7 @@ impl UpstreamHandle {
 
 /// Starts serving `dataset`; returns once every thread listens.
 pub fn start(dataset: Arc<Dataset>, cfg: ServerConfig) -> Result<UpstreamHandle, BenchError> {
-    let addr = crate::app::check_listen(&cfg.listen.to_string())
+    let addr = crate::worker::check_listen(&cfg.listen.to_string())
         .map_err(|e| BenchError::Listen(format!("{e:#}")))?;
     let held = (0..dataset.len)
         .map(|i| cfg.behaviour.holds_index(dataset.seed, i))
