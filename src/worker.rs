@@ -1,7 +1,7 @@
 //! Per-core worker threads: CPU pinning, one monoio runtime each
-//! (FusionDriver: io_uring when the kernel allows it, epoll otherwise;
-//! `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll), one SO_REUSEPORT listener
-//! each, and the drain on shutdown.
+//! ([`crate::rt`], FusionDriver: io_uring when the kernel allows it, epoll
+//! otherwise; `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll), one
+//! SO_REUSEPORT listener each, and the drain on shutdown.
 
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -17,6 +17,8 @@ use monoio::net::{ListenerOpts, TcpListener};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, WorkerMetrics};
+pub use crate::rt::unix_now;
+use crate::rt::{self, Warning};
 
 /// State shared by every worker. Immutable after start, or internally
 /// synchronised (read lock-free on the request path).
@@ -259,13 +261,6 @@ impl WorkerCtx {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// A running worker: its thread and the sender that stops it.
 pub struct WorkerHandle {
     pub thread: std::thread::JoinHandle<()>,
@@ -284,12 +279,15 @@ pub fn spawn(
 ) -> std::io::Result<WorkerHandle> {
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     let thread = std::thread::Builder::new().name(format!("ncro-worker-{index}")).spawn(move || {
-        if let Some(cpu) = cpu {
-            if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
-                tracing::warn!(worker = index, cpu, error = ?e, "cannot pin worker to its CPU; running unpinned");
+        let built = rt::build_pinned(cpu, |w| match w {
+            Warning::Unpinned { cpu, error } => {
+                tracing::warn!(worker = index, cpu, error = ?error, "cannot pin worker to its CPU; running unpinned");
             }
-        }
-        let mut rt = match build_runtime(index) {
+            Warning::Epoll(e) => {
+                tracing::warn!(worker = index, error = %e, "cannot set up io_uring; this worker uses epoll");
+            }
+        });
+        let mut rt = match built {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready.send(Err(format!("worker {index}: cannot build runtime: {e}")));
@@ -302,31 +300,6 @@ pub fn spawn(
         thread,
         stop: stop_tx,
     })
-}
-
-type WorkerRuntime = monoio::FusionRuntime<
-    monoio::time::TimeDriver<monoio::IoUringDriver>,
-    monoio::time::TimeDriver<monoio::LegacyDriver>,
->;
-
-/// io_uring when the kernel has it; epoll when it has not, and also when
-/// setting the ring up fails (ENOMEM from a low memlock limit or memory
-/// pressure): a worker on epoll serves, a worker that exits does not.
-fn build_runtime(index: usize) -> std::io::Result<WorkerRuntime> {
-    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .with_entries(1024)
-        .build()
-    {
-        Ok(rt) => Ok(rt),
-        Err(e) => {
-            tracing::warn!(worker = index, error = %e, "cannot set up io_uring; this worker uses epoll");
-            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()?;
-            Ok(rt.into())
-        }
-    }
 }
 
 /// Resolves `server.listen` and proves the port is free: monoio sets
@@ -379,11 +352,7 @@ async fn run(
     stop: flume::Receiver<()>,
     ready: std::sync::mpsc::Sender<Ready>,
 ) {
-    let driver = if monoio::utils::is_legacy() {
-        "epoll"
-    } else {
-        "io_uring"
-    };
+    let driver = rt::driver();
     let listener = match open_listener(listen) {
         Ok(l) => l,
         Err(e) => {
