@@ -227,7 +227,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         flights: quick_cache::sync::Cache::new(
             (cfg.cache.max_concurrent_races as usize * 4).max(1024),
         ),
-        connections: crate::serve::limit::ConnLimit::new(cfg.server.max_connections),
+        connections: worker::ConnLimit::new(cfg.server.max_connections),
     });
 
     let mut jobs = Vec::new();
@@ -263,8 +263,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut workers = Vec::with_capacity(plan.worker_cpus.len());
     for (i, cpu) in plan.worker_cpus.iter().enumerate() {
         workers.push(
-            worker::spawn(i, *cpu, shared.clone(), listen, ready_tx.clone())
-                .context("cannot start worker thread")?,
+            worker::spawn(
+                i,
+                *cpu,
+                shared.clone(),
+                listen,
+                crate::serve::accept,
+                ready_tx.clone(),
+            )
+            .context("cannot start worker thread")?,
         );
     }
     drop(ready_tx);

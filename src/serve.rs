@@ -88,6 +88,18 @@ impl After {
     }
 }
 
+/// A connection a worker accepted ([`crate::worker::Accept`]): served while
+/// `server.max_connections` has room, else answered 503 and closed
+/// ([`limit::refuse`]).
+pub fn accept(ctx: &Rc<WorkerCtx>, stream: TcpStream) {
+    if ctx.shared.connections.try_acquire() {
+        ctx.active.set(ctx.active.get() + 1);
+        monoio::spawn(serve_conn(ctx.clone(), stream));
+    } else {
+        monoio::spawn(limit::refuse(ctx.clone(), stream));
+    }
+}
+
 pub async fn serve_conn(ctx: Rc<WorkerCtx>, stream: TcpStream) {
     let _ = stream.set_nodelay(true); // latency of small responses matters more than segments
     let mut conn = Conn {

@@ -13,12 +13,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use monoio::net::{ListenerOpts, TcpListener};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+
+mod conn_limit;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, WorkerMetrics};
 pub use crate::rt::unix_now;
 use crate::rt::{self, Warning};
+pub use conn_limit::ConnLimit;
+
+/// What a resolution produced; shared by every request that joined it.
+#[derive(Clone, Debug)]
+pub enum Resolved {
+    Found(crate::route::Hit),
+    Miss,
+    Unavailable {
+        timed_out: bool,
+    },
+    /// The race queue was full (or the wait too long): 503 + Retry-After.
+    Overloaded,
+}
 
 /// State shared by every worker. Immutable after start, or internally
 /// synchronised (read lock-free on the request path).
@@ -40,11 +55,11 @@ pub struct SharedState {
     /// entry lives only while its race runs.
     pub flights: quick_cache::sync::Cache<
         crate::proto::store_path::StoreHash,
-        (crate::serve::narinfo::Resolved, std::time::Instant),
+        (Resolved, std::time::Instant),
     >,
     /// `server.max_connections`: taken on accept, given back when the
     /// connection task ends (`serve::serve_conn`).
-    pub connections: crate::serve::limit::ConnLimit,
+    pub connections: ConnLimit,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.
@@ -205,10 +220,7 @@ pub struct WorkerCtx {
     pub metrics: Arc<WorkerMetrics>,
     pub drain: Drain,
     pub client: crate::http::client::LocalClient,
-    pub flights: crate::race::SingleFlight<
-        crate::proto::store_path::StoreHash,
-        crate::serve::narinfo::Resolved,
-    >,
+    pub flights: crate::race::SingleFlight<crate::proto::store_path::StoreHash, Resolved>,
     /// This worker's queues for the shared mass-query limits.
     pub limits: crate::upstream::limits::LocalLimits,
     /// "io_uring" or "epoll".
@@ -270,11 +282,17 @@ pub struct WorkerHandle {
 /// What a worker reports once its listener is ready (or why it failed).
 pub type Ready = Result<(usize, &'static str), String>;
 
+/// What a worker does with each connection it accepts: starts its task on
+/// the worker's runtime (`serve::accept`, handed in by `app`, so that this
+/// module does not depend on the endpoints it runs).
+pub type Accept = fn(&Rc<WorkerCtx>, TcpStream);
+
 pub fn spawn(
     index: usize,
     cpu: Option<usize>,
     shared: Arc<SharedState>,
     listen: ListenSource,
+    accept: Accept,
     ready: std::sync::mpsc::Sender<Ready>,
 ) -> std::io::Result<WorkerHandle> {
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
@@ -294,7 +312,7 @@ pub fn spawn(
                 return;
             }
         };
-        rt.block_on(run(index, shared, listen, stop_rx, ready));
+        rt.block_on(run(index, shared, listen, accept, stop_rx, ready));
     })?;
     Ok(WorkerHandle {
         thread,
@@ -349,6 +367,7 @@ async fn run(
     index: usize,
     shared: Arc<SharedState>,
     listen: ListenSource,
+    accept: Accept,
     stop: flume::Receiver<()>,
     ready: std::sync::mpsc::Sender<Ready>,
 ) {
@@ -372,12 +391,7 @@ async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     ctx.metrics.connections_total.inc();
-                    if ctx.shared.connections.try_acquire() {
-                        ctx.active.set(ctx.active.get() + 1);
-                        monoio::spawn(crate::serve::serve_conn(ctx.clone(), stream));
-                    } else {
-                        monoio::spawn(crate::serve::limit::refuse(ctx.clone(), stream));
-                    }
+                    accept(&ctx, stream);
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
