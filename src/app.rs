@@ -183,7 +183,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         urls,
         upstreams.capacity(),
     ));
-    let presigners = upstreams.list.iter().filter_map(|u| u.origin.s3().cloned());
+    let presigners = upstreams.list.iter().filter_map(|u| u.s3.clone());
     let s3_credentials =
         crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
             .context("cannot start the S3 credentials thread")?;
