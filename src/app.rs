@@ -1,7 +1,6 @@
 //! Startup and shutdown wiring: config, logging, the listening address,
 //! worker and control threads, signals. COLD.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use crate::route::persist::{self, WriterConfig, WriterHandle};
 use crate::route::reader::BodyReader;
 use crate::route::{LoadReport, RouteTable};
 use crate::upstream::{UpstreamSet, Upstreams};
-use crate::worker::{self, ListenSource, SharedState};
+use crate::worker::{self, check_listen, ListenSource, SharedState};
 
 /// Process entry point; returns the exit code.
 pub fn main_entry() -> i32 {
@@ -138,26 +137,6 @@ fn log_config_summary(cfg: &Config) {
     );
 }
 
-/// Resolves `server.listen` and proves the port is free: monoio sets
-/// SO_REUSEPORT on every listener, so without this check a second ncro (or
-/// anything else using SO_REUSEPORT) would silently share the port.
-pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
-    let addr = listen
-        .to_socket_addrs()
-        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
-        .next()
-        .with_context(|| format!("server.listen {listen:?}: no address"))?;
-    // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
-    // EADDRINUSE if anything is already listening there.
-    match std::net::TcpListener::bind(addr) {
-        Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
-    }
-}
-
 /// A panic anywhere in a serving process is a bug that may have left shared
 /// state half-updated: log it and abort so the service manager restarts a
 /// clean process, rather than limping on with a dead worker.
@@ -204,7 +183,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         urls,
         upstreams.capacity(),
     ));
-    let presigners = upstreams.list.iter().filter_map(|u| u.origin.s3().cloned());
+    let presigners = upstreams.list.iter().filter_map(|u| u.s3.clone());
     let s3_credentials =
         crate::s3::CredentialsThread::start(presigners.collect(), S3_FIRST_CREDENTIALS)
             .context("cannot start the S3 credentials thread")?;
@@ -248,7 +227,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         flights: quick_cache::sync::Cache::new(
             (cfg.cache.max_concurrent_races as usize * 4).max(1024),
         ),
-        connections: crate::serve::limit::ConnLimit::new(cfg.server.max_connections),
+        connections: worker::ConnLimit::new(cfg.server.max_connections),
     });
 
     let mut jobs = Vec::new();
@@ -284,8 +263,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut workers = Vec::with_capacity(plan.worker_cpus.len());
     for (i, cpu) in plan.worker_cpus.iter().enumerate() {
         workers.push(
-            worker::spawn(i, *cpu, shared.clone(), listen, ready_tx.clone())
-                .context("cannot start worker thread")?,
+            worker::spawn(
+                i,
+                *cpu,
+                shared.clone(),
+                listen,
+                crate::serve::accept,
+                ready_tx.clone(),
+            )
+            .context("cannot start worker thread")?,
         );
     }
     drop(ready_tx);

@@ -7,6 +7,8 @@
 //! an error naming the key and its line, and every value is validated.
 
 pub mod env;
+pub mod filter;
+pub mod peer;
 pub mod raw;
 pub mod s3;
 
@@ -16,7 +18,7 @@ use std::time::Duration;
 use raw::RawConfig;
 pub use raw::{AddressFamily, NarRelay};
 
-use crate::upstream::filter::FilterRule;
+use filter::FilterRule;
 
 /// The embedded default configuration (a real TOML file, compiled in).
 pub const DEFAULT_TOML: &str = include_str!("config/default.toml");
@@ -610,7 +612,7 @@ fn validate_mesh(m: &raw::RawMesh) -> Result<(), ConfigError> {
         if p.addr.trim().is_empty() {
             return Err(invalid(format!("mesh.peers[{i}]: addr is empty")));
         }
-        if m.enabled && crate::mesh::parse_peer_addr(&p.addr).is_none() {
+        if m.enabled && peer::parse_peer_addr(&p.addr).is_none() {
             return Err(invalid(format!(
                 "mesh.peers[{i}]: addr {:?} must be host:port (an IPv6 address in brackets: [fd00::1]:7946)",
                 p.addr

@@ -1,5 +1,6 @@
 //! COLD: the control core. One thread, pinned to `server.control_cpu`,
-//! running its own monoio runtime (FusionDriver, timers on) for background
+//! running its own monoio runtime ([`crate::rt`]: io_uring, epoll
+//! fallback; timers on) for background
 //! work: health probes, mDNS discovery ([`discovery`]), upstream index
 //! summaries ([`index`]) and mesh gossip ([`crate::mesh`]). It publishes
 //! immutable snapshots that workers read; it never serves
@@ -14,6 +15,8 @@ pub mod probe;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
+
+use crate::rt::Warning;
 
 /// A running control thread and the sender that stops it.
 pub struct ControlHandle {
@@ -44,16 +47,16 @@ pub fn spawn(cpu: Option<usize>, jobs: Vec<Job>) -> std::io::Result<ControlHandl
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let thread = std::thread::Builder::new().name("ncro-control".into()).spawn(move || {
-        if let Some(cpu) = cpu {
-            if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
-                tracing::warn!(cpu, error = ?e, "cannot pin the control thread; running unpinned");
-            }
-        }
         // Built here: a monoio runtime belongs to the thread that runs it.
-        let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-        {
+        let built = crate::rt::build_pinned(cpu, |w| match w {
+            Warning::Unpinned { cpu, error } => {
+                tracing::warn!(cpu, error = ?error, "cannot pin the control thread; running unpinned");
+            }
+            Warning::Epoll(e) => {
+                tracing::warn!(error = %e, "cannot set up io_uring; the control thread uses epoll");
+            }
+        });
+        let mut rt = match built {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready_tx.send(Err(e)); // spawn() is waiting for this

@@ -14,7 +14,8 @@
 //! | [`cli`] | COLD | clap definitions only |
 //! | [`config`] | COLD | raw TOML -> validated [`config::Config`], env overrides, embedded default |
 //! | [`app`] | COLD | startup wiring: shared state, workers, control and writer threads, shutdown |
-//! | [`worker`] | COLD/HOT | per-core threads, CPU pinning, driver choice, listeners |
+//! | [`worker`] | COLD/HOT | per-core threads, listeners, the accept loop and drain |
+//! | [`rt`] | COLD | pinning a thread and building its monoio runtime (io_uring, epoll fallback); the wall clock |
 //! | [`serve`] | HOT | per-connection HTTP/1.1 loop and the endpoints |
 //! | [`http`] | HOT | request parsing, response writing, upstream client on httparse |
 //! | [`proto`] | HOT | pure Nix formats: base32, store hashes, narinfo, signatures |
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod proto;
 pub mod race;
 pub mod route;
+pub mod rt;
 pub mod s3;
 pub mod serve;
 pub mod signals;

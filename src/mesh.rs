@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+pub use crate::config::peer::parse_peer_addr;
 use crate::config::Config;
 use crate::control::Job;
 use crate::http::resolve::Resolver;
@@ -59,25 +60,6 @@ pub struct Peer {
     pub host: String,
     pub port: u16,
     pub key: Option<[u8; 32]>,
-}
-
-/// `host:port`, `[v6]:port`; the host is not resolved here.
-pub fn parse_peer_addr(addr: &str) -> Option<(String, u16)> {
-    let (host, port) = addr.trim().rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => {
-            v6.parse::<std::net::Ipv6Addr>().ok()?;
-            v6
-        }
-        // An IPv6 literal needs brackets: its last colon is ambiguous.
-        None if host.contains([':', '[', ']']) => return None,
-        None => host,
-    };
-    if host.is_empty() || port == 0 {
-        return None;
-    }
-    Some((host.to_owned(), port))
 }
 
 fn peers(cfg: &Config) -> Result<Vec<Peer>, MeshError> {
@@ -168,31 +150,4 @@ pub fn start(
 pub fn keygen(path: &std::path::Path) -> Result<String, identity::IdentityError> {
     let key = identity::write_new(path)?;
     Ok(hex::encode(key.verifying_key().as_bytes()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peer_addresses() {
-        let ok =
-            |s: &str, h: &str, p: u16| assert_eq!(parse_peer_addr(s), Some((h.into(), p)), "{s}");
-        ok("b:7946", "b", 7946);
-        ok("10.0.0.2:7946", "10.0.0.2", 7946);
-        ok("[fd00::2]:7946", "fd00::2", 7946);
-        ok(" node.example:1 ", "node.example", 1);
-        for bad in [
-            "b",
-            "b:",
-            ":7946",
-            "b:0",
-            "b:70000",
-            "fd00::2:7946",
-            "[b:1",
-            "[]:1",
-        ] {
-            assert_eq!(parse_peer_addr(bad), None, "{bad}");
-        }
-    }
 }

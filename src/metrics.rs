@@ -12,6 +12,7 @@
 
 pub mod access;
 mod collect;
+mod family;
 mod health;
 mod index;
 mod mesh;

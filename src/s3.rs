@@ -35,7 +35,10 @@ pub use presign::{Presigner, Signed, PRESIGN_EXPIRY};
 pub use vet::{classify, error_code, Verdict};
 
 use crate::config::s3::S3Url;
-use crate::http::client::{ClientError, LocalClient, Origin, OriginError, Request, Response};
+use crate::http::client::{
+    ClientError, LocalClient, Origin, OriginError, Request, Response, SignedSend, Signer,
+    SignerError,
+};
 
 /// Why an S3 request was not sent, or what S3 refused. All of these are
 /// transient for routing: none says the object is absent.
@@ -56,24 +59,50 @@ pub enum S3Error {
     Endpoint(#[from] OriginError),
 }
 
+/// Everything but [`S3Error::BadPath`] is the origin's fault ("auth");
+/// a path that cannot be a key is the request's ("request", not retried).
+impl From<S3Error> for ClientError {
+    fn from(e: S3Error) -> ClientError {
+        let bad_request = matches!(e, S3Error::BadPath);
+        ClientError::S3(SignerError::new(e, bad_request))
+    }
+}
+
 /// The origin that workers and probes send `url`'s requests to: its
-/// endpoint, with a presigner that reads `creds`. `configured` is the
-/// upstream's identity (routes, metrics, /health, logs).
+/// endpoint, with a presigner that reads `creds` (returned too, for the
+/// credentials thread). `configured` is the upstream's identity (routes,
+/// metrics, /health, logs).
 pub fn origin(
     url: &S3Url,
     configured: &str,
     creds: Arc<CredentialCell>,
-) -> Result<Origin, S3Error> {
+) -> Result<(Origin, Arc<Presigner>), S3Error> {
     let endpoint = Endpoint::for_url(url);
     let origin = Origin::parse(&endpoint.base, None)?;
     let host = String::from_utf8_lossy(origin.host_header()).into_owned();
-    let presigner = Presigner::new(configured, url, &endpoint, host, creds);
-    Ok(origin.with_s3(Arc::new(presigner)))
+    let presigner = Arc::new(Presigner::new(configured, url, &endpoint, host, creds));
+    Ok((origin.with_signer(presigner.clone()), presigner))
+}
+
+impl Signer for Presigner {
+    fn url(&self) -> &str {
+        Presigner::url(self)
+    }
+
+    fn send<'a>(
+        &'a self,
+        client: &'a LocalClient,
+        origin: &'a Origin,
+        req: &'a Request<'a>,
+    ) -> SignedSend<'a> {
+        Box::pin(send(client, self, origin, req))
+    }
 }
 
 /// Sends `req` to an S3 upstream: presigns it for `presigner`'s bucket,
 /// sends it with the worker's client, then vets the answer (see the module
-/// docs). Called by [`LocalClient::send`] for origins that carry a presigner.
+/// docs). Called by [`LocalClient::send`] for origins that carry a presigner
+/// (through [`Signer::send`]).
 pub(crate) async fn send(
     client: &LocalClient,
     presigner: &Presigner,

@@ -13,11 +13,11 @@
 
 pub mod batch;
 pub mod bloom;
-pub mod extra;
 pub mod health;
 pub mod limit;
 pub mod nar;
 pub mod narinfo;
+pub mod side_paths;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -85,6 +85,18 @@ impl After {
         } else {
             After::Close
         }
+    }
+}
+
+/// A connection a worker accepted ([`crate::worker::Accept`]): served while
+/// `server.max_connections` has room, else answered 503 and closed
+/// ([`limit::refuse`]).
+pub fn accept(ctx: &Rc<WorkerCtx>, stream: TcpStream) {
+    if ctx.shared.connections.try_acquire() {
+        ctx.active.set(ctx.active.get() + 1);
+        monoio::spawn(serve_conn(ctx.clone(), stream));
+    } else {
+        monoio::spawn(limit::refuse(ctx.clone(), stream));
     }
 }
 
@@ -319,9 +331,9 @@ impl Conn {
             };
             ctx.metrics.nar_finished(outcome, started.elapsed());
             return result;
-        } else if let Some(target) = extra::classify(path) {
+        } else if let Some(target) = side_paths::classify(path) {
             // Boxed, like the NAR relay: rare, and large futures.
-            return Box::pin(extra::serve(self, ctx, req, target, keep)).await;
+            return Box::pin(side_paths::serve(self, ctx, req, target, keep)).await;
         } else {
             return Ok(self.error(ctx, 404, "not found\n", keep));
         }

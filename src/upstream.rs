@@ -35,6 +35,10 @@ pub struct Upstream {
     /// metric labels and /health.
     pub url: Arc<str>,
     pub origin: Origin,
+    /// An S3 upstream's presigner (the one that signs `origin`'s
+    /// requests), whose credentials [`crate::s3::CredentialsThread`] keeps
+    /// fresh.
+    pub s3: Option<Arc<crate::s3::Presigner>>,
     pub priority: i32,
     /// Empty: narinfos from this upstream are not verified (as in ncro 2.2
     /// without `public_key`); Nix clients still check them.
@@ -76,12 +80,14 @@ impl UpstreamSet {
                 .basic_auth
                 .as_ref()
                 .map(|(user, pw)| (user.as_str(), pw.as_deref()));
-            let origin = match &u.kind {
+            let (origin, s3) = match &u.kind {
                 UpstreamKind::S3(s3) => crate::s3::origin(s3, &u.url, Default::default())
+                    .map(|(origin, presigner)| (origin, Some(presigner)))
                     .map_err(|e| invalid(e.to_string()))?,
-                UpstreamKind::Http => {
-                    Origin::parse(&u.url, auth).map_err(|e| invalid(e.to_string()))?
-                }
+                UpstreamKind::Http => (
+                    Origin::parse(&u.url, auth).map_err(|e| invalid(e.to_string()))?,
+                    None,
+                ),
             };
             let keys = u
                 .public_keys
@@ -91,6 +97,7 @@ impl UpstreamSet {
             set.push(Upstream {
                 url: Arc::from(u.url.as_str()),
                 origin,
+                s3,
                 priority: u.priority,
                 keys,
                 filters: u.filters.clone(),

@@ -1,21 +1,39 @@
 //! Per-core worker threads: CPU pinning, one monoio runtime each
-//! (FusionDriver: io_uring when the kernel allows it, epoll otherwise;
-//! `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll), one SO_REUSEPORT listener
-//! each, and the drain on shutdown.
+//! ([`crate::rt`], FusionDriver: io_uring when the kernel allows it, epoll
+//! otherwise; `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll), one
+//! SO_REUSEPORT listener each, and the drain on shutdown.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use anyhow::{bail, Context};
 use bytes::Bytes;
-use monoio::net::{ListenerOpts, TcpListener};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+
+mod conn_limit;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, WorkerMetrics};
+pub use crate::rt::unix_now;
+use crate::rt::{self, Warning};
+pub use conn_limit::ConnLimit;
+
+/// What a resolution produced; shared by every request that joined it.
+#[derive(Clone, Debug)]
+pub enum Resolved {
+    Found(crate::route::Hit),
+    Miss,
+    Unavailable {
+        timed_out: bool,
+    },
+    /// The race queue was full (or the wait too long): 503 + Retry-After.
+    Overloaded,
+}
 
 /// State shared by every worker. Immutable after start, or internally
 /// synchronised (read lock-free on the request path).
@@ -37,11 +55,11 @@ pub struct SharedState {
     /// entry lives only while its race runs.
     pub flights: quick_cache::sync::Cache<
         crate::proto::store_path::StoreHash,
-        (crate::serve::narinfo::Resolved, std::time::Instant),
+        (Resolved, std::time::Instant),
     >,
     /// `server.max_connections`: taken on accept, given back when the
     /// connection task ends (`serve::serve_conn`).
-    pub connections: crate::serve::limit::ConnLimit,
+    pub connections: ConnLimit,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.
@@ -202,10 +220,7 @@ pub struct WorkerCtx {
     pub metrics: Arc<WorkerMetrics>,
     pub drain: Drain,
     pub client: crate::http::client::LocalClient,
-    pub flights: crate::race::SingleFlight<
-        crate::proto::store_path::StoreHash,
-        crate::serve::narinfo::Resolved,
-    >,
+    pub flights: crate::race::SingleFlight<crate::proto::store_path::StoreHash, Resolved>,
     /// This worker's queues for the shared mass-query limits.
     pub limits: crate::upstream::limits::LocalLimits,
     /// "io_uring" or "epoll".
@@ -259,13 +274,6 @@ impl WorkerCtx {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// A running worker: its thread and the sender that stops it.
 pub struct WorkerHandle {
     pub thread: std::thread::JoinHandle<()>,
@@ -275,28 +283,37 @@ pub struct WorkerHandle {
 /// What a worker reports once its listener is ready (or why it failed).
 pub type Ready = Result<(usize, &'static str), String>;
 
+/// What a worker does with each connection it accepts: starts its task on
+/// the worker's runtime (`serve::accept`, handed in by `app`, so that this
+/// module does not depend on the endpoints it runs).
+pub type Accept = fn(&Rc<WorkerCtx>, TcpStream);
+
 pub fn spawn(
     index: usize,
     cpu: Option<usize>,
     shared: Arc<SharedState>,
     listen: ListenSource,
+    accept: Accept,
     ready: std::sync::mpsc::Sender<Ready>,
 ) -> std::io::Result<WorkerHandle> {
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     let thread = std::thread::Builder::new().name(format!("ncro-worker-{index}")).spawn(move || {
-        if let Some(cpu) = cpu {
-            if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
-                tracing::warn!(worker = index, cpu, error = ?e, "cannot pin worker to its CPU; running unpinned");
+        let built = rt::build_pinned(cpu, |w| match w {
+            Warning::Unpinned { cpu, error } => {
+                tracing::warn!(worker = index, cpu, error = ?error, "cannot pin worker to its CPU; running unpinned");
             }
-        }
-        let mut rt = match build_runtime(index) {
+            Warning::Epoll(e) => {
+                tracing::warn!(worker = index, error = %e, "cannot set up io_uring; this worker uses epoll");
+            }
+        });
+        let mut rt = match built {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready.send(Err(format!("worker {index}: cannot build runtime: {e}")));
                 return;
             }
         };
-        rt.block_on(run(index, shared, listen, stop_rx, ready));
+        rt.block_on(run(index, shared, listen, accept, stop_rx, ready));
     })?;
     Ok(WorkerHandle {
         thread,
@@ -304,28 +321,23 @@ pub fn spawn(
     })
 }
 
-type WorkerRuntime = monoio::FusionRuntime<
-    monoio::time::TimeDriver<monoio::IoUringDriver>,
-    monoio::time::TimeDriver<monoio::LegacyDriver>,
->;
-
-/// io_uring when the kernel has it; epoll when it has not, and also when
-/// setting the ring up fails (ENOMEM from a low memlock limit or memory
-/// pressure): a worker on epoll serves, a worker that exits does not.
-fn build_runtime(index: usize) -> std::io::Result<WorkerRuntime> {
-    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .with_entries(1024)
-        .build()
-    {
-        Ok(rt) => Ok(rt),
-        Err(e) => {
-            tracing::warn!(worker = index, error = %e, "cannot set up io_uring; this worker uses epoll");
-            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()?;
-            Ok(rt.into())
+/// Resolves `server.listen` and proves the port is free: monoio sets
+/// SO_REUSEPORT on every listener, so without this check a second ncro (or
+/// anything else using SO_REUSEPORT) would silently share the port.
+pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
+    let addr = listen
+        .to_socket_addrs()
+        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("server.listen {listen:?}: no address"))?;
+    // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
+    // EADDRINUSE if anything is already listening there.
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
         }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
     }
 }
 
@@ -356,14 +368,11 @@ async fn run(
     index: usize,
     shared: Arc<SharedState>,
     listen: ListenSource,
+    accept: Accept,
     stop: flume::Receiver<()>,
     ready: std::sync::mpsc::Sender<Ready>,
 ) {
-    let driver = if monoio::utils::is_legacy() {
-        "epoll"
-    } else {
-        "io_uring"
-    };
+    let driver = rt::driver();
     let listener = match open_listener(listen) {
         Ok(l) => l,
         Err(e) => {
@@ -383,12 +392,7 @@ async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     ctx.metrics.connections_total.inc();
-                    if ctx.shared.connections.try_acquire() {
-                        ctx.active.set(ctx.active.get() + 1);
-                        monoio::spawn(crate::serve::serve_conn(ctx.clone(), stream));
-                    } else {
-                        monoio::spawn(crate::serve::limit::refuse(ctx.clone(), stream));
-                    }
+                    accept(&ctx, stream);
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.

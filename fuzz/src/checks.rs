@@ -371,7 +371,7 @@ pub fn store_path(data: &[u8]) {
 /// plain: printable ASCII, no `%`, no empty, `.` or `..` segment, and its
 /// routing hash must be the one it names.
 pub fn side_paths(data: &[u8]) {
-    use ncro::serve::{batch, extra};
+    use ncro::serve::{batch, side_paths};
     if let Ok(hashes) = batch::parse_hashes(data, 64) {
         assert!(hashes.len() <= 64);
         let mut seen = std::collections::HashSet::new();
@@ -381,13 +381,13 @@ pub fn side_paths(data: &[u8]) {
             assert!(data.windows(HASH_LEN).any(|w| w == needle));
         }
     }
-    if let Some(key) = extra::archive_nar_key(data) {
+    if let Some(key) = side_paths::archive_nar_key(data) {
         assert!(ncro::serve::valid_nar_path(&format!("/{key}")), "{key}");
     }
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Some(Ok(target)) = extra::classify(text) {
+    if let Some(Ok(target)) = side_paths::classify(text) {
         assert!(text.bytes().all(|b| b.is_ascii_graphic()), "{text:?}");
         assert!(!text.contains('%') && !text.contains("//"), "{text:?}");
         let segments = text.trim_start_matches('/').split('/');

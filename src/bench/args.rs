@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+pub use super::spec::NarSizes;
 use super::spec::{parse_fraction, parse_range, parse_sizes, LatencySpec};
 
 #[derive(Args, Debug, Clone)]
@@ -177,11 +178,6 @@ pub struct BehaviourArgs {
     #[arg(long, value_parser = parse_fraction, default_value = "0")]
     pub reset_rate: f64,
 }
-
-/// NAR sizes in bytes, in the order they are assigned to paths (a
-/// newtype so clap takes the whole comma list as one value).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NarSizes(pub Vec<u64>);
 
 #[derive(Args, Debug, Clone)]
 pub struct LocalArgs {

@@ -75,12 +75,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// NAR sizes in bytes, in the order they are assigned to paths (a
+/// newtype so clap takes the whole comma list as one value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarSizes(pub Vec<u64>);
+
 /// A comma-separated list of sizes, at least one.
-pub fn parse_sizes(s: &str) -> Result<super::args::NarSizes, String> {
+pub fn parse_sizes(s: &str) -> Result<NarSizes, String> {
     s.split(',')
         .map(parse_size)
         .collect::<Result<_, _>>()
-        .map(super::args::NarSizes)
+        .map(NarSizes)
 }
 
 /// `A..B` (B excluded), `..B` (from 0) or `A..` (to the end of the cache).

@@ -31,6 +31,7 @@ use super::BenchError;
 use crate::http::request::{self, Method, Parse};
 use crate::http::response::{http_date, write_head, write_simple, Framing};
 use crate::proto::store_path::StoreHash;
+use crate::rt::Warning;
 
 /// Bodies up to this size go out in the same write as their head.
 const INLINE_BODY: u64 = 16 * 1024;
@@ -168,7 +169,7 @@ impl UpstreamHandle {
 
 /// Starts serving `dataset`; returns once every thread listens.
 pub fn start(dataset: Arc<Dataset>, cfg: ServerConfig) -> Result<UpstreamHandle, BenchError> {
-    let addr = crate::app::check_listen(&cfg.listen.to_string())
+    let addr = crate::worker::check_listen(&cfg.listen.to_string())
         .map_err(|e| BenchError::Listen(format!("{e:#}")))?;
     let held = (0..dataset.len)
         .map(|i| cfg.behaviour.holds_index(dataset.seed, i))
@@ -225,14 +226,14 @@ fn server_thread(
     stop: flume::Receiver<()>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
-    if let Some(cpu) = cpu {
-        if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
-            eprintln!("bench upstream thread {index}: cannot pin to CPU {cpu}: {e:?}");
+    let rt = crate::rt::build_pinned(cpu, |w| match w {
+        Warning::Unpinned { cpu, error } => {
+            eprintln!("bench upstream thread {index}: cannot pin to CPU {cpu}: {error:?}");
         }
-    }
-    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build();
+        Warning::Epoll(e) => {
+            eprintln!("bench upstream thread {index}: cannot set up io_uring, using epoll: {e}");
+        }
+    });
     let mut rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -281,7 +282,7 @@ struct ThreadCtx {
 
 impl ThreadCtx {
     fn date(&self) -> [u8; 29] {
-        let now = crate::worker::unix_now();
+        let now = crate::rt::unix_now();
         let mut d = self.date.borrow_mut();
         if d.0 != now {
             *d = (now, http_date(now));

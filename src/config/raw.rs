@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
-use crate::upstream::filter::FilterRule;
+use super::filter::FilterRule;
 
 /// A duration written as "30s", "10m", "1h", "2h 30m" (humantime).
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -309,7 +309,7 @@ impl Publisher {
 
     /// The filter of every live route now.
     pub fn build(&self) -> Published {
-        let now = crate::worker::unix_now();
+        let now = crate::rt::unix_now();
         let probes: Vec<Probe> = self
             .routes
             .route_hashes(now)

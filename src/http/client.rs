@@ -17,6 +17,7 @@ mod origin;
 mod pool;
 mod relay;
 mod response;
+mod signer;
 mod splice;
 
 use std::cell::RefCell;
@@ -36,6 +37,7 @@ pub use origin::{Origin, OriginError};
 pub use pool::{PoolDiscards, PoolOptions};
 pub use relay::{RelayError, RelayMode};
 pub use response::Response;
+pub use signer::{SignedSend, Signer, SignerError};
 
 use crate::http::resolve::Resolver;
 use conn::{is_disconnect, Stream};
@@ -234,11 +236,11 @@ impl LocalClient {
 
     /// Sends `req` to `origin` and returns once the response head arrived.
     /// A pooled connection that turns out to be dead is replaced by a fresh
-    /// one once, transparently. Requests to S3 origins are presigned and
-    /// their refusals vetted by [`crate::s3::send`].
+    /// one once, transparently. Requests to origins with a [`Signer`] (S3)
+    /// are signed and their refusals vetted by it.
     pub async fn send(&self, origin: &Origin, req: &Request<'_>) -> Result<Response, ClientError> {
-        match origin.s3() {
-            Some(presigner) => crate::s3::send(self, presigner, origin, req).await,
+        match origin.signer() {
+            Some(signer) => signer.send(self, origin, req).await,
             None => self.send_plain(origin, req).await,
         }
     }
@@ -563,8 +565,8 @@ mod tests {
             ClientError::Chunked(ChunkedError::InvalidSize),
             ClientError::BodyTooLarge,
             ClientError::Aborted,
-            ClientError::S3(crate::s3::S3Error::NoCredentials),
-            ClientError::S3(crate::s3::S3Error::BadPath),
+            ClientError::from(crate::s3::S3Error::NoCredentials),
+            ClientError::from(crate::s3::S3Error::BadPath),
         ];
         for e in &errors {
             assert!(ClientError::KINDS.contains(&e.kind()), "{e:?}");

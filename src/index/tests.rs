@@ -9,6 +9,7 @@ fn upstream(url: &str) -> Upstream {
     Upstream {
         url: Arc::from(url),
         origin: Origin::parse(url, None).unwrap(),
+        s3: None,
         priority: 10,
         keys: Vec::new(),
         filters: Vec::new(),

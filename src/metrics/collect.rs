@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use prometheus::proto::{
-    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
+use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
 
+use super::family::{counter_metric, family, gauge_metric, labels};
 use super::{
     LocalCounter, LocalHistogram, Metrics, WorkerMetrics, BATCH_PATH_RESULTS, ENDPOINTS,
     ENDPOINT_RESULTS, FAILOVER_RESULTS, NAR_OUTCOMES, OUTCOMES, RESOLVE_RESULTS, SHED_REASONS,
@@ -17,48 +16,6 @@ use crate::route::RouteTable;
 /// Cross-thread state sampled at scrape time.
 pub struct Gauges {
     pub routes: Arc<RouteTable>,
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            let mut l = LabelPair::default();
-            l.set_name(k.to_string());
-            l.set_value(v.to_string());
-            l
-        })
-        .collect()
-}
-
-pub(super) fn family(
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    metrics: Vec<Metric>,
-) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(kind);
-    f.set_metric(metrics);
-    f
-}
-
-pub(super) fn counter_metric(pairs: &[(&str, &str)], v: u64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(v as f64);
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_counter(c);
-    m
-}
-
-pub(super) fn gauge_metric(pairs: &[(&str, &str)], v: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(v);
-    let mut m = Metric::from_gauge(g);
-    m.set_label(labels(pairs));
-    m
 }
 
 /// Sums one histogram over all workers into a cumulative prometheus one.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 
-use super::collect::{family, gauge_metric};
+use super::family::{family, gauge_metric};
 use super::Metrics;
 
 /// An upstream's state, as a fixed label set.

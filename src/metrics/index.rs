@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 
-use super::collect::{counter_metric, family, gauge_metric};
+use super::family::{counter_metric, family, gauge_metric};
 use super::Metrics;
 use crate::index::RefreshErrorKind;
 

@@ -5,7 +5,7 @@
 
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 
-use super::collect::{counter_metric, family};
+use super::family::{counter_metric, family};
 use super::{LocalCounter, Metrics};
 
 /// `result` labels of `ncro_mesh_packets_total`, by index.

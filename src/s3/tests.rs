@@ -21,8 +21,7 @@ fn cell_with(c: Credentials) -> Arc<CredentialCell> {
 
 fn presigner(url: &str, cell: Arc<CredentialCell>) -> Presigner {
     let parsed = S3Url::parse(url).expect("valid s3 URL");
-    let o = origin(&parsed, url, cell).expect("origin");
-    let p = o.s3().expect("S3 origin has a presigner");
+    let (o, p) = origin(&parsed, url, cell).expect("origin");
     Presigner::new(
         url,
         &parsed,
@@ -201,7 +200,7 @@ fn endpoints_follow_ncro_2_2_addressing() {
 fn origin_shows_the_configured_url_and_signs_its_host() {
     let url = "s3://nixcache?endpoint=127.0.0.1:3900&scheme=http&region=garage";
     let parsed = S3Url::parse(url).expect("url");
-    let o = origin(&parsed, url, Arc::default()).expect("origin");
+    let (o, _) = origin(&parsed, url, Arc::default()).expect("origin");
     assert_eq!(o.to_string(), url);
     assert_eq!(o.host_header(), b"127.0.0.1:3900");
     assert_eq!(
@@ -211,7 +210,7 @@ fn origin_shows_the_configured_url_and_signs_its_host() {
     );
     assert!(!o.is_tls());
     let https = S3Url::parse("s3://c?endpoint=s3.example:443").expect("url");
-    let o = origin(&https, "s3://c?endpoint=s3.example:443", Arc::default()).expect("origin");
+    let (o, _) = origin(&https, "s3://c?endpoint=s3.example:443", Arc::default()).expect("origin");
     assert_eq!(
         o.host_header(),
         b"s3.example",
@@ -389,7 +388,37 @@ fn s3_upstreams_join_the_set_under_their_configured_url() {
     let set = crate::upstream::UpstreamSet::from_config(&cfg).expect("set");
     assert_eq!(set.len(), 2);
     let i = set.index_of(s3).expect("indexed by its configured URL");
-    assert!(set.list[i].origin.s3().is_some());
+    assert!(set.list[i].origin.signer().is_some());
     assert_eq!(set.list[i].origin.to_string(), s3);
-    assert!(set.list[0].origin.s3().is_none());
+    assert!(set.list[0].origin.signer().is_none());
+}
+
+#[test]
+fn s3_errors_keep_their_client_error_kind_text_and_sources() {
+    use std::error::Error as _;
+    let bad = ClientError::from(S3Error::BadPath);
+    assert_eq!(bad.kind(), "request");
+    assert!(!bad.retry_elsewhere());
+    let denied = ClientError::from(S3Error::Denied {
+        status: 403,
+        code: "AccessDenied".into(),
+    });
+    assert_eq!(denied.kind(), "auth");
+    assert!(denied.retry_elsewhere());
+    assert_eq!(
+        denied.to_string(),
+        "S3: S3 refused the request: 403 AccessDenied"
+    );
+    let endpoint = ClientError::from(S3Error::Endpoint(OriginError::MissingHost));
+    let source = endpoint.source().expect("the S3 error");
+    assert_eq!(source.to_string(), "invalid S3 endpoint: URL has no host");
+    let inner = source.source().expect("the origin error");
+    assert_eq!(inner.to_string(), "URL has no host");
+    let ClientError::S3(e) = &endpoint else {
+        panic!("{endpoint:?}")
+    };
+    assert!(matches!(
+        e.get_ref().downcast_ref::<S3Error>(),
+        Some(S3Error::Endpoint(_))
+    ));
 }

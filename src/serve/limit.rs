@@ -2,7 +2,8 @@
 //! connections, and the 503 that answers connections beyond it. HOT (one
 //! atomic add per accepted connection).
 //!
-//! The cap is shared by all workers rather than split into per-worker
+//! The count is [`ConnLimit`] (in [`crate::worker`], which takes a slot on
+//! accept). The cap is shared by all workers rather than split into per-worker
 //! shares: `SO_REUSEPORT` spreads connections by a hash of their addresses
 //! (and an inherited systemd socket by whichever worker wakes first), so a
 //! per-worker share would refuse connections on one worker while another
@@ -18,7 +19,6 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use monoio::buf::IoBufMut;
@@ -26,6 +26,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::http::response::write_simple;
+pub use crate::worker::ConnLimit;
 use crate::worker::WorkerCtx;
 
 /// How long a refused connection may take to get its answer out and be
@@ -36,45 +37,6 @@ pub const LINGER: Duration = Duration::from_secs(1);
 pub const MAX_LINGERING: usize = 256;
 /// Request bytes read (and dropped) from a refused connection at most.
 const DRAIN_LIMIT: usize = 64 * 1024;
-
-/// Open client connections across all workers against the configured cap.
-#[derive(Debug)]
-pub struct ConnLimit {
-    open: AtomicUsize,
-    /// 0: no cap.
-    max: usize,
-}
-
-impl ConnLimit {
-    pub fn new(max: usize) -> ConnLimit {
-        ConnLimit {
-            open: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// Takes a slot for a new connection; false when the cap is reached.
-    /// Every `true` must be matched by one [`ConnLimit::release`].
-    #[inline]
-    pub fn try_acquire(&self) -> bool {
-        let before = self.open.fetch_add(1, Ordering::AcqRel);
-        if self.max == 0 || before < self.max {
-            return true;
-        }
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        false
-    }
-
-    #[inline]
-    pub fn release(&self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Connections holding a slot now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-}
 
 thread_local! {
     /// Refused connections of this worker still lingering.
@@ -135,55 +97,5 @@ async fn drain(stream: &mut TcpStream, deadline: monoio::time::Instant) {
             Ok(0) | Err(_) => return,
             Ok(n) => left = left.saturating_sub(n),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_capped_and_given_back() {
-        let l = ConnLimit::new(2);
-        assert!(l.try_acquire() && l.try_acquire());
-        assert!(!l.try_acquire(), "third over a cap of 2");
-        assert_eq!(l.open(), 2, "a refused attempt holds no slot");
-        l.release();
-        assert!(l.try_acquire());
-        assert!(!l.try_acquire());
-    }
-
-    #[test]
-    fn zero_means_no_cap() {
-        let l = ConnLimit::new(0);
-        assert!((0..10_000).all(|_| l.try_acquire()));
-        assert_eq!(l.open(), 10_000);
-    }
-
-    #[test]
-    fn concurrent_acquires_never_exceed_the_cap() {
-        let l = std::sync::Arc::new(ConnLimit::new(10));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let l = l.clone();
-                std::thread::spawn(move || {
-                    let mut held = 0;
-                    for _ in 0..10_000 {
-                        if l.try_acquire() {
-                            assert!(l.open() <= 10 + 3, "only racing attempts overshoot");
-                            held += 1;
-                            if held > 5 {
-                                l.release();
-                                held -= 1;
-                            }
-                        }
-                    }
-                    held
-                })
-            })
-            .collect();
-        let held: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
-        assert!(held <= 10);
-        assert_eq!(l.open(), held);
     }
 }

@@ -21,19 +21,8 @@ use crate::route::{Cached, Hit, RouteEntry};
 use crate::serve::After;
 use crate::upstream::limits::LimitError;
 use crate::upstream::{filter, RacePlan, UpstreamSet};
+pub use crate::worker::Resolved;
 use crate::worker::{unix_now, WorkerCtx};
-
-/// What a resolution produced; shared by every request that joined it.
-#[derive(Clone, Debug)]
-pub enum Resolved {
-    Found(Hit),
-    Miss,
-    Unavailable {
-        timed_out: bool,
-    },
-    /// The race queue was full (or the wait too long): 503 + Retry-After.
-    Overloaded,
-}
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
 pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {

@@ -133,6 +133,7 @@ impl UpstreamSet {
         let upstream = || Upstream {
             url: Arc::from(url),
             origin: origin.clone(),
+            s3: None,
             priority,
             keys: Vec::new(),
             filters: Vec::new(),

@@ -1,5 +1,7 @@
 //! ncro's integration test binary: one binary, one module per area.
 //!
+//! - [`architecture`]: the shape of `src/`: no import cycles between
+//!   sibling modules, no file over 700 lines before its tests.
 //! - [`fake`]: a fake upstream binary cache with fault injection, plus
 //!   independently written Nix test data (keys, narinfos, NARs).
 //! - [`harness`]: runs the real `ncro` binary and talks HTTP/1.1 to it.
@@ -46,6 +48,7 @@
 //!   (`realdata::proxy`) through the real binary: exact bytes served,
 //!   forgeries refused, NARs relayed byte for byte.
 
+mod architecture;
 mod bench;
 mod cli;
 mod client;

@@ -14,6 +14,7 @@ use crate::bench::report::{ErrorKind, Stats};
 use crate::bench::rng::{mix, Rng};
 use crate::bench::wire::{ClientConn, WireError};
 use crate::proto::store_path::HASH_LEN;
+use crate::rt::Warning;
 
 /// Read buffer per connection: NAR bodies stream through a larger one.
 const SMALL_BUF: usize = 16 * 1024;
@@ -28,14 +29,14 @@ pub(super) fn client_thread(
     clock: Receiver<Clock>,
     live: Arc<Live>,
 ) -> Result<Stats, String> {
-    if let Some(&cpu) = plan.cpus.get(t) {
-        if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
-            eprintln!("bench client thread {t}: cannot pin to CPU {cpu}: {e:?}");
+    let rt = crate::rt::build_pinned(plan.cpus.get(t).copied(), |w| match w {
+        Warning::Unpinned { cpu, error } => {
+            eprintln!("bench client thread {t}: cannot pin to CPU {cpu}: {error:?}");
         }
-    }
-    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build();
+        Warning::Epoll(e) => {
+            eprintln!("bench client thread {t}: cannot set up io_uring, using epoll: {e}")
+        }
+    });
     let mut rt = match rt {
         Ok(rt) => rt,
         Err(e) => {

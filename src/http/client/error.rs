@@ -3,6 +3,7 @@
 use std::io;
 
 use super::conn::is_disconnect;
+use super::signer::SignerError;
 use super::MAX_HEAD;
 use crate::http::chunked::ChunkedError;
 
@@ -40,9 +41,10 @@ pub enum ClientError {
     BodyTooLarge,
     #[error("response body unusable after an earlier error or cancelled read")]
     Aborted,
-    /// An S3 upstream's request could not be signed, or S3 refused it.
+    /// An S3 upstream's request could not be signed, or S3 refused it
+    /// (the origin's [`Signer`](super::Signer) failed it).
     #[error("S3: {0}")]
-    S3(#[from] crate::s3::S3Error),
+    S3(#[source] SignerError),
 }
 
 impl ClientError {
@@ -80,7 +82,7 @@ impl ClientError {
             }
             ClientError::BodyTooLarge => "too_large",
             ClientError::Aborted => "aborted",
-            ClientError::S3(crate::s3::S3Error::BadPath) => "request",
+            ClientError::S3(e) if e.is_bad_request() => "request",
             ClientError::S3(_) => "auth",
         }
     }
@@ -102,10 +104,7 @@ impl ClientError {
     pub fn retry_elsewhere(&self) -> bool {
         !matches!(
             self,
-            ClientError::InvalidRequest(_)
-                | ClientError::BodyTooLarge
-                | ClientError::Aborted
-                | ClientError::S3(crate::s3::S3Error::BadPath)
-        )
+            ClientError::InvalidRequest(_) | ClientError::BodyTooLarge | ClientError::Aborted
+        ) && !matches!(self, ClientError::S3(e) if e.is_bad_request())
     }
 }

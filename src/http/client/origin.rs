@@ -9,6 +9,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use rustls::pki_types::ServerName;
 
+use super::Signer;
+
 /// Why an upstream URL was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OriginError {
@@ -70,8 +72,8 @@ pub struct Origin {
     /// `scheme://host:port`: idle connections are shared per key, so two
     /// origins that differ only in path prefix or credentials share them.
     key: Arc<str>,
-    /// Set for S3 upstreams: every request is presigned (see [`crate::s3`]).
-    s3: Option<Arc<crate::s3::Presigner>>,
+    /// Set for S3 upstreams: every request is presigned ([`Signer`]).
+    signer: Option<Arc<dyn Signer>>,
 }
 
 impl Origin {
@@ -116,20 +118,20 @@ impl Origin {
             authorization: basic_auth.map(basic_header).transpose()?,
             server_name,
             key,
-            s3: None,
+            signer: None,
         })
     }
 
-    /// This origin with its requests presigned by `presigner`.
-    pub fn with_s3(self, presigner: Arc<crate::s3::Presigner>) -> Origin {
+    /// This origin with its requests signed by `signer`.
+    pub fn with_signer(self, signer: Arc<dyn Signer>) -> Origin {
         Origin {
-            s3: Some(presigner),
+            signer: Some(signer),
             ..self
         }
     }
 
-    pub fn s3(&self) -> Option<&Arc<crate::s3::Presigner>> {
-        self.s3.as_ref()
+    pub fn signer(&self) -> Option<&Arc<dyn Signer>> {
+        self.signer.as_ref()
     }
 
     pub fn is_tls(&self) -> bool {
@@ -173,8 +175,8 @@ impl Origin {
 /// Shows the URL without credentials, so it is safe to log.
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(s3) = &self.s3 {
-            return f.write_str(s3.url());
+        if let Some(signer) = &self.signer {
+            return f.write_str(signer.url());
         }
         write!(
             f,
@@ -191,7 +193,7 @@ impl fmt::Debug for Origin {
         f.debug_struct("Origin")
             .field("url", &self.to_string())
             .field("basic_auth", &self.authorization.is_some())
-            .field("s3", &self.s3)
+            .field("s3", &self.signer)
             .finish()
     }
 }

@@ -1,0 +1,537 @@
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, ErrorCode};
+
+use super::db::parent_dir;
+use super::writer::error_kind;
+use super::*;
+
+fn hash(i: u32) -> StoreHash {
+    let a = crate::proto::store_path::NIX_BASE32_ALPHABET;
+    let mut s = [b'0'; 32];
+    let mut n = i;
+    for b in s.iter_mut().rev().take(7) {
+        *b = a[(n % 32) as usize];
+        n /= 32;
+    }
+    StoreHash::parse(&s).unwrap()
+}
+
+fn entry(upstream: &str, expires_at: u64, verified_at: u64) -> Arc<RouteEntry> {
+    Arc::new(RouteEntry {
+        upstream: upstream.into(),
+        narinfo: Bytes::from_static(b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\n"),
+        nar_url: "nar/abc.nar.xz".into(),
+        nar_hash: "sha256:abc".into(),
+        nar_size: 1234,
+        expires_at,
+        verified_at,
+        latency_ms: 12.5,
+    })
+}
+
+fn cfg(max_entries: usize) -> WriterConfig {
+    WriterConfig {
+        max_entries,
+        sweep_interval: Duration::from_secs(3600),
+        batch_max: 64,
+    }
+}
+
+const FAR: u64 = 4_000_000_000;
+
+fn db_path(dir: &tempfile::TempDir) -> String {
+    dir.path()
+        .join("sub/routes.db")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Writes `ops` through a real writer thread and waits for its exit.
+fn write_all(path: &str, max: usize, ops: Vec<WriteOp>) -> WriterHandle {
+    let (_, db) = open_and_load(path, 0).unwrap();
+    let (w, join) = spawn_writer(db, cfg(max));
+    for op in ops {
+        assert!(w.try_write(op));
+    }
+    w.flush_blocking().unwrap();
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    w
+}
+
+fn columns(c: &Connection, table: &str) -> Vec<String> {
+    let mut stmt = c.prepare(&format!("PRAGMA table_info({table})")).unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, String>(1)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[test]
+fn creates_ncro_2_2_schema_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (loaded, db) = open_and_load(&path, 0).unwrap();
+    assert!(loaded.routes.is_empty() && loaded.negatives.is_empty());
+    assert_eq!(
+        columns(&db.conn, "routes"),
+        [
+            "store_path",
+            "upstream_url",
+            "latency_ms",
+            "latency_ema",
+            "query_count",
+            "failure_count",
+            "last_verified",
+            "ttl",
+            "nar_hash",
+            "nar_size",
+            "nar_url",
+            "created_at",
+            "narinfo_bytes"
+        ]
+    );
+    assert_eq!(
+        columns(&db.conn, "negative_cache"),
+        ["store_path", "expires_at"]
+    );
+    assert_eq!(
+        columns(&db.conn, "upstream_health"),
+        ["url", "ema_latency", "consecutive_fails", "total_queries"]
+    );
+    let mode: String = db
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let sync: i64 = db
+        .conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sync, 1, "synchronous=NORMAL");
+}
+
+#[test]
+fn round_trip_routes_negatives_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let health = HealthRow {
+        url: "https://cache.nixos.org".into(),
+        ema_latency: 33.0,
+        consecutive_fails: 2,
+        total_queries: 99,
+    };
+    let w = write_all(
+        &path,
+        100,
+        vec![
+            WriteOp::Route(hash(1), entry("https://a", FAR, 10)),
+            WriteOp::Route(hash(2), entry("https://a", FAR, 11)),
+            WriteOp::Negative(hash(3), FAR),
+            WriteOp::Health(health.clone()),
+        ],
+    );
+    assert_eq!(w.rows_written(), 4);
+    assert_eq!(w.stored_routes(), 2);
+    assert_eq!(w.write_errors(), 0);
+    let (loaded, db) = open_and_load(&path, 100).unwrap();
+    assert_eq!(db.route_count(), 2);
+    let mut routes = loaded.routes;
+    routes.sort_by_key(|(h, _)| *h);
+    assert_eq!(routes.len(), 2);
+    assert_eq!(
+        (routes[0].0, &routes[0].1),
+        (hash(1), &entry("https://a", FAR, 10))
+    );
+    // Both rows share one upstream allocation.
+    assert!(Arc::ptr_eq(&routes[0].1.upstream, &routes[1].1.upstream));
+    assert_eq!(loaded.negatives, [(hash(3), FAR)]);
+    assert_eq!(loaded.health, [health]);
+    assert_eq!(loaded.skipped, 0);
+    assert_eq!(db.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn upsert_replaces_and_one_state_per_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    write_all(
+        &path,
+        100,
+        vec![
+            WriteOp::Route(hash(1), entry("https://a", FAR, 10)),
+            WriteOp::Route(hash(1), entry("https://b", FAR, 20)),
+            WriteOp::Route(hash(2), entry("https://a", FAR, 10)),
+            WriteOp::Negative(hash(2), FAR),
+            WriteOp::Negative(hash(3), FAR),
+            WriteOp::Route(hash(3), entry("https://c", FAR, 30)),
+            WriteOp::Route(hash(4), entry("https://c", FAR, 30)),
+            WriteOp::Remove(hash(4)),
+        ],
+    );
+    let (loaded, db) = open_and_load(&path, 100).unwrap();
+    let mut routes = loaded.routes;
+    routes.sort_by_key(|(h, _)| *h);
+    let got: Vec<_> = routes.iter().map(|(h, e)| (*h, &*e.upstream)).collect();
+    assert_eq!(got, [(hash(1), "https://b"), (hash(3), "https://c")]);
+    assert_eq!(loaded.negatives, [(hash(2), FAR)]);
+    assert_eq!(db.route_count(), 2);
+}
+
+#[test]
+fn evicts_least_recently_verified_beyond_max_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let ops = (0..10)
+        .map(|i| WriteOp::Route(hash(i), entry("https://a", FAR, 100 + u64::from(i))))
+        .collect();
+    let w = write_all(&path, 4, ops);
+    assert_eq!(w.stored_routes(), 4);
+    let (loaded, db) = open_and_load(&path, 0).unwrap();
+    let mut kept: Vec<_> = loaded.routes.iter().map(|(h, _)| *h).collect();
+    kept.sort();
+    assert_eq!(kept, [hash(6), hash(7), hash(8), hash(9)]);
+    assert_eq!(db.route_count(), 4);
+}
+
+#[test]
+fn load_skips_expired_and_sweep_deletes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    write_all(
+        &path,
+        100,
+        vec![
+            WriteOp::Route(hash(1), entry("https://a", FAR, 1)),
+            WriteOp::Route(hash(2), entry("https://a", FAR + 1, 1)),
+            WriteOp::Negative(hash(3), FAR),
+            WriteOp::Negative(hash(4), FAR + 1),
+        ],
+    );
+    // Expiry is exclusive: at `now == expires_at` the entry is dead.
+    let (loaded, mut db) = open_and_load(&path, FAR).unwrap();
+    let routes: Vec<_> = loaded.routes.iter().map(|(h, _)| *h).collect();
+    assert_eq!(routes, [hash(2)]);
+    assert_eq!(loaded.negatives, [(hash(4), FAR + 1)]);
+    assert_eq!(loaded.skipped, 0, "expired rows are not 'skipped'");
+    db.sweep(FAR).unwrap();
+    assert_eq!(db.route_count(), 1);
+    let negatives: i64 = db
+        .conn
+        .query_row("SELECT COUNT(*) FROM negative_cache", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(negatives, 1);
+}
+
+#[test]
+fn writer_sweeps_periodically() {
+    let (_, db) = open_and_load(":memory:", 0).unwrap();
+    let cfg = WriterConfig {
+        sweep_interval: Duration::from_millis(20),
+        ..cfg(100)
+    };
+    let (w, join) = spawn_writer(db, cfg);
+    // Expires one second from now: present after the flush, gone after a sweep.
+    let soon = unix_now() + 1;
+    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", soon, 1))));
+    w.flush_blocking().unwrap();
+    assert_eq!(w.stored_routes(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.stored_routes() != 0 {
+        assert!(Instant::now() < deadline, "expired route never swept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+}
+
+const NCRO_2_2_ROUTES: &str = "
+        CREATE TABLE routes (
+            store_path TEXT PRIMARY KEY, upstream_url TEXT NOT NULL,
+            latency_ms REAL NOT NULL DEFAULT 0, latency_ema REAL NOT NULL DEFAULT 0,
+            query_count INTEGER NOT NULL DEFAULT 1, failure_count INTEGER NOT NULL DEFAULT 0,
+            last_verified INTEGER NOT NULL DEFAULT 0, ttl INTEGER NOT NULL,
+            nar_hash TEXT NOT NULL DEFAULT '', nar_size INTEGER NOT NULL DEFAULT 0,
+            nar_url TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL DEFAULT (strftime('%s','now')));
+        CREATE INDEX idx_routes_ttl ON routes(ttl);
+        CREATE TABLE upstream_health (url TEXT PRIMARY KEY,
+            ema_latency REAL NOT NULL DEFAULT 0, consecutive_fails INTEGER NOT NULL DEFAULT 0,
+            total_queries INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE negative_cache (store_path TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+    ";
+
+fn old_row(c: &Connection, h: StoreHash, ttl: u64) {
+    c.execute(
+        "INSERT INTO routes (store_path, upstream_url, latency_ms, last_verified, ttl, \
+         nar_hash, nar_size, nar_url) VALUES (?1, 'https://old', 5.0, 7, ?2, 'sha256:x', 9, 'nar/x.nar')",
+        params![h.as_str(), ttl as i64],
+    )
+    .unwrap();
+}
+
+#[test]
+fn opens_pre_migration_ncro_2_2_database_and_skips_rows_without_narinfo() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    std::fs::create_dir_all(parent_dir(&path)).unwrap();
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(NCRO_2_2_ROUTES).unwrap();
+        old_row(&c, hash(1), FAR);
+        old_row(&c, hash(2), FAR);
+        old_row(&c, hash(3), 10); // expired: neither loaded nor skipped
+        c.execute(
+            "INSERT INTO negative_cache VALUES (?1, ?2)",
+            params![hash(4).as_str(), FAR as i64],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO upstream_health VALUES ('https://old', 4.5, 1, 8)",
+            [],
+        )
+        .unwrap();
+    }
+    let (loaded, db) = open_and_load(&path, 100).unwrap();
+    assert!(columns(&db.conn, "routes").contains(&"narinfo_bytes".to_owned()));
+    assert!(loaded.routes.is_empty());
+    assert_eq!(loaded.skipped, 2);
+    assert_eq!(loaded.negatives, [(hash(4), FAR)]);
+    assert_eq!(loaded.health[0].url, "https://old");
+    assert_eq!(db.route_count(), 3);
+    // A migrated row that now has narinfo bytes is served with its old columns.
+    db.conn
+        .execute(
+            "UPDATE routes SET narinfo_bytes = x'4e' WHERE store_path = ?1",
+            [hash(1).as_str()],
+        )
+        .unwrap();
+    drop(db);
+    let (loaded, _db) = open_and_load(&path, 100).unwrap();
+    assert_eq!(loaded.skipped, 1);
+    let (h, e) = &loaded.routes[0];
+    assert_eq!(*h, hash(1));
+    assert_eq!(&*e.upstream, "https://old");
+    assert_eq!(
+        (&e.narinfo[..], &*e.nar_url, e.nar_size),
+        (&b"N"[..], "nar/x.nar", 9)
+    );
+    assert_eq!((e.verified_at, e.expires_at, e.latency_ms), (7, FAR, 5.0));
+}
+
+#[test]
+fn memory_database_works() {
+    let (loaded, db) = open_and_load(":memory:", 0).unwrap();
+    assert_eq!(loaded.routes.len(), 0);
+    let (w, join) = spawn_writer(db, cfg(10));
+    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    w.flush_blocking().unwrap();
+    assert_eq!((w.stored_routes(), w.batches_written() >= 1), (1, true));
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    // After the thread is gone, writes are refused and counted.
+    assert!(!w.try_write(WriteOp::Negative(hash(2), FAR)));
+    assert_eq!(w.dropped_writes(), 1);
+    assert!(matches!(
+        w.flush_blocking(),
+        Err(PersistError::WriterClosed)
+    ));
+}
+
+#[test]
+fn async_flush_works_from_a_runtime_thread() {
+    let (_, db) = open_and_load(":memory:", 0).unwrap();
+    let (w, join) = spawn_writer(db, cfg(10));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+        w.flush().await.unwrap();
+    });
+    assert_eq!(w.stored_routes(), 1);
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    let closed = rt.block_on(w.flush());
+    assert!(matches!(closed, Err(PersistError::WriterClosed)));
+}
+
+#[test]
+fn unwritable_directory_is_a_precise_open_error() {
+    // root ignores permission bits, so as root use a directory in which
+    // nobody can create files; otherwise a mode 0555 directory, both
+    // fresh and holding a database created before the chmod.
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    let paths = if unsafe { libc::geteuid() } == 0 {
+        vec!["/proc/ncro-routes.db".to_owned()]
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let existing = ro.join("existing.db").to_str().unwrap().to_owned();
+        drop(open_and_load(&existing, 0).unwrap());
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        vec![ro.join("fresh.db").to_str().unwrap().to_owned(), existing]
+    };
+    for path in paths {
+        let err = match open_and_load(&path, 0) {
+            Err(e) => e,
+            Ok(_) => panic!("opened {path} in an unwritable directory"),
+        };
+        assert!(matches!(err, PersistError::NotWritable { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path) && msg.contains("writable"), "{msg}");
+        assert!(msg.contains(parent_dir(&path).to_str().unwrap()), "{msg}");
+    }
+}
+
+#[test]
+fn missing_parent_is_created_and_uncreatable_parent_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let path = file.join("routes.db");
+    let err = open_and_load(path.to_str().unwrap(), 0).err().unwrap();
+    assert!(matches!(err, PersistError::CreateDir { .. }), "{err:?}");
+    assert!(err.to_string().contains(file.to_str().unwrap()));
+}
+
+/// `errors`: the three failed batches, plus the startup sweep when the
+/// setup makes every statement fail.
+#[test]
+fn garbage_file_is_an_open_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    std::fs::create_dir_all(parent_dir(&path)).unwrap();
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = open_and_load(&path, 0).err().unwrap();
+    assert!(matches!(err, PersistError::Sqlite { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&path) && msg.contains("not a database"),
+        "{msg}"
+    );
+}
+
+fn write_error_case(setup: &str, errors: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (_, db) = open_and_load(&path, 0).unwrap();
+    db.conn.execute_batch(setup).unwrap();
+    let (w, join) = spawn_writer(db, cfg(1000));
+    for i in 0..3 {
+        // A big blob so the page limit is hit on the first batch.
+        let mut e = (*entry("https://a", FAR, 1)).clone();
+        e.narinfo = Bytes::from(vec![b'x'; 64 * 1024]);
+        assert!(w.try_write(WriteOp::Route(hash(i), Arc::new(e))));
+        w.flush_blocking().unwrap();
+    }
+    assert_eq!(w.write_errors(), errors, "{setup}");
+    assert_eq!(w.stored_routes(), 0);
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+}
+
+#[test]
+fn write_errors_are_counted_and_writer_keeps_going() {
+    write_error_case("PRAGMA query_only = ON", 4);
+    // A page cap is SQLite's own way to produce "database or disk is full".
+    let (_, db) = open_and_load(":memory:", 0).unwrap();
+    let pages: i64 = db
+        .conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    write_error_case(&format!("PRAGMA max_page_count = {pages}"), 3);
+}
+
+#[test]
+fn degraded_while_writes_fail_and_cleared_by_the_next_commit() {
+    let (_, db) = open_and_load(":memory:", 0).unwrap();
+    let pages: i64 = db
+        .conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    // No page may be added: a 64 KiB narinfo cannot be stored, a small
+    // row still fits in the existing leaf pages.
+    db.conn
+        .execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+        .unwrap();
+    let (w, join) = spawn_writer(db, cfg(1000));
+    assert!(!w.is_degraded());
+    let mut big = (*entry("https://a", FAR, 1)).clone();
+    big.narinfo = Bytes::from(vec![b'x'; 64 * 1024]);
+    assert!(w.try_write(WriteOp::Route(hash(1), Arc::new(big))));
+    w.flush_blocking().unwrap();
+    assert!(w.is_degraded(), "a failed batch degrades");
+    assert_eq!(w.stored_routes(), 0);
+    assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
+    w.flush_blocking().unwrap();
+    assert_eq!(w.stored_routes(), 1, "new writes commit past the held one");
+    assert!(w.is_degraded(), "the 64 KiB route is still held back");
+    // A newer write for the same path replaces the held-back one.
+    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    w.flush_blocking().unwrap();
+    assert!(
+        !w.is_degraded(),
+        "a commit with nothing held back clears it"
+    );
+    assert_eq!(w.stored_routes(), 2);
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+}
+
+#[test]
+fn writes_that_failed_on_a_lock_are_stored_once_it_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (_, db) = open_and_load(&path, 0).unwrap();
+    db.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (w, join) = spawn_writer(db, cfg(1000));
+    for i in 0..3 {
+        assert!(w.try_write(WriteOp::Route(hash(i), entry("https://a", FAR, 1))));
+    }
+    assert!(w.try_write(WriteOp::Remove(hash(2))));
+    w.flush_blocking().unwrap();
+    assert!(w.is_degraded(), "the lock makes the batch fail");
+    assert_eq!(w.stored_routes(), 0);
+    other.execute_batch("COMMIT").unwrap();
+    // Nothing new arrives: the writer retries by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.is_degraded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!w.is_degraded(), "held-back writes never committed");
+    assert_eq!(w.stored_routes(), 2, "routes 0 and 1; 2 was removed after");
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    let (routes, _) = open_and_load(&path, 0).unwrap();
+    let mut hashes: Vec<_> = routes.routes.iter().map(|r| r.0).collect();
+    hashes.sort();
+    assert_eq!(hashes, [hash(0), hash(1)]);
+}
+
+#[test]
+fn error_kinds_are_distinct_bits() {
+    let e = |code| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error {
+                code,
+                extended_code: 0,
+            },
+            None,
+        )
+    };
+    let kinds = [
+        ErrorCode::DiskFull,
+        ErrorCode::ReadOnly,
+        ErrorCode::CannotOpen,
+        ErrorCode::DatabaseBusy,
+        ErrorCode::SystemIoFailure,
+        ErrorCode::DatabaseCorrupt,
+        ErrorCode::InternalMalfunction,
+    ];
+    let bits: Vec<u32> = kinds.iter().map(|&c| error_kind(&e(c)).0).collect();
+    assert_eq!(bits.iter().fold(0, |acc, b| acc | b).count_ones(), 7);
+}
