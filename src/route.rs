@@ -34,21 +34,22 @@
 //! set stays in memory and only a cold hit pays for a read (tens of
 //! microseconds, on another thread), still without asking an upstream.
 
+mod nar_index;
 pub mod persist;
 pub mod reader;
 #[cfg(test)]
 mod tests;
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::RandomState;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
-use quick_cache::sync::{Cache, EntryAction, EntryResult};
+use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 use crate::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
+use nar_index::{nar_index, NarClaim, NarClaimStats, NarKey, NarSlot};
 use persist::{Db, PersistError, StoredRoute, WriteOp, WriterHandle};
 use reader::BodyReader;
 
@@ -208,14 +209,6 @@ fn secs32(t: u64) -> u32 {
     t.min(u64::from(u32::MAX)) as u32
 }
 
-/// The NAR index is keyed by a 128-bit keyed hash of the NAR key instead of
-/// the string: this saves an ~80-byte allocation per route. The two SipHash
-/// instances have random per-process keys, so nobody outside can aim for a
-/// collision, and an accidental one (about 2^-89 for a million keys) would
-/// only send a NAR request to an upstream that then answers 404.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct NarKey(u64, u64);
-
 /// Weight of a cached body: its bytes plus what holding it costs besides
 /// (cache slot, `Bytes` header and allocation), so the budget is in RSS.
 #[derive(Clone)]
@@ -229,25 +222,6 @@ impl Weighter<RouteKey, Body> for BodyWeight {
     }
 }
 
-/// The NAR index keeps no ghost slots (quick_cache's memory of recently
-/// evicted keys, which costs a full slot each): a NAR key only comes back
-/// when its route is inserted again, and the route cache already keeps
-/// ghosts for that decision.
-fn nar_index(max_entries: usize) -> Cache<NarKey, NarSlot> {
-    let options = quick_cache::OptionsBuilder::new()
-        .estimated_items_capacity(max_entries)
-        .weight_capacity(max_entries as u64)
-        .ghost_allocation(0.0)
-        .build()
-        .expect("valid quick_cache options");
-    Cache::with_options(
-        options,
-        Default::default(),
-        Default::default(),
-        Default::default(),
-    )
-}
-
 fn body_cache(bytes: u64) -> Cache<RouteKey, Body, BodyWeight> {
     let bytes = bytes.max(BODY_OVERHEAD + 1);
     let items = (bytes / 700).clamp(16, 1 << 24) as usize;
@@ -259,33 +233,6 @@ fn body_cache(bytes: u64) -> Cache<RouteKey, Body, BodyWeight> {
 struct ColdStats {
     disk_reads: AtomicU64,
     disk_misses: AtomicU64,
-}
-
-/// Who writes a NAR index entry, and what that write may replace.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum NarClaim {
-    /// A route stored from a narinfo that verified for its upstream: takes
-    /// a free key, refreshes the upstream's own live entry, or replaces a
-    /// pin; never another upstream's live claim.
-    Route,
-    /// A debuginfo record's `archive` (nothing verified it): only a free key.
-    Pin,
-}
-
-/// A NAR index entry: where to ask first, and whether only a debuginfo
-/// pin (not a verified narinfo) put it there.
-#[derive(Clone, Copy)]
-struct NarSlot {
-    slot: Slot,
-    pinned: bool,
-}
-
-/// NAR index writes refused because a live entry named another upstream
-/// (or, for pins, any live entry), by [`NarClaim`]; for `/metrics`.
-#[derive(Default)]
-struct NarClaimStats {
-    route_refused: AtomicU64,
-    pin_refused: AtomicU64,
 }
 
 /// Routes and negative entries shared by all workers (`Arc<RouteTable>`).
@@ -548,62 +495,6 @@ impl RouteTable {
         self.bodies.get(&RouteKey::of(hash))?.merit
     }
 
-    /// The upstream (index) to ask first for this NAR, if still live.
-    /// `nar_key` comes from [`nar_key`].
-    ///
-    /// Nothing signs a narinfo's `URL` field, so an entry here only says
-    /// which upstream *first* claimed the NAR file with a narinfo that
-    /// verified for it. Writes (docs/security.md, "What may steer routing"):
-    /// - only a route stored from a verified narinfo (a race winner, a
-    ///   verified mesh merge, a route loaded at start) claims its NAR;
-    /// - a live claim naming another upstream is never replaced: the first
-    ///   verified claimant keeps the key until it expires (or its slot is
-    ///   given to another URL); the same upstream may refresh it;
-    /// - a debuginfo pin ([`Self::pin_nar`]) only takes a free key, and a
-    ///   verified claim replaces a pin.
-    ///
-    /// So an upstream that wins the race for one path cannot pull another
-    /// upstream's NAR file to itself by naming it in its own narinfo.
-    #[inline]
-    pub fn nar_upstream(&self, nar_key: &str, now: u64) -> Option<usize> {
-        let key = self.nar_index_key(nar_key);
-        let held = self.nars.get(&key)?;
-        if self.serves(held.slot, now) {
-            return Some(usize::from(held.slot.upstream));
-        }
-        self.nars.remove_if(&key, |s| !self.serves(s.slot, now));
-        None
-    }
-
-    /// Sends requests for the NAR `nar_key` to upstream slot `upstream`
-    /// until `expires_at`, without a route (a debuginfo record naming a NAR
-    /// of the cache that served it). Nothing verified the record, so the
-    /// pin only fills a free key: a live entry (a verified route's claim,
-    /// or an earlier pin) is never replaced. Memory only: the hint is not
-    /// persisted. Returns whether the pin was set.
-    pub fn pin_nar(&self, nar_key: &str, upstream: usize, expires_at: u64) -> bool {
-        let Some(name) = self.names.get(upstream) else {
-            return false;
-        };
-        if nar_key.is_empty() {
-            return false;
-        }
-        let slot = Slot {
-            expires_at: secs32(expires_at),
-            upstream: upstream as u16,
-            gen: name.gen.load(Ordering::Relaxed),
-        };
-        self.claim_nar(nar_key, slot, NarClaim::Pin, crate::worker::unix_now())
-    }
-
-    /// NAR index writes refused so far: `(route claims, debuginfo pins)`.
-    pub fn nar_claims_refused(&self) -> (u64, u64) {
-        (
-            self.nar_claims.route_refused.load(Ordering::Relaxed),
-            self.nar_claims.pin_refused.load(Ordering::Relaxed),
-        )
-    }
-
     /// Hashes of the live routes (negative entries left out), for ncro's
     /// published filter. COLD: takes a shard's read lock per entry.
     pub fn route_hashes(&self, now: u64) -> impl Iterator<Item = StoreHash> + '_ {
@@ -723,53 +614,9 @@ impl RouteTable {
     /// written by one of those and loaded at start ([`Self::load`]).
     fn put(&self, key: RouteKey, slot: Slot, nar_key: &str) {
         if !nar_key.is_empty() {
-            self.claim_nar(nar_key, slot, NarClaim::Route, crate::worker::unix_now());
+            self.claim_nar(nar_key, slot, NarClaim::Route, crate::rt::unix_now());
         }
         self.routes.insert(key, slot);
-    }
-
-    /// Writes `slot` for `nar_key` unless a live entry keeps the key: any
-    /// live entry refuses a pin; a live route claim naming another
-    /// upstream (slot and generation) refuses a route's claim. Atomic per
-    /// key (under the shard's lock), and never waits: a claim being written
-    /// by another thread at this instant is a live claim, and wins.
-    /// Returns whether `slot` was written.
-    fn claim_nar(&self, nar_key: &str, slot: Slot, claim: NarClaim, now: u64) -> bool {
-        let key = self.nar_index_key(nar_key);
-        let new = NarSlot {
-            slot,
-            pinned: claim == NarClaim::Pin,
-        };
-        let keeps = |held: NarSlot| {
-            let same = (held.slot.upstream, held.slot.gen) == (slot.upstream, slot.gen);
-            self.serves(held.slot, now)
-                && match claim {
-                    NarClaim::Pin => true,
-                    NarClaim::Route => !held.pinned && !same,
-                }
-        };
-        let update = |_: &NarKey, held: &mut NarSlot| {
-            if keeps(*held) {
-                EntryAction::Retain(false)
-            } else {
-                *held = new;
-                EntryAction::Retain(true)
-            }
-        };
-        let written = match self.nars.entry(&key, Some(Duration::ZERO), update) {
-            EntryResult::Retained(written) => written,
-            EntryResult::Vacant(guard) => guard.insert(new).is_ok(),
-            // Not returned for `Retain`; a placeholder of another writer.
-            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => false,
-        };
-        if !written {
-            let refused = match claim {
-                NarClaim::Route => &self.nar_claims.route_refused,
-                NarClaim::Pin => &self.nar_claims.pin_refused,
-            };
-            refused.fetch_add(1, Ordering::Relaxed);
-        }
-        written
     }
 
     /// The slot naming `url` and its generation, read together so that a
@@ -780,13 +627,6 @@ impl RouteTable {
             let held = name.url.read().unwrap_or_else(|e| e.into_inner());
             (held.as_deref() == Some(url)).then(|| (i as u16, name.gen.load(Ordering::Relaxed)))
         })
-    }
-
-    fn nar_index_key(&self, key: &str) -> NarKey {
-        NarKey(
-            self.nar_hashers.0.hash_one(key),
-            self.nar_hashers.1.hash_one(key),
-        )
     }
 
     /// Never blocks: a worker waiting on the writer would stall every
