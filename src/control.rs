@@ -65,10 +65,15 @@ pub fn spawn(cpu: Option<usize>, jobs: Vec<Job>) -> std::io::Result<ControlHandl
         };
         let _ = ready_tx.send(Ok(()));
         rt.block_on(async move {
-            for job in jobs {
-                monoio::spawn(job());
+            // Polled here rather than spawned, so that stopping drops every
+            // job (and the I/O it has in flight) while the runtime still
+            // runs: see [`crate::rt::settle`].
+            let jobs = futures_util::future::join_all(jobs.into_iter().map(|job| job()));
+            monoio::select! {
+                _ = jobs => {}
+                _ = stop_rx.recv_async() => {} // a dropped sender means stop too
             }
-            let _ = stop_rx.recv_async().await; // a dropped sender means stop too
+            crate::rt::settle().await;
         });
     })?;
     match ready_rx.recv() {

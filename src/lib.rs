@@ -15,7 +15,7 @@
 //! | [`config`] | COLD | raw TOML -> validated [`config::Config`], env overrides, embedded default |
 //! | [`app`] | COLD | startup wiring: shared state, workers, control and writer threads, shutdown |
 //! | [`worker`] | COLD/HOT | per-core threads, listeners, the accept loop and drain |
-//! | [`rt`] | COLD | pinning a thread and building its monoio runtime (io_uring, epoll fallback); the wall clock |
+//! | [`rt`] | COLD | pinning a thread and building its monoio runtime (io_uring, epoll fallback); settling its sockets at exit, retrying a port still held at start; the wall clock |
 //! | [`serve`] | HOT | per-connection HTTP/1.1 loop and the endpoints |
 //! | [`http`] | HOT | request parsing, response writing, upstream client on httparse |
 //! | [`proto`] | HOT | pure Nix formats: base32, store hashes, narinfo, signatures |

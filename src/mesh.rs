@@ -119,9 +119,14 @@ pub fn start(
         addr: m.bind_addr.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
     })?;
-    let socket = UdpSocket::bind(addr).map_err(|source| MeshError::Bind {
-        addr: m.bind_addr.clone(),
-        source,
+    // Without SO_REUSEADDR/SO_REUSEPORT: a live process on the port keeps
+    // it; one that has just exited is waited for (crate::rt::bind_retrying).
+    let what = format!("mesh.bind_addr {addr}");
+    let socket = crate::rt::bind_retrying(&what, || UdpSocket::bind(addr)).map_err(|source| {
+        MeshError::Bind {
+            addr: m.bind_addr.clone(),
+            source,
+        }
     })?;
     let local = socket.local_addr().map_or(addr, |a| a);
     tracing::info!(addr = %local, peers = peers.len(), interval = ?m.gossip_interval.0, "mesh gossip listening");

@@ -72,9 +72,98 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long [`settle`] lets the runtime run after its sockets are dropped.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Called last in a runtime that owned sockets, after they were dropped:
+/// dropping an io_uring operation still in flight (a `recv_from` or
+/// `accept` waiting for a packet or a connection) only queues a cancel,
+/// and dropping a socket only queues its close. Left queued, the kernel
+/// cancels them when the ring is torn down, asynchronously, after the
+/// process has exited: the socket outlives the process for a moment and a
+/// restart at once fails to bind its port (`EADDRINUSE`; `ss -uanp` lists
+/// the socket with no owner). Parking once on a short timer submits the
+/// queued cancels and closes and reaps them, so the kernel lets go of the
+/// ports before the thread exits.
+pub async fn settle() {
+    monoio::time::sleep(SETTLE).await;
+}
+
+/// How long a bind that fails with `EADDRINUSE` is retried at start
+/// ([`bind_retrying`]); docs/operations.md, "Restarting".
+pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `bind` until it does not fail with `EADDRINUSE`, for at most
+/// [`BIND_RETRY`] (20 ms, doubling to 250 ms, between tries), and returns
+/// its last result. A process that has just exited may hold its ports for a
+/// moment after it is gone (its sockets are released by the kernel's
+/// io_uring teardown, or a SIGKILLed one's never settled); a live process
+/// holds them for good, and the last `EADDRINUSE` is returned as it was.
+/// Logs one line when a retry is needed. `what` names the port (`server.listen
+/// 127.0.0.1:8080`).
+pub fn bind_retrying<T>(
+    what: &dyn fmt::Display,
+    bind: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    bind_retrying_for(BIND_RETRY, what, bind)
+}
+
+fn bind_retrying_for<T>(
+    limit: std::time::Duration,
+    what: &dyn fmt::Display,
+    mut bind: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(20);
+    let mut logged = false;
+    loop {
+        match bind() {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !logged {
+                    logged = true;
+                    tracing::warn!(
+                        port = %what,
+                        retry_for = ?limit,
+                        "address in use; retrying (a process that just exited may still hold it)"
+                    );
+                }
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port freed while start-up retries is taken; one held throughout is
+    /// refused with the bind's own `EADDRINUSE`, after the limit.
+    #[test]
+    fn bind_retrying_waits_for_a_port_that_is_let_go_and_no_longer() {
+        use std::net::UdpSocket;
+        let held = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let what = format!("test {addr}");
+        let limit = std::time::Duration::from_millis(300);
+        let start = std::time::Instant::now();
+        let e = bind_retrying_for(limit, &what, || UdpSocket::bind(addr)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(start.elapsed() >= limit, "{:?}", start.elapsed());
+        assert!(start.elapsed() < limit * 4, "{:?}", start.elapsed());
+
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+        });
+        let limit = std::time::Duration::from_secs(5);
+        let s = bind_retrying_for(limit, &what, || UdpSocket::bind(addr)).unwrap();
+        assert_eq!(s.local_addr().unwrap(), addr);
+        release.join().unwrap();
+    }
     use std::time::Duration;
 
     #[test]

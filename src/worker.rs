@@ -332,7 +332,11 @@ pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("server.listen {listen:?}: no address"))?;
     // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
     // EADDRINUSE if anything is already listening there.
-    match std::net::TcpListener::bind(addr) {
+    // A port still held by a process that has just exited is retried for a
+    // few seconds (crate::rt::bind_retrying); one held by a live process
+    // stays in use and is refused below.
+    let what = format!("server.listen {addr}");
+    match crate::rt::bind_retrying(&what, || std::net::TcpListener::bind(addr)) {
         Ok(probe) => Ok(probe.local_addr()?), // resolves port 0 too
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             bail!("{addr} is already in use (another ncro or another server is listening there); refusing to share the port")
@@ -416,6 +420,8 @@ async fn run(
             "shutdown grace period over; closing remaining connections"
         );
     }
+    // The accept in flight and the listener's close are only queued.
+    crate::rt::settle().await;
 }
 
 #[cfg(test)]

@@ -76,7 +76,9 @@ impl Gossip {
             max_ttl: self.max_ttl,
             warned: Warned::default(),
         };
-        monoio::spawn(receiver.run());
+        // Not spawned: the control thread drops this future at shutdown,
+        // and with it the receive in flight (see `crate::rt::settle`).
+        let receiving = receiver.run();
         let sender = Sender {
             node_id: identity::node_id(self.key.verifying_key().as_bytes()),
             key: self.key,
@@ -89,7 +91,7 @@ impl Gossip {
             last_timestamp: 0,
             warned: Warned::default(),
         };
-        sender.run(self.interval).await;
+        monoio::join!(receiving, sender.run(self.interval));
     }
 }
 

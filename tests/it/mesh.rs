@@ -489,3 +489,113 @@ fn allow_unauthenticated_accepts_self_signed_strangers_with_a_warning() {
     assert_eq!(packets(&m, "bad_signature"), 1.0, "{}", m.text);
     assert_eq!(packets(&m, "unknown_sender"), 0.0, "{}", m.text);
 }
+
+/// A node restarted right after it exits comes up on the same HTTP and
+/// gossip ports every time (docs/operations.md, "Restarting"): the old
+/// process's sockets may outlive it for a moment (io_uring teardown), and
+/// neither the port check, the listeners nor the UDP bind may fail on that.
+#[test]
+fn a_node_restarted_at_once_comes_up_on_the_same_ports() {
+    const RESTARTS: usize = 20;
+    let key = TestKey::generate("mesh-restart");
+    let p = TestPath::new("restarted");
+    let up = FakeUpstream::builder().path(&p, &key).start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (private, _) = keygen(keys_dir.path(), "node.key");
+    let (_, peer_public) = keygen(keys_dir.path(), "peer.key");
+    // The peer: a socket the test holds, so gossip has somewhere to go.
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = udp_addr("127.0.0.1");
+    let db = db_dir();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = NcroConfig::new(&[entry(up.url(), 10, &key)], &db.path().join("routes.db"))
+        .set("server", "listen", listen.to_string())
+        .set("server", "workers", 2)
+        .set("mesh", "enabled", true)
+        .set("mesh", "bind_addr", udp.to_string())
+        .set("mesh", "private_key", private.to_string_lossy().as_ref())
+        .set("mesh", "gossip_interval", GOSSIP_INTERVAL)
+        .set(
+            "mesh",
+            "peers",
+            toml::Value::Array(vec![peer(sink.local_addr().unwrap(), &peer_public)]),
+        )
+        .render();
+    let mut n = NcroProcess::start(&cfg);
+    for round in 0..RESTARTS {
+        // Some traffic, so the sockets have had work in flight.
+        assert_eq!(n.get(&p.narinfo_request_path()).status, 200, "{}", n.logs());
+        n.sigterm();
+        let status = n.wait_exit(WAIT);
+        assert!(status.success(), "round {round}: {status}\n{}", n.logs());
+        n = NcroProcess::try_start(&cfg)
+            .unwrap_or_else(|e| panic!("restart {round} on {listen} / udp {udp}: {e}"));
+        assert!(
+            n.wait_for_log("mesh gossip listening", WAIT),
+            "{}",
+            n.logs()
+        );
+    }
+    // A node killed outright never closes its sockets itself: the kernel
+    // does, after it is gone, and start-up waits for the ports.
+    n.kill();
+    let n = NcroProcess::try_start(&cfg)
+        .unwrap_or_else(|e| panic!("start after SIGKILL on {listen} / udp {udp}: {e}"));
+    assert!(
+        n.wait_for_log("mesh gossip listening", WAIT),
+        "{}",
+        n.logs()
+    );
+    assert_eq!(n.get(&p.narinfo_request_path()).status, 200, "{}", n.logs());
+}
+
+/// A gossip port held by a live process stays refused: start-up waits a few
+/// seconds for it (a node that has just exited may hold it), says so once,
+/// then fails with the bind error. The HTTP port check's twin is
+/// `server::workers::second_instance_on_the_same_port_is_refused`.
+#[test]
+fn a_gossip_port_held_by_a_live_process_is_refused() {
+    let key = TestKey::generate("mesh-held");
+    let up = FakeUpstream::builder().start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (private, _) = keygen(keys_dir.path(), "node.key");
+    let (_, peer_public) = keygen(keys_dir.path(), "peer.key");
+    let held = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = held.local_addr().unwrap();
+    let db = db_dir();
+    // A fixed HTTP port: with port 0 the harness would try others on
+    // "address already in use".
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cfg = NcroConfig::new(&[entry(up.url(), 10, &key)], &db.path().join("routes.db"))
+        .set("server", "listen", listen)
+        .set("mesh", "enabled", true)
+        .set("mesh", "bind_addr", udp.to_string())
+        .set("mesh", "private_key", private.to_string_lossy().as_ref())
+        .set(
+            "mesh",
+            "peers",
+            toml::Value::Array(vec![peer(udp, &peer_public)]),
+        )
+        .render();
+    let started = std::time::Instant::now();
+    match NcroProcess::try_start(&cfg) {
+        Err(crate::harness::HarnessError::EarlyExit { status, logs, .. }) => {
+            assert!(!status.success(), "{logs}");
+            let want = format!("mesh.bind_addr {udp}: cannot bind UDP: Address already in use");
+            assert!(logs.contains(&want), "{logs}");
+            assert_eq!(
+                logs.matches("address in use; retrying").count(),
+                1,
+                "{logs}"
+            );
+            assert!(
+                started.elapsed() >= Duration::from_secs(4),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        Err(e) => panic!("{e}"),
+        Ok(n) => panic!("ncro started on a gossip port in use\n{}", n.logs()),
+    }
+    drop(held);
+}

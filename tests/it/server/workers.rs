@@ -141,6 +141,13 @@ fn second_instance_on_the_same_port_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!status.success(), "{status}\n{text}");
+    // It waited for the port a few seconds (a process that has just exited
+    // may hold it for a moment), said so once, then refused.
+    assert_eq!(
+        text.matches("address in use; retrying").count(),
+        1,
+        "{text}"
+    );
     assert!(text.contains("already in use"), "{text}");
     assert!(text.contains(&first.addr().to_string()), "{text}");
     // The first one never noticed.
