@@ -5,7 +5,7 @@
 //! SIGKILLs it mid-stream, and checks that the database still holds every
 //! acknowledged route and passes `PRAGMA integrity_check`.
 //!
-//! The two `#[ignore]` tests are measurements, not pass/fail timings:
+//! The `#[ignore]` tests are measurements, not pass/fail timings:
 //!   cargo test --release --test it route_persist:: -- --ignored --nocapture --test-threads=1
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ncro::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
-use ncro::route::persist::{open, open_and_load, spawn_writer, unix_now, WriterConfig};
+use ncro::route::persist::{open, open_and_load, spawn_writer, unix_now, WriteOp, WriterConfig};
 use ncro::route::{RouteEntry, RouteTable};
 
 /// Set in the child: the database path it writes to.
@@ -155,6 +155,7 @@ fn child_writer_loop(path: &str, first: u64) {
         max_entries: 10_000_000,
         sweep_interval: Duration::from_secs(3600),
         batch_max: 256,
+        ..WriterConfig::default()
     };
     let (writer, _join) = spawn_writer(db, cfg);
     let upstream: Arc<str> = Arc::from("https://cache.example");
@@ -278,5 +279,87 @@ fn measure_load_one_million_rows() {
         n as f64 / write_s,
         table.len(),
         (rss_bytes() - before) as f64 / 1e6,
+    );
+}
+
+/// CPU time (ns) the thread named `name` of this process has used so far:
+/// schedstat's run time (ns), or utime + stime (clock ticks) without it.
+fn thread_cpu_ns(name: &str) -> u64 {
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        if let Ok(s) = std::fs::read_to_string(dir.join("schedstat")) {
+            return s.split_whitespace().next().unwrap().parse().unwrap();
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the ")" that closes comm: utime and stime are the
+        // 12th and 13th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        return (f[0] + f[1]) * 10_000_000; // USER_HZ = 100
+    }
+    panic!("no thread named {name}");
+}
+
+/// CPU the writer thread spends per route it writes, with routes arriving
+/// as under a miss load (NCRO_WRITER_RATE routes/s, 10,000 by default: the
+/// load test's ~39k new routes in 4 s) or all at once (rate 0).
+#[test]
+#[ignore = "measurement: run alone in release"]
+fn measure_writer_cpu_per_route() {
+    let n: u64 = std::env::var("NCRO_WRITER_ROUTES").map_or(50_000, |v| v.parse().unwrap());
+    let rate: u64 = std::env::var("NCRO_WRITER_RATE").map_or(10_000, |v| v.parse().unwrap());
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("routes.db");
+    let path = path.to_str().unwrap();
+    let upstreams: Vec<Arc<str>> = (0..4).map(|u| Arc::from(format!("https://c{u}"))).collect();
+    let entries: Vec<_> = (0..n)
+        .map(|i| Arc::new(entry(i, &upstreams[i as usize % 4], 600)))
+        .collect();
+
+    let (writer, join) = spawn_writer(open(path).unwrap(), WriterConfig::default());
+    writer.flush_blocking().unwrap(); // startup sweep out of the way
+    let (cpu0, batches0) = (thread_cpu_ns("ncro-db-writer"), writer.batches_written());
+    let t = Instant::now();
+    for (i, e) in entries.into_iter().enumerate() {
+        let i = i as u64;
+        if rate > 0 && i % (rate / 1000).max(1) == 0 {
+            // Paced: one small group per millisecond.
+            let due = Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(d) = due.checked_sub(t.elapsed()) {
+                std::thread::sleep(d);
+            }
+        }
+        while !writer.try_write(WriteOp::Route(hash(i), e.clone())) {
+            std::thread::sleep(Duration::from_millis(1)); // queue full: burst mode only
+        }
+    }
+    writer.flush_blocking().unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = thread_cpu_ns("ncro-db-writer") - cpu0;
+    let batches = writer.batches_written() - batches0;
+    assert_eq!(writer.write_errors(), 0);
+    assert_eq!(writer.stored_routes(), n);
+    writer.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    println!(
+        "{n} routes at {} in {wall:.2} s: writer thread {:.3} CPU-s, {:.2} us CPU per route, \
+         {batches} batches ({:.1} routes each)",
+        if rate > 0 {
+            format!("{rate}/s")
+        } else {
+            "full speed".into()
+        },
+        cpu as f64 / 1e9,
+        cpu as f64 / 1e3 / n as f64,
+        n as f64 / batches as f64,
     );
 }

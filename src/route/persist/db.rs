@@ -79,6 +79,14 @@ pub fn open_and_load(path: &str, now: u64) -> Result<(Loaded, Db), PersistError>
 const LOAD_INDEX: &str = "CREATE INDEX IF NOT EXISTS idx_routes_load ON routes \
     (ttl, store_path, upstream_url, nar_url, last_verified, length(narinfo_bytes))";
 
+/// ncro 2.2's indexes that ncro 3 never reads, dropped because every route
+/// written paid for them (a B-tree insert each, ~1 KB of WAL per batch):
+/// `idx_routes_ttl` is the leading column of `idx_routes_load`, which the
+/// sweep uses instead, and nothing looks routes up by NAR URL. ncro 2.2
+/// creates both again (`IF NOT EXISTS`) if it opens the file.
+const DROP_INDEXES: &str = "DROP INDEX IF EXISTS idx_routes_ttl; \
+    DROP INDEX IF EXISTS idx_routes_nar_url;";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS routes (
     store_path TEXT PRIMARY KEY,
@@ -94,9 +102,7 @@ CREATE TABLE IF NOT EXISTS routes (
     nar_url TEXT NOT NULL DEFAULT '',
     created_at INTEGER NOT NULL DEFAULT (strftime('%s','now'))
 );
-CREATE INDEX IF NOT EXISTS idx_routes_ttl ON routes(ttl);
 CREATE INDEX IF NOT EXISTS idx_routes_last_verified ON routes(last_verified);
-CREATE INDEX IF NOT EXISTS idx_routes_nar_url ON routes(nar_url);
 CREATE TABLE IF NOT EXISTS upstream_health (
     url TEXT PRIMARY KEY,
     ema_latency REAL NOT NULL DEFAULT 0,
@@ -156,6 +162,8 @@ impl Db {
         // once on a file from ncro 2.2 (about 4 s per million rows).
         c.execute_batch(LOAD_INDEX)
             .map_err(|e| ("create load index", e))?;
+        c.execute_batch(DROP_INDEXES)
+            .map_err(|e| ("drop unused indexes", e))?;
         self.route_count = c
             .query_row("SELECT COUNT(*) FROM routes", [], |r| r.get::<_, i64>(0))
             .map_err(|e| ("count routes", e))? as u64;
@@ -462,8 +470,9 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<i6
     }
 }
 
-/// UPDATE, then INSERT when nothing matched: same cost as an upsert, and
-/// tells us exactly whether the table grew.
+/// INSERT unless the path is there, then UPDATE when it was: tells us
+/// exactly whether the table grew, and a new route (the common case under
+/// a miss load) costs one statement, not a failed UPDATE and an INSERT.
 fn upsert_route(
     tx: &rusqlite::Transaction<'_>,
     hash: &StoreHash,
@@ -480,23 +489,22 @@ fn upsert_route(
         &*e.nar_url,
         &e.narinfo[..],
     ];
-    let updated = tx
+    let inserted = tx
         .prepare_cached(
+            "INSERT INTO routes (store_path, upstream_url, latency_ms, latency_ema, query_count, \
+             failure_count, last_verified, ttl, nar_hash, nar_size, nar_url, narinfo_bytes) \
+             VALUES (?1, ?2, ?3, ?3, 1, 0, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT(store_path) DO NOTHING",
+        )?
+        .execute(p)?;
+    if inserted == 0 {
+        tx.prepare_cached(
             "UPDATE routes SET upstream_url = ?2, latency_ms = ?3, latency_ema = ?3, \
              query_count = 1, failure_count = 0, last_verified = ?4, ttl = ?5, nar_hash = ?6, \
              nar_size = ?7, nar_url = ?8, narinfo_bytes = ?9 WHERE store_path = ?1",
         )?
         .execute(p)?;
-    let inserted = if updated == 0 {
-        tx.prepare_cached(
-            "INSERT INTO routes (store_path, upstream_url, latency_ms, latency_ema, query_count, \
-             failure_count, last_verified, ttl, nar_hash, nar_size, nar_url, narinfo_bytes) \
-             VALUES (?1, ?2, ?3, ?3, 1, 0, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
-        .execute(p)?
-    } else {
-        0
-    };
+    }
     delete_negative(tx, hash)?;
     Ok(inserted as i64)
 }

@@ -36,6 +36,7 @@ fn cfg(max_entries: usize) -> WriterConfig {
         max_entries,
         sweep_interval: Duration::from_secs(3600),
         batch_max: 64,
+        ..WriterConfig::default()
     }
 }
 
