@@ -432,7 +432,7 @@ impl RouteTable {
             upstream,
             gen,
         };
-        self.put(key, slot, entry.nar_key());
+        self.put(key, slot, entry.nar_key(), crate::rt::unix_now());
         if let Some(w) = &self.writer {
             self.enqueue(w, WriteOp::Route(hash, entry));
         }
@@ -589,7 +589,7 @@ impl RouteTable {
                 upstream,
                 gen,
             };
-            self.put(RouteKey::of(&hash), slot, nar_key(row.nar_url));
+            self.put(RouteKey::of(&hash), slot, nar_key(row.nar_url), now);
             report.routes += 1;
             true
         };
@@ -612,9 +612,9 @@ impl RouteTable {
     /// [`Self::nar_upstream`]). Callers hold a verified narinfo: a race
     /// winner or a verified mesh merge ([`Self::store`]), or a route
     /// written by one of those and loaded at start ([`Self::load`]).
-    fn put(&self, key: RouteKey, slot: Slot, nar_key: &str) {
+    fn put(&self, key: RouteKey, slot: Slot, nar_key: &str, now: u64) {
         if !nar_key.is_empty() {
-            self.claim_nar(nar_key, slot, NarClaim::Route, crate::rt::unix_now());
+            self.claim_nar(nar_key, slot, NarClaim::Route, now);
         }
         self.routes.insert(key, slot);
     }

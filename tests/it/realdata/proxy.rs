@@ -33,13 +33,12 @@ impl Entry {
     }
 }
 
+/// The public keys of `keys.txt` (read by the parent module), in Nix's
+/// `name:base64` form for the config.
 fn public_keys(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("keys.txt"))
-        .expect("read keys.txt")
-        .lines()
-        .take_while(|l| !l.starts_with("# Signature key names seen"))
-        .filter(|l| !l.starts_with('#') && !l.starts_with(' ') && l.contains(':'))
-        .map(str::to_owned)
+    super::trusted_keys(dir)
+        .iter()
+        .map(|k| k.to_nix_string())
         .collect()
 }
 
