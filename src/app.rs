@@ -208,7 +208,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     install_health_metrics(&metrics, &routing, &upstreams);
     let mut cache_info = crate::proto::cache_info::render(
         crate::proto::store_path::STORE_DIR,
-        true,
+        cfg.raw.server.want_mass_query,
         Some(cfg.server.cache_priority),
     );
     if cfg.index.publish {
@@ -228,6 +228,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             (cfg.cache.max_concurrent_races as usize * 4).max(1024),
         ),
         connections: worker::ConnLimit::new(cfg.server.max_connections),
+        fallback: crate::upstream::fallback::Fallback::from_config(&cfg)
+            .context("fallback_cache")?,
     });
 
     let mut jobs = Vec::new();

@@ -8,6 +8,7 @@
 
 pub mod env;
 pub mod filter;
+pub mod narinfo;
 pub mod peer;
 pub mod raw;
 pub mod s3;
@@ -59,6 +60,8 @@ pub struct Config {
     pub discovery: raw::RawDiscovery,
     pub mesh: raw::RawMesh,
     pub index: IndexConfig,
+    /// `[fallback_cache]` as an upstream, when enabled (docs/routing.md).
+    pub fallback_cache: Option<UpstreamConfig>,
     /// The merged raw form, for `check-config` output (secrets redacted there).
     pub raw: RawConfig,
 }
@@ -104,6 +107,8 @@ pub struct UpstreamConfig {
     pub basic_auth: Option<(String, Option<String>)>,
     pub tls_ca_file: Option<PathBuf>,
     pub filters: Vec<FilterRule>,
+    /// Total time for this upstream's narinfo request in a race.
+    pub narinfo_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +124,8 @@ pub struct CacheConfig {
     pub per_upstream_max_inflight: u32,
     pub in_memory_negative_ttl: Duration,
     pub upstream_cooldown: Duration,
+    pub resolution_policy: narinfo::ResolutionPolicy,
+    pub unavailable_answer: narinfo::UnavailableAnswer,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +217,9 @@ impl Config {
                 u.password = Some("<redacted>".into());
             }
         }
+        if raw.fallback_cache.password.is_some() {
+            raw.fallback_cache.password = Some("<redacted>".into());
+        }
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -257,6 +267,8 @@ fn validate(
     validate_discovery(&raw.discovery)?;
     validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
+    let fallback_cache =
+        narinfo::validate_fallback(&raw.fallback_cache, |u| validate_upstream(0, u))?;
     Ok(Config {
         source,
         server,
@@ -268,6 +280,7 @@ fn validate(
         discovery: raw.discovery.clone(),
         mesh: raw.mesh.clone(),
         index,
+        fallback_cache,
         raw,
     })
 }
@@ -412,6 +425,10 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         basic_auth,
         tls_ca_file: u.tls_ca_file.as_ref().map(PathBuf::from),
         filters: u.filters.clone(),
+        narinfo_timeout: u
+            .narinfo_timeout
+            .map(|d| positive(&format!("upstream[{i}].narinfo_timeout"), d.0))
+            .transpose()?,
     })
 }
 
@@ -490,6 +507,8 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
             m.in_memory_negative_ttl.0,
         )?,
         upstream_cooldown: positive("cache.mass_query.upstream_cooldown", m.upstream_cooldown.0)?,
+        resolution_policy: c.resolution_policy,
+        unavailable_answer: c.unavailable_answer,
     })
 }
 

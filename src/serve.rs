@@ -353,9 +353,9 @@ impl Conn {
         let keep = keep && !ctx.drain.is_fired();
         let status = narinfo::status_of(&resolved);
         match resolved {
-            narinfo::Resolved::Found(hit) => {
+            narinfo::Resolved::Found(hit, via) => {
                 ctx.metrics.narinfo_ok.inc();
-                self.ok(ctx, keep, head, b"text/x-nix-narinfo", &hit.narinfo);
+                narinfo::write_found(self, ctx, keep, head, &hit, via);
                 if keep {
                     After::KeepAlive
                 } else {

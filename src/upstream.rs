@@ -7,6 +7,7 @@
 //! another upstream while a request holds it. Routes name an upstream by
 //! its URL, which survives snapshot changes.
 
+pub mod fallback;
 pub mod filter;
 pub mod health;
 pub mod limits;
@@ -44,6 +45,12 @@ pub struct Upstream {
     /// without `public_key`); Nix clients still check them.
     pub keys: Vec<PublicKey>,
     pub filters: Vec<FilterRule>,
+    /// Total time for one narinfo request to it inside a race; `None`:
+    /// only the race's own deadline applies.
+    pub narinfo_timeout: Option<Duration>,
+    /// Its URL's host, the value of `X-Ncro-Upstream`, computed once so
+    /// that an answer only copies it ([`fallback::host_of`]).
+    pub host: Box<str>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -101,6 +108,8 @@ impl UpstreamSet {
                 priority: u.priority,
                 keys,
                 filters: u.filters.clone(),
+                narinfo_timeout: u.narinfo_timeout,
+                host: fallback::host_of(&u.url),
             });
         }
         Ok(set)
@@ -171,6 +180,14 @@ impl Upstreams {
     #[inline]
     pub fn load(&self) -> Arc<UpstreamSet> {
         self.current.load_full()
+    }
+
+    /// The current snapshot, borrowed without touching its reference
+    /// count: for a short look (a hit's `X-Ncro-Upstream`), never held
+    /// across an await.
+    #[inline]
+    pub fn peek(&self) -> arc_swap::Guard<Arc<UpstreamSet>> {
+        self.current.load()
     }
 
     /// Control thread only: replaces the snapshot. Published before the

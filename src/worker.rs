@@ -26,13 +26,37 @@ pub use conn_limit::ConnLimit;
 /// What a resolution produced; shared by every request that joined it.
 #[derive(Clone, Debug)]
 pub enum Resolved {
-    Found(crate::route::Hit),
+    /// A narinfo to serve, and where it came from (`X-Ncro-Route`).
+    Found(crate::route::Hit, Via),
     Miss,
     Unavailable {
         timed_out: bool,
     },
     /// The race queue was full (or the wait too long): 503 + Retry-After.
     Overloaded,
+}
+
+/// How a served narinfo was found: the value of `X-Ncro-Route`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A stored route (in memory, or read back from SQLite).
+    CacheHit,
+    /// A race this request started or joined.
+    Race,
+    /// The `[fallback_cache]` (the hit's upstream is
+    /// [`crate::upstream::fallback::SLOT`], not a slot of the set).
+    Fallback,
+}
+
+impl Via {
+    /// The header value.
+    pub fn label(self) -> &'static [u8] {
+        match self {
+            Via::CacheHit => b"cache-hit",
+            Via::Race => b"race",
+            Via::Fallback => b"fallback",
+        }
+    }
 }
 
 /// State shared by every worker. Immutable after start, or internally
@@ -60,6 +84,8 @@ pub struct SharedState {
     /// `server.max_connections`: taken on accept, given back when the
     /// connection task ends (`serve::serve_conn`).
     pub connections: ConnLimit,
+    /// `[fallback_cache]`, when enabled (its config: `config.fallback_cache`).
+    pub fallback: Option<Arc<crate::upstream::fallback::Fallback>>,
 }
 
 /// Which CPU each worker runs on, and the control thread's CPU.

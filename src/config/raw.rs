@@ -52,6 +52,7 @@ pub struct RawConfig {
     pub discovery: RawDiscovery,
     pub mesh: RawMesh,
     pub index: RawIndex,
+    pub fallback_cache: super::narinfo::RawFallbackCache,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +85,8 @@ pub struct RawServer {
     pub shutdown_grace: Dur,
     /// Open client connections across all workers; 0 means no cap.
     pub max_connections: usize,
+    /// `WantMassQuery` in `/nix-cache-info`.
+    pub want_mass_query: bool,
 }
 
 impl Default for RawServer {
@@ -100,6 +103,7 @@ impl Default for RawServer {
             nar_failover: true,
             shutdown_grace: secs(10),
             max_connections: 10_000,
+            want_mass_query: true,
         }
     }
 }
@@ -124,6 +128,9 @@ pub struct RawUpstream {
     pub tls_ca_file: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<FilterRule>,
+    /// Total time for this upstream's narinfo request in a race.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub narinfo_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -139,6 +146,8 @@ pub struct RawCache {
     pub negative_ttl: Dur,
     pub latency_alpha: f64,
     pub mass_query: RawMassQuery,
+    pub resolution_policy: super::narinfo::ResolutionPolicy,
+    pub unavailable_answer: super::narinfo::UnavailableAnswer,
 }
 
 impl Default for RawCache {
@@ -151,6 +160,8 @@ impl Default for RawCache {
             negative_ttl: secs(600),
             latency_alpha: 0.3,
             mass_query: RawMassQuery::default(),
+            resolution_policy: Default::default(),
+            unavailable_answer: Default::default(),
         }
     }
 }

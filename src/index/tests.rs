@@ -13,6 +13,8 @@ fn upstream(url: &str) -> Upstream {
         priority: 10,
         keys: Vec::new(),
         filters: Vec::new(),
+        narinfo_timeout: None,
+        host: "".into(),
     }
 }
 

@@ -215,7 +215,7 @@ async fn resolve_all(ctx: &WorkerCtx, hashes: &[StoreHash]) -> Result<Vec<Hit>, 
     while let Some((i, resolved)) = lookups.next().await {
         let counted = |p: BatchPath| ctx.metrics.batch_paths[p as usize].inc();
         match resolved {
-            Resolved::Found(entry) => {
+            Resolved::Found(entry, _) => {
                 counted(BatchPath::Found);
                 results[i] = Some(entry);
             }

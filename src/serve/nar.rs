@@ -2,6 +2,7 @@
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
 mod failover;
+mod fallback;
 
 use std::io;
 use std::sync::Arc;
@@ -107,6 +108,11 @@ pub async fn serve(
                 tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
             }
         }
+    }
+    // `[fallback_cache]`: one last try, with the request as received.
+    let last = fallback::try_once(conn, ctx, req, &up_req, &set, &mut failures, keep).await?;
+    if let Some(after) = last {
+        return Ok(after);
     }
     conn.mark_nar_failed();
     Ok(match failures.status_code() {

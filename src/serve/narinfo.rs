@@ -1,5 +1,7 @@
 //! `GET/HEAD /<hash>.narinfo`: route cache, then single-flight race. HOT.
 
+mod fallback;
+
 use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::config::narinfo::{ResolutionPolicy, UnavailableAnswer};
 use crate::http::client::{ClientError, Request as UpRequest, Response as UpResponse};
 use crate::http::response::write_simple;
 use crate::metrics::{ResolveResult, ShedReason};
@@ -20,9 +23,10 @@ use crate::race::{
 use crate::route::{Cached, Hit, RouteEntry};
 use crate::serve::After;
 use crate::upstream::limits::LimitError;
-use crate::upstream::{filter, RacePlan, UpstreamSet};
-pub use crate::worker::Resolved;
+use crate::upstream::{filter, RacePlan, Upstream, UpstreamSet};
 use crate::worker::{unix_now, WorkerCtx};
+pub use crate::worker::{Resolved, Via};
+pub use fallback::write_found;
 
 /// Answers from the route cache, or joins/starts the race for `hash`.
 pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
@@ -36,7 +40,7 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         }
         Some(Cached::Hit(h)) => {
             ctx.metrics.narinfo_cache_hits.inc();
-            return Resolved::Found(h);
+            return Resolved::Found(h, Via::CacheHit);
         }
         // Its narinfo is read back from disk inside the flight below, so
         // that concurrent requests share one read.
@@ -57,7 +61,21 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         ctx.metrics.singleflight_waiters.inc();
     }
     match (resolved, stale) {
-        (Resolved::Unavailable { .. } | Resolved::Overloaded, Some(e)) => Resolved::Found(e),
+        // A route already verified beats the fallback cache.
+        (
+            Resolved::Unavailable { .. } | Resolved::Overloaded | Resolved::Found(_, Via::Fallback),
+            Some(e),
+        ) => Resolved::Found(e, Via::CacheHit),
+        (Resolved::Unavailable { .. }, None)
+            if ctx.shared.config.cache.unavailable_answer == UnavailableAnswer::NotFound =>
+        {
+            // `cache.unavailable_answer = "404"`: remembered only briefly,
+            // so the path is found again as soon as its upstream is back.
+            let ttl = ctx.shared.config.cache.in_memory_negative_ttl;
+            let expires = unix_now() + ttl.as_secs().max(1);
+            ctx.shared.routes.insert_negative(hash, expires);
+            Resolved::Miss
+        }
         (resolved, _) => resolved,
     }
 }
@@ -87,10 +105,12 @@ async fn resolve_once(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 // Another worker may have finished between our route-cache
                 // miss and taking the guard.
                 let resolved = match ctx.shared.routes.get(&hash, unix_now()) {
-                    Some(Cached::Hit(h)) if !route_down(ctx, h.upstream) => Resolved::Found(h),
+                    Some(Cached::Hit(h)) if !route_down(ctx, h.upstream) => {
+                        Resolved::Found(h, Via::CacheHit)
+                    }
                     Some(Cached::Cold { upstream }) if !route_down(ctx, upstream) => {
                         match cold_body(ctx, hash, upstream).await {
-                            Some(h) => Resolved::Found(h),
+                            Some(h) => Resolved::Found(h, Via::CacheHit),
                             None => resolve(ctx, hash).await,
                         }
                     }
@@ -163,7 +183,11 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let cfg = &ctx.shared.config;
     let race_cfg = RaceConfig {
         tier_deadline: cfg.timeouts.race_deadline,
-        hedge_after: Some(plan.hedge_after),
+        hedge_after: match cfg.cache.resolution_policy {
+            ResolutionPolicy::Hedged => Some(plan.hedge_after),
+            // A lower tier is asked only once the one above has ended.
+            ResolutionPolicy::Strict => None,
+        },
     };
     let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
     let fetch = |i: usize| {
@@ -172,13 +196,23 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         let client = ctx.client.clone();
         async move {
             let _permit = ctx.limits.upstream(&routing.limits, i).await;
-            fetch_narinfo(&client, &set.list[i].origin, &path).await
+            let up = &set.list[i];
+            let fetch = fetch_narinfo(&client, &up.origin, &path);
+            match up.narinfo_timeout {
+                // `upstreams[].narinfo_timeout`: this request alone is cut.
+                Some(limit) => monoio::time::timeout(limit, fetch)
+                    .await
+                    .unwrap_or(Attempt::Failed(FailKind::Timeout)),
+                None => fetch.await,
+            }
         }
     };
-    let judge = |i: usize, body: &Bytes| judge(&set, i, hash, body);
+    let judge = |i: usize, body: &Bytes| judge(&set.list[i], hash, body);
     let mut answers = 0usize;
+    let mut bad_signature = false;
     let report = |i: usize, rep: &race::AttemptReport| {
         answers += 1;
+        bad_signature |= rep.result == AttemptResult::Rejected(RejectKind::BadSignature);
         routing.observe(i, rep);
         ctx.metrics.attempt(i, rep.result.label());
         if rep.result == AttemptResult::NotFound {
@@ -226,6 +260,13 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         Outcome::Unavailable { .. } => ResolveResult::Unavailable,
     };
     ctx.metrics.attempts_per_resolve[result as usize].observe(answers as f64);
+    if let (Outcome::Unavailable { .. }, Some(fb)) = (&outcome, &ctx.shared.fallback) {
+        // No upstream could answer. A bad signature is an answer (a
+        // refused one): then the fallback is not asked.
+        if !bad_signature {
+            return fallback::ask(ctx, fb, hash, &path).await;
+        }
+    }
     let now = unix_now();
     match outcome {
         Outcome::Found {
@@ -249,7 +290,7 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 narinfo: entry.narinfo.clone(),
             };
             ctx.shared.routes.insert(hash, entry);
-            Resolved::Found(hit)
+            Resolved::Found(hit, Via::Race)
         }
         Outcome::Miss => {
             // Upstreams left out (DOWN) may hold the path:
@@ -389,14 +430,13 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
 /// the upstream's bytes ([`relay_form`]: only lines Nix would misread are
 /// rewritten), copied to their exact size so that the cached body does not
 /// keep the read buffer alive.
-fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
+fn judge(up: &Upstream, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
     let Ok(info) = NarInfo::parse(body) else {
         return Verdict::Reject(RejectKind::Malformed);
     };
     if info.store_hash() != hash {
         return Verdict::Reject(RejectKind::WrongStorePath);
     }
-    let up = &set.list[i];
     if !filter::allows(&up.filters, &info) {
         return Verdict::Reject(RejectKind::Filtered);
     }
@@ -414,7 +454,7 @@ fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<
 /// Maps a resolution onto the response status (404 only for definite misses).
 pub fn status_of(r: &Resolved) -> u16 {
     match r {
-        Resolved::Found(_) => 200,
+        Resolved::Found(..) => 200,
         Resolved::Miss => 404,
         Resolved::Unavailable { timed_out: true } => 504,
         Resolved::Unavailable { timed_out: false } => 502,

@@ -137,6 +137,8 @@ impl UpstreamSet {
             priority,
             keys: Vec::new(),
             filters: Vec::new(),
+            narinfo_timeout: None,
+            host: super::fallback::host_of(url),
         };
         if let Some(i) = self.index_of(url) {
             let slot = &mut self.slots[i];
