@@ -8,6 +8,9 @@
 //! - [`e2e_nix`]: the real Nix client through the real `ncro` binary.
 //! - [`routing`]: races, tiers, miss versus outage, single-flight and
 //!   persisted routes through the real `ncro` binary and fake upstreams.
+//! - [`narinfo_side`]: `[fallback_cache]`, `narinfo_timeout`,
+//!   `want_mass_query`, the resolution policy, the partial-outage answer
+//!   and the provenance headers.
 //! - [`nar`]: NAR routing, fallback, ranges and broken upstream bodies.
 //! - [`metrics`]: `/metrics` values after known traffic, ncro 2.2 names,
 //!   the Grafana dashboard's queries.
@@ -67,6 +70,7 @@ mod logging;
 mod mesh;
 mod metrics;
 mod nar;
+mod narinfo_side;
 mod overload;
 mod realdata;
 mod route_persist;
