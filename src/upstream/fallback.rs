@@ -8,6 +8,7 @@
 //! answer (docs/routing.md, "Fallback cache"), and the NAR path tries it
 //! once after every upstream failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ pub struct Fallback {
     pub upstream: Upstream,
     /// `fallback_cache.narinfo_timeout`, else `timeouts.race_deadline`.
     pub narinfo_timeout: Duration,
+    /// Requests sent to it (narinfo and NAR), for `/status`. One shared
+    /// counter is fine: it is only touched when every upstream failed.
+    queries: AtomicU64,
 }
 
 impl Fallback {
@@ -62,7 +66,19 @@ impl Fallback {
                 host: host_of(&u.url),
             },
             narinfo_timeout: u.narinfo_timeout.unwrap_or(cfg.timeouts.race_deadline),
+            queries: AtomicU64::new(0),
         })))
+    }
+
+    /// Counts one request sent to the fallback.
+    pub fn asked(&self) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests sent to the fallback since the start (`/status`
+    /// `total_queries`).
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
     }
 }
 

@@ -31,6 +31,7 @@ pub(super) async fn try_once(
         return Ok(None);
     };
     let url = &fb.upstream.url;
+    fb.asked();
     match ctx.client.send(&fb.upstream.origin, up_req).await {
         Ok(resp) if is_final(&resp) => {
             tracing::debug!(upstream = %url, path = req.path, "NAR served by the fallback cache");

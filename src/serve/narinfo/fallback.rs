@@ -25,6 +25,7 @@ pub(super) async fn ask(
     path: &str,
 ) -> Resolved {
     let up = &fb.upstream;
+    fb.asked();
     let fetch = super::fetch_narinfo(&ctx.client, &up.origin, path);
     let attempt = monoio::time::timeout(fb.narinfo_timeout, fetch)
         .await
