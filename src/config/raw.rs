@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use super::filter::FilterRule;
 
+pub mod narinfo;
+
 /// A duration written as "30s", "10m", "1h", "2h 30m" (humantime).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -52,7 +54,7 @@ pub struct RawConfig {
     pub discovery: RawDiscovery,
     pub mesh: RawMesh,
     pub index: RawIndex,
-    pub fallback_cache: super::narinfo::RawFallbackCache,
+    pub fallback_cache: narinfo::RawFallbackCache,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -146,8 +148,8 @@ pub struct RawCache {
     pub negative_ttl: Dur,
     pub latency_alpha: f64,
     pub mass_query: RawMassQuery,
-    pub resolution_policy: super::narinfo::ResolutionPolicy,
-    pub unavailable_answer: super::narinfo::UnavailableAnswer,
+    pub resolution_policy: narinfo::ResolutionPolicy,
+    pub unavailable_answer: narinfo::UnavailableAnswer,
 }
 
 impl Default for RawCache {
