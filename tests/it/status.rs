@@ -254,3 +254,22 @@ fn health_is_503_only_while_every_upstream_is_down() {
     assert!(back, "/health stayed 503: {}", health().1);
     assert_eq!(health().1["status"], "degraded");
 }
+
+/// What the NixOS module writes by default (`localhost:<port>`) is served
+/// on 127.0.0.1 (the address its socket unit uses too).
+#[test]
+fn a_localhost_listen_address_is_served_on_127_0_0_1() {
+    let up = FakeUpstream::builder().cache_info(40).start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = crate::harness::free_port();
+    let cfg = config(&[(&up.url(), 10, "")], &dir.path().join("db")).replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"localhost:{port}\""),
+    );
+    assert!(cfg.contains("localhost:"), "{cfg}");
+    let ncro = NcroProcess::start(&cfg);
+    let r = crate::harness::http_get(([127, 0, 0, 1], port).into(), "/status")
+        .expect("GET /status on 127.0.0.1");
+    assert_eq!(r.status, 200);
+    assert_eq!(ncro.get("/nix-cache-info").status, 200);
+}
