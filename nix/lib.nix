@@ -355,19 +355,55 @@ rec {
     settings = finalSettings (instanceConfig cfg inst);
   }) cfg.instances;
 
-  # Values that occur more than once in a list, each once.
-  duplicates = list: unique (filter (x: length (filter (y: y == x) list) > 1) list);
+  # Two addresses that cannot both be bound: the same address, or the same
+  # port where one side is a wildcard (0.0.0.0 or [::] takes the port on
+  # every address).
+  addressesClash =
+    a: b:
+    let
+      host =
+        x:
+        let
+          m = match "(.*):[0-9]+" x;
+        in
+        if m == null then x else elemAt m 0;
+      wildcard = x: elem (host x) [
+        "0.0.0.0"
+        "[::]"
+      ];
+    in
+    a == b || (portOf a == portOf b && (wildcard a || wildcard b));
+
+  # "NAME (ADDRESS) and NAME (ADDRESS)" for every clashing pair of
+  # [ { name; address; } ].
+  clashingPairs =
+    items:
+    let
+      n = length items;
+      at = elemAt items;
+      describe = i: "${i.name} (${i.address})";
+    in
+    concatMap (
+      i:
+      map (j: "${describe (at i)} and ${describe (at j)}") (
+        filter (j: j > i && addressesClash (at i).address (at j).address) (builtins.genList (x: x) n)
+      )
+    ) (builtins.genList (x: x) n);
 
   instanceAssertions =
     cfg:
     let
       all = instanceSettings cfg;
-      listens = map (i: listenOf i.settings) all;
-      meshes = map (i: i.settings.mesh.bind_addr or "0.0.0.0:7946") (
-        filter (i: i.settings.mesh.enabled or false) all
-      );
-      dupListen = duplicates listens;
-      dupMesh = duplicates meshes;
+      listens = map (i: {
+        inherit (i) name;
+        address = listenOf i.settings;
+      }) all;
+      meshes = map (i: {
+        inherit (i) name;
+        address = i.settings.mesh.bind_addr or "0.0.0.0:7946";
+      }) (filter (i: i.settings.mesh.enabled or false) all);
+      listenClashes = clashingPairs listens;
+      meshClashes = clashingPairs meshes;
     in
     map (name: {
       assertion = validInstanceName name;
@@ -379,12 +415,12 @@ rec {
     }) cfg.instances
     ++ [
       {
-        assertion = dupListen == [ ];
-        message = "services.ncro.instances: listen addresses must be unique; more than one instance listens on ${concatStringsSep ", " dupListen}.";
+        assertion = listenClashes == [ ];
+        message = "services.ncro.instances: listen addresses must be unique; these instances would listen on the same address: ${concatStringsSep "; " listenClashes}.";
       }
       {
-        assertion = dupMesh == [ ];
-        message = "services.ncro.instances: mesh addresses must be unique; more than one mesh-enabled instance binds ${concatStringsSep ", " dupMesh}.";
+        assertion = meshClashes == [ ];
+        message = "services.ncro.instances: mesh addresses must be unique; these mesh-enabled instances would bind the same UDP address: ${concatStringsSep "; " meshClashes}.";
       }
     ];
 

@@ -425,8 +425,16 @@ in
   (check "duplicate listen addresses" (failing (twoOn { port = 8081; } {
     settings.server.listen = "localhost:8081";
   })) [
-    "services.ncro.instances: listen addresses must be unique; more than one instance listens on 127.0.0.1:8081."
+    "services.ncro.instances: listen addresses must be unique; these instances would listen on the same address: one (127.0.0.1:8081) and two (127.0.0.1:8081)."
   ])
+  (check "a wildcard listener takes the port on every address" (failing (twoOn { port = 8081; } {
+    settings.server.listen = ":8081";
+  })) [
+    "services.ncro.instances: listen addresses must be unique; these instances would listen on the same address: one (127.0.0.1:8081) and two (0.0.0.0:8081)."
+  ])
+  (check "same port on two specific addresses is fine" (failing (twoOn { port = 8081; } {
+    settings.server.listen = "10.0.0.1:8081";
+  })) [ ])
   (check "duplicate mesh addresses" (failing (twoOn {
     port = 8081;
     settings.mesh.enabled = true;
@@ -434,7 +442,7 @@ in
     port = 8082;
     settings.mesh.enabled = true;
   })) [
-    "services.ncro.instances: mesh addresses must be unique; more than one mesh-enabled instance binds 0.0.0.0:7946."
+    "services.ncro.instances: mesh addresses must be unique; these mesh-enabled instances would bind the same UDP address: one (0.0.0.0:7946) and two (0.0.0.0:7946)."
   ])
   (check "distinct mesh ports pass" (failing (twoOn {
     port = 8081;
