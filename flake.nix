@@ -58,6 +58,11 @@
         };
       nixosModules.ncro = self.nixosModules.default;
 
+      # nix-darwin: a launchd daemon (nix/darwin-module.nix). ncro's package
+      # builds for Linux only today; see docs/install.md.
+      darwinModules.ncro = ./nix/darwin-module.nix;
+      darwinModules.default = self.darwinModules.ncro;
+
       checks = forAllSystems (
         pkgs:
         let
@@ -69,6 +74,9 @@
           nix-lib = pkgs.writeText "ncro-nix-lib-tests" (builtins.toJSON (import ./nix/tests/pure.nix));
           module-stub = pkgs.writeText "ncro-module-stub-tests" (
             builtins.toJSON (import ./nix/tests/module-stub.nix)
+          );
+          darwin-stub = pkgs.writeText "ncro-darwin-stub-tests" (
+            builtins.toJSON (import ./nix/tests/darwin-stub.nix)
           );
           # The ncro 2.2 example configuration through the real module system.
           module-compat = import ./nix/tests/compat-eval.nix { inherit self nixpkgs pkgs; };

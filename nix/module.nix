@@ -2,10 +2,14 @@
 #
 # Every option of the ncro 2.2 module keeps its name, type and default
 # (enable, package, settings, socketActivation, addUpstreamPublicKeys), so an
-# existing configuration evaluates unchanged. New: CPU pinning (workers,
-# cpus, controlCpu), resource limits, the watchdog, secrets through systemd
-# credentials, and openFirewall. The derived values live in ./lib.nix, which
-# CI tests without nixpkgs.
+# existing configuration evaluates unchanged. New: port and meshPort (as
+# today's ncro module: the listener defaults to localhost:8080), CPU pinning
+# (workers, cpus, controlCpu), resource limits, the watchdog, secrets through
+# systemd credentials and netrcFile, openFirewall, and instances.NAME
+# (ncro@NAME.service from one ncro@.service template). Every rendered
+# configuration is checked with `ncro --check` at build time (not when
+# cross-compiling). The derived values live in ./lib.nix, which CI tests
+# without nixpkgs.
 {
   config,
   lib,
@@ -19,12 +23,98 @@ let
 
   format = pkgs.formats.toml { };
   settings = ncroLib.finalSettings cfg;
-  configFile = format.generate "ncro.toml" settings;
+
+  # The rendered file, checked by the package's own `ncro --check` (with
+  # secrets files stood in for: ncroLib.checkSettings). Skipped when the
+  # build machine cannot run the package.
+  canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+  checkedConfig =
+    name: s:
+    let
+      file = format.generate name s;
+      forCheck = format.generate "check-${name}" (ncroLib.checkSettings s);
+    in
+    if !canCheck then
+      file
+    else
+      pkgs.runCommand name { } ''
+        ${cfg.package}/bin/ncro --check --config ${forCheck}
+        ln -s ${file} $out
+      '';
+
+  configFile = checkedConfig "ncro.toml" settings;
   listen = ncroLib.listenOf settings;
-  port = ncroLib.portOf listen;
-  meshPort = ncroLib.portOf (settings.mesh.bind_addr or "0.0.0.0:7946");
-  meshEnabled = settings.mesh.enabled or false;
   d = ncroLib.defaults;
+
+  instances = cfg.instances;
+  hasInstances = instances != { };
+  instanceSettings = name: ncroLib.finalSettings (ncroLib.instanceConfig cfg instances.${name});
+  instanceList = ncroLib.mapAttrsToList (
+    name: inst:
+    let
+      s = instanceSettings name;
+    in
+    {
+      inherit name inst;
+      settings = s;
+      file = checkedConfig "ncro-${name}.toml" s;
+    }
+  ) instances;
+  # (settings, openFirewall) of every unit this configuration runs.
+  served =
+    if hasInstances then
+      map (i: {
+        inherit (i) settings;
+        inherit (i.inst) openFirewall;
+      }) instanceList
+    else
+      [
+        {
+          inherit settings;
+          inherit (cfg) openFirewall;
+        }
+      ];
+  opened = lib.filter (s: s.openFirewall) served;
+  allKeys = ncroLib.unique (lib.concatMap (s: ncroLib.upstreamPublicKeys s.settings) served);
+
+  instanceOptions = {
+    options = {
+      settings = mkOption {
+        type = format.type;
+        default = { };
+        description = "This instance's config.toml, as {option}`services.ncro.settings`.";
+      };
+      port = mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        example = 8081;
+        description = ''
+          Gives `server.listen = "localhost:PORT"` unless
+          `settings.server.listen` is set. One of the two is required.
+        '';
+      };
+      meshPort = mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        description = "Gives an enabled mesh's `mesh.bind_addr = \"0.0.0.0:PORT\"` unless set.";
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open this instance's TCP port (unless it listens on loopback) and, with the mesh, its UDP port.";
+      };
+      socketActivation = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Let systemd own this instance's listening socket (ncro@NAME.socket).";
+      };
+      netrcFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = "A netrc file for this instance's upstreams, passed as a credential (NETRC).";
+      };
+    };
+  };
 in
 {
   options.services.ncro = {
@@ -67,6 +157,57 @@ in
         Let systemd own the listening socket (ncro.socket, on the normalised
         `settings.server.listen`). Restarts then lose no connections, and a
         port below 1024 needs no capability.
+      '';
+    };
+
+    port = mkOption {
+      type = types.nullOr types.port;
+      default = d.port;
+      description = ''
+        Gives `server.listen = "localhost:PORT"` (ncro listens on
+        127.0.0.1) unless `settings.server.listen` is set. Null: ncro's own
+        default, `:8080` on every IPv4 address.
+      '';
+    };
+
+    meshPort = mkOption {
+      type = types.nullOr types.port;
+      default = d.meshPort;
+      description = ''
+        When `settings.mesh.enabled`, gives `mesh.bind_addr =
+        "0.0.0.0:PORT"` unless that is set.
+      '';
+    };
+
+    netrcFile = mkOption {
+      type = types.nullOr types.path;
+      default = d.netrcFile;
+      example = "/run/secrets/ncro-netrc";
+      description = ''
+        A netrc file with upstream credentials (machine = the upstream's
+        host; used for upstreams without a `username`), passed with
+        `LoadCredential=` and read by ncro through `NETRC`.
+      '';
+    };
+
+    instances = mkOption {
+      type = types.attrsOf (types.submodule instanceOptions);
+      default = d.instances;
+      example = lib.literalExpression ''
+        {
+          public = { port = 8080; settings.upstreams = [ { url = "https://cache.nixos.org"; } ]; };
+          internal = { port = 8081; settings.upstreams = [ { url = "https://cache.internal"; } ]; };
+        }
+      '';
+      description = ''
+        Several ncro processes on one host, each ncro@NAME.service from one
+        ncro@.service template, with its own configuration
+        (/etc/ncro/NAME.toml), state directory (/var/lib/ncro-NAME) and
+        route database. While any instance is defined, ncro.service (and
+        the top-level `settings`, `port`, `meshPort`, `socketActivation`,
+        `openFirewall`, `netrcFile`) is not used. Names match
+        `[a-zA-Z0-9_.-]+`; listen addresses (and mesh addresses of
+        mesh-enabled instances) must differ.
       '';
     };
 
@@ -186,45 +327,110 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open the HTTP port, and the mesh UDP port when the mesh is enabled.";
+      description = ''
+        Open the HTTP port (unless ncro listens on loopback only), and the
+        mesh UDP port when the mesh is enabled.
+      '';
     };
   };
 
-  config = mkIf cfg.enable {
-    assertions = ncroLib.assertions cfg;
-    warnings = ncroLib.warnings cfg;
+  config = mkIf cfg.enable (
+    lib.mkMerge [
+      {
+        assertions = ncroLib.assertions cfg;
+        warnings =
+          ncroLib.warnings cfg
+          ++ ncroLib.optional (hasInstances && cfg.settings != { })
+            "services.ncro.settings is not used while services.ncro.instances is set.";
 
-    nix.settings.trusted-public-keys = mkIf cfg.addUpstreamPublicKeys (
-      lib.mkAfter (ncroLib.upstreamPublicKeys settings)
-    );
+        nix.settings.trusted-public-keys = mkIf cfg.addUpstreamPublicKeys (lib.mkAfter allKeys);
 
-    networking.firewall = mkIf cfg.openFirewall {
-      allowedTCPPorts = ncroLib.optional (port != null) port;
-      allowedUDPPorts = ncroLib.optional (meshEnabled && meshPort != null) meshPort;
-    };
+        networking.firewall = mkIf (opened != [ ]) {
+          allowedTCPPorts = lib.concatMap (s: ncroLib.firewallTcpPorts s.settings) opened;
+          allowedUDPPorts = lib.concatMap (s: ncroLib.firewallUdpPorts s.settings) opened;
+        };
+      }
 
-    systemd.sockets.ncro = mkIf cfg.socketActivation {
-      description = "Nix Cache Route Optimizer socket";
-      wantedBy = [ "sockets.target" ];
-      listenStreams = [ listen ];
-      socketConfig = {
-        # Matches the backlog ncro asks for on its own listeners.
-        Backlog = 4096;
-        NoDelay = true;
-      };
-    };
+      (mkIf (!hasInstances) {
+        systemd.sockets.ncro = mkIf cfg.socketActivation {
+          description = "Nix Cache Route Optimizer socket";
+          wantedBy = [ "sockets.target" ];
+          listenStreams = [ listen ];
+          socketConfig = {
+            # Matches the backlog ncro asks for on its own listeners.
+            Backlog = 4096;
+            NoDelay = true;
+          };
+        };
 
-    systemd.services.ncro = {
-      description = "Nix Cache Route Optimizer";
-      documentation = [ "man:ncro(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ] ++ ncroLib.optional cfg.socketActivation "ncro.socket";
-      requires = ncroLib.optional cfg.socketActivation "ncro.socket";
-      serviceConfig = ncroLib.serviceConfig {
-        inherit cfg;
-        execStart = "${cfg.package}/bin/ncro serve --config ${configFile}";
-      };
-    };
-  };
+        systemd.services.ncro = {
+          description = "Nix Cache Route Optimizer";
+          documentation = [ "man:ncro(1)" ];
+          wantedBy = [ "multi-user.target" ];
+          wants = [ "network-online.target" ];
+          after = [ "network-online.target" ] ++ ncroLib.optional cfg.socketActivation "ncro.socket";
+          requires = ncroLib.optional cfg.socketActivation "ncro.socket";
+          serviceConfig = ncroLib.serviceConfig {
+            inherit cfg;
+            execStart = "${cfg.package}/bin/ncro serve --config ${configFile}";
+          };
+        };
+      })
+
+      (mkIf hasInstances {
+        environment.etc = lib.listToAttrs (
+          map (i: {
+            name = "ncro/${i.name}.toml";
+            value.source = i.file;
+          }) instanceList
+        );
+
+        systemd.services = {
+          "ncro@" = {
+            description = "Nix Cache Route Optimizer instance %i";
+            documentation = [ "man:ncro(1)" ];
+            wants = [ "network-online.target" ];
+            after = [ "network-online.target" ];
+            serviceConfig = ncroLib.templateServiceConfig {
+              inherit cfg;
+              inherit (cfg) package;
+            };
+          };
+        }
+        // lib.listToAttrs (
+          map (i: {
+            name = "ncro@${i.name}";
+            value = {
+              overrideStrategy = "asDropin";
+              wantedBy = [ "multi-user.target" ];
+              after = ncroLib.optional i.inst.socketActivation "ncro@${i.name}.socket";
+              requires = ncroLib.optional i.inst.socketActivation "ncro@${i.name}.socket";
+              # The unit's ExecStart names /etc/ncro/NAME.toml, not the file.
+              restartTriggers = [ i.file ];
+              serviceConfig = ncroLib.instanceDropIn {
+                inherit cfg;
+                inherit (i) inst;
+                inherit (cfg) package;
+              };
+            };
+          }) instanceList
+        );
+
+        systemd.sockets = lib.listToAttrs (
+          map (i: {
+            name = "ncro@${i.name}";
+            value = {
+              description = "Nix Cache Route Optimizer socket, instance ${i.name}";
+              wantedBy = [ "sockets.target" ];
+              listenStreams = [ (ncroLib.listenOf i.settings) ];
+              socketConfig = {
+                Backlog = 4096;
+                NoDelay = true;
+              };
+            };
+          }) (lib.filter (i: i.inst.socketActivation) instanceList)
+        );
+      })
+    ]
+  );
 }

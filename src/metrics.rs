@@ -379,6 +379,9 @@ pub struct Metrics {
     pub mesh: Arc<MeshCounters>,
     /// Index summaries and ncro's published filter (set once, at start).
     pub index: std::sync::OnceLock<Arc<crate::index::IndexState>>,
+    /// When the metrics (so the process's serving state) were created:
+    /// `/status`'s `uptime_secs`.
+    pub started: std::time::Instant,
 }
 
 impl Metrics {
@@ -403,6 +406,7 @@ impl Metrics {
             health: std::sync::OnceLock::new(),
             mesh: Arc::default(),
             index: std::sync::OnceLock::new(),
+            started: std::time::Instant::now(),
         }
     }
 

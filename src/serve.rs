@@ -18,6 +18,7 @@ pub mod limit;
 pub mod nar;
 pub mod narinfo;
 pub mod side_paths;
+pub mod status;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -285,7 +286,12 @@ impl Conn {
             let body = ctx.shared.cache_info.clone();
             self.ok(ctx, keep, head, b"text/x-nix-cache-info", &body);
         } else if path == "/health" {
-            let body = health::render(ctx);
+            let (code, body) = health::render(ctx);
+            self.answer(ctx, code, keep, head, b"application/json", body.as_bytes());
+        } else if path == "/status" {
+            // No fallback cache yet: `[fallback_cache]` passes its
+            // description here (status::FallbackDescription).
+            let body = status::render(ctx, None);
             self.ok(ctx, keep, head, b"application/json", body.as_bytes());
         } else if path == "/metrics" {
             let body = ctx.shared.metrics.render();
@@ -396,10 +402,23 @@ impl Conn {
 
     /// Buffers a 200 response with an in-memory body.
     fn ok(&mut self, ctx: &WorkerCtx, keep: bool, head: bool, content_type: &[u8], body: &[u8]) {
+        self.answer(ctx, 200, keep, head, content_type, body)
+    }
+
+    /// Buffers a small in-memory response with `status`.
+    fn answer(
+        &mut self,
+        ctx: &WorkerCtx,
+        status: u16,
+        keep: bool,
+        head: bool,
+        content_type: &[u8],
+        body: &[u8],
+    ) {
         let date = ctx.date();
         write_simple(
             &mut self.wbuf,
-            200,
+            status,
             keep,
             head,
             &date,

@@ -350,12 +350,51 @@ pub fn spawn(
 /// Resolves `server.listen` and proves the port is free: monoio sets
 /// SO_REUSEPORT on every listener, so without this check a second ncro (or
 /// anything else using SO_REUSEPORT) would silently share the port.
+///
+/// A host name (`localhost:8080`, what the NixOS module writes) may resolve
+/// to several addresses; ncro listens on one, IPv4 first, so `localhost`
+/// means `127.0.0.1` (the address the NixOS module's socket unit uses)
+/// whatever the resolver's order: glibc puts `::1` first, which would leave
+/// `127.0.0.1` clients refused, and fails where IPv6 is disabled. An address
+/// that cannot be bound on this host (EADDRNOTAVAIL, EAFNOSUPPORT) gives
+/// way to the next.
 pub fn check_listen(listen: &str) -> anyhow::Result<SocketAddr> {
-    let addr = listen
-        .to_socket_addrs()
-        .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?
-        .next()
-        .with_context(|| format!("server.listen {listen:?}: no address"))?;
+    let addrs = listen_candidates(
+        listen
+            .to_socket_addrs()
+            .with_context(|| format!("server.listen {listen:?}: cannot resolve"))?,
+    );
+    let Some((last, rest)) = addrs.split_last() else {
+        bail!("server.listen {listen:?}: no address");
+    };
+    for &addr in rest {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if unusable_here(&e) => {
+                tracing::debug!(%addr, error = %e, "server.listen: address not usable here; trying the next");
+            }
+            _ => return check_addr(addr),
+        }
+    }
+    check_addr(*last)
+}
+
+/// Resolved listen addresses in the order they are tried: IPv4 first,
+/// otherwise as resolved.
+fn listen_candidates(addrs: impl Iterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = addrs.collect();
+    v.sort_by_key(|a| a.is_ipv6()); // stable
+    v.dedup();
+    v
+}
+
+fn unusable_here(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+    )
+}
+
+fn check_addr(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     // std's bind sets SO_REUSEADDR but not SO_REUSEPORT, so it fails with
     // EADDRINUSE if anything is already listening there.
     // A port still held by a process that has just exited is retried for a
@@ -452,6 +491,21 @@ async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listen_candidates_put_ipv4_first() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let got = super::listen_candidates(
+            [
+                a("[::1]:80"),
+                a("127.0.0.1:80"),
+                a("[::1]:80"),
+                a("10.0.0.1:80"),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(got, [a("127.0.0.1:80"), a("10.0.0.1:80"), a("[::1]:80")]);
+    }
+
     use super::*;
 
     fn server(workers: Option<usize>, cpus: Option<Vec<usize>>) -> crate::config::ServerConfig {

@@ -13,77 +13,22 @@ let
   inherit (builtins)
     attrNames
     filter
-    foldl'
-    isAttrs
     length
     mapAttrs
     match
-    toJSON
     ;
 
-  check =
-    name: got: want:
-    if got == want then name else throw "nix/module.nix (stub): ${name}: got ${toJSON got}, want ${toJSON want}";
+  stub = import ./stub.nix;
+  inherit (stub)
+    lib
+    resolve
+    pkgsFor
+    fileSettings
+    checkedSettings
+    ;
+  check = stub.check "nix/module.nix";
 
-  # Types are never inspected here; a name is enough.
-  stubType = name: { _type = "stub-type"; inherit name; };
-  types = {
-    bool = stubType "bool";
-    str = stubType "str";
-    path = stubType "path";
-    package = stubType "package";
-    nullOr = t: stubType "nullOr";
-    listOf = t: stubType "listOf";
-    attrsOf = t: stubType "attrsOf";
-    ints = {
-      positive = stubType "positive";
-      unsigned = stubType "unsigned";
-    };
-  };
-
-  # The module system's property wrappers, kept as data and resolved below.
-  lib = {
-    inherit types;
-    mkOption = o: o // { _type = "option"; };
-    mkEnableOption = name: {
-      _type = "option";
-      default = false;
-      description = "Whether to enable ${name}.";
-    };
-    literalExpression = text: { _type = "literalExpression"; inherit text; };
-    mkIf = condition: content: { _type = "if"; inherit condition content; };
-    mkMerge = contents: { _type = "merge"; inherit contents; };
-    mkAfter = content: { _type = "order"; inherit content; };
-    mkDefault = content: { _type = "override"; inherit content; };
-    mkForce = content: content;
-  };
-
-  # mkIf/mkMerge/mkAfter resolved the way the module system would for a
-  # single definition: false conditions vanish, merges combine attrsets.
-  resolve =
-    v:
-    if !(isAttrs v) then
-      v
-    else if v._type or null == "if" then
-      (if v.condition then resolve v.content else null)
-    else if v._type or null == "merge" then
-      foldl' (a: b: a // b) { } (filter (x: x != null) (map resolve v.contents))
-    else if v._type or null == "order" || v._type or null == "override" then
-      resolve v.content
-    else
-      let
-        r = mapAttrs (_: resolve) v;
-      in
-      removeAttrs r (filter (n: r.${n} == null) (attrNames r));
-
-  pkgs = {
-    formats.toml = _: {
-      type = stubType "toml";
-      # The rendered settings stay inspectable: JSON inside the "path".
-      generate = name: value: "/nix/store/stub-${name}#${toJSON value}";
-    };
-    callPackage = _: _: "/nix/store/stub-ncro";
-  };
+  pkgs = pkgsFor false;
 
   module = import ../module.nix;
   declared =
@@ -92,11 +37,18 @@ let
       config.services.ncro = { };
     }).options.services.ncro;
   defaults = mapAttrs (_: o: o.default) declared;
+  declaredInstance = declared.instances.type.elemType.module.options;
+  instanceDefaults = mapAttrs (_: o: o.default) declaredInstance;
 
-  evalWith =
-    user:
+  evalFor =
+    pkgs: user:
     let
-      cfg = defaults // user;
+      cfg =
+        defaults
+        // user
+        // {
+          instances = mapAttrs (_: i: instanceDefaults // i) (user.instances or { });
+        };
     in
     {
       inherit cfg;
@@ -110,6 +62,7 @@ let
         in
         if r == null then { } else r;
     };
+  evalWith = evalFor pkgs;
 
   readmeModule = import ./compat-2.2.nix { inherit lib; };
   fullModule = import ./compat-2.2-full.nix { inherit lib; };
@@ -129,13 +82,110 @@ let
   off = evalWith { enable = false; };
 
   svc = e: e.config.systemd.services.ncro;
-  renderedSettings =
+  configOf =
     e:
     let
-      m = match ".* --config /nix/store/stub-ncro.toml#(.*)" (svc e).serviceConfig.ExecStart;
+      m = match "[^ ]*/bin/ncro serve --config (.*)" (svc e).serviceConfig.ExecStart;
     in
-    if m == null then throw "ExecStart without --config" else builtins.fromJSON (builtins.head m);
+    if m == null then throw "ExecStart without --config" else builtins.head m;
+  renderedSettings = e: fileSettings (configOf e);
   undeclared = e: filter (n: !(declared ? ${n})) (attrNames e);
+  failing = e: map (a: a.message) (filter (a: !a.assertion) e.config.assertions);
+
+  cnoKey = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+  ncKey = "nix-community.cachix.org-1:mB9FSh9qf2dCimDSUo8Zy7bkq5CX+/rkCWyvRCYg3Fs=";
+  upstream = url: key: {
+    inherit url;
+    public_key = key;
+  };
+
+  # Every top-level option set, to values other than their defaults, and
+  # no instances: ncro.service carries them all.
+  single = {
+    enable = true;
+    package = "/nix/store/other-ncro";
+    settings = {
+      upstreams = [
+        (upstream "https://cache.nixos.org" cnoKey)
+        {
+          url = "https://private.example";
+          password_file = "/run/credentials/ncro.service/private";
+          public_keys = [ "private-1:AAAA" ];
+        }
+      ];
+      mesh.enabled = true;
+      fallback_cache = {
+        enabled = true;
+        public_keys = [ "fallback-2:BBBB" ];
+      };
+    };
+    socketActivation = true;
+    addUpstreamPublicKeys = true;
+    workers = 2;
+    cpus = [
+      2
+      3
+    ];
+    controlCpu = 1;
+    openFilesLimit = 1000;
+    memlockLimit = "32M";
+    watchdogSec = "60s";
+    credentials.private = "/run/secrets/private";
+    meshKeyFile = "/run/secrets/mesh.key";
+    environmentFile = "/run/secrets/aws.env";
+    openFirewall = true;
+    port = 9090;
+    meshPort = 7950;
+    netrcFile = "/run/secrets/netrc";
+  };
+  everything = single // {
+    instances = {
+      a = {
+        port = 8081;
+        meshPort = 7951;
+        netrcFile = "/run/secrets/a.netrc";
+        openFirewall = true;
+        settings = {
+          upstreams = [ (upstream "https://cache.nixos.org" cnoKey) ];
+          server = {
+            cpus = [
+              4
+              5
+            ];
+            control_cpu = 6;
+          };
+          mesh.enabled = true;
+        };
+      };
+      "b.internal" = {
+        socketActivation = true;
+        openFirewall = true;
+        settings = {
+          server.listen = ":8082";
+          upstreams = [ (upstream "https://nix-community.cachix.org" ncKey) ];
+          mesh.enabled = true;
+          fallback_cache.enabled = true;
+        };
+      };
+    };
+  };
+  singleE = evalWith single;
+  everyE = evalWith everything;
+  crossE = evalFor (pkgsFor true) single;
+  dropIn = name: everyE.config.systemd.services."ncro@${name}";
+  template = everyE.config.systemd.services."ncro@";
+  etc = everyE.config.environment.etc;
+
+  twoOn =
+    a: b:
+    evalWith {
+      enable = true;
+      instances = {
+        one = a;
+        two = b;
+      };
+    };
+
 in
 [
   (check "2.2 options declared" (filter (n: !(declared ? ${n})) [
@@ -160,8 +210,9 @@ in
   (check "README: ExecStart" (match "(/nix/store/stub-ncro/bin/ncro serve --config) .*"
     (svc readme).serviceConfig.ExecStart
   ) [ "/nix/store/stub-ncro/bin/ncro serve --config" ])
-  (check "README: settings rendered as given" (renderedSettings readme) (
-    readmeModule.services.ncro.settings // { server = { }; }
+  # As today's ncro module: port = 8080 gives localhost:8080.
+  (check "README: settings rendered as given, listening on localhost:8080" (renderedSettings readme) (
+    readmeModule.services.ncro.settings // { server.listen = "localhost:8080"; }
   ))
   (check "README: service" {
     inherit (svc readme) wantedBy after requires;
@@ -204,8 +255,213 @@ in
     ];
     control_cpu = 1;
   })
-  (check "pinned: firewall" pinned.config.networking.firewall {
+  (check "pinned: firewall (localhost:8080 needs no port)" pinned.config.networking.firewall {
+    allowedTCPPorts = [ ];
+    allowedUDPPorts = [ ];
+  })
+  (check "open firewall for :8080" (evalWith (readmeModule.services.ncro // {
+    openFirewall = true;
+    settings = readmeModule.services.ncro.settings // { server.listen = ":8080"; };
+  })).config.networking.firewall {
     allowedTCPPorts = [ 8080 ];
     allowedUDPPorts = [ ];
   })
+  (check "README: config checked at build time" (checkedSettings (configOf readme)) (
+    renderedSettings readme
+  ))
+
+  # Every option set, no instances: ncro.service.
+  (check "every option is set by the test" (filter (n: !(everything ? ${n}) && !(declared.${n}.readOnly or false)) (attrNames declared)) [ ])
+  (check "every instance option is set by the test" (
+    filter (n: !(everything.instances.a ? ${n} || everything.instances."b.internal" ? ${n})) (
+      attrNames declaredInstance
+    )
+  ) [ ])
+  (check "single: assertions hold" (failing singleE) [ ])
+  (check "single: port and meshPort" (
+    let
+      r = renderedSettings singleE;
+    in
+    {
+      inherit (r.server) listen;
+      inherit (r.mesh) bind_addr private_key;
+    }
+  ) {
+    listen = "localhost:9090";
+    bind_addr = "0.0.0.0:7950";
+    private_key = "/run/credentials/ncro.service/mesh-key";
+  })
+  (check "single: secrets files stood in for in the check" (
+    (checkedSettings (configOf singleE)).upstreams
+  ) [
+    (upstream "https://cache.nixos.org" cnoKey)
+    {
+      url = "https://private.example";
+      password = "checked-at-run-time";
+      public_keys = [ "private-1:AAAA" ];
+    }
+  ])
+  (check "single: the check runs the configured package" (
+    match ".*(/nix/store/other-ncro/bin/ncro --check --config).*" (configOf singleE)
+  ) [ "/nix/store/other-ncro/bin/ncro --check --config" ])
+  (check "cross: no check, the file itself" (
+    match "(/nix/store/stub-ncro.toml)#.*" (configOf crossE)
+  ) [ "/nix/store/stub-ncro.toml" ])
+  (check "single: netrc credential and NETRC" {
+    inherit ((svc singleE).serviceConfig) LoadCredential Environment;
+  } {
+    LoadCredential = [
+      "private:/run/secrets/private"
+      "mesh-key:/run/secrets/mesh.key"
+      "netrc:/run/secrets/netrc"
+    ];
+    Environment = [ "NETRC=%d/netrc" ];
+  })
+  (check "single: socket on 127.0.0.1" singleE.config.systemd.sockets.ncro.listenStreams [
+    "127.0.0.1:9090"
+  ])
+  (check "single: firewall: mesh only (HTTP on loopback)" singleE.config.networking.firewall {
+    allowedTCPPorts = [ ];
+    allowedUDPPorts = [ 7950 ];
+  })
+  (check "single: keys of upstreams and the enabled fallback" singleE.config.nix.settings.trusted-public-keys [
+    cnoKey
+    "private-1:AAAA"
+    "fallback-2:BBBB"
+  ])
+  (check "addUpstreamPublicKeys = false" (
+    (evalWith (single // { addUpstreamPublicKeys = false; })).config.nix.settings or { }
+  ) { })
+
+  # Every option and two instances: ncro@.service and its drop-ins.
+  (check "instances: assertions hold" (failing everyE) [ ])
+  (check "instances: top-level settings unused, with a warning" {
+    ncro = everyE.config.systemd.services ? ncro;
+    socket = everyE.config.systemd.sockets ? ncro;
+    warned = builtins.any (w: match ".*settings is not used.*" w != null) everyE.config.warnings;
+  } {
+    ncro = false;
+    socket = false;
+    warned = true;
+  })
+  (check "instances: template" {
+    inherit (template.serviceConfig) ExecStart StateDirectory Environment Type DynamicUser LimitNOFILE;
+    inherit (template) description;
+    pinned = template.serviceConfig ? CPUAffinity;
+  } {
+    ExecStart = "/nix/store/other-ncro/bin/ncro serve --config /etc/ncro/%i.toml";
+    StateDirectory = "ncro-%i";
+    Environment = [ "NCRO_DB_PATH=/var/lib/ncro-%i/routes.db" ];
+    Type = "notify";
+    DynamicUser = true;
+    LimitNOFILE = 1000;
+    description = "Nix Cache Route Optimizer instance %i";
+    pinned = false;
+  })
+  (check "instances: a's drop-in" {
+    inherit (dropIn "a") overrideStrategy wantedBy requires;
+    inherit ((dropIn "a").serviceConfig) CPUAffinity LoadCredential Environment;
+    keys = attrNames (dropIn "a").serviceConfig;
+  } {
+    overrideStrategy = "asDropin";
+    wantedBy = [ "multi-user.target" ];
+    requires = [ ];
+    CPUAffinity = "4 5 6";
+    LoadCredential = [ "netrc:/run/secrets/a.netrc" ];
+    Environment = [
+      "NCRO_DB_PATH=/var/lib/ncro-%i/routes.db"
+      "NETRC=%d/netrc"
+    ];
+    keys = [
+      "CPUAffinity"
+      "Environment"
+      "LoadCredential"
+    ];
+  })
+  (check "instances: b's drop-in" {
+    inherit (dropIn "b.internal") requires after;
+    serviceConfig = (dropIn "b.internal").serviceConfig;
+  } {
+    requires = [ "ncro@b.internal.socket" ];
+    after = [ "ncro@b.internal.socket" ];
+    serviceConfig = { };
+  })
+  (check "instances: configuration files" {
+    a = (fileSettings etc."ncro/a.toml".source).server;
+    b = (fileSettings etc."ncro/b.internal.toml".source).server;
+    aMesh = (fileSettings etc."ncro/a.toml".source).mesh.bind_addr;
+    checked = checkedSettings etc."ncro/a.toml".source != null;
+    trigger = (dropIn "a").restartTriggers == [ etc."ncro/a.toml".source ];
+  } {
+    a = {
+      listen = "localhost:8081";
+      cpus = [
+        4
+        5
+      ];
+      control_cpu = 6;
+    };
+    b.listen = ":8082";
+    aMesh = "0.0.0.0:7951";
+    checked = true;
+    trigger = true;
+  })
+  (check "instances: sockets" (mapAttrs (_: s: s.listenStreams) everyE.config.systemd.sockets) {
+    "ncro@b.internal" = [ "0.0.0.0:8082" ];
+  })
+  (check "instances: firewall" everyE.config.networking.firewall {
+    allowedTCPPorts = [ 8082 ];
+    allowedUDPPorts = [
+      7951
+      7946
+    ];
+  })
+  (check "instances: keys of every instance and b's fallback" everyE.config.nix.settings.trusted-public-keys [
+    cnoKey
+    ncKey
+  ])
+
+  # Assertion failures.
+  (check "duplicate listen addresses" (failing (twoOn { port = 8081; } {
+    settings.server.listen = "localhost:8081";
+  })) [
+    "services.ncro.instances: listen addresses must be unique; these instances would listen on the same address: one (127.0.0.1:8081) and two (127.0.0.1:8081)."
+  ])
+  (check "a wildcard listener takes the port on every address" (failing (twoOn { port = 8081; } {
+    settings.server.listen = ":8081";
+  })) [
+    "services.ncro.instances: listen addresses must be unique; these instances would listen on the same address: one (127.0.0.1:8081) and two (0.0.0.0:8081)."
+  ])
+  (check "same port on two specific addresses is fine" (failing (twoOn { port = 8081; } {
+    settings.server.listen = "10.0.0.1:8081";
+  })) [ ])
+  (check "duplicate mesh addresses" (failing (twoOn {
+    port = 8081;
+    settings.mesh.enabled = true;
+  } {
+    port = 8082;
+    settings.mesh.enabled = true;
+  })) [
+    "services.ncro.instances: mesh addresses must be unique; these mesh-enabled instances would bind the same UDP address: one (0.0.0.0:7946) and two (0.0.0.0:7946)."
+  ])
+  (check "distinct mesh ports pass" (failing (twoOn {
+    port = 8081;
+    meshPort = 7001;
+    settings.mesh.enabled = true;
+  } {
+    port = 8082;
+    settings.mesh.enabled = true;
+  })) [ ])
+  (check "bad instance name" (failing (evalWith {
+    enable = true;
+    instances."a/b".port = 8081;
+  })) [
+    "services.ncro.instances.\"a/b\": an instance name may only contain letters, digits, '_', '.' and '-'."
+  ])
+  (check "an instance needs port or listen" (failing (twoOn { port = 8081; } { })) [
+    "services.ncro.instances.two: set port or settings.server.listen."
+  ])
+  (check "netrc credential name reserved" (failing (evalWith (single // {
+    credentials.netrc = "/x";
+  }))) [ "services.ncro.credentials.netrc is reserved for services.ncro.netrcFile." ])
 ]

@@ -55,6 +55,95 @@ in
   (check "listen :8080" (l.normalizeListen ":8080") "0.0.0.0:8080")
   (check "listen empty" (l.normalizeListen "") "0.0.0.0:8080")
   (check "listen v6" (l.normalizeListen "[::]:8080") "[::]:8080")
+  (check "listen localhost" (l.normalizeListen "localhost:8080") "127.0.0.1:8080")
+  (check "loopback listeners" (map l.isLoopback [
+    "localhost:8080"
+    "127.0.0.1:80"
+    "127.1.2.3:80"
+    "[::1]:80"
+    "0.0.0.0:80"
+    "[::]:80"
+    "10.0.0.1:80"
+    "localhost.example:80"
+  ]) [ true true true true false false false false ])
+  (check "firewall ports" {
+    local = l.firewallTcpPorts { server.listen = "localhost:8080"; };
+    all = l.firewallTcpPorts { server.listen = ":8080"; };
+    default = l.firewallTcpPorts { };
+    meshOff = l.firewallUdpPorts { mesh.bind_addr = "0.0.0.0:1"; };
+    meshOn = l.firewallUdpPorts { mesh.enabled = true; };
+  } {
+    local = [ ];
+    all = [ 8080 ];
+    default = [ 8080 ];
+    meshOff = [ ];
+    meshOn = [ 7946 ];
+  })
+  (check "port null keeps ncro's default listener" (l.finalSettings (cfg { port = null; })).server { })
+  (check "settings.server.listen wins over port" (l.finalSettings (cfg {
+    port = 1;
+    settings.server.listen = "[::1]:2";
+  })).server.listen "[::1]:2")
+  (check "meshPort only for an enabled mesh" {
+    off = l.finalSettings (cfg { settings.mesh.peers = [ ]; });
+    on = (l.finalSettings (cfg { meshPort = 9; settings.mesh.enabled = true; })).mesh;
+    set = (l.finalSettings (cfg { settings.mesh = { enabled = true; bind_addr = "10.0.0.1:1"; }; })).mesh;
+  } {
+    off = {
+      server.listen = "localhost:8080";
+      mesh.peers = [ ];
+    };
+    on = {
+      enabled = true;
+      bind_addr = "0.0.0.0:9";
+    };
+    set = {
+      enabled = true;
+      bind_addr = "10.0.0.1:1";
+    };
+  })
+  (check "fallback keys only when enabled" {
+    off = l.upstreamPublicKeys { fallback_cache.public_key = "x-1:AA"; };
+    default = l.upstreamPublicKeys { fallback_cache.enabled = true; };
+    own = l.upstreamPublicKeys {
+      upstreams = [ { public_key = "a-1:AA"; } ];
+      fallback_cache = {
+        enabled = true;
+        public_key = "a-1:AA";
+        public_keys = [ "b-1:BB" ];
+      };
+    };
+  } {
+    off = [ ];
+    default = [ l.fallbackDefaultKey ];
+    own = [
+      "a-1:AA"
+      "b-1:BB"
+    ];
+  })
+  (check "check settings: secrets files stood in for" (l.checkSettings {
+    upstreams = [
+      { url = "a"; password_file = "/run/x"; }
+      { url = "b"; password = "p"; password_file = "/run/x"; }
+    ];
+    fallback_cache.password_file = "/run/y";
+  }) {
+    upstreams = [
+      { url = "a"; password = "checked-at-run-time"; }
+      # Both set is an error ncro must report: left as written.
+      { url = "b"; password = "p"; password_file = "/run/x"; }
+    ];
+    fallback_cache.password = "checked-at-run-time";
+  })
+  (check "instance names" (map l.validInstanceName [
+    "a"
+    "b.internal"
+    "x_1-2"
+    "a/b"
+    "a b"
+    ""
+    "ä"
+  ]) [ true true true false false false false ])
   (check "port" (map l.portOf [
     "0.0.0.0:8080"
     "[::1]:080"
@@ -72,7 +161,10 @@ in
       "addUpstreamPublicKeys"
     ])
   ) (attrNames readme ++ attrNames full)) [ ])
-  (check "2.2 settings unchanged" (l.finalSettings (cfg readme)) (readme.settings // { server = { }; }))
+  # Only the listener is added (port = 8080, as today's ncro module).
+  (check "2.2 settings unchanged but the listener" (l.finalSettings (cfg readme)) (
+    readme.settings // { server.listen = "localhost:8080"; }
+  ))
   (check "2.2 full settings unchanged" (l.finalSettings (cfg full)) full.settings)
   (check "2.2 trusted keys" (l.upstreamPublicKeys readme.settings) [
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
@@ -103,6 +195,7 @@ in
 
   # CPU pinning reaches both ncro and systemd.
   (check "pinned server settings" (l.finalSettings pinned).server {
+    listen = "localhost:8080";
     workers = 4;
     cpus = [ 5 3 4 2 ];
     control_cpu = 1;

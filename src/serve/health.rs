@@ -2,7 +2,8 @@
 //! status, latency_ms, consecutive_fails, in routing order) plus fields
 //! operators asked for: priority, source (configured or discovered),
 //! whether `/nix-cache-info` answered,
-//! cooldown and in-flight counts, worker count and I/O driver.
+//! cooldown and in-flight counts, worker count and I/O driver. Answered
+//! 503 when every upstream is DOWN, so a load balancer takes the node out.
 
 use serde_json::json;
 
@@ -23,7 +24,18 @@ pub fn overall(snap: &HealthSnapshot) -> &'static str {
     }
 }
 
-pub fn render(ctx: &WorkerCtx) -> String {
+/// `/health`'s HTTP status: 503 when every upstream in the health table
+/// is DOWN (and there is one), as today's ncro answers; 200 otherwise.
+pub fn http_status(snap: &HealthSnapshot) -> u16 {
+    if overall(snap) == "down" {
+        503
+    } else {
+        200
+    }
+}
+
+/// The status code and JSON body of `/health`.
+pub fn render(ctx: &WorkerCtx) -> (u16, String) {
     let set = ctx.shared.upstreams.load();
     let routing = &ctx.shared.routing;
     let snap = routing.snapshot();
@@ -54,7 +66,7 @@ pub fn render(ctx: &WorkerCtx) -> String {
         .iter()
         .map(|d| d.get().copied().unwrap_or("starting"))
         .collect();
-    json!({
+    let body = json!({
         "status": overall(&snap),
         "upstreams": upstreams,
         "races_in_flight": routing.limits.races.in_use(),
@@ -62,7 +74,8 @@ pub fn render(ctx: &WorkerCtx) -> String {
         "driver": drivers.first().copied().unwrap_or("starting"),
         "version": env!("CARGO_PKG_VERSION"),
     })
-    .to_string()
+    .to_string();
+    (http_status(&snap), body)
 }
 
 #[cfg(test)]
@@ -86,5 +99,12 @@ mod tests {
         assert_eq!(overall(&snap(&[0, 3])), "degraded");
         assert_eq!(overall(&snap(&[0, 10])), "degraded");
         assert_eq!(overall(&snap(&[10, 12])), "down");
+    }
+
+    #[test]
+    fn unavailable_only_when_every_upstream_is_down() {
+        assert_eq!(http_status(&snap(&[])), 200);
+        assert_eq!(http_status(&snap(&[10, 9])), 200);
+        assert_eq!(http_status(&snap(&[10, 12])), 503);
     }
 }

@@ -97,6 +97,9 @@ pub struct UpstreamHealth {
     /// Result of the last successful probe's `/nix-cache-info` check;
     /// `None` before the first one.
     pub cache_info: Option<bool>,
+    /// When the last probe answer (or failure) was recorded; `None` until
+    /// the first (`/status`'s `last_probe_secs_ago`).
+    pub last_probe: Option<Instant>,
 }
 
 impl UpstreamHealth {
@@ -108,6 +111,7 @@ impl UpstreamHealth {
             total_queries: 0,
             next_probe: now,
             cache_info: None,
+            last_probe: None,
         }
     }
 
@@ -160,6 +164,7 @@ impl UpstreamHealth {
             }
         }
         let after = self.state();
+        self.last_probe = Some(now);
         self.next_probe = next_probe(after, interval, now);
         (before, after)
     }
@@ -261,6 +266,9 @@ pub struct Entry {
     pub ema_ms: Option<f64>,
     pub consecutive_fails: u32,
     pub cache_info: Option<bool>,
+    /// For `/status`: successful samples so far and the last probe time.
+    pub total_queries: u64,
+    pub last_probe: Option<Instant>,
 }
 
 /// An immutable view of every upstream's health, indexed like the
@@ -298,6 +306,8 @@ impl HealthSnapshot {
                 ema_ms: h.ema_ms,
                 consecutive_fails: h.consecutive_fails,
                 cache_info: h.cache_info,
+                total_queries: h.total_queries,
+                last_probe: h.last_probe,
             })
             .collect();
         let ranks: Vec<Rank> = entries

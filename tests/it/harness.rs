@@ -141,7 +141,11 @@ fn listen_addr(table: &toml::Table) -> Result<SocketAddr, HarnessError> {
         .unwrap_or(":8080");
     let full = match listen.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),
-        None => listen.to_owned(),
+        // ncro listens on 127.0.0.1 for `localhost` (worker::check_listen).
+        None => match listen.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => listen.to_owned(),
+        },
     };
     let mut addr: SocketAddr = full
         .parse()

@@ -23,6 +23,7 @@
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
 //! - [`health`]: health probing, routing order, cooldowns and limits.
+//! - [`status`]: `/status` fields and `/health`'s 503 as upstreams go down.
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
 //! - [`failover`]: mid-stream NAR failover to another upstream holding
 //!   the same NAR, and when it must not happen.
@@ -77,4 +78,5 @@ mod route_persist;
 mod routing;
 mod s3;
 mod server;
+mod status;
 mod systemd;
