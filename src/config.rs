@@ -104,6 +104,10 @@ pub struct UpstreamConfig {
     pub basic_auth: Option<(String, Option<String>)>,
     pub tls_ca_file: Option<PathBuf>,
     pub filters: Vec<FilterRule>,
+    /// `nar_url_mode` (docs/configuration.md, "NAR URLs").
+    pub nar_url_mode: crate::proto::narinfo::NarUrlMode,
+    /// `storage_url`, without a trailing slash.
+    pub storage_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +408,7 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         )));
     }
     let basic_auth = (!u.username.is_empty()).then(|| (u.username.clone(), password));
+    let (nar_url_mode, storage_url) = validate_nar_urls(i, u, &kind)?;
     Ok(UpstreamConfig {
         url: url.trim_end_matches('/').to_owned(),
         kind,
@@ -412,7 +417,36 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         basic_auth,
         tls_ca_file: u.tls_ca_file.as_ref().map(PathBuf::from),
         filters: u.filters.clone(),
+        nar_url_mode,
+        storage_url,
     })
+}
+
+/// `nar_url_mode` and `storage_url` of upstream `i`.
+fn validate_nar_urls(
+    i: usize,
+    u: &raw::RawUpstream,
+    kind: &UpstreamKind,
+) -> Result<(crate::proto::narinfo::NarUrlMode, Option<String>), ConfigError> {
+    let mode = u.nar_url_mode.unwrap_or_default();
+    let storage_url = match u.storage_url.as_deref().map(str::trim) {
+        None => None,
+        Some(s) => {
+            check_http_url(s).map_err(|e| {
+                invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}"))
+            })?;
+            Some(s.trim_end_matches('/').to_owned())
+        }
+    };
+    if mode == crate::proto::narinfo::NarUrlMode::ToUpstream
+        && matches!(kind, UpstreamKind::S3(_))
+        && storage_url.is_none()
+    {
+        return Err(invalid(format!(
+            "upstream[{i}]: nar_url_mode = \"to_upstream\" needs an http(s) URL for clients; an s3:// upstream needs storage_url for it"
+        )));
+    }
+    Ok((mode, storage_url))
 }
 
 /// Light syntax check of an http(s) upstream URL; the client parses it fully.

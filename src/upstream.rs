@@ -44,6 +44,17 @@ pub struct Upstream {
     /// without `public_key`); Nix clients still check them.
     pub keys: Vec<PublicKey>,
     pub filters: Vec<FilterRule>,
+    /// Where NAR files are fetched when they are not at `origin`
+    /// (`storage_url`; same credentials). Its own host gets its own
+    /// connection pool (pools are keyed by scheme, host and port).
+    pub storage: Option<Origin>,
+}
+
+impl Upstream {
+    /// The origin NAR requests go to: `storage_url`'s, else `origin`.
+    pub fn nar_origin(&self) -> &Origin {
+        self.storage.as_ref().unwrap_or(&self.origin)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -94,6 +105,14 @@ impl UpstreamSet {
                 .iter()
                 .map(|k| PublicKey::parse(k).map_err(|e| invalid(e.to_string())))
                 .collect::<Result<_, _>>()?;
+            let storage = u
+                .storage_url
+                .as_deref()
+                .map(|url| {
+                    let auth = auth.filter(|_| u.kind == UpstreamKind::Http);
+                    Origin::parse(url, auth).map_err(|e| invalid(format!("storage_url: {e}")))
+                })
+                .transpose()?;
             set.push(Upstream {
                 url: Arc::from(u.url.as_str()),
                 origin,
@@ -101,6 +120,7 @@ impl UpstreamSet {
                 priority: u.priority,
                 keys,
                 filters: u.filters.clone(),
+                storage,
             });
         }
         Ok(set)

@@ -406,7 +406,7 @@ fn cold_bodies_are_read_back_from_the_database() {
     let body = rt.block_on(t.read_body(&hash(1), 0)).unwrap();
     assert_eq!(body, e.narinfo);
     assert_eq!(t.get(&hash(1), 100), Some(Cached::Cold { upstream: 0 }));
-    t.keep_body(&hash(1), body.clone());
+    t.keep_body(&hash(1), 0, body.clone());
     assert_eq!(hit(t.get(&hash(1), 100)).unwrap().narinfo, body);
     // The row names another upstream than asked: not this route's body.
     assert_eq!(rt.block_on(t.read_body(&hash(2), 1)), None);
