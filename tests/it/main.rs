@@ -50,6 +50,7 @@
 
 mod architecture;
 mod bench;
+mod canonical;
 mod cli;
 mod client;
 mod crash;
