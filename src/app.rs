@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::proto::narinfo::NarUrlMode;
 use crate::config::{env::ProcessEnv, Config, LogFormat};
 use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
+use crate::proto::narinfo::NarUrlMode;
 use crate::route::persist::{self, WriterConfig, WriterHandle};
 use crate::route::reader::BodyReader;
 use crate::route::{LoadReport, RouteTable};

@@ -432,9 +432,8 @@ fn validate_nar_urls(
     let storage_url = match u.storage_url.as_deref().map(str::trim) {
         None => None,
         Some(s) => {
-            check_http_url(s).map_err(|e| {
-                invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}"))
-            })?;
+            check_http_url(s)
+                .map_err(|e| invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}")))?;
             Some(s.trim_end_matches('/').to_owned())
         }
     };

@@ -441,8 +441,7 @@ impl RouteTable {
             return entry.narinfo.clone();
         };
         let key = RouteKey::of(&hash);
-        let (narinfo, upstream_url) =
-            self.serve_form(usize::from(upstream), &hash, &entry.narinfo);
+        let (narinfo, upstream_url) = self.serve_form(usize::from(upstream), &hash, &entry.narinfo);
         // Body first: a reader that sees the new slot finds its body.
         let body = Body {
             narinfo: narinfo.clone(),

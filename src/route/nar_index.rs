@@ -247,7 +247,11 @@ impl RouteTable {
             return (narinfo.clone(), None);
         };
         let slot_url = name.url.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let base = rule.storage.as_deref().or(slot_url.as_deref()).unwrap_or("");
+        let base = rule
+            .storage
+            .as_deref()
+            .or(slot_url.as_deref())
+            .unwrap_or("");
         match served_url(rule.mode, hash, url, base) {
             Some(new) => match relay_form(narinfo, Some(&new)) {
                 Cow::Owned(v) => (Bytes::from(v), Some(url.into())),

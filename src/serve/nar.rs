@@ -17,9 +17,9 @@ use crate::http::client::{
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
+use crate::race::FailKind;
 use crate::serve::narinfo::{discard_body, fail_kind};
 use crate::serve::{After, Conn};
-use crate::race::FailKind;
 use crate::upstream::UpstreamSet;
 use crate::worker::WorkerCtx;
 pub use canonical::{Candidate, Candidates, RouteKind};
@@ -67,7 +67,8 @@ pub async fn serve(
     // (a) The candidates, best first (canonical.rs): upstream, its real
     // path, how it was chosen; a canonical request's later candidates are
     // proved lazily, by a narinfo fetch each.
-    let mut candidates = match Candidates::plan(ctx, ctx.shared.upstreams.load(), req.target).await {
+    let mut candidates = match Candidates::plan(ctx, ctx.shared.upstreams.load(), req.target).await
+    {
         Ok(c) => c,
         Err(refusal) => {
             conn.mark_nar_failed();

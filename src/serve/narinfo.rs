@@ -386,7 +386,12 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
 /// the upstream's bytes ([`relay_form`]: only lines Nix would misread are
 /// rewritten), copied to their exact size so that the cached body does not
 /// keep the read buffer alive.
-pub(crate) fn judge(set: &UpstreamSet, i: usize, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
+pub(crate) fn judge(
+    set: &UpstreamSet,
+    i: usize,
+    hash: StoreHash,
+    body: &Bytes,
+) -> Verdict<(NarInfo, Bytes)> {
     let Ok(info) = NarInfo::parse(body) else {
         return Verdict::Reject(RejectKind::Malformed);
     };

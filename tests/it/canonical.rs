@@ -89,7 +89,11 @@ fn canonical_nar_is_served_by_the_routing_upstream_at_its_real_path() {
     let a = FakeUpstream::builder().path(&p, &k).start();
     let b = FakeUpstream::builder().path(&p, &k).start();
     let t = two(p.clone(), &k, a, b);
-    assert_eq!(t.narinfo(), format!("nar/{}.nar", p.hash), "to_self is the default");
+    assert_eq!(
+        t.narinfo(),
+        format!("nar/{}.nar", p.hash),
+        "to_self is the default"
+    );
     let got = t.get(&canonical(&p));
     assert_eq!(got.status, 200, "{}", t.ncro.logs());
     assert!(got.body == p.nar, "the NAR, byte for byte");
@@ -148,7 +152,10 @@ fn another_upstream_serves_a_canonical_nar_only_when_it_proves_the_same_file() {
     assert!(got.body == t.p.nar);
     assert_eq!(got.header("X-Ncro-Route"), Some("direct"));
     assert_eq!(t.b.request_count("/blobs/renamed.nar"), 1);
-    assert!(t.b.request_count(&t.p.narinfo_request_path()) >= 1, "B proved it");
+    assert!(
+        t.b.request_count(&t.p.narinfo_request_path()) >= 1,
+        "B proved it"
+    );
 
     // Same store path, another compression: never served under this name.
     let (t, got) = a_lost_its_nar(
@@ -164,7 +171,11 @@ fn another_upstream_serves_a_canonical_nar_only_when_it_proves_the_same_file() {
         "nar/x.nar.xz",
     );
     assert_eq!(got.status, 404, "{}", got.text());
-    assert_eq!(t.b.request_count("/nar/x.nar.xz"), 0, "B's file is never asked for");
+    assert_eq!(
+        t.b.request_count("/nar/x.nar.xz"),
+        0,
+        "B's file is never asked for"
+    );
 
     // Same compression, another FileHash (another file): refused too.
     let (t, got) = a_lost_its_nar(
@@ -195,7 +206,11 @@ fn a_canonical_nar_without_a_route_is_resolved_first() {
     assert_eq!(got.status, 200, "{}", t.ncro.logs());
     assert!(got.body == p.nar);
     assert_eq!(got.header("X-Ncro-Route"), Some("direct"));
-    assert_eq!(t.a.request_count(&p.narinfo_request_path()), 1, "resolved once");
+    assert_eq!(
+        t.a.request_count(&p.narinfo_request_path()),
+        1,
+        "resolved once"
+    );
     // That resolution stored the route: the next one is a hit, with no
     // further narinfo request.
     let again = t.get(&canonical(&p));
@@ -214,7 +229,10 @@ fn a_cut_canonical_nar_is_finished_by_a_proved_upstream_at_its_own_path() {
     let p = TestPath::with_contents("cut", &random_bytes(160 * 1024));
     let a = FakeUpstream::builder()
         .path(&p, &k)
-        .rule(PathMatch::exact(&p.nar_request_path()), Fault::ResetMidBody(CUT))
+        .rule(
+            PathMatch::exact(&p.nar_request_path()),
+            Fault::ResetMidBody(CUT),
+        )
         .start();
     // B names the same file differently: only its narinfo proves it.
     let b_narinfo = p.narinfo(&[&k]).replace(&p.nar_url(), "store/cut-copy.nar");
@@ -226,15 +244,23 @@ fn a_cut_canonical_nar_is_finished_by_a_proved_upstream_at_its_own_path() {
     t.narinfo();
     let got = t.get(&canonical(&p));
     assert_eq!(got.status, 200, "{}", t.ncro.logs());
-    assert!(got.complete, "{} of {} bytes\n{}", got.body.len(), p.nar.len(), t.ncro.logs());
-    assert!(got.body == p.nar, "the spliced body is the NAR, byte for byte");
-    let ranges: Vec<Option<String>> = t
-        .b
-        .requests()
-        .into_iter()
-        .filter(|r| r.path == "/store/cut-copy.nar")
-        .map(|r| r.header("Range").map(str::to_owned))
-        .collect();
+    assert!(
+        got.complete,
+        "{} of {} bytes\n{}",
+        got.body.len(),
+        p.nar.len(),
+        t.ncro.logs()
+    );
+    assert!(
+        got.body == p.nar,
+        "the spliced body is the NAR, byte for byte"
+    );
+    let ranges: Vec<Option<String>> =
+        t.b.requests()
+            .into_iter()
+            .filter(|r| r.path == "/store/cut-copy.nar")
+            .map(|r| r.header("Range").map(str::to_owned))
+            .collect();
     assert_eq!(ranges.len(), 1, "{ranges:?}");
     let range = ranges[0].clone().expect("a Range continuation");
     let last = p.nar.len() - 1;
@@ -256,7 +282,10 @@ fn a_cut_canonical_nar_is_not_finished_from_another_file() {
     let p = TestPath::with_contents("cut2", &random_bytes(100 * 1024));
     let a = FakeUpstream::builder()
         .path(&p, &k)
-        .rule(PathMatch::exact(&p.nar_request_path()), Fault::ResetMidBody(32 * 1024))
+        .rule(
+            PathMatch::exact(&p.nar_request_path()),
+            Fault::ResetMidBody(32 * 1024),
+        )
         .start();
     // B: the same store path, compressed: its bytes are another file.
     let b = FakeUpstream::builder()
@@ -270,7 +299,10 @@ fn a_cut_canonical_nar_is_not_finished_from_another_file() {
     t.narinfo();
     let got = t.get(&canonical(&p));
     assert_eq!(got.status, 200);
-    assert!(!got.complete, "cut short, never completed from another file");
+    assert!(
+        !got.complete,
+        "cut short, never completed from another file"
+    );
     assert!(got.closed);
     assert_eq!(t.b.request_count("/nar/z.nar.xz"), 0);
 }
@@ -281,7 +313,9 @@ fn storage_url_holds_the_nar_files() {
     let p = TestPath::with_contents("stored", &random_bytes(30_000));
     // The narinfo host has no NARs; the storage host has only NARs, under
     // a path prefix.
-    let info = FakeUpstream::builder().narinfo(&p.hash, p.narinfo(&[&k])).start();
+    let info = FakeUpstream::builder()
+        .narinfo(&p.hash, p.narinfo(&[&k]))
+        .start();
     let files = FakeUpstream::builder()
         .file(&format!("/bucket{}", p.nar_request_path()), p.nar.clone())
         .start();
@@ -309,15 +343,27 @@ fn storage_url_holds_the_nar_files() {
         assert_eq!(got.status, 200, "{mode}: {}", ncro.logs());
         assert!(got.body == p.nar, "{mode}");
     }
-    assert_eq!(info.request_count(&p.nar_request_path()), 0, "never at the narinfo host");
-    assert_eq!(files.request_count(&format!("/bucket{}", p.nar_request_path())), 2);
+    assert_eq!(
+        info.request_count(&p.nar_request_path()),
+        0,
+        "never at the narinfo host"
+    );
+    assert_eq!(
+        files.request_count(&format!("/bucket{}", p.nar_request_path())),
+        2
+    );
 }
 
 #[test]
 fn a_bad_storage_url_or_mode_is_refused_at_start() {
     let k = TestKey::generate("k-1");
     let db = db_dir();
-    let base = || NcroConfig::new(&[entry("http://127.0.0.1:9".into(), 10, &k)], &db.path().join("r.db"));
+    let base = || {
+        NcroConfig::new(
+            &[entry("http://127.0.0.1:9".into(), 10, &k)],
+            &db.path().join("r.db"),
+        )
+    };
     let err = NcroProcess::try_start(&base().upstream(0, "storage_url", "ftp://x").render())
         .err()
         .expect("refused");

@@ -150,7 +150,10 @@ mod tests {
         // Absolute URLs are the client's to fetch: never rewritten.
         let abs = "https://blobs.example/x.nar.zst";
         assert_eq!(served_url(NarUrlMode::ToSelf, &h, abs, "http://a"), None);
-        assert_eq!(served_url(NarUrlMode::ToUpstream, &h, abs, "http://a"), None);
+        assert_eq!(
+            served_url(NarUrlMode::ToUpstream, &h, abs, "http://a"),
+            None
+        );
     }
 
     #[test]
@@ -158,7 +161,10 @@ mod tests {
         let path = format!("/nar/{H}.nar.xz");
         assert_eq!(canonical_request(&path), Some((hash(), ".nar.xz")));
         assert_eq!(canonical_request(&format!("/nar/{H}")).unwrap().1, "");
-        assert_eq!(canonical_request(&format!("/nar/{H}.nar?x")).unwrap().1, ".nar");
+        assert_eq!(
+            canonical_request(&format!("/nar/{H}.nar?x")).unwrap().1,
+            ".nar"
+        );
         let file_hash = "1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3";
         assert!(canonical_request(&format!("/nar/{file_hash}.nar.xz")).is_none());
         assert!(canonical_request(&format!("/nar/{H}x.nar")).is_none());
@@ -185,11 +191,26 @@ mod tests {
         assert_eq!(same_file(&a, &a.clone()), Ok(()));
         let other_nh = "sha256:11772l4g95pwc0lq96idyn3q80d56wg8qs5s9dg45zc9vfgnckb4";
         let cases = [
-            (info(other_nh, Some("xz"), Some(fh), Some(284)), FileMismatch::NarHash),
-            (info(nh, Some("zstd"), Some(fh), Some(284)), FileMismatch::Compression),
-            (info(nh, Some("xz"), Some(other_nh), Some(284)), FileMismatch::FileHash),
-            (info(nh, Some("xz"), None, Some(284)), FileMismatch::FileHash),
-            (info(nh, Some("xz"), Some(fh), Some(285)), FileMismatch::FileSize),
+            (
+                info(other_nh, Some("xz"), Some(fh), Some(284)),
+                FileMismatch::NarHash,
+            ),
+            (
+                info(nh, Some("zstd"), Some(fh), Some(284)),
+                FileMismatch::Compression,
+            ),
+            (
+                info(nh, Some("xz"), Some(other_nh), Some(284)),
+                FileMismatch::FileHash,
+            ),
+            (
+                info(nh, Some("xz"), None, Some(284)),
+                FileMismatch::FileHash,
+            ),
+            (
+                info(nh, Some("xz"), Some(fh), Some(285)),
+                FileMismatch::FileSize,
+            ),
         ];
         for (b, why) in cases {
             assert_eq!(same_file(&a, &b), Err(why));
@@ -204,6 +225,9 @@ mod tests {
         let nix32 = normalise_hash(hex).into_owned();
         assert_ne!(hex, nix32);
         let a = info(hex, Some("none"), None, Some(616));
-        assert_eq!(same_file(&a, &info(&nix32, Some("none"), None, Some(616))), Ok(()));
+        assert_eq!(
+            same_file(&a, &info(&nix32, Some("none"), None, Some(616))),
+            Ok(())
+        );
     }
 }

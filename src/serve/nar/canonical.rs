@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::proto::narinfo::{canonical_request, is_absolute, nar_ext, same_file, NarInfo};
 use crate::proto::store_path::StoreHash;
-use crate::race::{Attempt, Verdict};
+use crate::race::{Attempt, FailKind, Verdict};
 use crate::route::{self, NarSource};
 use crate::serve::narinfo::{self as narinfo_serve, Resolved};
 use crate::upstream::UpstreamSet;
@@ -107,6 +107,9 @@ pub struct Candidates {
     /// Non-canonical requests: the path every candidate is asked for.
     target: Rc<str>,
     promise: Option<Promise>,
+    /// The routed upstream of a canonical request is DOWN (left out of
+    /// the order): if nobody else proves the file, that is no miss.
+    routed_down: bool,
 }
 
 /// Why a canonical request is answered without asking for the NAR.
@@ -138,6 +141,7 @@ impl Candidates {
                 routed,
                 target: Rc::from(target),
                 promise: None,
+                routed_down: false,
             });
         };
         let (upstream, narinfo, upstream_url, kind) = route_of(ctx, hash).await?;
@@ -159,16 +163,16 @@ impl Candidates {
         let order = ctx.shared.routing.nar_order(Some(upstream), now);
         // A routed upstream that is DOWN is left out of the order; the
         // others may still prove the same file.
-        let first = (order.first() == Some(&upstream) && !is_absolute(&upstream_url)).then(|| {
-            Candidate {
+        let first =
+            (order.first() == Some(&upstream) && !is_absolute(&upstream_url)).then(|| Candidate {
                 upstream,
                 path: real_path(&upstream_url),
                 kind,
                 proven: true,
-            }
-        });
+            });
         Ok(Candidates {
             set,
+            routed_down: order.first() != Some(&upstream),
             order: order.into_iter(),
             first,
             routed: Some(upstream),
@@ -195,7 +199,10 @@ impl Candidates {
         if let Some(first) = self.first.take() {
             return Some(first);
         }
-        while let Some(i) = self.order.next() {
+        if std::mem::take(&mut self.routed_down) {
+            failures.failed(FailKind::Connect);
+        }
+        for i in self.order.by_ref() {
             // The health snapshot may be newer or older than `set`.
             if self.set.live(i).is_none() {
                 continue;

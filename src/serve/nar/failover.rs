@@ -191,7 +191,10 @@ pub async fn resume(
             }
         };
         let same_name = cut.object.content_addressed && c.path == cut.path;
-        if !cut.object.continued_by(&resp, offset, c.proven || same_name) {
+        if !cut
+            .object
+            .continued_by(&resp, offset, c.proven || same_name)
+        {
             tally.mismatch |= (200..300).contains(&resp.status());
             tracing::debug!(upstream = %up.url, status = resp.status(), path = &*c.path, "NAR failover: not provably the same object; not spliced in");
             discard_body(resp);

@@ -18,7 +18,10 @@ fn nix_client_substitutes_through_canonical_nar_urls() {
         .map(|i| (served.urls[i].as_str(), 50, c.keys[i].as_str()))
         .collect();
     let config = test_config("127.0.0.1:0", &ups, &db.path().join("routes.db"));
-    assert!(!config.contains("nar_url_mode"), "the default mode is under test");
+    assert!(
+        !config.contains("nar_url_mode"),
+        "the default mode is under test"
+    );
     let ncro = NcroProcess::try_start(&config).unwrap_or_else(|e| panic!("start ncro: {e}"));
     let roles = ["app_ab", "split_top", "large_a"];
     let mut report = Report::default();
@@ -33,12 +36,29 @@ fn nix_client_substitutes_through_canonical_nar_urls() {
             .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
             .unwrap_or_default();
         let canonical = url.starts_with(&format!("nar/{hash}.nar"));
-        report.step(role, r.status == 200 && canonical, &format!("URL: {url}"), &r.text());
+        report.step(
+            role,
+            r.status == 200 && canonical,
+            &format!("URL: {url}"),
+            &r.text(),
+        );
     }
     let keys = c.keys.join(" ");
     let paths: Vec<&str> = roles.iter().map(|r| c.role(r)).collect();
-    let run = fetch(&c.scripts, &ncro.url(), &keys, &paths, &[], &db.path().join("fetch.log"));
-    report.step("substitute", run.code == Some(0), &summary(&run), &run.output);
+    let run = fetch(
+        &c.scripts,
+        &ncro.url(),
+        &keys,
+        &paths,
+        &[],
+        &db.path().join("fetch.log"),
+    );
+    report.step(
+        "substitute",
+        run.code == Some(0),
+        &summary(&run),
+        &run.output,
+    );
     // No cache was ever asked for a canonical name: ncro translated each
     // one into the routing cache's own file name.
     let mut asked_canonical = Vec::new();
@@ -54,7 +74,12 @@ fn nix_client_substitutes_through_canonical_nar_urls() {
                 asked_canonical.push(format!("{cache}: {name}"));
             }
         }
-        report.step(&format!("log_{cache}"), true, &format!("{nar_requests} NAR requests"), "");
+        report.step(
+            &format!("log_{cache}"),
+            true,
+            &format!("{nar_requests} NAR requests"),
+            "",
+        );
     }
     report.step(
         "nars_fetched",
@@ -69,6 +94,14 @@ fn nix_client_substitutes_through_canonical_nar_urls() {
         &ncro.logs(),
     );
     let errors = crate::metrics::scrape(&ncro).value("ncro_nar_errors_total", &[]);
-    report.step("nar_errors", errors == 0.0, &format!("ncro_nar_errors_total = {errors}"), "");
-    report.finish(&format!("nix client through {} with to_self URLs", ncro.url()));
+    report.step(
+        "nar_errors",
+        errors == 0.0,
+        &format!("ncro_nar_errors_total = {errors}"),
+        "",
+    );
+    report.finish(&format!(
+        "nix client through {} with to_self URLs",
+        ncro.url()
+    ));
 }
