@@ -11,6 +11,7 @@ use crate::cli::{Cli, Command};
 use crate::config::{env::ProcessEnv, Config, LogFormat};
 use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
+use crate::proto::narinfo::NarUrlMode;
 use crate::route::persist::{self, WriterConfig, WriterHandle};
 use crate::route::reader::BodyReader;
 use crate::route::{LoadReport, RouteTable};
@@ -404,6 +405,7 @@ fn open_routes(
         RouteTable::new(c.max_entries, urls.clone(), None)
             .with_slot_capacity(upstreams.capacity())
             .with_narinfo_memory(c.narinfo_memory)
+            .with_nar_urls(nar_url_rules(cfg), NarUrlMode::default())
     };
     let db = match persist::open(&c.db_path) {
         Ok(db) => db,
@@ -443,6 +445,17 @@ fn open_routes(
     }
     tracing::info!(db = %c.db_path, routes = report.routes, negatives = report.negatives, skipped = report.skipped, refused = report.refused.len(), ms = started.elapsed().as_millis() as u64, "route database loaded");
     Ok((Arc::new(table), Some((handle, thread)), health))
+}
+
+/// The NAR URL rule of each configured upstream, in slot order.
+fn nar_url_rules(cfg: &Config) -> Vec<crate::route::NarUrlRule> {
+    cfg.upstreams
+        .iter()
+        .map(|u| crate::route::NarUrlRule {
+            mode: u.nar_url_mode,
+            storage: u.storage_url.as_deref().map(Arc::from),
+        })
+        .collect()
 }
 
 /// One TLS client configuration for all workers: web PKI roots plus every

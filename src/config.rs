@@ -109,6 +109,10 @@ pub struct UpstreamConfig {
     pub filters: Vec<FilterRule>,
     /// Total time for this upstream's narinfo request in a race.
     pub narinfo_timeout: Option<Duration>,
+    /// `nar_url_mode` (docs/configuration.md, "NAR URLs").
+    pub nar_url_mode: crate::proto::narinfo::NarUrlMode,
+    /// `storage_url`, without a trailing slash.
+    pub storage_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +421,7 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         )));
     }
     let basic_auth = (!u.username.is_empty()).then(|| (u.username.clone(), password));
+    let (nar_url_mode, storage_url) = validate_nar_urls(i, u, &kind)?;
     Ok(UpstreamConfig {
         url: url.trim_end_matches('/').to_owned(),
         kind,
@@ -429,7 +434,35 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
             .narinfo_timeout
             .map(|d| positive(&format!("upstream[{i}].narinfo_timeout"), d.0))
             .transpose()?,
+        nar_url_mode,
+        storage_url,
     })
+}
+
+/// `nar_url_mode` and `storage_url` of upstream `i`.
+fn validate_nar_urls(
+    i: usize,
+    u: &raw::RawUpstream,
+    kind: &UpstreamKind,
+) -> Result<(crate::proto::narinfo::NarUrlMode, Option<String>), ConfigError> {
+    let mode = u.nar_url_mode.unwrap_or_default();
+    let storage_url = match u.storage_url.as_deref().map(str::trim) {
+        None => None,
+        Some(s) => {
+            check_http_url(s)
+                .map_err(|e| invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}")))?;
+            Some(s.trim_end_matches('/').to_owned())
+        }
+    };
+    if mode == crate::proto::narinfo::NarUrlMode::ToUpstream
+        && matches!(kind, UpstreamKind::S3(_))
+        && storage_url.is_none()
+    {
+        return Err(invalid(format!(
+            "upstream[{i}]: nar_url_mode = \"to_upstream\" needs an http(s) URL for clients; an s3:// upstream needs storage_url for it"
+        )));
+    }
+    Ok((mode, storage_url))
 }
 
 /// Light syntax check of an http(s) upstream URL; the client parses it fully.

@@ -50,6 +50,7 @@ use quick_cache::Weighter;
 
 use crate::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
 use nar_index::{nar_index, NarClaim, NarClaimStats, NarKey, NarSlot};
+pub use nar_index::{NarSource, NarUrlRule};
 use persist::{Db, PersistError, StoredRoute, WriteOp, WriterHandle};
 use reader::BodyReader;
 
@@ -186,6 +187,8 @@ impl Slot {
 struct SlotName {
     url: RwLock<Option<Arc<str>>>,
     gen: AtomicU16,
+    /// How the NAR URL of this slot's narinfos is served.
+    nar: RwLock<NarUrlRule>,
 }
 
 impl SlotName {
@@ -193,6 +196,7 @@ impl SlotName {
         SlotName {
             url: RwLock::new(url),
             gen: AtomicU16::new(0),
+            nar: RwLock::new(NarUrlRule::default()),
         }
     }
 }
@@ -201,8 +205,11 @@ impl SlotName {
 /// (unknown for a body read back from the database).
 #[derive(Clone)]
 struct Body {
+    /// As served: the `URL:` rewritten by the slot's [`NarUrlRule`].
     narinfo: Bytes,
     merit: Option<(f32, u64)>,
+    /// The upstream's own `URL:` value when `narinfo` serves another one.
+    upstream_url: Option<Box<str>>,
 }
 
 fn secs32(t: u64) -> u32 {
@@ -218,7 +225,8 @@ const BODY_OVERHEAD: u64 = 96;
 
 impl Weighter<RouteKey, Body> for BodyWeight {
     fn weight(&self, _: &RouteKey, body: &Body) -> u64 {
-        body.narinfo.len() as u64 + BODY_OVERHEAD
+        (body.narinfo.len() + body.upstream_url.as_ref().map_or(0, |u| u.len())) as u64
+            + BODY_OVERHEAD
     }
 }
 
@@ -257,6 +265,8 @@ pub struct RouteTable {
     learned: OnceLock<flume::Sender<Learned>>,
     /// Learned routes the gossip feed had no room for.
     learned_dropped: AtomicU64,
+    /// NAR URL mode of a slot [`Self::assign`] gives to a discovered URL.
+    discovered_nar: crate::proto::narinfo::NarUrlMode,
 }
 
 /// A route as it reaches the gossip feed.
@@ -306,6 +316,7 @@ impl RouteTable {
             nar_claims: NarClaimStats::default(),
             learned: OnceLock::new(),
             learned_dropped: AtomicU64::new(0),
+            discovered_nar: crate::proto::narinfo::NarUrlMode::Keep,
         }
     }
 
@@ -332,6 +343,10 @@ impl RouteTable {
         if held.as_deref() != Some(&**url) {
             *held = Some(url.clone());
             name.gen.fetch_add(1, Ordering::Relaxed);
+            *name.nar.write().unwrap_or_else(|e| e.into_inner()) = NarUrlRule {
+                mode: self.discovered_nar,
+                storage: None,
+            };
         }
     }
 
@@ -399,7 +414,12 @@ impl RouteTable {
     /// Stores a route (replacing any slot for `hash`), indexes its NAR and
     /// queues it for persistence and, with the mesh on, for gossip. A route
     /// to a URL no upstream slot names (any more) is not kept.
-    pub fn insert(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
+    ///
+    /// `entry.narinfo` is the upstream's body; what is kept in memory and
+    /// returned is the body to serve, its `URL:` rewritten once here by the
+    /// slot's [`NarUrlRule`] (so hits cost nothing more). The database and
+    /// gossip keep the upstream's body.
+    pub fn insert(&self, hash: StoreHash, entry: Arc<RouteEntry>) -> Bytes {
         if let Some(feed) = self.learned.get() {
             // Never waits: a full feed only means a peer hears of this
             // route later (when it races it itself).
@@ -407,7 +427,7 @@ impl RouteTable {
                 self.learned_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.store(hash, entry);
+        self.store(hash, entry)
     }
 
     /// Stores a route a mesh peer announced: like [`Self::insert`], but not
@@ -416,15 +436,17 @@ impl RouteTable {
         self.store(hash, entry);
     }
 
-    fn store(&self, hash: StoreHash, entry: Arc<RouteEntry>) {
+    fn store(&self, hash: StoreHash, entry: Arc<RouteEntry>) -> Bytes {
         let Some((upstream, gen)) = self.upstream_index(&entry.upstream) else {
-            return;
+            return entry.narinfo.clone();
         };
         let key = RouteKey::of(&hash);
+        let (narinfo, upstream_url) = self.serve_form(usize::from(upstream), &hash, &entry.narinfo);
         // Body first: a reader that sees the new slot finds its body.
         let body = Body {
-            narinfo: entry.narinfo.clone(),
+            narinfo: narinfo.clone(),
             merit: Some((entry.latency_ms, entry.verified_at)),
+            upstream_url,
         };
         self.bodies.insert(key, body);
         let slot = Slot {
@@ -436,6 +458,7 @@ impl RouteTable {
         if let Some(w) = &self.writer {
             self.enqueue(w, WriteOp::Route(hash, entry));
         }
+        narinfo
     }
 
     /// Remembers that no upstream has `hash` until `expires_at`.
@@ -479,13 +502,18 @@ impl RouteTable {
         body
     }
 
-    /// Keeps a body read by [`read_body`](Self::read_body) in memory.
-    pub fn keep_body(&self, hash: &StoreHash, narinfo: Bytes) {
+    /// Keeps a body read by [`read_body`](Self::read_body) (the upstream's,
+    /// as stored) for the route of `upstream`, and returns it as served
+    /// (see [`Self::insert`]).
+    pub fn keep_body(&self, hash: &StoreHash, upstream: usize, narinfo: Bytes) -> Bytes {
+        let (served, upstream_url) = self.serve_form(upstream, hash, &narinfo);
         let body = Body {
-            narinfo,
+            narinfo: served.clone(),
             merit: None,
+            upstream_url,
         };
         self.bodies.insert(RouteKey::of(hash), body);
+        served
     }
 
     /// Latency (ms) and verification time of the route for `hash`, when

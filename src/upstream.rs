@@ -51,6 +51,17 @@ pub struct Upstream {
     /// Its URL's host, the value of `X-Ncro-Upstream`, computed once so
     /// that an answer only copies it ([`fallback::host_of`]).
     pub host: Box<str>,
+    /// Where NAR files are fetched when they are not at `origin`
+    /// (`storage_url`; same credentials). Its own host gets its own
+    /// connection pool (pools are keyed by scheme, host and port).
+    pub storage: Option<Origin>,
+}
+
+impl Upstream {
+    /// The origin NAR requests go to: `storage_url`'s, else `origin`.
+    pub fn nar_origin(&self) -> &Origin {
+        self.storage.as_ref().unwrap_or(&self.origin)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -101,6 +112,14 @@ impl UpstreamSet {
                 .iter()
                 .map(|k| PublicKey::parse(k).map_err(|e| invalid(e.to_string())))
                 .collect::<Result<_, _>>()?;
+            let storage = u
+                .storage_url
+                .as_deref()
+                .map(|url| {
+                    let auth = auth.filter(|_| u.kind == UpstreamKind::Http);
+                    Origin::parse(url, auth).map_err(|e| invalid(format!("storage_url: {e}")))
+                })
+                .transpose()?;
             set.push(Upstream {
                 url: Arc::from(u.url.as_str()),
                 origin,
@@ -110,6 +129,7 @@ impl UpstreamSet {
                 filters: u.filters.clone(),
                 narinfo_timeout: u.narinfo_timeout,
                 host: fallback::host_of(&u.url),
+                storage,
             });
         }
         Ok(set)

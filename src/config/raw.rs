@@ -133,6 +133,13 @@ pub struct RawUpstream {
     /// Total time for this upstream's narinfo request in a race.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub narinfo_timeout: Option<Dur>,
+    /// How this upstream's narinfo `URL:` is served (default `to_self`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nar_url_mode: Option<crate::proto::narinfo::NarUrlMode>,
+    /// Base URL that relative narinfo `URL:`s resolve against instead of
+    /// `url` (caches that keep NAR files on another host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_url: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]

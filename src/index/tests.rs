@@ -15,6 +15,7 @@ fn upstream(url: &str) -> Upstream {
         filters: Vec::new(),
         narinfo_timeout: None,
         host: "".into(),
+        storage: None,
     }
 }
 

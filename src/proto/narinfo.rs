@@ -17,6 +17,12 @@
 //! lines rewritten that Nix would misread (docs/endpoints.md lists the
 //! rewrites).
 
+mod nar_url;
+
+pub use nar_url::{
+    canonical_request, is_absolute, nar_ext, same_file, served_url, FileMismatch, NarUrlMode,
+};
+
 use super::base32;
 use super::store_path::{name_of, StoreHash, HASH_LEN, STORE_DIR};
 use base64::Engine as _;

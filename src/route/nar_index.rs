@@ -3,13 +3,18 @@
 //! routing"). Part of [`RouteTable`]; its own file because the claim rules
 //! are a subject of their own.
 
+use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quick_cache::sync::{Cache, EntryAction, EntryResult};
 
-use super::{secs32, RouteTable, Slot};
+use super::{secs32, Cached, RouteTable, Slot};
+use crate::proto::narinfo::{relay_form, served_url, NarUrlMode};
+use crate::proto::store_path::StoreHash;
 
 /// The NAR index is keyed by a 128-bit keyed hash of the NAR key instead of
 /// the string: this saves an ~80-byte allocation per route. The two SipHash
@@ -172,4 +177,122 @@ impl RouteTable {
             self.nar_hashers.1.hash_one(key),
         )
     }
+}
+
+/// How the `URL:` of one upstream slot's narinfos is served
+/// (`upstreams[].nar_url_mode`, `storage_url`). The table's default keeps
+/// it (the configuration's default is set by [`RouteTable::with_nar_urls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarUrlRule {
+    pub mode: NarUrlMode,
+    /// `storage_url`: where `to_upstream` resolves relative URLs (else
+    /// the slot's URL).
+    pub storage: Option<Arc<str>>,
+}
+
+impl Default for NarUrlRule {
+    fn default() -> Self {
+        NarUrlRule {
+            mode: NarUrlMode::Keep,
+            storage: None,
+        }
+    }
+}
+
+/// Where a canonical NAR request (`/nar/<store hash>...`) goes first:
+/// the route of its store hash ([`RouteTable::nar_source`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NarSource {
+    /// A live route with its narinfo in memory.
+    Hot {
+        upstream: usize,
+        /// The narinfo as served to clients (its file fields are what the
+        /// client was promised; its `URL:` may be the rewritten one).
+        narinfo: Bytes,
+        /// The upstream's own `URL:` value for the NAR file.
+        upstream_url: Box<str>,
+    },
+    /// A live route whose narinfo is only in the database.
+    Cold { upstream: usize },
+}
+
+impl RouteTable {
+    /// Sets the NAR URL rule of the configured slots (by slot order), and
+    /// the mode a slot given to a discovered URL gets.
+    pub fn with_nar_urls(mut self, rules: Vec<NarUrlRule>, discovered: NarUrlMode) -> Self {
+        for (name, rule) in self.names.iter().zip(rules) {
+            *name.nar.write().unwrap_or_else(|e| e.into_inner()) = rule;
+        }
+        self.discovered_nar = discovered;
+        self
+    }
+
+    /// The body to serve for `narinfo` (an upstream's, as stored) under
+    /// slot `upstream`'s rule, and the upstream's own `URL:` when it was
+    /// rewritten. Miss path only (race win, read-back, peer route).
+    pub(super) fn serve_form(
+        &self,
+        upstream: usize,
+        hash: &StoreHash,
+        narinfo: &Bytes,
+    ) -> (Bytes, Option<Box<str>>) {
+        let Some(name) = self.names.get(upstream) else {
+            return (narinfo.clone(), None);
+        };
+        let rule = name.nar.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if rule.mode == NarUrlMode::Keep {
+            return (narinfo.clone(), None);
+        }
+        let Some(url) = url_of(narinfo) else {
+            return (narinfo.clone(), None);
+        };
+        let slot_url = name.url.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let base = rule
+            .storage
+            .as_deref()
+            .or(slot_url.as_deref())
+            .unwrap_or("");
+        match served_url(rule.mode, hash, url, base) {
+            Some(new) => match relay_form(narinfo, Some(&new)) {
+                Cow::Owned(v) => (Bytes::from(v), Some(url.into())),
+                Cow::Borrowed(_) => (narinfo.clone(), None),
+            },
+            None => (narinfo.clone(), None),
+        }
+    }
+
+    /// The route of `hash` for a canonical NAR request: its upstream, and
+    /// with its body in memory the narinfo served and the upstream's real
+    /// NAR `URL:`. None for no route or a negative entry.
+    pub fn nar_source(&self, hash: &StoreHash, now: u64) -> Option<NarSource> {
+        let (upstream, narinfo) = match self.get(hash, now)? {
+            Cached::Hit(hit) => (hit.upstream, hit.narinfo),
+            Cached::Cold { upstream } => return Some(NarSource::Cold { upstream }),
+            Cached::Negative => return None,
+        };
+        // The stored upstream URL, or (kept as sent) the body's own.
+        let upstream_url = match self
+            .bodies
+            .get(&super::RouteKey::of(hash))
+            .and_then(|b| b.upstream_url)
+        {
+            Some(u) => u,
+            None => url_of(&narinfo)?.into(),
+        };
+        Some(NarSource::Hot {
+            upstream,
+            narinfo,
+            upstream_url,
+        })
+    }
+}
+
+/// The value of a narinfo body's `URL:` line (one space after the colon
+/// dropped), without parsing the rest.
+fn url_of(body: &[u8]) -> Option<&str> {
+    let line = body
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"URL:"))?;
+    let value = line.strip_prefix(b" ").unwrap_or(line);
+    std::str::from_utf8(value).ok().filter(|v| !v.is_empty())
 }

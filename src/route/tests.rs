@@ -406,7 +406,7 @@ fn cold_bodies_are_read_back_from_the_database() {
     let body = rt.block_on(t.read_body(&hash(1), 0)).unwrap();
     assert_eq!(body, e.narinfo);
     assert_eq!(t.get(&hash(1), 100), Some(Cached::Cold { upstream: 0 }));
-    t.keep_body(&hash(1), body.clone());
+    t.keep_body(&hash(1), 0, body.clone());
     assert_eq!(hit(t.get(&hash(1), 100)).unwrap().narinfo, body);
     // The row names another upstream than asked: not this route's body.
     assert_eq!(rt.block_on(t.read_body(&hash(2), 1)), None);
@@ -491,4 +491,52 @@ fn discovered_slots_keep_routes_and_a_reused_slot_drops_its_old_urls() {
     assert_eq!(t.slot_url(2).as_deref(), Some(D));
     t.assign(9, &Arc::from(D)); // beyond capacity: ignored
     assert_eq!(t.merit(&hash(3)), Some((1.0, 1)));
+}
+
+#[test]
+fn nar_url_rules_rewrite_once_when_stored_and_keep_the_real_url() {
+    use crate::proto::narinfo::NarUrlMode;
+    let rules = vec![
+        NarUrlRule {
+            mode: NarUrlMode::ToSelf,
+            storage: None,
+        },
+        NarUrlRule {
+            mode: NarUrlMode::ToUpstream,
+            storage: Some("https://files/b".into()),
+        },
+    ];
+    let t = table(100, None).with_nar_urls(rules, NarUrlMode::ToSelf);
+    let h = hash(1);
+    let e = entry(A, "nar/abc.nar.xz?t=1", 100);
+    let served = t.insert(h, e.clone());
+    let want = format!("StorePath: /nix/store/x\nURL: nar/{h}.nar.xz\n");
+    assert_eq!(served, want.as_bytes());
+    // A hit serves the stored rewrite; the real URL stays known.
+    assert_eq!(hit(t.get(&h, 50)).unwrap().narinfo, served);
+    assert_eq!(
+        t.nar_source(&h, 50),
+        Some(NarSource::Hot {
+            upstream: 0,
+            narinfo: served.clone(),
+            upstream_url: "nar/abc.nar.xz?t=1".into(),
+        })
+    );
+    // A body read back from the database (the upstream's) is rewritten too.
+    assert_eq!(t.keep_body(&h, 0, e.narinfo.clone()), served);
+    assert_eq!(
+        t.insert(hash(2), entry(B, "nar/y.nar", 100)),
+        "StorePath: /nix/store/x\nURL: https://files/b/nar/y.nar\n".as_bytes()
+    );
+    // Absolute URLs are kept; so is everything under `keep`.
+    let abs = entry(A, "https://blobs/z.nar", 100);
+    assert_eq!(t.insert(hash(3), abs.clone()), abs.narinfo);
+    let keep = table(100, None);
+    let e = entry(A, "nar/k.nar", 100);
+    assert_eq!(keep.insert(h, e.clone()), e.narinfo);
+    match keep.nar_source(&h, 50) {
+        Some(NarSource::Hot { upstream_url, .. }) => assert_eq!(&*upstream_url, "nar/k.nar"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(keep.nar_source(&hash(9), 50), None);
 }

@@ -1,11 +1,11 @@
 //! `GET/HEAD /nar/...`: streamed from the upstream that served the
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
+mod canonical;
 mod failover;
 mod fallback;
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::io::AsyncWriteRentExt;
@@ -18,11 +18,12 @@ use crate::http::client::{
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
-use crate::route;
+use crate::race::FailKind;
 use crate::serve::narinfo::{discard_body, fail_kind};
 use crate::serve::{After, Conn};
 use crate::upstream::UpstreamSet;
-use crate::worker::{unix_now, WorkerCtx};
+use crate::worker::WorkerCtx;
+pub use canonical::{Candidate, Candidates, RouteKind};
 
 /// Response headers passed from the upstream to the client.
 const PASSED_HEADERS: [&str; 8] = [
@@ -64,49 +65,28 @@ pub async fn serve(
     req: &Request<'_>,
     keep: bool,
 ) -> io::Result<After> {
-    let set = ctx.shared.upstreams.load();
-    let key = route::nar_key(req.path);
-    let routed = ctx
-        .shared
-        .routes
-        .nar_upstream(key, unix_now())
-        .filter(|&i| i < set.len());
-    let order = ctx
-        .shared
-        .routing
-        .nar_order(routed, std::time::Instant::now());
-
+    // (a) The candidates, best first (canonical.rs): upstream, its real
+    // path, how it was chosen; a canonical request's later candidates are
+    // proved lazily, by a narinfo fetch each.
+    let mut candidates = match Candidates::plan(ctx, ctx.shared.upstreams.load(), req.target).await
+    {
+        Ok(c) => c,
+        Err(refusal) => {
+            conn.mark_nar_failed();
+            return Ok(conn.error(ctx, refusal.status, refusal.body, keep));
+        }
+    };
     let fwd = forwarded_headers(req);
-    let up_req = upstream_request(req, &fwd);
     let mut failures = Failures::default();
-    let mut order = order.into_iter();
-    while let Some(i) = order.next() {
-        // The health snapshot may be newer or older than `set`.
-        let Some(up) = set.live(i) else { continue };
-        match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(&resp) => {
-                let from = Source {
-                    set: &set,
-                    upstream: i,
-                    rest: order,
-                };
-                return relay(conn, ctx, req, resp, from, keep).await;
-            }
-            Ok(resp) => {
-                let s = resp.status();
-                failures.status(s);
-                tracing::debug!(upstream = %up.url, status = s, path = req.path, "NAR not served here; trying the next upstream");
-                discard_body(resp);
-            }
-            Err(e) => {
-                failures.error(&e);
-                // A request this upstream cannot take (an S3 key it cannot
-                // encode) says nothing about its health.
-                if !e.is_request_fault() {
-                    ctx.shared.routing.failed(i, fail_kind(&e));
-                }
-                tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
-            }
+    // (b) The first final answer, one candidate after the other.
+    while let Some(c) = candidates.next(ctx, &mut failures).await {
+        if let Some(resp) = open(ctx, candidates.set(), &c, req, &fwd, &mut failures).await {
+            // (c) Relayed, with mid-stream failover to the candidates left.
+            let from = Source {
+                candidate: c,
+                rest: candidates,
+            };
+            return relay(conn, ctx, req, resp, from, keep).await;
         }
     }
     // `[fallback_cache]`: one last try, with the request as received.
@@ -119,6 +99,56 @@ pub async fn serve(
         404 => conn.error(ctx, 404, "not found\n", keep),
         s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
     })
+}
+
+/// Asks candidate `c` for the NAR; its answer when it is final
+/// ([`is_final`]), else None with what it said folded into `failures` (a
+/// transport failure also starts its cooldown).
+pub(super) async fn open(
+    ctx: &WorkerCtx,
+    set: &UpstreamSet,
+    c: &Candidate,
+    req: &Request<'_>,
+    fwd: &[(&str, &[u8])],
+    failures: &mut Failures,
+) -> Option<UpResponse> {
+    let up = set.live(c.upstream)?;
+    let up_req = UpRequest {
+        method: upstream_method(req),
+        path: &c.path,
+        headers: fwd,
+    };
+    match ctx.client.send(up.nar_origin(), &up_req).await {
+        Ok(resp) if is_final(&resp) => Some(resp),
+        Ok(resp) => {
+            let s = resp.status();
+            failures.status(s);
+            tracing::debug!(upstream = %up.url, status = s, path = &*c.path, "NAR not served here; trying the next upstream");
+            discard_body(resp);
+            None
+        }
+        Err(e) => {
+            failures.error(&e);
+            // A request this upstream cannot take (an S3 key it cannot
+            // encode) says nothing about its health.
+            if !e.is_request_fault() {
+                ctx.shared.routing.failed(c.upstream, fail_kind(&e));
+            }
+            tracing::debug!(upstream = %up.url, error = %e, path = &*c.path, "NAR request failed; trying the next upstream");
+            None
+        }
+    }
+}
+
+/// The host of an upstream URL (scheme, port, path and query dropped), for
+/// `X-Ncro-Upstream`.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or_default();
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 /// The client's header fields that go upstream with a NAR request.
@@ -137,16 +167,19 @@ fn forwarded_headers<'a>(req: &Request<'a>) -> Vec<(&'static str, &'a [u8])> {
     fwd
 }
 
-/// The request sent upstream for a client's NAR request: its target
-/// (query included) and the [`forwarded_headers`].
-fn upstream_request<'a>(req: &Request<'a>, fwd: &'a [(&'a str, &'a [u8])]) -> UpRequest<'a> {
-    let method = if req.method == Method::Head {
+fn upstream_method(req: &Request<'_>) -> UpMethod {
+    if req.method == Method::Head {
         UpMethod::Head
     } else {
         UpMethod::Get
-    };
+    }
+}
+
+/// The request sent upstream for a client's NAR request: its target
+/// (query included) and the [`forwarded_headers`].
+fn upstream_request<'a>(req: &Request<'a>, fwd: &'a [(&'a str, &'a [u8])]) -> UpRequest<'a> {
     UpRequest {
-        method,
+        method: upstream_method(req),
         path: req.target,
         headers: fwd,
     }
@@ -165,7 +198,7 @@ pub fn forwardable(req: &Request<'_>) -> Result<(), ClientError> {
 /// client's status the way narinfo lookups do it: 404 only when every one
 /// gave a definite miss, 504 when the rest only timed out, 502 otherwise.
 #[derive(Debug, Default)]
-struct Failures {
+pub struct Failures {
     /// Some upstream gave no definite answer (error or unexpected status).
     transient: bool,
     /// Some upstream failed other than by a timeout.
@@ -185,6 +218,12 @@ impl Failures {
         self.other_than_timeout |= !e.is_timeout();
     }
 
+    /// A narinfo fetch (a canonical candidate's proof) that failed.
+    fn failed(&mut self, kind: FailKind) {
+        self.transient = true;
+        self.other_than_timeout |= kind != FailKind::Timeout;
+    }
+
     fn status_code(&self) -> u16 {
         match (self.transient, self.other_than_timeout) {
             (false, _) => 404,
@@ -194,23 +233,24 @@ impl Failures {
     }
 }
 
-/// The upstream whose answer is relayed, and those not asked yet, best
+/// The candidate whose answer is relayed, and those not asked yet, best
 /// first: the candidates for a mid-stream failover.
-struct Source<'a> {
-    set: &'a Arc<UpstreamSet>,
-    upstream: usize,
-    rest: std::vec::IntoIter<usize>,
+pub(super) struct Source {
+    pub candidate: Candidate,
+    pub rest: Candidates,
 }
 
-async fn relay(
+/// Relays `resp`, the answer of `from.candidate`, with `X-Ncro-Upstream`
+/// and `X-Ncro-Route` (the candidate's `kind`).
+pub(super) async fn relay(
     conn: &mut Conn,
     ctx: &WorkerCtx,
     req: &Request<'_>,
     mut resp: UpResponse,
-    from: Source<'_>,
+    from: Source,
     keep: bool,
 ) -> io::Result<After> {
-    let upstream = from.upstream;
+    let upstream = from.candidate.upstream;
     let status = resp.status();
     let head_only = req.method == Method::Head || status == 304;
     let (framing, keep) = if head_only {
@@ -227,12 +267,17 @@ async fn relay(
         // the end of the connection.
         (Framing::None, false)
     };
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len());
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 2);
     for name in PASSED_HEADERS {
         if let Some(v) = resp.header(name) {
             headers.push((name, v));
         }
     }
+    let set = from.rest.set().clone();
+    if let Some(up) = set.get(upstream) {
+        headers.push(("X-Ncro-Upstream", host_of(&up.url).as_bytes()));
+    }
+    headers.push(("X-Ncro-Route", from.candidate.kind.as_str().as_bytes()));
     let date = ctx.date();
     write_head(&mut conn.wbuf, status, framing, keep, &date, &headers);
     drop(headers);
@@ -277,7 +322,7 @@ async fn relay(
     let object = if !ctx.shared.config.server.nar_failover || (req.http10 && resp.is_chunked()) {
         None
     } else {
-        failover::Object::of(&resp, req.target)
+        failover::Object::of(&resp, &from.candidate.path)
     };
     drop(resp);
     let Some(object) = object else {
@@ -287,7 +332,7 @@ async fn relay(
     };
     tracing::debug!(path = req.path, sent, error = %error, "NAR relay cut short by the upstream; continuing from another upstream");
     let cut = failover::Cut {
-        path: req.target,
+        path: from.candidate.path.clone(),
         object,
         sent,
     };
@@ -300,14 +345,14 @@ async fn continue_elsewhere(
     conn: &mut Conn,
     ctx: &WorkerCtx,
     req: &Request<'_>,
-    mut cut: failover::Cut<'_>,
-    from: Source<'_>,
+    mut cut: failover::Cut,
+    from: Source,
     mode: RelayMode,
     keep: bool,
 ) -> io::Result<After> {
     let before = cut.sent;
-    let resumed =
-        failover::resume(ctx, from.set, from.rest, &mut conn.stream, mode, &mut cut).await;
+    let mut rest = from.rest;
+    let resumed = failover::resume(ctx, &mut rest, &mut conn.stream, mode, &mut cut).await;
     ctx.metrics.nar_bytes.add(cut.sent - before);
     if resumed == failover::Resumed::Completed {
         return Ok(After::keep_if(keep));

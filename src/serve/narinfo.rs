@@ -154,7 +154,7 @@ async fn cold_body(ctx: &WorkerCtx, hash: StoreHash, upstream: usize) -> Option<
         routes.remove(&hash);
         return None;
     }
-    routes.keep_body(&hash, narinfo.clone());
+    let narinfo = routes.keep_body(&hash, upstream, narinfo);
     Some(Hit { upstream, narinfo })
 }
 
@@ -285,12 +285,9 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 verified_at: now,
                 latency_ms: latency.as_secs_f32() * 1000.0,
             });
-            let hit = Hit {
-                upstream,
-                narinfo: entry.narinfo.clone(),
-            };
-            ctx.shared.routes.insert(hash, entry);
-            Resolved::Found(hit, Via::Race)
+            // Served with its `URL:` as the upstream's nar_url_mode says.
+            let narinfo = ctx.shared.routes.insert(hash, entry);
+            Resolved::Found(Hit { upstream, narinfo }, Via::Race)
         }
         Outcome::Miss => {
             // Upstreams left out (DOWN) may hold the path:
@@ -355,7 +352,7 @@ fn index_false_positive(ctx: &WorkerCtx, set: &UpstreamSet, i: usize) {
 
 /// One GET of `<hash>.narinfo`. The response owns its connection, so
 /// dropping this future (a lost race) closes the connection.
-async fn fetch_narinfo(
+pub(crate) async fn fetch_narinfo(
     client: &crate::http::client::LocalClient,
     origin: &crate::http::client::Origin,
     path: &str,
@@ -430,7 +427,7 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
 /// the upstream's bytes ([`relay_form`]: only lines Nix would misread are
 /// rewritten), copied to their exact size so that the cached body does not
 /// keep the read buffer alive.
-fn judge(up: &Upstream, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
+pub(crate) fn judge(up: &Upstream, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
     let Ok(info) = NarInfo::parse(body) else {
         return Verdict::Reject(RejectKind::Malformed);
     };

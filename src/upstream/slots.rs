@@ -139,6 +139,7 @@ impl UpstreamSet {
             filters: Vec::new(),
             narinfo_timeout: None,
             host: super::fallback::host_of(url),
+            storage: None,
         };
         if let Some(i) = self.index_of(url) {
             let slot = &mut self.slots[i];

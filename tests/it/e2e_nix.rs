@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod canonical;
 mod failover;
 mod fallback;
 mod nix_log;

@@ -54,6 +54,7 @@
 
 mod architecture;
 mod bench;
+mod canonical;
 mod cli;
 mod client;
 mod crash;

@@ -57,6 +57,20 @@ impl NcroConfig {
         self
     }
 
+    /// Sets `key` of the `i`-th `[[upstreams]]` entry.
+    pub fn upstream(mut self, i: usize, key: &str, value: impl Into<toml::Value>) -> NcroConfig {
+        let ups = self
+            .table
+            .get_mut("upstreams")
+            .and_then(|u| u.as_array_mut())
+            .expect("[[upstreams]]");
+        ups[i]
+            .as_table_mut()
+            .expect("an upstream is a table")
+            .insert(key.to_owned(), value.into());
+        self
+    }
+
     pub fn render(&self) -> String {
         toml::to_string(&self.table).expect("config table serialises")
     }

@@ -11,7 +11,7 @@
 //! is not spliced in; the client connection is then closed as before, and
 //! Nix resumes with a `Range` request of its own.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use monoio::net::TcpStream;
 
@@ -20,8 +20,9 @@ use crate::http::client::{
 };
 use crate::metrics::FailoverResult;
 use crate::serve::narinfo::{discard_body, fail_kind};
-use crate::upstream::UpstreamSet;
 use crate::worker::WorkerCtx;
+
+use super::{Candidates, Failures};
 
 /// The object a cut response was relaying, as far as its head told: which
 /// bytes of it the response carried and what identifies it.
@@ -66,15 +67,17 @@ impl Object {
     }
 
     /// Whether `resp`, answering a request for the bytes from `offset` on,
-    /// carries exactly those bytes of this same object.
-    fn continued_by(&self, resp: &UpResponse, offset: u64) -> bool {
+    /// carries exactly those bytes of this same object. `known_same`: its
+    /// identity is already proved (the same content-addressed path, or
+    /// narinfos that describe the same file), so no ETag is needed.
+    fn continued_by(&self, resp: &UpResponse, offset: u64, known_same: bool) -> bool {
         let range = resp.header("Content-Range").and_then(parse_content_range);
         let same_bytes = resp.status() == 206
             && !resp.is_chunked()
             && range == Some((offset, self.end, self.total))
             && resp.content_length() == Some(self.end - offset + 1);
         let same_encoding = resp.header("Content-Encoding") == self.encoding.as_deref();
-        let same_object = self.content_addressed
+        let same_object = known_same
             || self
                 .etag
                 .as_deref()
@@ -111,8 +114,9 @@ fn names_file_hash(path: &str) -> bool {
 }
 
 /// Where a cut relay stands when failover begins.
-pub struct Cut<'a> {
-    pub path: &'a str,
+pub struct Cut {
+    /// The path the cut response was asked for.
+    pub path: Rc<str>,
     pub object: Object,
     /// Body bytes the client already has from this response.
     pub sent: u64,
@@ -150,42 +154,49 @@ impl Tally {
     }
 }
 
-/// Continues `cut` on `dst` from the `candidates` (upstream slots of `set`,
-/// best first, the one that cut it excluded), each asked at most once.
+/// Continues `cut` on `dst` from the `candidates` not asked yet (best
+/// first, each asked at most once, at its own path: for a canonical
+/// request only those whose narinfo proved the same file).
 /// `cut.sent` grows by every byte relayed, whatever the outcome.
 pub async fn resume(
     ctx: &WorkerCtx,
-    set: &Arc<UpstreamSet>,
-    candidates: impl Iterator<Item = usize>,
+    candidates: &mut Candidates,
     dst: &mut TcpStream,
     mode: RelayMode,
-    cut: &mut Cut<'_>,
+    cut: &mut Cut,
 ) -> Resumed {
     let mut tally = Tally::default();
-    for i in candidates {
-        // The health snapshot may be newer or older than `set`.
+    let set = candidates.set().clone();
+    // What candidates that could not prove the file said: not needed here.
+    let mut unproved = Failures::default();
+    while let Some(c) = candidates.next(ctx, &mut unproved).await {
+        let i = c.upstream;
         let Some(up) = set.live(i) else { continue };
         let offset = cut.object.start + cut.sent;
         let range = format!("bytes={offset}-{}", cut.object.end);
         let headers = [("Range", range.as_bytes())];
         let req = UpRequest {
             method: UpMethod::Get,
-            path: cut.path,
+            path: &c.path,
             headers: &headers,
         };
-        let mut resp = match ctx.client.send(&up.origin, &req).await {
+        let mut resp = match ctx.client.send(up.nar_origin(), &req).await {
             Ok(resp) => resp,
             Err(e) => {
                 if !e.is_request_fault() {
                     ctx.shared.routing.failed(i, fail_kind(&e));
                 }
-                tracing::debug!(upstream = %up.url, error = %e, path = cut.path, "NAR failover: request failed");
+                tracing::debug!(upstream = %up.url, error = %e, path = &*c.path, "NAR failover: request failed");
                 continue;
             }
         };
-        if !cut.object.continued_by(&resp, offset) {
+        let same_name = cut.object.content_addressed && c.path == cut.path;
+        if !cut
+            .object
+            .continued_by(&resp, offset, c.proven || same_name)
+        {
             tally.mismatch |= (200..300).contains(&resp.status());
-            tracing::debug!(upstream = %up.url, status = resp.status(), path = cut.path, "NAR failover: not provably the same object; not spliced in");
+            tracing::debug!(upstream = %up.url, status = resp.status(), path = &*c.path, "NAR failover: not provably the same object; not spliced in");
             discard_body(resp);
             continue;
         }
@@ -199,13 +210,13 @@ pub async fn resume(
         match relayed {
             Ok(_) => {
                 ctx.metrics.nar_failed_over(FailoverResult::Completed);
-                tracing::info!(upstream = %up.url, path = cut.path, from = offset, "NAR failover completed the body");
+                tracing::info!(upstream = %up.url, path = &*c.path, from = offset, "NAR failover completed the body");
                 return Resumed::Completed;
             }
             Err(RelayError::Client { .. }) => return Resumed::ClientGone,
             Err(RelayError::Upstream { error, .. }) => {
                 ctx.shared.routing.failed(i, fail_kind(&error));
-                tracing::warn!(upstream = %up.url, path = cut.path, error = %error, "NAR failover: the next upstream cut it too");
+                tracing::warn!(upstream = %up.url, path = &*c.path, error = %error, "NAR failover: the next upstream cut it too");
             }
         }
     }

@@ -103,17 +103,24 @@ fn rounds(entries: &[Entry]) -> Vec<Vec<&Entry>> {
         .collect()
 }
 
+/// ncro in front of `upstream` trusting `keys`; narinfo `URL:`s kept (the
+/// upstream's bytes are served), except where [`config_with_mode`] says.
 fn config(upstream: &str, keys: &[String]) -> String {
+    config_with_mode(upstream, keys, "keep")
+}
+
+fn config_with_mode(upstream: &str, keys: &[String], nar_url_mode: &str) -> String {
     let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
     let keys: Vec<String> = keys.iter().map(|k| q(k)).collect();
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[upstreams]]\nurl = {}\npriority = 10\npublic_keys = [{}]\n\n\
+         [[upstreams]]\nurl = {}\npriority = 10\npublic_keys = [{}]\nnar_url_mode = {}\n\n\
          [cache]\ndb_path = \":memory:\"\n\n\
          [health]\nprobe_interval = \"1h\"\n\n\
          [logging]\nlevel = \"info\"\nformat = \"text\"\n",
         q(upstream),
-        keys.join(", ")
+        keys.join(", "),
+        q(nar_url_mode)
     )
 }
 
@@ -261,4 +268,62 @@ fn real_nar_bodies_are_relayed_byte_exact() {
         assert_eq!(r.status, 200, "{path}");
         assert!(r.body == *bytes, "{path}: relayed bytes differ");
     }
+}
+
+/// Every served narinfo of the first round, under each `nar_url_mode`:
+/// only the `URL:` line differs from the upstream's bytes (so the
+/// signatures still verify), and it is what the mode says. Asked twice,
+/// so a route-cache hit serves the same bytes as the race that stored it.
+#[test]
+fn real_narinfos_get_the_url_line_their_mode_says() {
+    let Some(dir) = super::corpus() else { return };
+    let keys = public_keys(&dir);
+    let entries = corpus(&dir, &keys);
+    let round: Vec<&Entry> = rounds(&entries)
+        .swap_remove(0)
+        .into_iter()
+        .filter(|e| e.should_serve())
+        .collect();
+    assert!(round.len() > 500, "{} narinfos", round.len());
+    let mut fake = FakeUpstream::builder().cache_info(40);
+    for e in &round {
+        fake = fake.narinfo(&e.hash, e.body.clone());
+    }
+    let fake = fake.start();
+    let mut rewritten = 0;
+    for mode in ["keep", "to_self", "to_upstream"] {
+        let ncro = NcroProcess::start(&config_with_mode(&fake.url(), &keys, mode));
+        let mut conn = HttpConn::connect(ncro.addr()).expect("connect to ncro");
+        for e in &round {
+            let text = String::from_utf8(expected_body(&e.body)).expect("utf-8");
+            let url = field(&text, "URL").expect("URL");
+            let absolute = url.starts_with("http://") || url.starts_with("https://");
+            let served_url = match mode {
+                _ if absolute => url.to_owned(),
+                "keep" => url.to_owned(),
+                "to_self" => {
+                    let name = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+                    let ext = name.find(".nar").map_or("", |i| &name[i..]);
+                    format!("nar/{}{ext}", e.hash)
+                }
+                _ => format!("{}/{}", fake.url(), url.trim_start_matches('/')),
+            };
+            let want: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("URL:") {
+                    Some(_) => format!("URL: {served_url}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            for _ in 0..2 {
+                let r = conn
+                    .get(&format!("/{}.narinfo", e.hash))
+                    .unwrap_or_else(|err| panic!("{}: {err}", e.file));
+                assert_eq!(r.status, 200, "{mode} {}", e.file);
+                assert_eq!(r.text(), want, "{mode} {}", e.file);
+            }
+            rewritten += usize::from(served_url != url);
+        }
+    }
+    assert!(rewritten > 1000, "{rewritten} URL lines rewritten");
 }
