@@ -8,6 +8,7 @@
 
 pub mod env;
 pub mod filter;
+pub mod nar;
 pub mod peer;
 pub mod raw;
 pub mod s3;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raw::RawConfig;
+pub use nar::{NarHedging, UpstreamNar};
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;
@@ -104,6 +106,8 @@ pub struct UpstreamConfig {
     pub basic_auth: Option<(String, Option<String>)>,
     pub tls_ca_file: Option<PathBuf>,
     pub filters: Vec<FilterRule>,
+    /// NAR hedging and limits of this upstream.
+    pub nar: UpstreamNar,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,7 @@ pub struct CacheConfig {
     pub per_upstream_max_inflight: u32,
     pub in_memory_negative_ttl: Duration,
     pub upstream_cooldown: Duration,
+    pub nar_hedging: NarHedging,
 }
 
 #[derive(Debug, Clone)]
@@ -412,6 +417,7 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         basic_auth,
         tls_ca_file: u.tls_ca_file.as_ref().map(PathBuf::from),
         filters: u.filters.clone(),
+        nar: nar::validate_upstream(i, u)?,
     })
 }
 
@@ -490,6 +496,7 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
             m.in_memory_negative_ttl.0,
         )?,
         upstream_cooldown: positive("cache.mass_query.upstream_cooldown", m.upstream_cooldown.0)?,
+        nar_hedging: nar::validate_hedging(&c.nar_hedging)?,
     })
 }
 

@@ -44,6 +44,9 @@ pub struct Upstream {
     /// without `public_key`); Nix clients still check them.
     pub keys: Vec<PublicKey>,
     pub filters: Vec<FilterRule>,
+    /// NAR hedging and limits (`allow_hedging`, `nar_timeout`,
+    /// `max_concurrent_requests`); discovered upstreams get the defaults.
+    pub nar: crate::config::UpstreamNar,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -101,6 +104,7 @@ impl UpstreamSet {
                 priority: u.priority,
                 keys,
                 filters: u.filters.clone(),
+                nar: u.nar,
             });
         }
         Ok(set)

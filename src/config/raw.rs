@@ -124,6 +124,16 @@ pub struct RawUpstream {
     pub tls_ca_file: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<FilterRule>,
+    /// May be started as an extra NAR hedge (absent: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_hedging: Option<bool>,
+    /// Idle (per-read) timeout of this upstream's NAR streams (absent:
+    /// `timeouts.idle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nar_timeout: Option<Dur>,
+    /// Most NAR streams to this upstream at once, all workers together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -139,6 +149,7 @@ pub struct RawCache {
     pub negative_ttl: Dur,
     pub latency_alpha: f64,
     pub mass_query: RawMassQuery,
+    pub nar_hedging: RawNarHedging,
 }
 
 impl Default for RawCache {
@@ -151,6 +162,27 @@ impl Default for RawCache {
             negative_ttl: secs(600),
             latency_alpha: 0.3,
             mass_query: RawMassQuery::default(),
+            nar_hedging: RawNarHedging::default(),
+        }
+    }
+}
+
+/// `[cache.nar_hedging]`: extra NAR requests to other upstreams when the
+/// first is slow to start its body (docs/nar-failover.md, "Hedging").
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNarHedging {
+    pub enabled: bool,
+    pub delay: Dur,
+    pub max_inflight: u32,
+}
+
+impl Default for RawNarHedging {
+    fn default() -> Self {
+        RawNarHedging {
+            enabled: true,
+            delay: secs(1),
+            max_inflight: 2,
         }
     }
 }

@@ -13,6 +13,7 @@ fn upstream(url: &str) -> Upstream {
         priority: 10,
         keys: Vec::new(),
         filters: Vec::new(),
+        nar: Default::default(),
     }
 }
 

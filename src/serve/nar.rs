@@ -2,6 +2,7 @@
 //! narinfo, else from the others in order, with bounded memory. HOT.
 
 mod failover;
+mod hedge;
 
 use std::io;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use crate::http::client::{
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
 use crate::route;
-use crate::serve::narinfo::{discard_body, fail_kind};
+use crate::serve::narinfo::fail_kind;
 use crate::serve::{After, Conn};
 use crate::upstream::UpstreamSet;
 use crate::worker::{unix_now, WorkerCtx};
@@ -38,7 +39,7 @@ const PASSED_HEADERS: [&str; 8] = [
 /// Answers that are the upstream's final word on an object it has (a range
 /// or precondition answer, or a redirect to where it keeps it): relayed
 /// rather than tried elsewhere.
-fn is_final(resp: &UpResponse) -> bool {
+pub(super) fn is_final(resp: &UpResponse) -> bool {
     let status = resp.status();
     (200..300).contains(&status) || matches!(status, 304 | 412 | 416) || is_absolute_redirect(resp)
 }
@@ -76,43 +77,59 @@ pub async fn serve(
         .nar_order(routed, std::time::Instant::now());
 
     let fwd = forwarded_headers(req);
-    let up_req = upstream_request(req, &fwd);
-    let mut failures = Failures::default();
-    let mut order = order.into_iter();
-    while let Some(i) = order.next() {
-        // The health snapshot may be newer or older than `set`.
-        let Some(up) = set.live(i) else { continue };
-        match ctx.client.send(&up.origin, &up_req).await {
-            Ok(resp) if is_final(&resp) => {
-                let from = Source {
-                    set: &set,
-                    upstream: i,
-                    rest: order,
-                };
-                return relay(conn, ctx, req, resp, from, keep).await;
-            }
-            Ok(resp) => {
-                let s = resp.status();
-                failures.status(s);
-                tracing::debug!(upstream = %up.url, status = s, path = req.path, "NAR not served here; trying the next upstream");
-                discard_body(resp);
-            }
-            Err(e) => {
-                failures.error(&e);
-                // A request this upstream cannot take (an S3 key it cannot
-                // encode) says nothing about its health.
-                if !e.is_request_fault() {
-                    ctx.shared.routing.failed(i, fail_kind(&e));
-                }
-                tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR request failed; trying the next upstream");
-            }
+    let ask = hedge::Ask {
+        method: upstream_request(req, &fwd).method,
+        headers: &fwd,
+    };
+    let candidates = order.into_iter().map(|slot| hedge::Candidate {
+        slot,
+        path: req.target.into(),
+    });
+    let opened = hedge::open(ctx, &set, candidates, ask).await;
+    let answer = match opened {
+        hedge::Opened::Won(won) => {
+            let from = Source {
+                set: &set,
+                upstream: won.slot,
+                rest: won.rest.into_iter(),
+            };
+            let route = won.hedged.then_some("hedge");
+            let relayed = relay(conn, ctx, req, won.resp, from, route, keep).await;
+            drop(won.stream);
+            relayed
         }
-    }
-    conn.mark_nar_failed();
-    Ok(match failures.status_code() {
-        404 => conn.error(ctx, 404, "not found\n", keep),
-        s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
-    })
+        hedge::Opened::Failed(failures) => {
+            conn.mark_nar_failed();
+            Ok(match failures.status_code() {
+                404 => conn.error(ctx, 404, "not found\n", keep),
+                s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
+            })
+        }
+        hedge::Opened::Full => {
+            conn.mark_nar_failed();
+            Ok(write_busy(conn, ctx, keep))
+        }
+    };
+    answer
+}
+
+/// Every upstream holding the NAR was at its `max_concurrent_requests`
+/// for the whole wait: 503 with `Retry-After`, which Nix retries.
+fn write_busy(conn: &mut Conn, ctx: &WorkerCtx, keep: bool) -> After {
+    let date = ctx.date();
+    crate::http::response::write_simple(
+        &mut conn.wbuf,
+        503,
+        keep,
+        conn.head_request,
+        &date,
+        &[
+            ("Retry-After", b"1"),
+            ("Content-Type", b"text/plain; charset=utf-8"),
+        ],
+        b"every upstream holding this NAR is at its request limit; retry shortly\n",
+    );
+    After::keep_if(keep)
 }
 
 /// The client's header fields that go upstream with a NAR request.
@@ -159,7 +176,7 @@ pub fn forwardable(req: &Request<'_>) -> Result<(), ClientError> {
 /// client's status the way narinfo lookups do it: 404 only when every one
 /// gave a definite miss, 504 when the rest only timed out, 502 otherwise.
 #[derive(Debug, Default)]
-struct Failures {
+pub struct Failures {
     /// Some upstream gave no definite answer (error or unexpected status).
     transient: bool,
     /// Some upstream failed other than by a timeout.
@@ -202,6 +219,7 @@ async fn relay(
     req: &Request<'_>,
     mut resp: UpResponse,
     from: Source<'_>,
+    route: Option<&'static str>,
     keep: bool,
 ) -> io::Result<After> {
     let upstream = from.upstream;
@@ -221,11 +239,14 @@ async fn relay(
         // the end of the connection.
         (Framing::None, false)
     };
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len());
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 1);
     for name in PASSED_HEADERS {
         if let Some(v) = resp.header(name) {
             headers.push((name, v));
         }
+    }
+    if let Some(route) = route {
+        headers.push(("X-Ncro-Route", route.as_bytes()));
     }
     let date = ctx.date();
     write_head(&mut conn.wbuf, status, framing, keep, &date, &headers);

@@ -137,6 +137,7 @@ impl UpstreamSet {
             priority,
             keys: Vec::new(),
             filters: Vec::new(),
+            nar: Default::default(),
         };
         if let Some(i) = self.index_of(url) {
             let slot = &mut self.slots[i];

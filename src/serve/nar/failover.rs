@@ -165,6 +165,10 @@ pub async fn resume(
     for i in candidates {
         // The health snapshot may be newer or older than `set`.
         let Some(up) = set.live(i) else { continue };
+        // A stream like any other under `max_concurrent_requests`.
+        let Some(_stream) = super::hedge::Held::take(ctx, i, up) else {
+            continue;
+        };
         let offset = cut.object.start + cut.sent;
         let range = format!("bytes={offset}-{}", cut.object.end);
         let headers = [("Range", range.as_bytes())];
@@ -183,6 +187,9 @@ pub async fn resume(
                 continue;
             }
         };
+        if let Some(t) = up.nar.timeout {
+            resp.set_read_timeout(t);
+        }
         if !cut.object.continued_by(&resp, offset) {
             tally.mismatch |= (200..300).contains(&resp.status());
             tracing::debug!(upstream = %up.url, status = resp.status(), path = cut.path, "NAR failover: not provably the same object; not spliced in");
