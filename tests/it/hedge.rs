@@ -338,3 +338,46 @@ fn nar_timeout_cuts_a_stalled_stream_but_not_a_flowing_one() {
         }
     }
 }
+
+/// The winner is the first attempt whose body starts, not the first head:
+/// a first upstream that sends its head and then nothing is hedged too.
+#[test]
+fn a_head_without_body_bytes_is_hedged_too() {
+    let s = Setup::new("hedge-headonly");
+    let a = s.first(Fault::nth(1, Fault::HangMidBody(0)));
+    let b = s.holder(None);
+    let cfg = s
+        .config(&[&a, &b])
+        .set("cache", "nar_hedging", hedging(true, "200ms", 2))
+        .set("timeouts", "idle", "60s");
+    let ncro = s.start(&cfg.render());
+    let got = s.get(&ncro);
+    s.assert_whole(&got, &ncro);
+    assert_eq!(got.header("X-Ncro-Route"), Some("hedge"), "{}", ncro.logs());
+    assert_eq!(hedges(&ncro, "won", &b), 1.0);
+    assert_eq!(hedges(&ncro, "cancelled", &a), 1.0);
+}
+
+/// A 200 whose connection ends before its first body byte is a failed
+/// attempt: the next holder is asked at once for the whole file (no
+/// Range: nothing was relayed), never a cut 200 to the client.
+#[test]
+fn a_200_that_ends_before_its_body_tries_the_next_at_once() {
+    let s = Setup::new("hedge-nobody");
+    let a = s.first(Fault::Truncate(0));
+    let b = s.holder(None);
+    let cfg = s
+        .config(&[&a, &b])
+        .set("cache", "nar_hedging", hedging(true, "30s", 2));
+    let ncro = s.start(&cfg.render());
+    let got = s.get(&ncro);
+    s.assert_whole(&got, &ncro);
+    let b_reqs = nar_requests(&b, &s.nar());
+    assert_eq!(b_reqs.len(), 1);
+    assert_eq!(b_reqs[0].header("Range"), None, "continued, not reopened");
+    let v = scrape(&ncro).value(
+        "ncro_nar_hedge_failures_total",
+        &[("kind", "no_body"), ("upstream", &a.url())],
+    );
+    assert_eq!(v, 1.0, "{}", ncro.logs());
+}
