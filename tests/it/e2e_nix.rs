@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod failover;
+mod hedge;
 mod nix_log;
 
 use crate::fake::{FakeUpstream, TestKey, TestPath};
