@@ -9,6 +9,7 @@
 pub mod env;
 pub mod filter;
 pub mod narinfo;
+pub mod nar;
 pub mod peer;
 pub mod raw;
 pub mod s3;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raw::RawConfig;
+pub use nar::{NarHedging, UpstreamNar};
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;
@@ -113,6 +115,8 @@ pub struct UpstreamConfig {
     pub nar_url_mode: crate::proto::narinfo::NarUrlMode,
     /// `storage_url`, without a trailing slash.
     pub storage_url: Option<String>,
+    /// NAR hedging and limits of this upstream.
+    pub nar: UpstreamNar,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +134,7 @@ pub struct CacheConfig {
     pub upstream_cooldown: Duration,
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
+    pub nar_hedging: NarHedging,
 }
 
 #[derive(Debug, Clone)]
@@ -436,6 +441,7 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
             .transpose()?,
         nar_url_mode,
         storage_url,
+        nar: nar::validate_upstream(i, u)?,
     })
 }
 
@@ -542,6 +548,7 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
         upstream_cooldown: positive("cache.mass_query.upstream_cooldown", m.upstream_cooldown.0)?,
         resolution_policy: c.resolution_policy,
         unavailable_answer: c.unavailable_answer,
+        nar_hedging: nar::validate_hedging(&c.nar_hedging)?,
     })
 }
 

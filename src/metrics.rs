@@ -14,6 +14,7 @@ pub mod access;
 mod collect;
 mod family;
 mod health;
+pub mod hedge;
 mod index;
 mod mesh;
 
@@ -138,6 +139,8 @@ pub struct UpstreamMetrics {
     pub index_skips: LocalCounter,
     /// 404s from this upstream while its fresh summary said "maybe".
     pub index_false_positives: LocalCounter,
+    /// NAR hedging and stream limits ([`hedge`]).
+    pub nar: hedge::NarUpstreamCounters,
 }
 
 impl Default for UpstreamMetrics {
@@ -151,6 +154,7 @@ impl Default for UpstreamMetrics {
             nar_bytes: LocalCounter::default(),
             index_skips: LocalCounter::default(),
             index_false_positives: LocalCounter::default(),
+            nar: Default::default(),
         }
     }
 }
@@ -279,6 +283,8 @@ pub struct WorkerMetrics {
     pub batch_paths: [LocalCounter; 3],
     /// Mid-stream NAR failovers, by [`FailoverResult`].
     pub nar_failovers: [LocalCounter; 4],
+    /// Waits for a NAR stream permit, by [`hedge::LimitWait`].
+    pub nar_limit_waits: [LocalCounter; 2],
     /// Idle upstream connections the worker's client discarded at checkout.
     pub pool_discards: Arc<crate::http::client::PoolDiscards>,
     pub upstreams: Box<[UpstreamMetrics]>,
@@ -313,6 +319,7 @@ impl WorkerMetrics {
             endpoint_requests: Default::default(),
             batch_paths: Default::default(),
             nar_failovers: Default::default(),
+            nar_limit_waits: Default::default(),
             pool_discards: Arc::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }

@@ -62,6 +62,9 @@ impl Upstream {
     pub fn nar_origin(&self) -> &Origin {
         self.storage.as_ref().unwrap_or(&self.origin)
     }
+    /// NAR hedging and limits (`allow_hedging`, `nar_timeout`,
+    /// `max_concurrent_requests`); discovered upstreams get the defaults.
+    pub nar: crate::config::UpstreamNar,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -130,6 +133,7 @@ impl UpstreamSet {
                 narinfo_timeout: u.narinfo_timeout,
                 host: fallback::host_of(&u.url),
                 storage,
+                nar: u.nar,
             });
         }
         Ok(set)

@@ -140,6 +140,16 @@ pub struct RawUpstream {
     /// `url` (caches that keep NAR files on another host).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_url: Option<String>,
+    /// May be started as an extra NAR hedge (absent: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_hedging: Option<bool>,
+    /// Idle (per-read) timeout of this upstream's NAR streams (absent:
+    /// `timeouts.idle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nar_timeout: Option<Dur>,
+    /// Most NAR streams to this upstream at once, all workers together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -157,6 +167,7 @@ pub struct RawCache {
     pub mass_query: RawMassQuery,
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
+    pub nar_hedging: RawNarHedging,
 }
 
 impl Default for RawCache {
@@ -171,6 +182,27 @@ impl Default for RawCache {
             mass_query: RawMassQuery::default(),
             resolution_policy: Default::default(),
             unavailable_answer: Default::default(),
+            nar_hedging: RawNarHedging::default(),
+        }
+    }
+}
+
+/// `[cache.nar_hedging]`: extra NAR requests to other upstreams when the
+/// first is slow to start its body (docs/nar-failover.md, "Hedging").
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNarHedging {
+    pub enabled: bool,
+    pub delay: Dur,
+    pub max_inflight: u32,
+}
+
+impl Default for RawNarHedging {
+    fn default() -> Self {
+        RawNarHedging {
+            enabled: true,
+            delay: secs(1),
+            max_inflight: 2,
         }
     }
 }

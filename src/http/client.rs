@@ -350,6 +350,7 @@ impl LocalClient {
             failed: false,
             busy: false,
             idle: self.inner.timeouts.idle,
+            read_idle: self.inner.timeouts.idle,
         };
         if done {
             body.finish();

@@ -16,6 +16,7 @@ fn upstream(url: &str) -> Upstream {
         narinfo_timeout: None,
         host: "".into(),
         storage: None,
+        nar: Default::default(),
     }
 }
 

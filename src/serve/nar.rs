@@ -3,7 +3,11 @@
 
 mod canonical;
 mod failover;
+<<<<<<< HEAD
 mod fallback;
+=======
+mod hedge;
+>>>>>>> h/n2
 
 use std::io;
 use std::time::Duration;
@@ -18,8 +22,13 @@ use crate::http::client::{
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
+<<<<<<< HEAD
 use crate::race::FailKind;
 use crate::serve::narinfo::{discard_body, fail_kind};
+=======
+use crate::route;
+use crate::serve::narinfo::fail_kind;
+>>>>>>> h/n2
 use crate::serve::{After, Conn};
 use crate::upstream::UpstreamSet;
 use crate::worker::WorkerCtx;
@@ -40,7 +49,7 @@ const PASSED_HEADERS: [&str; 8] = [
 /// Answers that are the upstream's final word on an object it has (a range
 /// or precondition answer, or a redirect to where it keeps it): relayed
 /// rather than tried elsewhere.
-fn is_final(resp: &UpResponse) -> bool {
+pub(super) fn is_final(resp: &UpResponse) -> bool {
     let status = resp.status();
     (200..300).contains(&status) || matches!(status, 304 | 412 | 416) || is_absolute_redirect(resp)
 }
@@ -65,6 +74,7 @@ pub async fn serve(
     req: &Request<'_>,
     keep: bool,
 ) -> io::Result<After> {
+<<<<<<< HEAD
     // (a) The candidates, best first (canonical.rs): upstream, its real
     // path, how it was chosen; a canonical request's later candidates are
     // proved lazily, by a narinfo fetch each.
@@ -99,6 +109,74 @@ pub async fn serve(
         404 => conn.error(ctx, 404, "not found\n", keep),
         s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
     })
+=======
+    let set = ctx.shared.upstreams.load();
+    let key = route::nar_key(req.path);
+    let routed = ctx
+        .shared
+        .routes
+        .nar_upstream(key, unix_now())
+        .filter(|&i| i < set.len());
+    let order = ctx
+        .shared
+        .routing
+        .nar_order(routed, std::time::Instant::now());
+
+    let fwd = forwarded_headers(req);
+    let ask = hedge::Ask {
+        method: upstream_request(req, &fwd).method,
+        headers: &fwd,
+    };
+    let candidates = order.into_iter().map(|slot| hedge::Candidate {
+        slot,
+        path: req.target.into(),
+    });
+    let opened = hedge::open(ctx, &set, candidates, ask).await;
+    let answer = match opened {
+        hedge::Opened::Won(won) => {
+            let from = Source {
+                set: &set,
+                upstream: won.slot,
+                rest: won.rest.into_iter(),
+            };
+            let route = won.hedged.then_some("hedge");
+            let relayed = relay(conn, ctx, req, won.resp, from, route, keep).await;
+            drop(won.stream);
+            relayed
+        }
+        hedge::Opened::Failed(failures) => {
+            conn.mark_nar_failed();
+            Ok(match failures.status_code() {
+                404 => conn.error(ctx, 404, "not found\n", keep),
+                s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
+            })
+        }
+        hedge::Opened::Full => {
+            conn.mark_nar_failed();
+            Ok(write_busy(conn, ctx, keep))
+        }
+    };
+    answer
+}
+
+/// Every upstream holding the NAR was at its `max_concurrent_requests`
+/// for the whole wait: 503 with `Retry-After`, which Nix retries.
+fn write_busy(conn: &mut Conn, ctx: &WorkerCtx, keep: bool) -> After {
+    let date = ctx.date();
+    crate::http::response::write_simple(
+        &mut conn.wbuf,
+        503,
+        keep,
+        conn.head_request,
+        &date,
+        &[
+            ("Retry-After", b"1"),
+            ("Content-Type", b"text/plain; charset=utf-8"),
+        ],
+        b"every upstream holding this NAR is at its request limit; retry shortly\n",
+    );
+    After::keep_if(keep)
+>>>>>>> h/n2
 }
 
 /// Asks candidate `c` for the NAR; its answer when it is final
@@ -247,7 +325,12 @@ pub(super) async fn relay(
     ctx: &WorkerCtx,
     req: &Request<'_>,
     mut resp: UpResponse,
+<<<<<<< HEAD
     from: Source,
+=======
+    from: Source<'_>,
+    route: Option<&'static str>,
+>>>>>>> h/n2
     keep: bool,
 ) -> io::Result<After> {
     let upstream = from.candidate.upstream;
@@ -267,17 +350,27 @@ pub(super) async fn relay(
         // the end of the connection.
         (Framing::None, false)
     };
+<<<<<<< HEAD
     let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 2);
+=======
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 1);
+>>>>>>> h/n2
     for name in PASSED_HEADERS {
         if let Some(v) = resp.header(name) {
             headers.push((name, v));
         }
     }
+<<<<<<< HEAD
     let set = from.rest.set().clone();
     if let Some(up) = set.get(upstream) {
         headers.push(("X-Ncro-Upstream", host_of(&up.url).as_bytes()));
     }
     headers.push(("X-Ncro-Route", from.candidate.kind.as_str().as_bytes()));
+=======
+    if let Some(route) = route {
+        headers.push(("X-Ncro-Route", route.as_bytes()));
+    }
+>>>>>>> h/n2
     let date = ctx.date();
     write_head(&mut conn.wbuf, status, framing, keep, &date, &headers);
     drop(headers);

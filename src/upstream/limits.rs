@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::race::FailKind;
 
+pub mod streams;
+
 /// How often a waiter looks for a permit given back by another worker.
 pub const RETRY: Duration = Duration::from_millis(5);
 
@@ -141,6 +143,8 @@ pub struct Limits {
     /// flight to that upstream. NAR streams and probes are not counted.
     pub upstreams: Box<[Gate]>,
     pub cooldowns: Cooldowns,
+    /// `upstreams[].max_concurrent_requests`: NAR streams per upstream slot.
+    pub nar_streams: streams::StreamGates,
 }
 
 impl Limits {
@@ -151,6 +155,7 @@ impl Limits {
                 .map(|_| Gate::new(c.per_upstream_max_inflight as usize))
                 .collect(),
             cooldowns: Cooldowns::new(upstreams, c.upstream_cooldown, epoch),
+            nar_streams: streams::StreamGates::new(upstreams),
         }
     }
 }

@@ -140,6 +140,7 @@ impl UpstreamSet {
             narinfo_timeout: None,
             host: super::fallback::host_of(url),
             storage: None,
+            nar: Default::default(),
         };
         if let Some(i) = self.index_of(url) {
             let slot = &mut self.slots[i];

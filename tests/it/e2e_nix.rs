@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 mod canonical;
 mod failover;
 mod fallback;
+mod hedge;
 mod nix_log;
 
 use crate::fake::{FakeUpstream, TestKey, TestPath};

@@ -27,6 +27,9 @@
 //! - [`discovery`]: mDNS discovery in a network namespace the test makes.
 //! - [`failover`]: mid-stream NAR failover to another upstream holding
 //!   the same NAR, and when it must not happen.
+//! - [`hedge`]: NAR hedging (a slow first upstream, `allow_hedging`,
+//!   `max_inflight`), `upstreams[].nar_timeout` and
+//!   `max_concurrent_requests`.
 //! - [`faults`]: the fault-injection matrix (every upstream fault, for
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
@@ -63,6 +66,7 @@ mod e2e_nix;
 mod endpoints;
 mod failover;
 mod fake;
+mod hedge;
 mod faults;
 mod fuzz_corpus;
 mod harness;

@@ -210,7 +210,11 @@ async fn relay_splice(
     let tcp = stream
         .plain_tcp()
         .ok_or_else(|| progress.upstream(ClientError::Aborted))?;
-    let moved = splice::relay(tcp, dst, &pipe, remaining, body.idle, &mut progress.sent).await;
+    let idle = splice::Idle {
+        read: body.read_idle,
+        write: body.idle,
+    };
+    let moved = splice::relay(tcp, dst, &pipe, remaining, idle, &mut progress.sent).await;
     match moved {
         Ok(()) => {}
         Err(SpliceError::Upstream(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {

@@ -212,7 +212,10 @@ pub(super) struct Body {
     /// Set while an async body operation runs; still set on entry means the
     /// previous operation was cancelled mid-I/O and its state is unknown.
     pub(super) busy: bool,
+    /// Bounds each write to the client in a relay.
     pub(super) idle: Duration,
+    /// Bounds each read from the upstream ([`Response::set_read_timeout`]).
+    pub(super) read_idle: Duration,
 }
 
 impl Body {
@@ -258,7 +261,8 @@ impl Body {
             buf = Vec::with_capacity(BODY_BUF_SIZE);
         }
         let want = want.clamp(1, buf.capacity());
-        let read = monoio::time::timeout(self.idle, stream.read(buf.slice_mut(0..want))).await;
+        let read =
+            monoio::time::timeout(self.read_idle, stream.read(buf.slice_mut(0..want))).await;
         let Ok((result, slice)) = read else {
             self.fail();
             return Err(ClientError::IdleTimeout);
@@ -408,6 +412,43 @@ impl Response {
     /// True once the whole body has been read with valid framing.
     pub fn is_complete(&self) -> bool {
         self.body.complete
+    }
+
+    /// Sets the longest wait for any single read of the rest of the body
+    /// (default: the client's idle timeout). A body that keeps flowing is
+    /// never cut by it, however long it takes in all.
+    pub fn set_read_timeout(&mut self, d: Duration) {
+        self.body.read_idle = d;
+    }
+
+    /// Waits until the first bytes after the head arrived (they stay
+    /// buffered for the relay), or the body is known to be empty. Fails when
+    /// the connection ends first on a body that owes bytes, or no byte comes
+    /// within the read timeout. Dropping the future closes the connection.
+    pub async fn wait_body_start(&mut self) -> Result<(), ClientError> {
+        let owes = match self.body.framing {
+            Framing::Empty | Framing::Length { remaining: 0 } => return Ok(()),
+            Framing::Length { .. } | Framing::Chunked(_) => true,
+            Framing::UntilClose => false,
+        };
+        if self.body.complete || self.body.buffered() > 0 {
+            return Ok(());
+        }
+        self.body.begin()?;
+        let want = match self.body.framing {
+            Framing::Length { remaining } => usize::try_from(remaining).unwrap_or(usize::MAX),
+            _ => BODY_BUF_SIZE,
+        };
+        let filled = self.body.fill(want).await;
+        self.body.busy = false;
+        match filled {
+            Ok(0) if owes => {
+                self.body.fail();
+                Err(ClientError::ConnectionClosed)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Next piece of decoded body data, `None` at the end of the body.

@@ -129,6 +129,14 @@ pub(crate) enum SpliceError {
     UpstreamIdle,
 }
 
+/// Per-wait limits of a splice relay: a read from the upstream, a write
+/// to the client.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Idle {
+    pub(crate) read: Duration,
+    pub(crate) write: Duration,
+}
+
 /// Moves exactly `len` body bytes from `up` to `client` through `pipe`.
 /// `sent` counts bytes that reached the client, also on error. On success
 /// the pipe is empty again; on error it must be dropped.
@@ -137,7 +145,7 @@ pub(crate) async fn relay(
     client: &TcpStream,
     pipe: &SplicePipe,
     len: u64,
-    idle: Duration,
+    idle: Idle,
     sent: &mut u64,
 ) -> Result<(), SpliceError> {
     let _up_mode = NonBlocking::set(up.as_raw_fd()).map_err(SpliceError::Upstream)?;
@@ -190,12 +198,12 @@ async fn wait(
     up: &TcpStream,
     client: &TcpStream,
     drain: bool,
-    idle: Duration,
+    idle: Idle,
 ) -> Result<(), SpliceError> {
     // Not relaxed: on epoll the runtime's cached readiness does not know
     // about our own EAGAIN, so it must ask the kernel again.
     if drain {
-        match monoio::time::timeout(idle, client.writable(false)).await {
+        match monoio::time::timeout(idle.write, client.writable(false)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SpliceError::Client(e)),
             Err(_) => Err(SpliceError::Client(io::Error::new(
@@ -204,7 +212,7 @@ async fn wait(
             ))),
         }
     } else {
-        match monoio::time::timeout(idle, up.readable(false)).await {
+        match monoio::time::timeout(idle.read, up.readable(false)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SpliceError::Upstream(e)),
             Err(_) => Err(SpliceError::UpstreamIdle),

@@ -172,6 +172,10 @@ pub async fn resume(
     while let Some(c) = candidates.next(ctx, &mut unproved).await {
         let i = c.upstream;
         let Some(up) = set.live(i) else { continue };
+        // A stream like any other under `max_concurrent_requests`.
+        let Some(_stream) = super::hedge::Held::take(ctx, i, up) else {
+            continue;
+        };
         let offset = cut.object.start + cut.sent;
         let range = format!("bytes={offset}-{}", cut.object.end);
         let headers = [("Range", range.as_bytes())];
@@ -190,11 +194,18 @@ pub async fn resume(
                 continue;
             }
         };
+<<<<<<< HEAD
         let same_name = cut.object.content_addressed && c.path == cut.path;
         if !cut
             .object
             .continued_by(&resp, offset, c.proven || same_name)
         {
+=======
+        if let Some(t) = up.nar.timeout {
+            resp.set_read_timeout(t);
+        }
+        if !cut.object.continued_by(&resp, offset) {
+>>>>>>> h/n2
             tally.mismatch |= (200..300).contains(&resp.status());
             tracing::debug!(upstream = %up.url, status = resp.status(), path = &*c.path, "NAR failover: not provably the same object; not spliced in");
             discard_body(resp);
