@@ -6,9 +6,12 @@
 //! existing config.toml works unchanged. Unlike ncro 2.2, unknown keys are
 //! an error naming the key and its line, and every value is validated.
 
+pub mod compat;
 pub mod env;
 pub mod filter;
+pub mod netrc;
 pub mod peer;
+pub mod precedence;
 pub mod raw;
 pub mod s3;
 
@@ -61,6 +64,12 @@ pub struct Config {
     pub index: IndexConfig,
     /// The merged raw form, for `check-config` output (secrets redacted there).
     pub raw: RawConfig,
+    /// Problems that do not stop ncro (ignored keys, netrc overrides);
+    /// `check-config` prints them, `serve` logs them at warn.
+    pub warnings: Vec<String>,
+    /// Which spelling wins where two name the same setting
+    /// ([`precedence`]); printed by `check-config`, logged at info.
+    pub precedence: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +170,8 @@ pub enum LogFormat {
 pub struct LoggingConfig {
     pub level: String,
     pub format: LogFormat,
+    /// `logging.timestamps`; also off when stdout is the journal.
+    pub timestamps: bool,
 }
 
 impl Config {
@@ -194,8 +205,16 @@ impl Config {
             path: name.to_owned(),
             message: e.to_string(),
         })?;
+        let netrc = netrc::load(env);
+        let precedence = precedence::report(&precedence::Inputs {
+            file: &raw,
+            env,
+            netrc: netrc.as_ref(),
+        });
         env::apply_overrides(&mut raw, env);
-        validate(raw, source, env)
+        let mut cfg = validate(raw, source, env, netrc.as_ref())?;
+        cfg.precedence = precedence;
+        Ok(cfg)
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -224,7 +243,9 @@ fn validate(
     raw: RawConfig,
     source: Source,
     env: &dyn env::EnvLookup,
+    netrc: Option<&netrc::Netrc>,
 ) -> Result<Config, ConfigError> {
+    let mut warnings = compat::warnings(&raw);
     let server = validate_server(&raw.server)?;
     let raw_upstreams = raw.upstreams.clone().unwrap_or_else(raw_default_upstreams);
     if raw_upstreams.is_empty() {
@@ -232,7 +253,7 @@ fn validate(
     }
     let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw_upstreams.len());
     for (i, u) in raw_upstreams.iter().enumerate() {
-        let v = validate_upstream(i, u)?;
+        let v = validate_upstream(i, u, netrc, &mut warnings)?;
         if upstreams.iter().any(|o| o.url == v.url) {
             return Err(invalid(format!("upstream[{i}]: duplicate URL {:?}", v.url)));
         }
@@ -269,6 +290,8 @@ fn validate(
         mesh: raw.mesh.clone(),
         index,
         raw,
+        warnings,
+        precedence: Vec::new(),
     })
 }
 
@@ -353,7 +376,12 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+fn validate_upstream(
+    i: usize,
+    u: &raw::RawUpstream,
+    netrc: Option<&netrc::Netrc>,
+    warnings: &mut Vec<String>,
+) -> Result<UpstreamConfig, ConfigError> {
     let url = u.url.trim();
     if url.is_empty() {
         return Err(invalid(format!("upstream[{i}]: URL is empty")));
@@ -398,12 +426,14 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         ),
         (None, None) => None,
     };
-    if password.is_some() && u.username.is_empty() {
+    let what = format!("upstream[{i}]");
+    let (user, password) = netrc::basic_auth(netrc, &what, url, &u.username, password, warnings);
+    if password.is_some() && user.is_none() {
         return Err(invalid(format!(
             "upstream[{i}]: password given without username"
         )));
     }
-    let basic_auth = (!u.username.is_empty()).then(|| (u.username.clone(), password));
+    let basic_auth = user.map(|user| (user, password));
     Ok(UpstreamConfig {
         url: url.trim_end_matches('/').to_owned(),
         kind,
@@ -563,7 +593,11 @@ fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
             l.level
         ))
     })?;
-    Ok(LoggingConfig { level, format })
+    Ok(LoggingConfig {
+        level,
+        format,
+        timestamps: l.timestamps,
+    })
 }
 
 /// Upper bound of `discovery.max_upstreams`: per-upstream state is

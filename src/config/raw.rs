@@ -139,6 +139,10 @@ pub struct RawCache {
     pub negative_ttl: Dur,
     pub latency_alpha: f64,
     pub mass_query: RawMassQuery,
+    /// Today's ncro's slow-SQLite warning threshold: accepted and ignored
+    /// (config::compat warns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_statement_threshold: Option<Dur>,
 }
 
 impl Default for RawCache {
@@ -151,6 +155,7 @@ impl Default for RawCache {
             negative_ttl: secs(600),
             latency_alpha: 0.3,
             mass_query: RawMassQuery::default(),
+            slow_statement_threshold: None,
         }
     }
 }
@@ -224,6 +229,8 @@ impl Default for RawHealth {
 pub struct RawLogging {
     pub level: String,
     pub format: String,
+    /// false: no timestamps (for journald, which adds its own).
+    pub timestamps: bool,
 }
 
 impl Default for RawLogging {
@@ -231,6 +238,7 @@ impl Default for RawLogging {
         RawLogging {
             level: "info".into(),
             format: "json".into(),
+            timestamps: true,
         }
     }
 }
