@@ -98,9 +98,7 @@ impl<'a> Lexer<'a> {
                 self.pos += 1 + used;
                 return Some(out);
             }
-            let end = trimmed
-                .find(char::is_whitespace)
-                .unwrap_or(trimmed.len());
+            let end = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
             self.pos += end;
             return Some(trimmed[..end].to_owned());
         }
@@ -221,7 +219,9 @@ pub fn basic_auth(
     if !username.is_empty() {
         return (Some(username.to_owned()), password);
     }
-    let entry = netrc.zip(http_host(url)).and_then(|(n, h)| Some((n, n.lookup(h)?)));
+    let entry = netrc
+        .zip(http_host(url))
+        .and_then(|(n, h)| Some((n, n.lookup(h)?)));
     let Some((netrc, entry)) = entry else {
         return (None, password);
     };
@@ -310,7 +310,14 @@ mod tests {
         let mut w = Vec::new();
         // A configured username wins; netrc is not consulted.
         assert_eq!(
-            basic_auth(Some(&n), "u", "http://c.example", "me", Some("pw".into()), &mut w),
+            basic_auth(
+                Some(&n),
+                "u",
+                "http://c.example",
+                "me",
+                Some("pw".into()),
+                &mut w
+            ),
             (Some("me".into()), Some("pw".into()))
         );
         // Empty username: the host's entry, port ignored.
@@ -330,17 +337,34 @@ mod tests {
             (None, None)
         );
         assert_eq!(
-            basic_auth(Some(&n), "u", "http://x.example", "", Some("p".into()), &mut w),
+            basic_auth(
+                Some(&n),
+                "u",
+                "http://x.example",
+                "",
+                Some("p".into()),
+                &mut w
+            ),
             (None, Some("p".into()))
         );
         assert!(w.is_empty());
         // A password without username is overridden, with a warning.
         assert_eq!(
-            basic_auth(Some(&n), "upstream[3]", "http://c.example", "", Some("p".into()), &mut w),
+            basic_auth(
+                Some(&n),
+                "upstream[3]",
+                "http://c.example",
+                "",
+                Some("p".into()),
+                &mut w
+            ),
             (Some("nl".into()), Some("np".into()))
         );
         assert_eq!(w.len(), 1);
-        assert!(w[0].starts_with("upstream[3]: password is set without username"), "{w:?}");
+        assert!(
+            w[0].starts_with("upstream[3]: password is set without username"),
+            "{w:?}"
+        );
         assert!(w[0].contains("/t/netrc (machine c.example)"), "{w:?}");
     }
 

@@ -62,9 +62,17 @@ fn public_key_and_public_keys(i: &Inputs<'_>) -> Vec<String> {
 fn env_overrides(i: &Inputs<'_>) -> Vec<String> {
     let f = i.file;
     let pairs: [(&str, &str, Option<&str>); 3] = [
-        ("NCRO_LISTEN", "server.listen", Some(f.server.listen.as_str())),
+        (
+            "NCRO_LISTEN",
+            "server.listen",
+            Some(f.server.listen.as_str()),
+        ),
         ("NCRO_DB_PATH", "cache.db_path", f.cache.db_path.as_deref()),
-        ("NCRO_LOG_LEVEL", "logging.level", Some(f.logging.level.as_str())),
+        (
+            "NCRO_LOG_LEVEL",
+            "logging.level",
+            Some(f.logging.level.as_str()),
+        ),
     ];
     let mut out = Vec::new();
     for (var, key, file_value) in pairs {
@@ -126,8 +134,7 @@ mod tests {
 
     #[test]
     fn names_each_case_and_nothing_else() {
-        let file = raw(
-            r#"
+        let file = raw(r#"
 [server]
 listen = ":9000"
 read_timeout = "30s"
@@ -141,8 +148,7 @@ username = "me"
 [[upstreams]]
 url = "https://b.example"
 public_keys = ["k3:CCCC"]
-"#,
-        );
+"#);
         let env = MapEnv::new(&[("NCRO_LISTEN", "127.0.0.1:1"), ("NCRO_LOG_LEVEL", "")]);
         let n = Netrc {
             path: "/n".into(),

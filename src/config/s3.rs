@@ -185,7 +185,10 @@ mod tests {
         assert!(S3Url::parse("s3://c").unwrap().upload_only.is_empty());
         let err = S3Url::parse("s3://c?compresion=xz").unwrap_err();
         assert!(err.contains("unknown parameter \"compresion\""), "{err}");
-        assert!(err.contains("upload-only: compression, secret-key"), "{err}");
+        assert!(
+            err.contains("upload-only: compression, secret-key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -86,21 +86,32 @@ fn every_metric_the_alert_rules_use_is_exported() {
     assert!(names.len() >= 6, "{names:?}");
     let up = FakeUpstream::builder().cache_info(40).start();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config("127.0.0.1:0", &[(&up.url(), 10, "")], &dir.path().join("r.db"));
+    let cfg = test_config(
+        "127.0.0.1:0",
+        &[(&up.url(), 10, "")],
+        &dir.path().join("r.db"),
+    );
     let ncro = NcroProcess::start(&cfg);
     let m = scrape(&ncro);
     let missing: Vec<_> = names.iter().filter(|n| !m.has_metric(n)).collect();
-    assert!(missing.is_empty(), "alert rules use unknown metrics {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "alert rules use unknown metrics {missing:?}"
+    );
     // The label values the rules select exist too.
     let url = up.url();
     assert_eq!(
-        m.get("ncro_upstream_health_state", &[("upstream", url.as_str()), ("state", "down")]),
+        m.get(
+            "ncro_upstream_health_state",
+            &[("upstream", url.as_str()), ("state", "down")]
+        ),
         Some(0.0),
         "a healthy upstream exports state=\"down\" as 0, so min() over upstreams works"
     );
     for reason in ["queue_full", "wait_timeout"] {
         assert!(
-            m.get("ncro_narinfo_shed_total", &[("reason", reason)]).is_some(),
+            m.get("ncro_narinfo_shed_total", &[("reason", reason)])
+                .is_some(),
             "shed reason {reason}"
         );
     }

@@ -109,10 +109,7 @@ fn level_of(line: &str) -> &'static str {
 fn has_timestamp(line: &str) -> bool {
     // RFC 3339 as tracing writes it: 2026-12-06T22:10:00.123456Z
     line.as_bytes().windows(11).any(|w| {
-        w[..4].iter().all(u8::is_ascii_digit)
-            && w[4] == b'-'
-            && w[7] == b'-'
-            && w[10] == b'T'
+        w[..4].iter().all(u8::is_ascii_digit) && w[4] == b'-' && w[7] == b'-' && w[10] == b'T'
     })
 }
 
@@ -153,7 +150,10 @@ fn json_logs_to_the_journal_have_priorities_and_no_timestamps() {
         assert!(v.get("timestamp").is_none(), "{line}");
         assert!(v.get("level").is_some(), "{line}");
     }
-    assert!(out.contains("slow_statement_threshold"), "the warning:\n{out}");
+    assert!(
+        out.contains("slow_statement_threshold"),
+        "the warning:\n{out}"
+    );
 }
 
 #[test]
@@ -214,7 +214,9 @@ fn generate_mesh_key_creates_then_reads_the_same_key() {
     assert_eq!(first.stderr, "", "{}", first.all());
     let hex = first.stdout.strip_suffix('\n').expect("newline");
     assert_eq!(hex.len(), 64, "{}", first.all());
-    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(hex
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     let meta = std::fs::metadata(&key).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     // The file is a raw 32-byte ed25519 seed, the public key derived from it.
@@ -222,8 +224,14 @@ fn generate_mesh_key_creates_then_reads_the_same_key() {
     let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
     assert_eq!(hex, hex::encode(public.as_bytes()));
     // NCRO_CONFIG in the environment is not `--config`.
-    let again = ncro(&["--generate-mesh-key", k], &[("NCRO_CONFIG", "/nonexistent")]);
-    assert_eq!((again.code, again.stdout.as_str(), again.stderr.as_str()), (Some(0), first.stdout.as_str(), ""));
+    let again = ncro(
+        &["--generate-mesh-key", k],
+        &[("NCRO_CONFIG", "/nonexistent")],
+    );
+    assert_eq!(
+        (again.code, again.stdout.as_str(), again.stderr.as_str()),
+        (Some(0), first.stdout.as_str(), "")
+    );
     // A key `ncro keygen` wrote (what mesh.private_key reads) gives the
     // public key keygen printed.
     let other = dir.path().join("keygen.key");
@@ -251,7 +259,10 @@ fn generate_mesh_key_refusals() {
         assert_eq!(out.stdout, "", "{args:?}");
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
-    assert!(!Path::new(k).exists(), "no key written by a refused command");
+    assert!(
+        !Path::new(k).exists(),
+        "no key written by a refused command"
+    );
     // A file of the wrong size is an error, not overwritten.
     std::fs::write(dir.path().join("bad"), b"short").unwrap();
     let bad = dir.path().join("bad");
@@ -268,7 +279,10 @@ fn check_flag_is_check_config() {
     let a = ncro(&["--check", "--config", good], &[]);
     let b = ncro(&["check-config", "--config", good], &[]);
     assert_eq!(a.code, Some(0), "{}", a.all());
-    assert_eq!((a.code, &a.stdout, &a.stderr), (b.code, &b.stdout, &b.stderr));
+    assert_eq!(
+        (a.code, &a.stdout, &a.stderr),
+        (b.code, &b.stdout, &b.stderr)
+    );
     let effective: toml::Table = toml::from_str(&a.stdout).unwrap();
     assert_eq!(effective["logging"]["timestamps"].as_bool(), Some(false));
     let (_d2, bad) = config_file("[logging]\ntimestamps = \"no\"\n");
@@ -294,7 +308,11 @@ fn s3_upload_only_parameters_warn_and_unknown_ones_fail() {
     let (_d, cfg) = config_file("[[upstreams]]\nurl = \"s3://bucket?compresion=zstd\"\n");
     let out = ncro(&["check-config", "-c", cfg.to_str().unwrap()], &[]);
     assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stderr.contains("unknown parameter \"compresion\""), "{}", out.all());
+    assert!(
+        out.stderr.contains("unknown parameter \"compresion\""),
+        "{}",
+        out.all()
+    );
 }
 
 #[test]
@@ -326,7 +344,10 @@ fn check_config_says_which_spelling_wins() {
     ] {
         assert!(out.stderr.contains(&line), "missing {line:?}\n{}", out.all());
     }
-    assert!(!out.stdout.contains("np"), "netrc secrets stay out of the output");
+    assert!(
+        !out.stdout.contains("np"),
+        "netrc secrets stay out of the output"
+    );
 }
 
 /// A loopback binary cache that answers 401 to any request without
@@ -397,7 +418,10 @@ fn answer(mut s: TcpStream, want: &str, narinfo_path: &str, narinfo: &str) {
     let (status, body) = if !authorized {
         ("401 Unauthorized", String::new())
     } else if path == "/nix-cache-info" {
-        ("200 OK", "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n".to_owned())
+        (
+            "200 OK",
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n".to_owned(),
+        )
     } else if path == narinfo_path {
         ("200 OK", narinfo.to_owned())
     } else {
@@ -437,7 +461,8 @@ fn netrc_credentials_reach_an_upstream_that_demands_basic_auth() {
             key.public_key()
         )
     };
-    let with = NcroProcess::start_with_env(&config(":memory:"), &[("NETRC", netrc.to_str().unwrap())]);
+    let with =
+        NcroProcess::start_with_env(&config(":memory:"), &[("NETRC", netrc.to_str().unwrap())]);
     let r = with.get(&path.narinfo_request_path());
     assert_eq!(r.status, 200, "{}", with.logs());
     assert!(with.stdout().contains("basic auth"), "{}", with.logs());
