@@ -140,10 +140,10 @@ pub fn init(cfg: &Config) {
     };
     super::log_config_summary(cfg);
     for w in &cfg.warnings {
-        tracing::warn!("{w}");
+        tracing::warn!(target: "ncro::config", "{w}");
     }
     for p in &cfg.precedence {
-        tracing::info!("{p}");
+        tracing::info!(target: "ncro::config", "{p}");
     }
 }
 

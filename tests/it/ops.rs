@@ -82,6 +82,29 @@ fn serve_logs(
     }
 }
 
+/// [`serve_logs`] on a free loopback port until ncro listens, trying
+/// another port when a parallel test took the chosen one first.
+fn serve_listening(
+    config_for: impl Fn(&str) -> String,
+    journal: impl Fn(&File) -> String + Copy,
+    poke: bool,
+) -> (Option<i32>, String) {
+    for _ in 0..5 {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let (code, out) = serve_logs(
+            &config_for(&listen),
+            journal,
+            Some("ncro listening"),
+            poke.then_some(listen.as_str()),
+        );
+        if code == Some(1) && out.contains("in use") {
+            continue;
+        }
+        return (code, out);
+    }
+    panic!("no free port for ncro after 5 tries");
+}
+
 fn dev_ino(f: &File) -> String {
     let m = f.metadata().unwrap();
     format!("{}:{}", m.dev(), m.ino())
@@ -137,9 +160,7 @@ fn assert_journal_lines(out: &str) -> Vec<&'static str> {
 #[test]
 fn json_logs_to_the_journal_have_priorities_and_no_timestamps() {
     let up = FakeUpstream::builder().cache_info(40).start();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let cfg = serve_config(&listen, &up.url(), "json", "");
-    let (code, out) = serve_logs(&cfg, dev_ino, Some("ncro listening"), Some(&listen));
+    let (code, out) = serve_listening(|l| serve_config(l, &up.url(), "json", ""), dev_ino, true);
     assert_eq!(code, Some(0), "{out}");
     let seen = assert_journal_lines(&out);
     for p in ["<4>", "<6>", "<7>"] {
@@ -181,9 +202,11 @@ fn journal_stream_of_another_file_changes_nothing_but_timestamps_false_drops_the
         format!("{}:{}", m.dev(), m.ino() + 1)
     };
     for (timestamps, extra) in [(true, ""), (false, "timestamps = false\n")] {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let cfg = serve_config(&listen, &up.url(), "json", extra);
-        let (code, out) = serve_logs(&cfg, elsewhere, Some("ncro listening"), None);
+        let (code, out) = serve_listening(
+            |l| serve_config(l, &up.url(), "json", extra),
+            elsewhere,
+            false,
+        );
         assert_eq!(code, Some(0), "{out}");
         assert!(out.lines().count() >= 3, "{out}");
         for line in out.lines() {
@@ -193,9 +216,11 @@ fn journal_stream_of_another_file_changes_nothing_but_timestamps_false_drops_the
         }
     }
     // Text format without timestamps, not the journal.
-    let listen = format!("127.0.0.1:{}", free_port());
-    let cfg = serve_config(&listen, &up.url(), "text", "timestamps = false\n");
-    let (code, out) = serve_logs(&cfg, elsewhere, Some("ncro listening"), None);
+    let (code, out) = serve_listening(
+        |l| serve_config(l, &up.url(), "text", "timestamps = false\n"),
+        elsewhere,
+        false,
+    );
     assert_eq!(code, Some(0), "{out}");
     for line in out.lines().filter(|l| !l.is_empty()) {
         assert!(!line.starts_with('<'), "{line}");
