@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::config::{env::ProcessEnv, Config, LogFormat};
+use crate::config::{env::ProcessEnv, Config};
 use crate::http::resolve::Resolver;
 use crate::metrics::Metrics;
 use crate::proto::narinfo::NarUrlMode;
@@ -18,21 +17,22 @@ use crate::route::{LoadReport, RouteTable};
 use crate::upstream::{UpstreamSet, Upstreams};
 use crate::worker::{self, check_listen, ListenSource, SharedState};
 
+mod logging;
+
 /// Process entry point; returns the exit code.
 pub fn main_entry() -> i32 {
-    let cli = Cli::parse();
-    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+    let cli = Cli::parse_checked();
+    if let Some(path) = &cli.generate_mesh_key {
+        return generate_mesh_key(path);
+    }
+    let command = match (&cli.command, cli.check) {
+        (_, true) => &Command::CheckConfig,
+        (Some(c), false) => c,
+        (None, false) => &Command::Serve,
+    };
+    match command {
         Command::Bench(args) => crate::bench::main(args),
-        Command::CheckConfig => match Config::load(cli.config_path(), &ProcessEnv) {
-            Ok(cfg) => {
-                print!("{}", cfg.render_effective());
-                0
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
-        },
+        Command::CheckConfig => check_config(&cli),
         Command::Completions { shell } => print_or_fail(crate::cli::write_completions(
             *shell,
             &mut std::io::stdout(),
@@ -56,7 +56,7 @@ pub fn main_entry() -> i32 {
                     return 1;
                 }
             };
-            init_logging(&cfg);
+            logging::init(&cfg);
             match serve(cfg) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -79,25 +79,41 @@ fn print_or_fail(written: std::io::Result<()>) -> i32 {
     }
 }
 
-/// Installs the global subscriber: `logging.level` is an EnvFilter
-/// directive (validated by config), `logging.format` picks one JSON object
-/// per line (`timestamp`, `level`, `fields`, `target`) or human text.
-/// Writes go to stdout synchronously, which is fine because nothing on the
-/// request path logs at info (the access log is debug, target
-/// `ncro::access`).
-fn init_logging(cfg: &Config) {
-    let filter = crate::config::log_filter(&cfg.logging.level).unwrap_or_else(|_| "info".into());
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(std::io::stdout);
-    // A second init (tests running in-process) is harmless; ignore it.
-    let _ = match cfg.logging.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    log_config_summary(cfg);
+/// `check-config` and `--check`: the effective config on stdout, then the
+/// warnings and which spellings won on stderr (`warning: `, `note: `).
+fn check_config(cli: &Cli) -> i32 {
+    match Config::load(cli.config_path(), &ProcessEnv) {
+        Ok(cfg) => {
+            print!("{}", cfg.render_effective());
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
+            for p in &cfg.precedence {
+                eprintln!("note: {p}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `--generate-mesh-key PATH`: the key file's public key in hex, creating
+/// the file (mode 0600) first when it does not exist. Nothing on stderr
+/// unless it fails.
+fn generate_mesh_key(path: &std::path::Path) -> i32 {
+    match crate::mesh::generate_or_read_key(path) {
+        Ok(public) => {
+            println!("{public}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 /// One info line describing this instance. Credentials are never logged:

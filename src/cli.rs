@@ -25,6 +25,20 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
+    /// Validate the configuration and exit, as `check-config` does (today's
+    /// ncro's spelling).
+    #[arg(long, conflicts_with = "generate_mesh_key")]
+    pub check: bool,
+
+    /// Print the public key (64 hex digits) of the mesh key file PATH,
+    /// creating it (mode 0600) when missing; same output on every run.
+    #[arg(
+        long,
+        value_name = "PATH",
+        value_parser = clap::builder::NonEmptyStringValueParser::new().map(PathBuf::from)
+    )]
+    pub generate_mesh_key: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -56,6 +70,47 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Parses the process's arguments (exits on errors, as clap does),
+    /// then rejects what clap cannot express: `--check` or
+    /// `--generate-mesh-key` next to a subcommand, and
+    /// `--generate-mesh-key` with `--config` on the command line
+    /// (`NCRO_CONFIG` in the environment does not count).
+    pub fn parse_checked() -> Cli {
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Cli::command();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        let conflict = |msg: &str| {
+            Err(cmd
+                .clone()
+                .error(clap::error::ErrorKind::ArgumentConflict, msg))
+        };
+        let flag = if cli.check {
+            Some("--check")
+        } else if cli.generate_mesh_key.is_some() {
+            Some("--generate-mesh-key")
+        } else {
+            None
+        };
+        if let (Some(flag), Some(_)) = (flag, &cli.command) {
+            return conflict(&format!("{flag} cannot be used with a subcommand"));
+        }
+        let config_on_command_line =
+            matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+        if cli.generate_mesh_key.is_some() && config_on_command_line {
+            return conflict("--generate-mesh-key cannot be used with --config");
+        }
+        Ok(cli)
+    }
+
     /// `NCRO_CONFIG=""` means the embedded default, as in ncro 2.2.
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
@@ -122,5 +177,24 @@ mod tests {
         assert!(Cli::try_parse_from(["ncro", "completions", "cmd"]).is_err());
         let cli = Cli::try_parse_from(["ncro", "man"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Man)));
+    }
+
+    #[test]
+    fn check_and_generate_mesh_key_flags() {
+        let p = |args: &[&str]| Cli::try_parse_checked(args.iter().copied());
+        let cli = p(&["ncro", "--check", "-c", "x.toml"]).unwrap();
+        assert!(cli.check && cli.command.is_none());
+        let cli = p(&["ncro", "--generate-mesh-key", "k"]).unwrap();
+        assert_eq!(cli.generate_mesh_key, Some(PathBuf::from("k")));
+        for bad in [
+            &["ncro", "--generate-mesh-key", ""][..],
+            &["ncro", "--generate-mesh-key", "k", "--config", "c"],
+            &["ncro", "-c", "c", "--generate-mesh-key", "k"],
+            &["ncro", "--generate-mesh-key", "k", "--check"],
+            &["ncro", "--check", "serve"],
+            &["ncro", "--generate-mesh-key", "k", "man"],
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -6,11 +6,15 @@
 //! existing config.toml works unchanged. Unlike ncro 2.2, unknown keys are
 //! an error naming the key and its line, and every value is validated.
 
+pub mod compat;
 pub mod env;
 pub mod filter;
 pub mod narinfo;
 pub mod nar;
+mod logging;
+pub mod netrc;
 pub mod peer;
+pub mod precedence;
 pub mod raw;
 pub mod s3;
 
@@ -22,6 +26,8 @@ pub use nar::{NarHedging, UpstreamNar};
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;
+pub use logging::log_filter;
+use logging::validate_logging;
 
 /// The embedded default configuration (a real TOML file, compiled in).
 pub const DEFAULT_TOML: &str = include_str!("config/default.toml");
@@ -66,6 +72,12 @@ pub struct Config {
     pub fallback_cache: Option<UpstreamConfig>,
     /// The merged raw form, for `check-config` output (secrets redacted there).
     pub raw: RawConfig,
+    /// Problems that do not stop ncro (ignored keys, netrc overrides);
+    /// `check-config` prints them, `serve` logs them at warn.
+    pub warnings: Vec<String>,
+    /// Which spelling wins where two name the same setting
+    /// ([`precedence`]); printed by `check-config`, logged at info.
+    pub precedence: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +189,8 @@ pub enum LogFormat {
 pub struct LoggingConfig {
     pub level: String,
     pub format: LogFormat,
+    /// `logging.timestamps`; also off when stdout is the journal.
+    pub timestamps: bool,
 }
 
 impl Config {
@@ -210,8 +224,16 @@ impl Config {
             path: name.to_owned(),
             message: e.to_string(),
         })?;
+        let netrc = netrc::load(env);
+        let precedence = precedence::report(&precedence::Inputs {
+            file: &raw,
+            env,
+            netrc: netrc.as_ref(),
+        });
         env::apply_overrides(&mut raw, env);
-        validate(raw, source, env)
+        let mut cfg = validate(raw, source, env, netrc.as_ref())?;
+        cfg.precedence = precedence;
+        Ok(cfg)
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -243,7 +265,9 @@ fn validate(
     raw: RawConfig,
     source: Source,
     env: &dyn env::EnvLookup,
+    netrc: Option<&netrc::Netrc>,
 ) -> Result<Config, ConfigError> {
+    let mut warnings = compat::warnings(&raw);
     let server = validate_server(&raw.server)?;
     let raw_upstreams = raw.upstreams.clone().unwrap_or_else(raw_default_upstreams);
     if raw_upstreams.is_empty() {
@@ -251,7 +275,7 @@ fn validate(
     }
     let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw_upstreams.len());
     for (i, u) in raw_upstreams.iter().enumerate() {
-        let v = validate_upstream(i, u)?;
+        let v = validate_upstream(i, u, netrc, &mut warnings)?;
         if upstreams.iter().any(|o| o.url == v.url) {
             return Err(invalid(format!("upstream[{i}]: duplicate URL {:?}", v.url)));
         }
@@ -291,6 +315,8 @@ fn validate(
         index,
         fallback_cache,
         raw,
+        warnings,
+        precedence: Vec::new(),
     })
 }
 
@@ -375,7 +401,12 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+fn validate_upstream(
+    i: usize,
+    u: &raw::RawUpstream,
+    netrc: Option<&netrc::Netrc>,
+    warnings: &mut Vec<String>,
+) -> Result<UpstreamConfig, ConfigError> {
     let url = u.url.trim();
     if url.is_empty() {
         return Err(invalid(format!("upstream[{i}]: URL is empty")));
@@ -420,12 +451,14 @@ fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamConfig, C
         ),
         (None, None) => None,
     };
-    if password.is_some() && u.username.is_empty() {
+    let what = format!("upstream[{i}]");
+    let (user, password) = netrc::basic_auth(netrc, &what, url, &u.username, password, warnings);
+    if password.is_some() && user.is_none() {
         return Err(invalid(format!(
             "upstream[{i}]: password given without username"
         )));
     }
-    let basic_auth = (!u.username.is_empty()).then(|| (u.username.clone(), password));
+    let basic_auth = user.map(|user| (user, password));
     let (nar_url_mode, storage_url) = validate_nar_urls(i, u, &kind)?;
     Ok(UpstreamConfig {
         url: url.trim_end_matches('/').to_owned(),
@@ -569,60 +602,6 @@ pub fn default_db_path(env: &dyn env::EnvLookup) -> String {
         PathBuf::from("/var/lib/ncro")
     };
     dir.join("routes.db").display().to_string()
-}
-
-/// The tracing filter for a validated `logging.level`. Field values in
-/// directives (`target[span{field=value}]=level`) are matched as literal
-/// text, not as regular expressions: tracing-subscriber compiles such a
-/// regex into a full DFA, and some short patterns took minutes of CPU
-/// (found by the `config` fuzz target).
-pub fn log_filter(
-    level: &str,
-) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
-    tracing_subscriber::EnvFilter::builder()
-        .with_regex(false)
-        .parse(level)
-}
-
-fn validate_logging(l: &raw::RawLogging) -> Result<LoggingConfig, ConfigError> {
-    let format = match l.format.as_str() {
-        "json" => LogFormat::Json,
-        "text" => LogFormat::Text,
-        other => {
-            return Err(invalid(format!(
-                "logging.format must be \"json\" or \"text\", got {other:?}"
-            )))
-        }
-    };
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    // Directives are trimmed here and passed on trimmed: tracing-subscriber
-    // 0.3 trims each directive but then slices the untrimmed text with the
-    // trimmed offsets, which panics on leading whitespace followed by a
-    // multi-byte character (found by the `config` fuzz target).
-    let directives: Vec<&str> = l
-        .level
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect();
-    let level = directives.join(",");
-    for &directive in &directives {
-        // A bare word is a valid filter (it names a target), but in practice
-        // it is a misspelt level ("inof") that silently disables logging.
-        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(invalid(format!(
-                "logging.level {:?}: {directive:?} is not a level (trace, debug, info, warn, error, off) or a target=level directive",
-                l.level
-            )));
-        }
-    }
-    log_filter(&level).map_err(|e| {
-        invalid(format!(
-            "logging.level {:?} is not a valid level or filter directive: {e}",
-            l.level
-        ))
-    })?;
-    Ok(LoggingConfig { level, format })
 }
 
 /// Upper bound of `discovery.max_upstreams`: per-upstream state is

@@ -150,6 +150,23 @@ pub fn start(
     .into_job())
 }
 
+/// `ncro --generate-mesh-key PATH` (today's ncro's flag): the public key
+/// in hex of the key file at `path`, which is created (random seed, mode
+/// 0600) when missing and read otherwise, so every run prints the same.
+pub fn generate_or_read_key(path: &std::path::Path) -> Result<String, identity::IdentityError> {
+    let text = path.to_str().filter(|p| !p.is_empty());
+    let Some(text) = text else {
+        return Err(identity::IdentityError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the key path must be a non-empty UTF-8 path",
+            ),
+        });
+    };
+    Ok(Identity::load_or_create(text)?.public_hex())
+}
+
 /// `ncro keygen --out PATH`: writes a new node key (raw 32-byte seed, mode
 /// 0600; never overwrites) and returns the public key in hex.
 pub fn keygen(path: &std::path::Path) -> Result<String, identity::IdentityError> {

@@ -168,6 +168,10 @@ pub struct RawCache {
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
     pub nar_hedging: RawNarHedging,
+    /// Today's ncro's slow-SQLite warning threshold: accepted and ignored
+    /// (config::compat warns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_statement_threshold: Option<Dur>,
 }
 
 impl Default for RawCache {
@@ -180,6 +184,7 @@ impl Default for RawCache {
             negative_ttl: secs(600),
             latency_alpha: 0.3,
             mass_query: RawMassQuery::default(),
+            slow_statement_threshold: None,
             resolution_policy: Default::default(),
             unavailable_answer: Default::default(),
             nar_hedging: RawNarHedging::default(),
@@ -276,6 +281,8 @@ impl Default for RawHealth {
 pub struct RawLogging {
     pub level: String,
     pub format: String,
+    /// false: no timestamps (for journald, which adds its own).
+    pub timestamps: bool,
 }
 
 impl Default for RawLogging {
@@ -283,6 +290,7 @@ impl Default for RawLogging {
         RawLogging {
             level: "info".into(),
             format: "json".into(),
+            timestamps: true,
         }
     }
 }

@@ -1,6 +1,23 @@
 //! `s3://bucket?endpoint=..&scheme=..&region=..&profile=..&addressing-style=..`
 //! upstream URLs, with ncro 2.2's defaults. Unknown parameters are an error
-//! (ncro 2.2 ignored them, hiding typos).
+//! (ncro 2.2 ignored them, hiding typos), except the upload parameters of a
+//! URL copied from `nix copy --to` ([`UPLOAD_ONLY`]), which are accepted,
+//! listed in [`S3Url::upload_only`] and ignored (config warns).
+
+/// `nix copy --to s3://..` parameters that only matter when writing to the
+/// bucket; ncro only reads, so they are accepted and ignored.
+pub const UPLOAD_ONLY: [&str; 10] = [
+    "compression",
+    "secret-key",
+    "parallel-compression",
+    "multipart-upload",
+    "write-nar-listing",
+    "ls-compression",
+    "log-compression",
+    "narinfo-compression",
+    "index-debug-info",
+    "buffer-size",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addressing {
@@ -18,6 +35,8 @@ pub struct S3Url {
     pub region: String,
     pub profile: Option<String>,
     pub addressing: Addressing,
+    /// Upload-only parameters present in the URL (ignored), in URL order.
+    pub upload_only: Vec<String>,
 }
 
 impl S3Url {
@@ -42,6 +61,7 @@ impl S3Url {
             region: "us-east-1".into(),
             profile: None,
             addressing: Addressing::Auto,
+            upload_only: Vec::new(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -70,9 +90,15 @@ impl S3Url {
                         _ => return Err(format!("s3 upstream {url:?}: unsupported addressing-style {v:?}")),
                     }
                 }
+                k if UPLOAD_ONLY.contains(&k) => {
+                    if !s.upload_only.iter().any(|p| p == k) {
+                        s.upload_only.push(k.to_owned());
+                    }
+                }
                 other => {
                     return Err(format!(
-                        "s3 upstream {url:?}: unknown parameter {other:?} (known: endpoint, scheme, region, profile, addressing-style)"
+                        "s3 upstream {url:?}: unknown parameter {other:?} (known: endpoint, scheme, region, profile, addressing-style; accepted and ignored as upload-only: {})",
+                        UPLOAD_ONLY.join(", ")
                     ))
                 }
             }
@@ -141,6 +167,28 @@ mod tests {
         assert!(S3Url::parse("s3://c?addressing-style=path")
             .unwrap()
             .path_style());
+    }
+
+    #[test]
+    fn upload_only_parameters_are_listed_not_errors() {
+        let s = S3Url::parse(
+            "s3://c?compression=zstd&endpoint=e:1&secret-key=%2Fk&compression=xz&parallel-compression=true&multipart-upload=true&write-nar-listing=1&ls-compression=br&log-compression=br&narinfo-compression=xz&index-debug-info=true&buffer-size=8388608",
+        )
+        .unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("e:1"));
+        let mut want: Vec<&str> = UPLOAD_ONLY.to_vec();
+        want.sort_unstable();
+        let mut got: Vec<&str> = s.upload_only.iter().map(String::as_str).collect();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(s.upload_only[0], "compression", "URL order, no repeats");
+        assert!(S3Url::parse("s3://c").unwrap().upload_only.is_empty());
+        let err = S3Url::parse("s3://c?compresion=xz").unwrap_err();
+        assert!(err.contains("unknown parameter \"compresion\""), "{err}");
+        assert!(
+            err.contains("upload-only: compression, secret-key"),
+            "{err}"
+        );
     }
 
     #[test]

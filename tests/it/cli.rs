@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 /// None of these commands does I/O beyond reading one file.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
 
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Output {
-    fn all(&self) -> String {
+    pub fn all(&self) -> String {
         format!(
             "--- stdout ---\n{}--- stderr ---\n{}",
             self.stdout, self.stderr
@@ -25,9 +25,9 @@ impl Output {
     }
 }
 
-/// `ncro` with `args`, `NCRO_*` removed and `env` added, killed after
-/// [`RUN_LIMIT`].
-fn ncro(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// `ncro` with `args`, `NCRO_*` removed, no netrc (`NETRC=/dev/null`)
+/// and `env` added, killed after [`RUN_LIMIT`].
+pub fn ncro(args: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("temp dir");
     let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ncro"));
@@ -38,6 +38,7 @@ fn ncro(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
     let child = cmd
         .args(args)
+        .env("NETRC", "/dev/null")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).expect("stdout file"))
@@ -80,7 +81,7 @@ fn example() -> PathBuf {
 }
 
 /// A config file in a fresh temp dir (kept alive by the returned guard).
-fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+pub fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ncro.toml");
     std::fs::write(&path, text).expect("write config");

@@ -429,6 +429,8 @@ impl Launch<'_> {
         for key in ncro_vars(std::env::vars_os().map(|(k, _)| k)) {
             cmd.env_remove(key);
         }
+        // No netrc from the account running the tests (a test passes NETRC).
+        cmd.env("NETRC", "/dev/null");
         cmd.envs(self.env.iter().copied());
         let child = cmd.spawn()?;
         let mut p = NcroProcess {

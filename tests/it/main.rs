@@ -1,5 +1,7 @@
 //! ncro's integration test binary: one binary, one module per area.
 //!
+//! - [`alerts`]: the Prometheus alert rules (`promtool check`/`test rules`)
+//!   and the metrics they use, against a live `/metrics`.
 //! - [`architecture`]: the shape of `src/`: no import cycles between
 //!   sibling modules, no file over 700 lines before its tests.
 //! - [`fake`]: a fake upstream binary cache with fault injection, plus
@@ -19,6 +21,8 @@
 //! - [`server`]: the HTTP/1.1 server, workers, drain and upstream side of
 //!   the real `ncro` binary over loopback sockets.
 //! - [`cli`]: the command line (`--version`, `check-config`, `NCRO_CONFIG`).
+//! - [`ops`]: journald-framed logs, `--check`, `--generate-mesh-key`,
+//!   netrc credentials, S3 upload-only parameters, `check-config` notes.
 //! - [`bench`]: `ncro bench upstream`, `run` and `local` as real processes.
 //! - [`systemd`]: socket activation, sd_notify and the watchdog, with the
 //!   test playing systemd.
@@ -55,6 +59,7 @@
 //!   (`realdata::proxy`) through the real binary: exact bytes served,
 //!   forgeries refused, NARs relayed byte for byte.
 
+mod alerts;
 mod architecture;
 mod bench;
 mod canonical;
@@ -77,6 +82,7 @@ mod mesh;
 mod metrics;
 mod nar;
 mod narinfo_side;
+mod ops;
 mod overload;
 mod realdata;
 mod route_persist;
