@@ -15,6 +15,7 @@ mod collect;
 mod family;
 mod health;
 mod index;
+mod lifecycle;
 mod mesh;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -379,6 +380,9 @@ pub struct Metrics {
     pub mesh: Arc<MeshCounters>,
     /// Index summaries and ncro's published filter (set once, at start).
     pub index: std::sync::OnceLock<Arc<crate::index::IndexState>>,
+    /// The process's shutdown phase; the main thread moves it on SIGTERM,
+    /// `/health` and scrapes read it.
+    pub phase: Arc<crate::signals::Phase>,
 }
 
 impl Metrics {
@@ -403,6 +407,7 @@ impl Metrics {
             health: std::sync::OnceLock::new(),
             mesh: Arc::default(),
             index: std::sync::OnceLock::new(),
+            phase: Arc::default(),
         }
     }
 

@@ -286,7 +286,13 @@ impl Conn {
             self.ok(ctx, keep, head, b"text/x-nix-cache-info", &body);
         } else if path == "/health" {
             let body = health::render(ctx);
-            self.ok(ctx, keep, head, b"application/json", body.as_bytes());
+            if health::stopping(ctx) {
+                let date = ctx.date();
+                let json: (&str, &[u8]) = ("Content-Type", b"application/json");
+                write_simple(&mut self.wbuf, 503, keep, head, &date, &[json], body.as_bytes());
+            } else {
+                self.ok(ctx, keep, head, b"application/json", body.as_bytes());
+            }
         } else if path == "/metrics" {
             let body = ctx.shared.metrics.render();
             self.ok(

@@ -84,6 +84,9 @@ pub struct RawServer {
     pub shutdown_grace: Dur,
     /// Open client connections across all workers; 0 means no cap.
     pub max_connections: usize,
+    /// Lame-duck time on SIGTERM: `/health` answers 503 while everything
+    /// is still served, so a load balancer moves traffic away first.
+    pub drain_delay: Dur,
 }
 
 impl Default for RawServer {
@@ -100,6 +103,7 @@ impl Default for RawServer {
             nar_failover: true,
             shutdown_grace: secs(10),
             max_connections: 10_000,
+            drain_delay: secs(0),
         }
     }
 }

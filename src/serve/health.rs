@@ -23,6 +23,12 @@ pub fn overall(snap: &HealthSnapshot) -> &'static str {
     }
 }
 
+/// True from SIGTERM on (`server.drain_delay`'s lame duck, then the
+/// drain): `/health` answers 503 with `"status":"draining"`.
+pub fn stopping(ctx: &WorkerCtx) -> bool {
+    ctx.shared.metrics.phase.stopping()
+}
+
 pub fn render(ctx: &WorkerCtx) -> String {
     let set = ctx.shared.upstreams.load();
     let routing = &ctx.shared.routing;
@@ -54,8 +60,14 @@ pub fn render(ctx: &WorkerCtx) -> String {
         .iter()
         .map(|d| d.get().copied().unwrap_or("starting"))
         .collect();
+    // SIGTERM taken: balancers must stop sending new requests here.
+    let status = if stopping(ctx) {
+        "draining"
+    } else {
+        overall(&snap)
+    };
     json!({
-        "status": overall(&snap),
+        "status": status,
         "upstreams": upstreams,
         "races_in_flight": routing.limits.races.in_use(),
         "workers": drivers.len(),

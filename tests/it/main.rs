@@ -57,6 +57,7 @@ mod discovery;
 mod e2e_nix;
 mod endpoints;
 mod failover;
+mod farm;
 mod fake;
 mod faults;
 mod fuzz_corpus;

@@ -23,7 +23,7 @@ const GOSSIP_INTERVAL: &str = "200ms";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// `ncro keygen --out PATH`: the key file and the printed public key.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out = Command::new(env!("CARGO_BIN_EXE_ncro"))
         .args(["keygen", "--out"])
@@ -41,7 +41,7 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 }
 
 /// A UDP port free on `ip` (and never handed to another test).
-fn udp_addr(ip: &str) -> SocketAddr {
+pub(crate) fn udp_addr(ip: &str) -> SocketAddr {
     for _ in 0..100 {
         let addr: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
         if UdpSocket::bind(addr).is_ok() {
@@ -51,7 +51,7 @@ fn udp_addr(ip: &str) -> SocketAddr {
     panic!("no free UDP port on {ip}");
 }
 
-fn peer(addr: SocketAddr, public: &str) -> toml::Value {
+pub(crate) fn peer(addr: SocketAddr, public: &str) -> toml::Value {
     let mut t = toml::Table::new();
     t.insert("addr".into(), addr.to_string().into());
     t.insert("public_key".into(), public.into());
