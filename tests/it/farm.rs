@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::e2e_nix::{fetch, harness_scripts, summary, Report};
@@ -183,8 +183,10 @@ impl Node {
 
     /// SIGTERM: lame duck (checked from outside: /health 503 with
     /// "draining" while narinfo is served), HAProxy takes the node out,
-    /// it exits 0; then the same node starts again and HAProxy takes it in.
-    fn rolling_restart(&mut self, probe: &str) {
+    /// it exits 0; `down` runs while it is stopped; then the same node
+    /// starts again and HAProxy takes it in. Returns how long the start
+    /// took (from the command to accepting connections).
+    fn rolling_restart(&mut self, probe: &str, down: impl FnOnce()) -> Duration {
         let p = self.live.as_ref().expect("node running");
         p.sigterm();
         assert!(
@@ -201,8 +203,12 @@ impl Node {
         let status = p.wait_exit(NODE_LIMIT);
         assert!(status.success(), "{status}\n{}", p.logs());
         self.past.push(p);
+        down();
+        let t = Instant::now();
         self.start();
+        let took = t.elapsed();
         self.wait_health(200, 2, "restart");
+        took
     }
 }
 
@@ -355,6 +361,8 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     // asks for closures 0..=r, so new paths keep coming while nodes are out.
     let started = Instant::now();
     let restarted = AtomicBool::new(false);
+    let done_runs = AtomicUsize::new(0);
+    let mut starts = Vec::new();
     let (runs, failed) = std::thread::scope(|s| {
         let client = s.spawn(|| {
             let (mut runs, mut failed) = (0usize, Vec::new());
@@ -374,13 +382,22 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
                     failed.push(format!("run {runs}: {}\n{}", summary(&r), tail(&r.output, 20)));
                 }
                 runs += 1;
+                done_runs.store(runs, Ordering::Relaxed);
             }
             (runs, failed)
         });
         // Let the client warm the farm first.
         std::thread::sleep(Duration::from_secs(2));
         for n in nodes.iter_mut() {
-            n.rolling_restart(&probe);
+            // Stay down for two client runs: they bring new paths, which
+            // this node's peers race and gossip while it cannot hear it.
+            let down = || {
+                let (from, t) = (done_runs.load(Ordering::Relaxed), Instant::now());
+                while done_runs.load(Ordering::Relaxed) < from + 2 && t.elapsed() < NODE_LIMIT {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            };
+            starts.push(n.rolling_restart(&probe, down));
         }
         restarted.store(true, Ordering::Relaxed);
         client.join().expect("client thread")
@@ -391,6 +408,24 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
         &format!("{runs} client runs during a rolling restart of 3 nodes, {} failed", failed.len()),
         &failed.join("\n"),
     );
+    let slowest = starts.iter().max().copied().unwrap_or_default();
+    let retried: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.proc().stdout().contains("address in use; retrying"))
+        .map(|n| n.addr.to_string())
+        .collect();
+    report.step(
+        "restart_start",
+        retried.is_empty(),
+        &format!(
+            "restarted at once on the same ports (HTTP and gossip): slowest start to accepting {:.2}s, port retries on {retried:?}",
+            slowest.as_secs_f64()
+        ),
+        "",
+    );
+    // Paths first asked while a node was down come back to it when it
+    // returns; without the mesh's catch-up it races them again (1.125
+    // measured), with it the farm asks each path once.
     let (asked, distinct) = narinfo_load(&up);
     let roll_ratio = asked as f64 / distinct.max(1) as f64;
 
@@ -484,7 +519,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     let load = bench_run(&["--rate", "150", "--duration", "45s"], &load_json);
     let roll_started = Instant::now();
     for n in nodes.iter_mut() {
-        n.rolling_restart(&probe);
+        n.rolling_restart(&probe, || ());
     }
     let roll_took = roll_started.elapsed();
     let finished = wait_bench(load, Duration::from_secs(120));
@@ -517,19 +552,18 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     );
 
     // Locality over everything above.
-    let (asked, distinct) = {
+    {
         let (a, d) = narinfo_load(&up);
         report.step(
             "narinfo_local",
-            (a as f64) <= 1.1 * d as f64,
+            (a as f64) <= 1.1 * d as f64 && roll_ratio <= 1.1,
             &format!(
                 "upstream narinfo requests per distinct path {:.3} ({a} for {d} paths; {roll_ratio:.3} after the SIGTERM roll)",
                 a as f64 / d.max(1) as f64
             ),
             "",
         );
-        (a, d)
-    };
+    }
     let served = crate::harness::HttpConn::connect(lb.frontend)
         .and_then(|mut c| c.request("GET", &probe, &[]))
         .map(|r| r.text())
@@ -547,10 +581,9 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
         );
     } else {
         eprintln!(
-            "NAR locality not applicable: narinfo URLs name the file hash ({url_line}); {pct:.1}% ({local}/{all}) by chance"
+            "NAR locality not applicable: narinfo URLs name the file hash ({url_line}), not the store hash; {all} NAR requests"
         );
     }
-    let _ = (asked, distinct);
     report.finish(&format!(
         "farm of 3 behind haproxy {} (packaging/haproxy/ncro-farm.cfg)",
         lb.url()
