@@ -263,9 +263,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.health.enabled || cfg.discovery.enabled {
         jobs.push(prober.into_job());
     }
+    let mut mesh_flush = None;
     if cfg.mesh.enabled {
         let s = &shared;
-        let job = crate::mesh::start(
+        let (job, flush) = crate::mesh::start(
             &cfg,
             &s.routes,
             s.upstreams.clone(),
@@ -274,6 +275,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         )
         .context("cannot start mesh gossip")?;
         jobs.push(job);
+        mesh_flush = Some(flush);
     }
     index_jobs(&cfg, &shared, &mut jobs);
     let control =
@@ -321,16 +323,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let status = format!("serving on {addr} with {} workers", workers.len());
     systemd.ready(&status, workers_alive(&workers));
     let sig = crate::signals::wait(&sigset, None).unwrap_or(libc::SIGTERM);
-    tracing::info!(
-        signal = if sig == libc::SIGTERM {
-            "SIGTERM"
-        } else {
-            "SIGINT"
-        },
-        "shutting down: draining connections"
-    );
+    let signal = if sig == libc::SIGTERM {
+        "SIGTERM"
+    } else {
+        "SIGINT"
+    };
+    lame_duck(&shared, &sigset, signal, &mut systemd);
+    shared.metrics.phase.set(crate::signals::Stage::Draining);
+    tracing::info!(signal, "shutting down: draining connections");
     systemd.stopping("draining connections");
     stop_workers(workers, cfg.server.shutdown_grace);
+    if let Some(flush) = mesh_flush {
+        flush.run(MESH_FLUSH_LIMIT);
+    }
     control.stop(Duration::from_secs(2));
     if let Some(creds) = s3_credentials {
         creds.stop(Duration::from_secs(1));
@@ -343,6 +348,35 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("ncro stopped");
     Ok(())
+}
+
+/// How long the drain waits for the mesh's last gossip round (routes
+/// learnt since the previous round, sent before the control thread stops).
+const MESH_FLUSH_LIMIT: Duration = Duration::from_secs(1);
+
+/// `server.drain_delay`: from SIGTERM on `/health` answers 503 while every
+/// request is still served, so a load balancer's health checks take the
+/// node out before its listeners close. A second signal ends it early.
+fn lame_duck(
+    shared: &SharedState,
+    sigset: &libc::sigset_t,
+    signal: &str,
+    systemd: &mut crate::systemd::Supervisor,
+) {
+    let delay = shared.config.server.drain_delay;
+    if delay.is_zero() {
+        return;
+    }
+    shared.metrics.phase.set(crate::signals::Stage::LameDuck);
+    tracing::info!(
+        signal,
+        drain_delay = ?delay,
+        "shutting down: lame duck; /health answers 503 while requests are still served"
+    );
+    systemd.stopping("lame duck: /health answers 503, still serving");
+    if let Some(again) = crate::signals::wait(sigset, Some(delay)) {
+        tracing::info!(signal = again, "second signal: lame duck cut short");
+    }
 }
 
 /// The control-thread jobs of index-aware routing (docs/index-routing.md).

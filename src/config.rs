@@ -100,6 +100,8 @@ pub struct ServerConfig {
     /// Open client connections across all workers; more are answered 503
     /// and closed. 0: no cap.
     pub max_connections: usize,
+    /// Lame-duck time between SIGTERM and the drain (0: none).
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -398,6 +400,7 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerConfig, ConfigError> {
         nar_failover: s.nar_failover,
         shutdown_grace: s.shutdown_grace.0,
         max_connections: s.max_connections,
+        drain_delay: s.drain_delay.0,
     })
 }
 

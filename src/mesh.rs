@@ -10,8 +10,10 @@
 //! - [`identity`]: the node key file and `ncro keygen`;
 //! - [`trust`]: allow-list, signatures, replay window;
 //! - [`merge`]: which gossiped routes are adopted;
-//! - [`gossip`]: the send and receive tasks.
+//! - [`gossip`]: the send and receive tasks;
+//! - [`catch_up`]: what a peer that (re)starts is sent.
 
+pub mod catch_up;
 pub mod codec;
 pub mod gossip;
 pub mod identity;
@@ -86,16 +88,29 @@ fn peers(cfg: &Config) -> Result<Vec<Peer>, MeshError> {
         .collect()
 }
 
+/// Asks the gossip task for one last round (the drain): routes learnt
+/// since the previous round reach the peers before this node stops.
+pub struct Flush(flume::Sender<flume::Sender<()>>);
+
+impl Flush {
+    /// Waits up to `limit` for the round to be sent; false if it was not.
+    pub fn run(&self, limit: std::time::Duration) -> bool {
+        let (tx, rx) = flume::bounded(1);
+        self.0.try_send(tx).is_ok() && rx.recv_timeout(limit).is_ok()
+    }
+}
+
 /// Loads the identity, binds the gossip socket and opens the route feed;
-/// returns the job to run on the control thread. Called at start, before
-/// workers run, so errors stop the process with a clear message.
+/// returns the job to run on the control thread and its [`Flush`]. Called
+/// at start, before workers run, so errors stop the process with a clear
+/// message.
 pub fn start(
     cfg: &Config,
     routes: &Arc<RouteTable>,
     upstreams: Arc<Upstreams>,
     counters: Arc<MeshCounters>,
     resolver: Resolver,
-) -> Result<Job, MeshError> {
+) -> Result<(Job, Flush), MeshError> {
     let m = &cfg.mesh;
     let peers = peers(cfg)?;
     let identity = Identity::load_or_create(&m.private_key)?;
@@ -134,7 +149,8 @@ pub fn start(
         .learned_feed(FEED_CAPACITY)
         .unwrap_or_else(|| flume::bounded(1).1); // only one mesh per table
     let trust = trust::Trust::new(peers.iter().filter_map(|p| p.key), open, m.replay_window.0);
-    Ok(gossip::Gossip {
+    let (flush_tx, flush_rx) = flume::bounded(1);
+    let job = gossip::Gossip {
         key: identity.key,
         socket,
         peers,
@@ -146,8 +162,10 @@ pub fn start(
         counters,
         interval: m.gossip_interval.0,
         max_ttl: cfg.cache.ttl.as_secs(),
+        flush: flush_rx,
     }
-    .into_job())
+    .into_job();
+    Ok((job, Flush(flush_tx)))
 }
 
 /// `ncro --generate-mesh-key PATH` (today's ncro's flag): the public key

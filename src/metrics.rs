@@ -16,6 +16,7 @@ mod family;
 mod health;
 pub mod hedge;
 mod index;
+mod lifecycle;
 mod mesh;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -389,6 +390,9 @@ pub struct Metrics {
     /// When the metrics (so the process's serving state) were created:
     /// `/status`'s `uptime_secs`.
     pub started: std::time::Instant,
+    /// The process's shutdown phase; the main thread moves it on SIGTERM,
+    /// `/health` and scrapes read it.
+    pub phase: Arc<crate::signals::Phase>,
 }
 
 impl Metrics {
@@ -414,6 +418,7 @@ impl Metrics {
             mesh: Arc::default(),
             index: std::sync::OnceLock::new(),
             started: std::time::Instant::now(),
+            phase: Arc::default(),
         }
     }
 

@@ -40,3 +40,54 @@ pub fn wait(set: &libc::sigset_t, limit: Option<Duration>) -> Option<i32> {
         // EINTR: retry; EAGAIN: the deadline check above returns.
     }
 }
+
+/// Where a serving process is in its life, shared by the main thread (the
+/// only writer), `/health` and `/metrics`. One relaxed atomic: `/health`
+/// reads it with one load.
+#[derive(Debug, Default)]
+pub struct Phase(std::sync::atomic::AtomicU8);
+
+/// The phases, in order; a process only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Serving normally.
+    Serving = 0,
+    /// SIGTERM taken, `server.drain_delay` running: everything is still
+    /// served, but `/health` answers 503 so balancers move traffic away.
+    LameDuck = 1,
+    /// Listeners closed; in-flight requests finish (`server.shutdown_grace`).
+    Draining = 2,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Serving, Stage::LameDuck, Stage::Draining];
+
+    /// The `phase` label of `ncro_shutdown_phase` and `/health`'s wording.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Serving => "serving",
+            Stage::LameDuck => "lame_duck",
+            Stage::Draining => "draining",
+        }
+    }
+}
+
+impl Phase {
+    pub fn get(&self) -> Stage {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Stage::Serving,
+            1 => Stage::LameDuck,
+            _ => Stage::Draining,
+        }
+    }
+
+    pub fn set(&self, stage: Stage) {
+        self.0
+            .store(stage as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True once SIGTERM was taken (lame duck or draining).
+    pub fn stopping(&self) -> bool {
+        self.get() != Stage::Serving
+    }
+}

@@ -89,6 +89,9 @@ pub struct RawServer {
     pub max_connections: usize,
     /// `WantMassQuery` in `/nix-cache-info`.
     pub want_mass_query: bool,
+    /// Lame-duck time on SIGTERM: `/health` answers 503 while everything
+    /// is still served, so a load balancer moves traffic away first.
+    pub drain_delay: Dur,
 }
 
 impl Default for RawServer {
@@ -106,6 +109,7 @@ impl Default for RawServer {
             shutdown_grace: secs(10),
             max_connections: 10_000,
             want_mass_query: true,
+            drain_delay: secs(0),
         }
     }
 }

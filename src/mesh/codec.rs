@@ -139,6 +139,18 @@ pub fn encode_announce(a: &Announce) -> Vec<u8> {
     out
 }
 
+/// A signed `Announce` with no routes: a node sends it to every peer when
+/// it starts, and peers answer with the routes it missed
+/// (`super::catch_up`). ncro 2.2 reads it as an announcement of nothing.
+pub fn hello(key: &SigningKey, node_id: &str, timestamp: i64) -> Outgoing {
+    let mut body = Vec::with_capacity(48);
+    encode_header(&mut body, node_id, timestamp, 0);
+    Outgoing {
+        bytes: seal(key, &body),
+        routes: 0,
+    }
+}
+
 /// One signed datagram ready to send.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::SigningKey;
 use monoio::net::udp::UdpSocket;
 
+use super::catch_up::History;
 use super::codec::{self, Outgoing, WireRoute};
 use super::trust::Trust;
 use super::{identity, merge, Peer};
@@ -31,6 +32,11 @@ const RECV_BUF: usize = 65_536;
 const PACE_EVERY: usize = 32;
 /// At most one warning per kind of trouble in this long; the rest go to debug.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// Gossip rounds that start with a hello to every peer (the first two: one
+/// lost datagram does not cost the catch-up).
+const HELLO_ROUNDS: u32 = 2;
+/// Hellos waiting for the sender before more are dropped.
+const HELLO_QUEUE: usize = 64;
 
 /// Everything the gossip job needs, built by [`super::start`].
 pub struct Gossip {
@@ -45,6 +51,9 @@ pub struct Gossip {
     pub counters: Arc<MeshCounters>,
     pub interval: Duration,
     pub max_ttl: u64,
+    /// A last round on demand (the drain): the sender answers on the
+    /// enclosed channel when it has sent it.
+    pub flush: flume::Receiver<flume::Sender<()>>,
 }
 
 impl Gossip {
@@ -67,7 +76,9 @@ impl Gossip {
                 return;
             }
         };
+        let (hello_tx, hello_rx) = flume::bounded(HELLO_QUEUE);
         let receiver = Receiver {
+            hellos: hello_tx,
             socket: socket.clone(),
             trust: self.trust,
             routes: self.routes,
@@ -90,6 +101,9 @@ impl Gossip {
             counters: self.counters,
             last_timestamp: 0,
             warned: Warned::default(),
+            history: History::default(),
+            hellos: hello_rx,
+            flush: self.flush,
         };
         monoio::join!(receiving, sender.run(self.interval));
     }
@@ -120,6 +134,8 @@ impl Warned {
 }
 
 struct Receiver {
+    /// Listed peers that said hello, for the sender to catch up.
+    hellos: flume::Sender<[u8; 32]>,
     socket: Rc<UdpSocket>,
     trust: Trust,
     routes: Arc<RouteTable>,
@@ -163,6 +179,15 @@ impl Receiver {
             }
         };
         self.counters.packet("accepted");
+        if accepted.announce.routes.is_empty() {
+            // A hello: the sender (re)started. Only listed peers are
+            // answered (see `catch_up`).
+            if accepted.listed {
+                tracing::debug!(%src, node = %accepted.announce.node_id, "mesh: hello from a peer; sending it the routes it missed");
+                let _ = self.hellos.try_send(accepted.sender); // full: it gets the next one
+            }
+            return;
+        }
         // The current set: discovery may have added or retired upstreams.
         let set = self.upstreams.load();
         let local = merge::Local {
@@ -204,6 +229,17 @@ struct Sender {
     /// accepted from us, so ours strictly increase.
     last_timestamp: i64,
     warned: Warned,
+    /// Routes announced lately, for peers that come back.
+    history: History,
+    hellos: flume::Receiver<[u8; 32]>,
+    flush: flume::Receiver<flume::Sender<()>>,
+}
+
+/// What the sender does next.
+enum Next {
+    Round,
+    CatchUp([u8; 32]),
+    Flush(flume::Sender<()>),
 }
 
 /// Gossip form of a route this node raced.
@@ -231,29 +267,94 @@ fn wire_route(
 impl Sender {
     async fn run(mut self, interval: Duration) {
         let mut tick = monoio::time::interval(interval);
+        let mut rounds = 0u32;
         loop {
-            tick.tick().await;
-            let routes = self.learned_since_last_round(unix_now());
-            if routes.is_empty() {
-                continue;
-            }
-            let last = &mut self.last_timestamp;
-            let packed = codec::pack(&self.key, &self.node_id, &routes, || {
-                *last = now_ns().max(last.saturating_add(1));
-                *last
-            });
-            if packed.stripped + packed.unsendable > 0 {
-                tracing::debug!(stripped = packed.stripped, unsendable = packed.unsendable, "mesh: routes too large for a datagram were sent without narinfo bytes or not at all");
-            }
-            for i in 0..self.peers.len() {
-                let peer = self.peers[i].clone();
-                self.send_round(&peer, &packed.datagrams).await;
+            let next = monoio::select! {
+                _ = tick.tick() => Next::Round,
+                Ok(peer) = self.hellos.recv_async() => Next::CatchUp(peer),
+                Ok(done) = self.flush.recv_async() => Next::Flush(done),
+            };
+            match next {
+                Next::Round => {
+                    if rounds < HELLO_ROUNDS {
+                        rounds += 1;
+                        self.hello().await;
+                    }
+                    self.round().await;
+                }
+                Next::CatchUp(peer) => self.catch_up(peer).await,
+                Next::Flush(done) => {
+                    self.round().await;
+                    let _ = done.send(()); // the drain may have stopped waiting
+                }
             }
         }
     }
 
+    /// Sends the routes learnt since the last round to every peer.
+    async fn round(&mut self) {
+        let learned = self.learned_since_last_round(unix_now());
+        if learned.is_empty() {
+            return;
+        }
+        let routes: Vec<WireRoute> = learned.iter().map(|(h, e)| wire_route(h, e)).collect();
+        self.history.record(Instant::now(), learned);
+        let packed = self.pack(&routes);
+        for i in 0..self.peers.len() {
+            let peer = self.peers[i].clone();
+            self.send_round(&peer, &packed.datagrams).await;
+        }
+    }
+
+    fn pack(&mut self, routes: &[WireRoute]) -> codec::Packed {
+        let last = &mut self.last_timestamp;
+        let packed = codec::pack(&self.key, &self.node_id, routes, || {
+            *last = now_ns().max(last.saturating_add(1));
+            *last
+        });
+        if packed.stripped + packed.unsendable > 0 {
+            tracing::debug!(stripped = packed.stripped, unsendable = packed.unsendable, "mesh: routes too large for a datagram were sent without narinfo bytes or not at all");
+        }
+        packed
+    }
+
+    /// Tells every peer this node (re)started, so they send what it missed.
+    async fn hello(&mut self) {
+        self.last_timestamp = now_ns().max(self.last_timestamp.saturating_add(1));
+        let hello = [codec::hello(&self.key, &self.node_id, self.last_timestamp)];
+        for i in 0..self.peers.len() {
+            let peer = self.peers[i].clone();
+            self.send_round(&peer, &hello).await;
+        }
+    }
+
+    /// Answers a listed peer's hello with the routes it may have missed.
+    async fn catch_up(&mut self, key: [u8; 32]) {
+        let routes = self.history.for_peer(key, Instant::now(), unix_now());
+        let targets: Vec<Peer> = self
+            .peers
+            .iter()
+            .filter(|p| p.key == Some(key))
+            .cloned()
+            .collect();
+        if routes.is_empty() {
+            return;
+        }
+        tracing::info!(
+            routes = routes.len(),
+            peers = targets.len(),
+            "mesh: a peer (re)started; sending it the routes announced since it last said hello"
+        );
+        let wire: Vec<WireRoute> = routes.iter().map(|(h, e)| wire_route(h, e)).collect();
+        let packed = self.pack(&wire);
+        for peer in &targets {
+            self.counters.catch_ups.inc();
+            self.send_round(peer, &packed.datagrams).await;
+        }
+    }
+
     /// Drains the feed: each hash once (its latest route), still live.
-    fn learned_since_last_round(&self, now: u64) -> Vec<WireRoute> {
+    fn learned_since_last_round(&self, now: u64) -> Vec<crate::route::Learned> {
         let mut latest: HashMap<_, _> = HashMap::new();
         let mut order = Vec::new();
         for (hash, entry) in self.feed.drain() {
@@ -262,10 +363,9 @@ impl Sender {
             }
         }
         order
-            .iter()
-            .filter_map(|h| latest.get(h).map(|e| (h, e)))
+            .into_iter()
+            .filter_map(|h| latest.remove(&h).map(|e| (h, e)))
             .filter(|(_, e)| e.expires_at > now)
-            .map(|(h, e)| wire_route(h, e))
             .collect()
     }
 

@@ -39,6 +39,8 @@ pub struct MeshCounters {
     pub routes_rejected: [LocalCounter; 8],
     pub datagrams_sent: LocalCounter,
     pub send_errors: LocalCounter,
+    /// Catch-ups sent to peers that said hello after (re)starting.
+    pub catch_ups: LocalCounter,
 }
 
 impl MeshCounters {
@@ -107,6 +109,11 @@ pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
             "ncro_mesh_send_errors_total",
             "Gossip datagrams that could not be sent (peer unresolvable, socket error).",
             c.send_errors.get(),
+        ),
+        single(
+            "ncro_mesh_catch_ups_total",
+            "Catch-ups sent: routes announced lately, sent to a peer that said hello after (re)starting.",
+            c.catch_ups.get(),
         ),
         single(
             "ncro_mesh_feed_dropped_total",

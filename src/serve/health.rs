@@ -25,13 +25,20 @@ pub fn overall(snap: &HealthSnapshot) -> &'static str {
 }
 
 /// `/health`'s HTTP status: 503 when every upstream in the health table
-/// is DOWN (and there is one), as today's ncro answers; 200 otherwise.
-pub fn http_status(snap: &HealthSnapshot) -> u16 {
-    if overall(snap) == "down" {
+/// is DOWN (and there is one), as today's ncro answers, and from SIGTERM
+/// on (the lame duck, then the drain); 200 otherwise.
+pub fn http_status(snap: &HealthSnapshot, stopping: bool) -> u16 {
+    if stopping || overall(snap) == "down" {
         503
     } else {
         200
     }
+}
+
+/// True from SIGTERM on (`server.drain_delay`'s lame duck, then the
+/// drain): `/health` answers 503 with `"status":"draining"`.
+pub fn stopping(ctx: &WorkerCtx) -> bool {
+    ctx.shared.metrics.phase.stopping()
 }
 
 /// The status code and JSON body of `/health`.
@@ -66,8 +73,11 @@ pub fn render(ctx: &WorkerCtx) -> (u16, String) {
         .iter()
         .map(|d| d.get().copied().unwrap_or("starting"))
         .collect();
+    // SIGTERM taken: balancers must stop sending new requests here.
+    let stopping = stopping(ctx);
+    let status = if stopping { "draining" } else { overall(&snap) };
     let body = json!({
-        "status": overall(&snap),
+        "status": status,
         "upstreams": upstreams,
         "races_in_flight": routing.limits.races.in_use(),
         "workers": drivers.len(),
@@ -75,7 +85,7 @@ pub fn render(ctx: &WorkerCtx) -> (u16, String) {
         "version": env!("CARGO_PKG_VERSION"),
     })
     .to_string();
-    (http_status(&snap), body)
+    (http_status(&snap, stopping), body)
 }
 
 #[cfg(test)]
@@ -103,8 +113,8 @@ mod tests {
 
     #[test]
     fn unavailable_only_when_every_upstream_is_down() {
-        assert_eq!(http_status(&snap(&[])), 200);
-        assert_eq!(http_status(&snap(&[10, 9])), 200);
-        assert_eq!(http_status(&snap(&[10, 12])), 503);
+        assert_eq!(http_status(&snap(&[]), false), 200);
+        assert_eq!(http_status(&snap(&[10, 9]), false), 200);
+        assert_eq!(http_status(&snap(&[10, 12]), false), 503);
     }
 }

@@ -70,6 +70,7 @@ mod discovery;
 mod e2e_nix;
 mod endpoints;
 mod failover;
+mod farm;
 mod fake;
 mod hedge;
 mod faults;

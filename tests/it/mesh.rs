@@ -23,7 +23,7 @@ const GOSSIP_INTERVAL: &str = "200ms";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// `ncro keygen --out PATH`: the key file and the printed public key.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out = Command::new(env!("CARGO_BIN_EXE_ncro"))
         .args(["keygen", "--out"])
@@ -41,7 +41,7 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 }
 
 /// A UDP port free on `ip` (and never handed to another test).
-fn udp_addr(ip: &str) -> SocketAddr {
+pub(crate) fn udp_addr(ip: &str) -> SocketAddr {
     for _ in 0..100 {
         let addr: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
         if UdpSocket::bind(addr).is_ok() {
@@ -51,7 +51,7 @@ fn udp_addr(ip: &str) -> SocketAddr {
     panic!("no free UDP port on {ip}");
 }
 
-fn peer(addr: SocketAddr, public: &str) -> toml::Value {
+pub(crate) fn peer(addr: SocketAddr, public: &str) -> toml::Value {
     let mut t = toml::Table::new();
     t.insert("addr".into(), addr.to_string().into());
     t.insert("public_key".into(), public.into());
@@ -225,6 +225,71 @@ fn gossip_crosses_between_ipv4_and_ipv6_nodes() {
         2,
         "each path raced once, on one node"
     );
+}
+
+/// A node that was down while its peer raced a path gets that route when
+/// it starts again: it says hello, the peer answers with the routes it
+/// announced since (a catch-up), and the returning node serves the path
+/// without asking the upstream. Before catch-ups, routes gossiped while a
+/// node was down were lost to it.
+#[test]
+fn a_restarted_node_catches_up_on_routes_raced_while_it_was_down() {
+    let key = TestKey::generate("mesh-cache-4");
+    let (early, missed) = (TestPath::new("before-restart"), TestPath::new("while-down"));
+    let up = FakeUpstream::builder()
+        .path(&early, &key)
+        .path(&missed, &key)
+        .start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (ka, pa) = keygen(keys_dir.path(), "a.key");
+    let (kb, pb) = keygen(keys_dir.path(), "b.key");
+    let (udp_a, udp_b) = (udp_addr("127.0.0.2"), udp_addr("127.0.0.3"));
+    let (db_a, db_b) = (db_dir(), db_dir());
+    let a = node(
+        "127.0.0.2",
+        &up,
+        &key,
+        &db_a.path().join("r.db"),
+        &ka,
+        udp_a,
+        vec![peer(udp_b, &pb)],
+    );
+    let config_b = NcroConfig::new(&[entry(up.url(), 10, &key)], &db_b.path().join("r.db"))
+        .set("server", "listen", "127.0.0.3:0")
+        .set("server", "workers", 1)
+        .set("mesh", "enabled", true)
+        .set("mesh", "bind_addr", udp_b.to_string())
+        .set("mesh", "private_key", kb.to_string_lossy().as_ref())
+        .set("mesh", "gossip_interval", GOSSIP_INTERVAL)
+        .set("mesh", "peers", toml::Value::Array(vec![peer(udp_a, &pa)]))
+        .render();
+    let mut b = NcroProcess::start(&config_b);
+    assert_eq!(a.get(&early.narinfo_request_path()).status, 200);
+    scrape_until(&b, "the first route", |m| {
+        m.value("ncro_mesh_routes_merged_total", &[]) >= 1.0
+    });
+    b.sigterm();
+    assert!(b.wait_exit(WAIT).success());
+    // While b is down: a races a path, and its gossip to b is lost.
+    assert_eq!(a.get(&missed.narinfo_request_path()).status, 200);
+    scrape_until(&a, "the round b missed", |m| {
+        m.value("ncro_mesh_routes_sent_total", &[]) >= 2.0
+    });
+    let b = NcroProcess::start(&config_b);
+    let m = scrape_until(&b, "the catch-up", |m| {
+        m.value("ncro_mesh_routes_merged_total", &[]) >= 1.0
+    });
+    assert_eq!(packets(&m, "bad_signature"), 0.0);
+    let r = b.get(&missed.narinfo_request_path());
+    assert_eq!(r.status, 200, "{}", b.logs());
+    assert_eq!(
+        narinfo_requests(&up),
+        2,
+        "the restarted node served the missed path from the catch-up"
+    );
+    let m = scrape(&a);
+    assert!(m.value("ncro_mesh_catch_ups_total", &[]) >= 1.0, "{}", m.text);
+    assert!(a.wait_for_log("sending it the routes announced since", WAIT));
 }
 
 /// ncro 2.2's `RouteEntry`/`Message`, serialised with the encoder it uses.
