@@ -303,7 +303,9 @@ fn validate(
     validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
     let fallback_cache =
-        narinfo::validate_fallback(&raw.fallback_cache, |u| validate_upstream(0, u))?;
+        narinfo::validate_fallback(&raw.fallback_cache, |u| {
+        validate_upstream(0, u, netrc, &mut warnings)
+    })?;
     Ok(Config {
         source,
         server,

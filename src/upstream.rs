@@ -55,6 +55,9 @@ pub struct Upstream {
     /// (`storage_url`; same credentials). Its own host gets its own
     /// connection pool (pools are keyed by scheme, host and port).
     pub storage: Option<Origin>,
+    /// NAR hedging and limits (`allow_hedging`, `nar_timeout`,
+    /// `max_concurrent_requests`); discovered upstreams get the defaults.
+    pub nar: crate::config::UpstreamNar,
 }
 
 impl Upstream {
@@ -62,9 +65,6 @@ impl Upstream {
     pub fn nar_origin(&self) -> &Origin {
         self.storage.as_ref().unwrap_or(&self.origin)
     }
-    /// NAR hedging and limits (`allow_hedging`, `nar_timeout`,
-    /// `max_concurrent_requests`); discovered upstreams get the defaults.
-    pub nar: crate::config::UpstreamNar,
 }
 
 #[derive(Debug, Default, Clone)]

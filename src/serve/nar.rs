@@ -3,11 +3,8 @@
 
 mod canonical;
 mod failover;
-<<<<<<< HEAD
 mod fallback;
-=======
 mod hedge;
->>>>>>> h/n2
 
 use std::io;
 use std::time::Duration;
@@ -22,13 +19,8 @@ use crate::http::client::{
 };
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
-<<<<<<< HEAD
 use crate::race::FailKind;
-use crate::serve::narinfo::{discard_body, fail_kind};
-=======
-use crate::route;
 use crate::serve::narinfo::fail_kind;
->>>>>>> h/n2
 use crate::serve::{After, Conn};
 use crate::upstream::UpstreamSet;
 use crate::worker::WorkerCtx;
@@ -74,12 +66,11 @@ pub async fn serve(
     req: &Request<'_>,
     keep: bool,
 ) -> io::Result<After> {
-<<<<<<< HEAD
     // (a) The candidates, best first (canonical.rs): upstream, its real
     // path, how it was chosen; a canonical request's later candidates are
-    // proved lazily, by a narinfo fetch each.
-    let mut candidates = match Candidates::plan(ctx, ctx.shared.upstreams.load(), req.target).await
-    {
+    // proved lazily, by a narinfo fetch each, when they are started.
+    let set = ctx.shared.upstreams.load();
+    let candidates = match Candidates::plan(ctx, set.clone(), req.target).await {
         Ok(c) => c,
         Err(refusal) => {
             conn.mark_nar_failed();
@@ -87,19 +78,30 @@ pub async fn serve(
         }
     };
     let fwd = forwarded_headers(req);
-    let mut failures = Failures::default();
-    // (b) The first final answer, one candidate after the other.
-    while let Some(c) = candidates.next(ctx, &mut failures).await {
-        if let Some(resp) = open(ctx, candidates.set(), &c, req, &fwd, &mut failures).await {
+    let ask = hedge::Ask {
+        method: upstream_method(req),
+        headers: &fwd,
+    };
+    // (b) The first body to start, hedged (hedge.rs).
+    let mut failures = match hedge::open(ctx, &set, candidates, ask).await {
+        hedge::Opened::Won(won) => {
             // (c) Relayed, with mid-stream failover to the candidates left.
             let from = Source {
-                candidate: c,
-                rest: candidates,
+                candidate: won.candidate,
+                rest: won.rest,
             };
-            return relay(conn, ctx, req, resp, from, keep).await;
+            let relayed = relay(conn, ctx, req, won.resp, from, keep).await;
+            drop(won.stream);
+            return relayed;
         }
-    }
+        hedge::Opened::Full => {
+            conn.mark_nar_failed();
+            return Ok(write_busy(conn, ctx, keep));
+        }
+        hedge::Opened::Failed(failures) => failures,
+    };
     // `[fallback_cache]`: one last try, with the request as received.
+    let up_req = upstream_request(req, &fwd);
     let last = fallback::try_once(conn, ctx, req, &up_req, &set, &mut failures, keep).await?;
     if let Some(after) = last {
         return Ok(after);
@@ -109,54 +111,6 @@ pub async fn serve(
         404 => conn.error(ctx, 404, "not found\n", keep),
         s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
     })
-=======
-    let set = ctx.shared.upstreams.load();
-    let key = route::nar_key(req.path);
-    let routed = ctx
-        .shared
-        .routes
-        .nar_upstream(key, unix_now())
-        .filter(|&i| i < set.len());
-    let order = ctx
-        .shared
-        .routing
-        .nar_order(routed, std::time::Instant::now());
-
-    let fwd = forwarded_headers(req);
-    let ask = hedge::Ask {
-        method: upstream_request(req, &fwd).method,
-        headers: &fwd,
-    };
-    let candidates = order.into_iter().map(|slot| hedge::Candidate {
-        slot,
-        path: req.target.into(),
-    });
-    let opened = hedge::open(ctx, &set, candidates, ask).await;
-    let answer = match opened {
-        hedge::Opened::Won(won) => {
-            let from = Source {
-                set: &set,
-                upstream: won.slot,
-                rest: won.rest.into_iter(),
-            };
-            let route = won.hedged.then_some("hedge");
-            let relayed = relay(conn, ctx, req, won.resp, from, route, keep).await;
-            drop(won.stream);
-            relayed
-        }
-        hedge::Opened::Failed(failures) => {
-            conn.mark_nar_failed();
-            Ok(match failures.status_code() {
-                404 => conn.error(ctx, 404, "not found\n", keep),
-                s => conn.error(ctx, s, "no upstream could serve this NAR\n", keep),
-            })
-        }
-        hedge::Opened::Full => {
-            conn.mark_nar_failed();
-            Ok(write_busy(conn, ctx, keep))
-        }
-    };
-    answer
 }
 
 /// Every upstream holding the NAR was at its `max_concurrent_requests`
@@ -176,57 +130,14 @@ fn write_busy(conn: &mut Conn, ctx: &WorkerCtx, keep: bool) -> After {
         b"every upstream holding this NAR is at its request limit; retry shortly\n",
     );
     After::keep_if(keep)
->>>>>>> h/n2
 }
 
-/// Asks candidate `c` for the NAR; its answer when it is final
-/// ([`is_final`]), else None with what it said folded into `failures` (a
-/// transport failure also starts its cooldown).
-pub(super) async fn open(
-    ctx: &WorkerCtx,
-    set: &UpstreamSet,
-    c: &Candidate,
-    req: &Request<'_>,
-    fwd: &[(&str, &[u8])],
-    failures: &mut Failures,
-) -> Option<UpResponse> {
-    let up = set.live(c.upstream)?;
-    let up_req = UpRequest {
-        method: upstream_method(req),
-        path: &c.path,
-        headers: fwd,
-    };
-    match ctx.client.send(up.nar_origin(), &up_req).await {
-        Ok(resp) if is_final(&resp) => Some(resp),
-        Ok(resp) => {
-            let s = resp.status();
-            failures.status(s);
-            tracing::debug!(upstream = %up.url, status = s, path = &*c.path, "NAR not served here; trying the next upstream");
-            discard_body(resp);
-            None
-        }
-        Err(e) => {
-            failures.error(&e);
-            // A request this upstream cannot take (an S3 key it cannot
-            // encode) says nothing about its health.
-            if !e.is_request_fault() {
-                ctx.shared.routing.failed(c.upstream, fail_kind(&e));
-            }
-            tracing::debug!(upstream = %up.url, error = %e, path = &*c.path, "NAR request failed; trying the next upstream");
-            None
-        }
+/// `X-Ncro-Upstream` for slot `i` of `set`, or for the fallback cache.
+fn upstream_host<'a>(ctx: &'a WorkerCtx, set: &'a UpstreamSet, i: usize) -> Option<&'a str> {
+    if i == crate::upstream::fallback::SLOT {
+        return ctx.shared.fallback.as_ref().map(|f| &*f.upstream.host);
     }
-}
-
-/// The host of an upstream URL (scheme, port, path and query dropped), for
-/// `X-Ncro-Upstream`.
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if let Some(v6) = authority.strip_prefix('[') {
-        return v6.split(']').next().unwrap_or_default();
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    set.get(i).map(|up| &*up.host)
 }
 
 /// The client's header fields that go upstream with a NAR request.
@@ -302,6 +213,14 @@ impl Failures {
         self.other_than_timeout |= kind != FailKind::Timeout;
     }
 
+    /// A canonical candidate that could not prove the promised file.
+    fn no_proof(&mut self, why: canonical::NoProof) {
+        match why {
+            canonical::NoProof::NotHeld => self.status(404),
+            canonical::NoProof::Failed(kind) => self.failed(kind),
+        }
+    }
+
     fn status_code(&self) -> u16 {
         match (self.transient, self.other_than_timeout) {
             (false, _) => 404,
@@ -325,12 +244,7 @@ pub(super) async fn relay(
     ctx: &WorkerCtx,
     req: &Request<'_>,
     mut resp: UpResponse,
-<<<<<<< HEAD
     from: Source,
-=======
-    from: Source<'_>,
-    route: Option<&'static str>,
->>>>>>> h/n2
     keep: bool,
 ) -> io::Result<After> {
     let upstream = from.candidate.upstream;
@@ -350,27 +264,17 @@ pub(super) async fn relay(
         // the end of the connection.
         (Framing::None, false)
     };
-<<<<<<< HEAD
     let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 2);
-=======
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PASSED_HEADERS.len() + 1);
->>>>>>> h/n2
     for name in PASSED_HEADERS {
         if let Some(v) = resp.header(name) {
             headers.push((name, v));
         }
     }
-<<<<<<< HEAD
-    let set = from.rest.set().clone();
-    if let Some(up) = set.get(upstream) {
-        headers.push(("X-Ncro-Upstream", host_of(&up.url).as_bytes()));
+    let host = upstream_host(ctx, from.rest.set(), upstream);
+    if let Some(host) = host {
+        headers.push(("X-Ncro-Upstream", host.as_bytes()));
     }
     headers.push(("X-Ncro-Route", from.candidate.kind.as_str().as_bytes()));
-=======
-    if let Some(route) = route {
-        headers.push(("X-Ncro-Route", route.as_bytes()));
-    }
->>>>>>> h/n2
     let date = ctx.date();
     write_head(&mut conn.wbuf, status, framing, keep, &date, &headers);
     drop(headers);

@@ -64,6 +64,8 @@ impl Fallback {
                 filters: Vec::new(),
                 narinfo_timeout: u.narinfo_timeout,
                 host: host_of(&u.url),
+                storage: None,
+                nar: u.nar.clone(),
             },
             narinfo_timeout: u.narinfo_timeout.unwrap_or(cfg.timeouts.race_deadline),
             queries: AtomicU64::new(0),

@@ -22,6 +22,7 @@
 //! Any other NAR path is forwarded unchanged to every candidate, in the
 //! order of the NAR index, as before.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -65,13 +66,6 @@ impl RouteKind {
 /// One upstream that may serve a NAR request. The request goes to
 /// `set.list[upstream].nar_origin()` (its `storage_url`, else its URL) as
 /// `GET/HEAD <path>` with the client's Range and conditional headers.
-///
-/// For hedging: candidates come from [`Candidates::next`] one at a time,
-/// best first; the first is free, each later one of a canonical request
-/// costs a narinfo fetch (its proof), so take the next one only when it is
-/// about to be started. A hedge that wins relays with `kind` set to
-/// [`RouteKind::Hedge`]; the remaining candidates stay in [`Candidates`]
-/// for the mid-stream failover.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     /// Slot in the request's upstream set.
@@ -95,18 +89,81 @@ struct Promise {
     info: NarInfo,
 }
 
+/// A candidate taken from [`Candidates`] and not started yet: either known
+/// already, or an upstream of a canonical request whose narinfo must
+/// first prove that it holds the same file ([`Pending::prove`], one
+/// upstream request). Taking one is free, so a caller can check the
+/// upstream's health and stream permit before paying for the proof.
+#[derive(Clone)]
+pub struct Pending {
+    upstream: usize,
+    state: State,
+}
+
+#[derive(Clone)]
+enum State {
+    Known(Candidate),
+    Unproved(Rc<Promise>),
+}
+
+/// Why an upstream of a canonical request was left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoProof {
+    /// It has no narinfo for the store hash, its narinfo was refused, or
+    /// it describes another file: a miss.
+    NotHeld,
+    /// Its narinfo could not be fetched.
+    Failed(FailKind),
+}
+
+impl Pending {
+    /// The upstream's slot.
+    pub fn upstream(&self) -> usize {
+        self.upstream
+    }
+
+    /// A candidate already known (proved, or of a non-canonical request).
+    pub fn known(c: Candidate) -> Pending {
+        Pending {
+            upstream: c.upstream,
+            state: State::Known(c),
+        }
+    }
+
+    /// The candidate, proving it first when it needs a proof (a narinfo
+    /// fetch from that upstream; a failed fetch also starts its cooldown).
+    pub async fn prove(self, ctx: &WorkerCtx, set: &UpstreamSet) -> Result<Candidate, NoProof> {
+        match self.state {
+            State::Known(c) => Ok(c),
+            State::Unproved(promise) => {
+                let path = prove(ctx, set, self.upstream, &promise).await?;
+                Ok(Candidate {
+                    upstream: self.upstream,
+                    path,
+                    kind: RouteKind::Direct,
+                    proven: true,
+                })
+            }
+        }
+    }
+}
+
 /// The candidates of one NAR request, best first (see the module docs).
 pub struct Candidates {
     set: Arc<UpstreamSet>,
+    /// Offered before `order`: the routed upstream, or after a hedged
+    /// open the candidates that were passed over.
+    front: VecDeque<Pending>,
     /// Slots not offered yet, in NAR order.
     order: std::vec::IntoIter<usize>,
-    /// The first candidate, when already known (the routed upstream).
-    first: Option<Candidate>,
+    /// Offered after `order`: after a hedged open, those that were full or
+    /// cancelled.
+    back: VecDeque<Pending>,
     /// The routed slot: never offered again from `order`.
     routed: Option<usize>,
     /// Non-canonical requests: the path every candidate is asked for.
     target: Rc<str>,
-    promise: Option<Promise>,
+    promise: Option<Rc<Promise>>,
     /// The routed upstream of a canonical request is DOWN (left out of
     /// the order): if nobody else proves the file, that is no miss.
     routed_down: bool,
@@ -136,8 +193,9 @@ impl Candidates {
             let order = ctx.shared.routing.nar_order(routed, now).into_iter();
             return Ok(Candidates {
                 set,
+                front: VecDeque::new(),
                 order,
-                first: None,
+                back: VecDeque::new(),
                 routed,
                 target: Rc::from(target),
                 promise: None,
@@ -173,11 +231,12 @@ impl Candidates {
         Ok(Candidates {
             set,
             routed_down: order.first() != Some(&upstream),
+            front: first.map(Pending::known).into_iter().collect(),
             order: order.into_iter(),
-            first,
+            back: VecDeque::new(),
             routed: Some(upstream),
             target: Rc::from(target),
-            promise: Some(Promise { hash, info }),
+            promise: Some(Rc::new(Promise { hash, info })),
         })
     }
 
@@ -191,13 +250,26 @@ impl Candidates {
         self.promise.is_some()
     }
 
-    /// The next candidate, or None when none is left. For a canonical
-    /// request every candidate after the routed one is proved here first (a
-    /// narinfo fetch); what the ones that could not be proved said goes
-    /// into `failures` (a file that is not the same counts as not found).
-    pub async fn next(&mut self, ctx: &WorkerCtx, failures: &mut Failures) -> Option<Candidate> {
-        if let Some(first) = self.first.take() {
-            return Some(first);
+    /// No candidates (the fallback cache's relay has none to fail over to).
+    pub fn none(set: Arc<UpstreamSet>) -> Candidates {
+        Candidates {
+            set,
+            front: VecDeque::new(),
+            order: Vec::new().into_iter(),
+            back: VecDeque::new(),
+            routed: None,
+            target: Rc::from(""),
+            promise: None,
+            routed_down: false,
+        }
+    }
+
+    /// The next candidate, not proved yet, or None when none is left. Free:
+    /// no upstream is asked. A routed upstream that was DOWN goes into
+    /// `failures` once (its absence is no miss).
+    pub fn take(&mut self, failures: &mut Failures) -> Option<Pending> {
+        if let Some(p) = self.front.pop_front() {
+            return Some(p);
         }
         if std::mem::take(&mut self.routed_down) {
             failures.failed(FailKind::Connect);
@@ -213,26 +285,35 @@ impl Candidates {
                 } else {
                     RouteKind::Direct
                 };
-                return Some(Candidate {
+                return Some(Pending::known(Candidate {
                     upstream: i,
                     path: self.target.clone(),
                     kind,
                     proven: false,
-                });
+                }));
             };
             if Some(i) == self.routed {
                 continue; // offered first, or DOWN/absolute: not again
             }
-            if let Some(path) = prove(ctx, &self.set, i, promise, failures).await {
-                return Some(Candidate {
-                    upstream: i,
-                    path,
-                    kind: RouteKind::Direct,
-                    proven: true,
-                });
-            }
+            return Some(Pending {
+                upstream: i,
+                state: State::Unproved(promise.clone()),
+            });
         }
-        None
+        self.back.pop_front()
+    }
+
+    /// Gives back candidates taken and not used: `front` ones are offered
+    /// next, `back` ones after every candidate not taken yet.
+    pub fn give_back(
+        &mut self,
+        front: impl IntoIterator<Item = Pending>,
+        back: impl IntoIterator<Item = Pending>,
+    ) {
+        for p in front.into_iter().collect::<Vec<_>>().into_iter().rev() {
+            self.front.push_front(p);
+        }
+        self.back.extend(back);
     }
 }
 
@@ -256,7 +337,7 @@ async fn route_of(
     // Reads a cold body back, or races the upstreams (and stores the route).
     let refusal = |status, body| Err(Refusal { status, body });
     match narinfo_serve::answer(ctx, hash).await {
-        Resolved::Found(_) => {}
+        Resolved::Found(..) => {}
         Resolved::Miss => return refusal(404, "not found\n"),
         Resolved::Unavailable { timed_out: true } => {
             return refusal(504, "no upstream answered for this store path in time\n")
@@ -289,12 +370,11 @@ fn real_path(url: &str) -> Rc<str> {
 /// describes the same file. Anything else leaves it out.
 async fn prove(
     ctx: &WorkerCtx,
-    set: &Arc<UpstreamSet>,
+    set: &UpstreamSet,
     i: usize,
     promise: &Promise,
-    failures: &mut Failures,
-) -> Option<Rc<str>> {
-    let up = set.live(i)?;
+) -> Result<Rc<str>, NoProof> {
+    let up = set.live(i).ok_or(NoProof::NotHeld)?;
     let path = format!("/{}.narinfo", promise.hash);
     let attempt = {
         let _permit = ctx.limits.upstream(&ctx.shared.routing.limits, i).await;
@@ -302,32 +382,25 @@ async fn prove(
     };
     let body = match attempt {
         Attempt::Found(body) => body,
-        Attempt::NotFound => {
-            failures.status(404);
-            return None;
-        }
+        Attempt::NotFound => return Err(NoProof::NotHeld),
         Attempt::Failed(kind) => {
-            failures.failed(kind);
             ctx.shared.routing.failed(i, kind);
-            return None;
+            return Err(NoProof::Failed(kind));
         }
     };
-    let info = match narinfo_serve::judge(&set.list[i], promise.hash, &body) {
+    let info = match narinfo_serve::judge(up, promise.hash, &body) {
         Verdict::Accept((info, _)) => info,
         Verdict::Reject(why) => {
             tracing::debug!(upstream = %up.url, hash = %promise.hash, ?why, "NAR candidate left out: its narinfo was refused");
-            failures.status(404);
-            return None;
+            return Err(NoProof::NotHeld);
         }
     };
     if let Err(why) = same_file(&promise.info, &info) {
         tracing::debug!(upstream = %up.url, hash = %promise.hash, ?why, "NAR candidate left out: not the same file as the one promised");
-        failures.status(404);
-        return None;
+        return Err(NoProof::NotHeld);
     }
     if is_absolute(&info.url) {
-        failures.status(404);
-        return None;
+        return Err(NoProof::NotHeld);
     }
-    Some(real_path(&info.url))
+    Ok(real_path(&info.url))
 }

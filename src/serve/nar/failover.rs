@@ -169,11 +169,15 @@ pub async fn resume(
     let set = candidates.set().clone();
     // What candidates that could not prove the file said: not needed here.
     let mut unproved = Failures::default();
-    while let Some(c) = candidates.next(ctx, &mut unproved).await {
-        let i = c.upstream;
+    while let Some(pending) = candidates.take(&mut unproved) {
+        let i = pending.upstream();
         let Some(up) = set.live(i) else { continue };
-        // A stream like any other under `max_concurrent_requests`.
+        // A stream like any other under `max_concurrent_requests`, taken
+        // before the proof so that a full upstream costs no request.
         let Some(_stream) = super::hedge::Held::take(ctx, i, up) else {
+            continue;
+        };
+        let Ok(c) = pending.prove(ctx, &set).await else {
             continue;
         };
         let offset = cut.object.start + cut.sent;
@@ -194,18 +198,14 @@ pub async fn resume(
                 continue;
             }
         };
-<<<<<<< HEAD
+        if let Some(t) = up.nar.timeout {
+            resp.set_read_timeout(t);
+        }
         let same_name = cut.object.content_addressed && c.path == cut.path;
         if !cut
             .object
             .continued_by(&resp, offset, c.proven || same_name)
         {
-=======
-        if let Some(t) = up.nar.timeout {
-            resp.set_read_timeout(t);
-        }
-        if !cut.object.continued_by(&resp, offset) {
->>>>>>> h/n2
             tally.mismatch |= (200..300).contains(&resp.status());
             tracing::debug!(upstream = %up.url, status = resp.status(), path = &*c.path, "NAR failover: not provably the same object; not spliced in");
             discard_body(resp);

@@ -1,9 +1,10 @@
 //! The one NAR try at the `[fallback_cache]`, after every upstream failed.
 
 use std::io;
+use std::rc::Rc;
 use std::sync::Arc;
 
-use super::{is_final, relay, Failures, Source};
+use super::{is_final, relay, Candidate, Candidates, Failures, RouteKind, Source};
 use crate::http::client::Request as UpRequest;
 use crate::http::request::Request;
 use crate::serve::narinfo::discard_body;
@@ -36,9 +37,13 @@ pub(super) async fn try_once(
         Ok(resp) if is_final(&resp) => {
             tracing::debug!(upstream = %url, path = req.path, "NAR served by the fallback cache");
             let from = Source {
-                set,
-                upstream: SLOT,
-                rest: Vec::new().into_iter(),
+                candidate: Candidate {
+                    upstream: SLOT,
+                    path: Rc::from(up_req.path),
+                    kind: RouteKind::Fallback,
+                    proven: false,
+                },
+                rest: Candidates::none(set.clone()),
             };
             relay(conn, ctx, req, resp, from, keep).await.map(Some)
         }

@@ -13,18 +13,25 @@
 //! the request waits for a permit up to `timeouts.first_byte` and is then
 //! answered 503 (docs/configuration.md).
 //!
-//! Candidates are an ordered iterator of (upstream slot, path on that
-//! upstream), so that the caller decides which upstreams hold the file and
-//! under which name; `serve` passes the NAR order with the client's path.
+//! Candidates come from [`Candidates`] (canonical.rs), which decides which
+//! upstreams hold the file and under which name. A candidate of a
+//! canonical request that still needs its proof (a narinfo fetch from
+//! that upstream) is proved inside its attempt, after its stream permit
+//! was taken: a slow proof is a slow attempt (the next candidate starts
+//! after `delay`), and an upstream whose proof fails is never asked for
+//! the NAR. Candidates never taken, passed over, or cancelled as hedge
+//! losers go back into [`Candidates`] for a mid-stream failover.
 
-use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use monoio::time::Instant;
 
+use super::canonical::{Candidate, Candidates, NoProof, Pending, RouteKind};
 use super::{is_final, Failures};
 use crate::http::client::{
     ClientError, Method as UpMethod, Request as UpRequest, Response as UpResponse,
@@ -35,13 +42,6 @@ use crate::upstream::limits::streams::StreamPermit;
 use crate::upstream::limits::RETRY;
 use crate::upstream::{Upstream, UpstreamSet};
 use crate::worker::WorkerCtx;
-
-/// One upstream that may hold the file, and the path to ask it for.
-#[derive(Debug, Clone)]
-pub struct Candidate<'p> {
-    pub slot: usize,
-    pub path: Cow<'p, str>,
-}
 
 /// A NAR stream's place under its upstream's `max_concurrent_requests`,
 /// counted in the worker's metrics while held.
@@ -81,15 +81,15 @@ impl Drop for Held<'_> {
 
 /// The answer to relay, and what failover needs after it.
 pub struct Win<'a> {
-    pub slot: usize,
+    /// The winner; its `kind` is [`RouteKind::Hedge`] when an extra
+    /// attempt won.
+    pub candidate: Candidate,
     pub resp: UpResponse,
     /// Keep until the relay (and any failover) is done.
     pub stream: Held<'a>,
-    /// An extra attempt won: the route kind is `hedge`.
-    pub hedged: bool,
-    /// Slots not asked, best first, then the cancelled ones: the
-    /// candidates for a mid-stream failover.
-    pub rest: Vec<usize>,
+    /// Those not asked, best first, then the full and the cancelled ones:
+    /// the candidates for a mid-stream failover.
+    pub rest: Candidates,
 }
 
 pub enum Opened<'a> {
@@ -103,6 +103,8 @@ pub enum Opened<'a> {
 
 /// Why one attempt did not win.
 enum Miss {
+    /// A canonical candidate's narinfo did not prove the same file.
+    Unproved(NoProof),
     Status(u16),
     Error(ClientError),
     NoBody(ClientError),
@@ -111,8 +113,17 @@ enum Miss {
 type Attempt<'a> = Pin<Box<dyn Future<Output = (usize, bool, Result<Opening<'a>, Miss>)> + 'a>>;
 
 struct Opening<'a> {
+    candidate: Candidate,
     resp: UpResponse,
     stream: Held<'a>,
+}
+
+/// An attempt in flight: its slot, what it was started from, and its
+/// candidate once proved (so that a cancelled one is not proved again).
+struct InFlight {
+    slot: usize,
+    pending: Pending,
+    proved: Rc<OnceCell<Candidate>>,
 }
 
 /// What the client asked, as sent to every candidate.
@@ -122,23 +133,23 @@ pub struct Ask<'a> {
     pub headers: &'a [(&'a str, &'a [u8])],
 }
 
-struct Hedger<'a, I> {
+struct Hedger<'a> {
     ctx: &'a WorkerCtx,
     set: &'a UpstreamSet,
     ask: Ask<'a>,
-    pending: I,
+    pending: Candidates,
     /// Opted out of hedging and passed over while another attempt ran;
     /// started once nothing else runs.
-    deferred: VecDeque<Candidate<'a>>,
+    deferred: VecDeque<Pending>,
     /// Passed over at their `max_concurrent_requests`.
-    full: Vec<Candidate<'a>>,
+    full: Vec<Pending>,
     running: FuturesUnordered<Attempt<'a>>,
-    /// Slots started and not finished, with whether each was a hedge.
-    in_flight: Vec<usize>,
+    /// Started and not finished.
+    in_flight: Vec<InFlight>,
     failures: Failures,
 }
 
-impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
+impl<'a> Hedger<'a> {
     fn counters(&self, slot: usize) -> Option<&'a NarUpstreamCounters> {
         self.ctx.metrics.upstreams.get(slot).map(|u| &u.nar)
     }
@@ -150,23 +161,25 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
         let extra = !self.running.is_empty();
         loop {
             let next = if extra {
-                self.pending.next()
+                self.pending.take(&mut self.failures)
             } else {
-                self.deferred
-                    .pop_front()
-                    .or_else(|| self.pending.next())
+                match self.deferred.pop_front() {
+                    Some(p) => Some(p),
+                    None => self.pending.take(&mut self.failures),
+                }
             };
             let Some(cand) = next else { return false };
+            let slot = cand.upstream();
             // The health snapshot may be newer or older than `set`.
-            let Some(up) = self.set.live(cand.slot) else {
+            let Some(up) = self.set.live(slot) else {
                 continue;
             };
             if extra && !up.nar.allow_hedging {
                 self.deferred.push_back(cand);
                 continue;
             }
-            let Some(stream) = Held::take(self.ctx, cand.slot, up) else {
-                if let Some(c) = self.counters(cand.slot) {
+            let Some(stream) = Held::take(self.ctx, slot, up) else {
+                if let Some(c) = self.counters(slot) {
                     c.limit_skips.inc();
                 }
                 self.full.push(cand);
@@ -177,18 +190,35 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
         }
     }
 
-    fn launch(&mut self, cand: Candidate<'a>, up: &'a Upstream, stream: Held<'a>, extra: bool) {
+    /// Starts `cand` under its stream permit: its proof first when it
+    /// needs one, then the NAR request.
+    fn launch(&mut self, cand: Pending, up: &'a Upstream, stream: Held<'a>, extra: bool) {
+        let slot = cand.upstream();
         if extra {
-            if let Some(c) = self.counters(cand.slot) {
+            if let Some(c) = self.counters(slot) {
                 c.hedge(HedgeEvent::Started);
             }
         }
-        self.in_flight.push(cand.slot);
-        let (ctx, ask) = (self.ctx, self.ask);
+        let proved = Rc::new(OnceCell::new());
+        self.in_flight.push(InFlight {
+            slot,
+            pending: cand.clone(),
+            proved: proved.clone(),
+        });
+        let (ctx, set, ask) = (self.ctx, self.set, self.ask);
         self.running.push(Box::pin(async move {
-            let slot = cand.slot;
-            let result = attempt(ctx, up, &cand.path, ask).await;
-            (slot, extra, result.map(|resp| Opening { resp, stream }))
+            let result = async {
+                let candidate = cand.prove(ctx, set).await.map_err(Miss::Unproved)?;
+                let _ = proved.set(candidate.clone());
+                let resp = attempt(ctx, up, &candidate.path, ask).await?;
+                Ok(Opening {
+                    candidate,
+                    resp,
+                    stream,
+                })
+            }
+            .await;
+            (slot, extra, result)
         }));
     }
 
@@ -198,7 +228,7 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
         loop {
             let mut i = 0;
             while i < self.full.len() {
-                let slot = self.full[i].slot;
+                let slot = self.full[i].upstream();
                 let Some(up) = self.set.live(slot) else {
                     self.full.remove(i);
                     continue;
@@ -219,6 +249,14 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
 
     fn failed(&mut self, slot: usize, miss: Miss) {
         let kind = match miss {
+            Miss::Unproved(why) => {
+                self.failures.no_proof(why);
+                match why {
+                    NoProof::NotHeld => HedgeFailure::NotFound,
+                    NoProof::Failed(crate::race::FailKind::Timeout) => HedgeFailure::Timeout,
+                    NoProof::Failed(_) => HedgeFailure::Transport,
+                }
+            }
             Miss::Status(s) => {
                 self.failures.status(s);
                 if matches!(s, 403 | 404 | 410) {
@@ -262,7 +300,7 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
 pub async fn open<'a>(
     ctx: &'a WorkerCtx,
     set: &'a UpstreamSet,
-    candidates: impl Iterator<Item = Candidate<'a>>,
+    candidates: Candidates,
     ask: Ask<'a>,
 ) -> Opened<'a> {
     let cfg = ctx.shared.config.cache.nar_hedging;
@@ -329,15 +367,19 @@ pub async fn open<'a>(
             last_start = Instant::now();
             continue;
         };
-        if let Some(pos) = h.in_flight.iter().position(|&s| s == slot) {
+        if let Some(pos) = h.in_flight.iter().position(|f| f.slot == slot) {
             h.in_flight.remove(pos);
         }
         match result {
-            Ok(Opening { resp, stream }) => {
+            Ok(Opening {
+                mut candidate,
+                resp,
+                stream,
+            }) => {
                 // Dropping the others closes their connections.
                 drop(std::mem::take(&mut h.running));
-                for &loser in &h.in_flight {
-                    if let Some(c) = h.counters(loser) {
+                for loser in &h.in_flight {
+                    if let Some(c) = h.counters(loser.slot) {
                         c.hedge(HedgeEvent::Cancelled);
                     }
                 }
@@ -345,20 +387,21 @@ pub async fn open<'a>(
                     if let Some(c) = h.counters(slot) {
                         c.hedge(HedgeEvent::Won);
                     }
+                    candidate.kind = RouteKind::Hedge;
                 }
-                let rest = h
-                    .deferred
-                    .iter()
-                    .map(|c| c.slot)
-                    .chain(h.pending.by_ref().map(|c| c.slot))
-                    .chain(h.full.iter().map(|c| c.slot))
-                    .chain(h.in_flight.iter().copied())
-                    .collect();
+                // The losers keep a proof they finished: failover does not
+                // pay for it again.
+                let losers = h.in_flight.drain(..).map(|f| match f.proved.get() {
+                    Some(c) => Pending::known(c.clone()),
+                    None => f.pending,
+                });
+                let back: Vec<Pending> = h.full.drain(..).chain(losers).collect();
+                let mut rest = h.pending;
+                rest.give_back(h.deferred, back);
                 return Opened::Won(Win {
-                    slot,
+                    candidate,
                     resp,
                     stream,
-                    hedged: extra,
                     rest,
                 });
             }
@@ -386,7 +429,7 @@ async fn attempt(
         path,
         headers: ask.headers,
     };
-    let mut resp = match ctx.client.send(&up.origin, &req).await {
+    let mut resp = match ctx.client.send(up.nar_origin(), &req).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(upstream = %up.url, error = %e, path, "NAR request failed");
