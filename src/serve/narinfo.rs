@@ -33,6 +33,8 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     // A route to a DOWN upstream is raced again; it is still served when
     // no other upstream gives a usable answer.
     let mut stale = None;
+    // Whether a route is stored (a short-lived 404 must not replace it).
+    let mut routed = true;
     match ctx.shared.routes.get(&hash, unix_now()) {
         Some(Cached::Hit(h)) if route_down(ctx, h.upstream) => {
             ctx.metrics.narinfo_cache_misses.inc();
@@ -52,7 +54,10 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             ctx.metrics.narinfo_negative_hits.inc();
             return Resolved::Miss;
         }
-        None => ctx.metrics.narinfo_cache_misses.inc(),
+        None => {
+            ctx.metrics.narinfo_cache_misses.inc();
+            routed = false;
+        }
     }
     // Boxed: the race's state is large and only misses need it, so it is
     // not part of every idle connection's task.
@@ -70,10 +75,14 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             if ctx.shared.config.cache.unavailable_answer == UnavailableAnswer::NotFound =>
         {
             // `cache.unavailable_answer = "404"`: remembered only briefly,
-            // so the path is found again as soon as its upstream is back.
-            let ttl = ctx.shared.config.cache.in_memory_negative_ttl;
-            let expires = unix_now() + ttl.as_secs().max(1);
-            ctx.shared.routes.insert_negative(hash, expires);
+            // so the path is found again as soon as its upstream is back,
+            // and never in place of a stored route (a cold one to a DOWN
+            // upstream).
+            if !routed {
+                let ttl = ctx.shared.config.cache.in_memory_negative_ttl;
+                let expires = unix_now() + ttl.as_secs().max(1);
+                ctx.shared.routes.insert_negative(hash, expires);
+            }
             Resolved::Miss
         }
         (resolved, _) => resolved,
