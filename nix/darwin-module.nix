@@ -95,7 +95,9 @@ in
   };
 
   config = mkIf cfg.enable {
-    nix.settings.trusted-public-keys = mkIf (cfg.addUpstreamPublicKeys && config.nix.enable) (
+    # `nix.enable` is recent in nix-darwin; before it, nix-darwin always
+    # managed Nix.
+    nix.settings.trusted-public-keys = mkIf (cfg.addUpstreamPublicKeys && (config.nix.enable or true)) (
       lib.mkAfter (ncroLib.upstreamPublicKeys settings)
     );
 

@@ -130,10 +130,12 @@ rec {
   checkSettings =
     settings:
     let
-      stand = t: if t ? password_file && !(t ? password) then
-        removeAttrs t [ "password_file" ] // { password = "checked-at-run-time"; }
-      else
-        t;
+      stand =
+        t:
+        if t ? password_file && !(t ? password) then
+          removeAttrs t [ "password_file" ] // { password = "checked-at-run-time"; }
+        else
+          t;
     in
     settings
     // optionalAttrs (settings ? upstreams) { upstreams = map stand settings.upstreams; }

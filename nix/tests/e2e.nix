@@ -128,6 +128,12 @@ in
         assert health["driver"] == "io_uring", health
         assert health["workers"] == 2, health
 
+    with subtest("/status in today's ncro's shape"):
+        status = json.loads(proxy.succeed("curl -sf http://localhost:8080/status"))
+        assert status["config"]["upstream_count"] == 2, status
+        assert status["fallback"] is None, status
+        assert [u["kind"] for u in status["upstreams"]] == ["http", "http"], status
+
     with subtest("workers pinned to cpus, control thread to controlCpu"):
         pid = proxy.succeed("systemctl show -p MainPID --value ncro").strip()
         threads = proxy.succeed(

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::upstream::health::{Entry, State};
+use crate::upstream::health::{Counts, Entry, State};
 use crate::upstream::slots::Slot;
 use crate::worker::WorkerCtx;
 
@@ -80,7 +80,7 @@ fn secs_ago(then: Option<Instant>, now: Instant) -> Option<u64> {
 fn entry_view<'a>(
     url: &'a str,
     priority: i32,
-    e: &Entry,
+    (e, c): (&Entry, Counts),
     s3: bool,
     authenticated: bool,
     now: Instant,
@@ -91,8 +91,8 @@ fn entry_view<'a>(
         priority,
         ema_ms: e.ema_ms,
         consecutive_fails: e.consecutive_fails,
-        total_queries: e.total_queries,
-        last_probe_secs_ago: secs_ago(e.last_probe, now),
+        total_queries: c.total_queries,
+        last_probe_secs_ago: secs_ago(c.last_probe, now),
         s3,
         authenticated,
     }
@@ -110,12 +110,19 @@ pub fn render(ctx: &WorkerCtx, fallback: Option<FallbackDescription<'_>>) -> Str
         .order
         .iter()
         .filter_map(|&i| {
-            let (u, e) = (set.live(i)?, snap.entries.get(i)?);
+            let (u, e, c) = (set.live(i)?, snap.entries.get(i)?, *snap.counts.get(i)?);
             // Configured upstreams hold slots 0..n in configuration order;
             // discovered ones never carry credentials.
             let authenticated = set.slot(i) == Some(Slot::Configured)
                 && cfg.upstreams.get(i).is_some_and(|c| c.basic_auth.is_some());
-            let view = entry_view(&u.url, u.priority, e, u.s3.is_some(), authenticated, now);
+            let view = entry_view(
+                &u.url,
+                u.priority,
+                (e, c),
+                u.s3.is_some(),
+                authenticated,
+                now,
+            );
             Some(upstream_json(&view))
         })
         .collect();

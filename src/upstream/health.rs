@@ -266,8 +266,15 @@ pub struct Entry {
     pub ema_ms: Option<f64>,
     pub consecutive_fails: u32,
     pub cache_info: Option<bool>,
-    /// For `/status`: successful samples so far and the last probe time.
+}
+
+/// What only `/status` reads about one upstream, kept apart from the
+/// [`Entry`] that routing reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Counts {
+    /// Successful samples so far (probes and race wins).
     pub total_queries: u64,
+    /// When the last probe answered or failed; `None` before the first.
     pub last_probe: Option<Instant>,
 }
 
@@ -281,6 +288,8 @@ pub struct HealthSnapshot {
     pub order: Box<[usize]>,
     /// How many upstreams at the front of `order` are not DOWN.
     pub live: usize,
+    /// Indexed like `entries`; for `/status` only.
+    pub counts: Box<[Counts]>,
 }
 
 impl HealthSnapshot {
@@ -306,6 +315,11 @@ impl HealthSnapshot {
                 ema_ms: h.ema_ms,
                 consecutive_fails: h.consecutive_fails,
                 cache_info: h.cache_info,
+            })
+            .collect();
+        let counts = table
+            .iter()
+            .map(|h| Counts {
                 total_queries: h.total_queries,
                 last_probe: h.last_probe,
             })
@@ -331,6 +345,7 @@ impl HealthSnapshot {
             entries,
             order,
             live,
+            counts,
         }
     }
 
