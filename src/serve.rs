@@ -289,7 +289,15 @@ impl Conn {
             if health::stopping(ctx) {
                 let date = ctx.date();
                 let json: (&str, &[u8]) = ("Content-Type", b"application/json");
-                write_simple(&mut self.wbuf, 503, keep, head, &date, &[json], body.as_bytes());
+                write_simple(
+                    &mut self.wbuf,
+                    503,
+                    keep,
+                    head,
+                    &date,
+                    &[json],
+                    body.as_bytes(),
+                );
             } else {
                 self.ok(ctx, keep, head, b"application/json", body.as_bytes());
             }
