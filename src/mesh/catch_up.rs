@@ -65,8 +65,9 @@ impl History {
             .iter()
             .rev()
             .take_while(|(at, _)| since.is_none_or(|s| *at >= s))
-            .filter(|(_, (_, e))| e.expires_at > unix_now)
+            // The latest route of each hash decides, expired or not.
             .filter(|(_, (h, _))| seen.insert(*h))
+            .filter(|(_, (_, e))| e.expires_at > unix_now)
             .map(|(_, l)| l.clone())
             .collect()
     }
