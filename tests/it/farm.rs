@@ -321,7 +321,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     }
     // Cut mid-stream by a SIGKILL: its first NAR request trickles.
     let big = TestPath::with_contents("farm-big", &crate::fake::random_bytes(2 << 20));
-    let trickle = Fault::Trickle(32 * 1024, Duration::from_millis(40));
+    let trickle = Fault::Trickle(16 * 1024, Duration::from_millis(40));
     builder = builder.path(&big, &key).rule(
         PathMatch::exact(&big.nar_request_path()),
         Fault::first_n(1, trickle),
@@ -472,7 +472,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
             std::thread::sleep(Duration::from_millis(20));
         };
         if let Some(i) = serving {
-            // The trickle takes ~2.6 s; cut it well inside.
+            // The trickle takes ~5 s; cut it well inside.
             std::thread::sleep(Duration::from_millis(500));
             let mut p = nodes[i].live.take().expect("node running");
             p.kill();
@@ -488,7 +488,8 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
         .count();
     report.step(
         "sigkill_nar",
-        killed.is_some() && kill_run.code == Some(0),
+        // A second upstream request: the first stream really was cut.
+        killed.is_some() && kill_run.code == Some(0) && nar_asks >= 2,
         &format!(
             "node {killed:?} killed mid-NAR; client {}; upstream NAR requests {nar_asks} ({ranged} with Range)",
             summary(&kill_run)
@@ -586,6 +587,67 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
             "",
         );
     }
+    // The shipped config's key: every request naming a store hash lands
+    // on one node (narinfo, listing, log, and a NAR named by store hash as
+    // `to_self` names them), whatever the node answers.
+    let hashes: Vec<&str> = tops
+        .iter()
+        .map(|t| &t["/nix/store/".len()..][..32])
+        .collect();
+    let seen_before: Vec<usize> = nodes.iter().map(|n| n.access_lines().len()).collect();
+    let mut asked = Vec::new();
+    for h in &hashes {
+        let paths = [
+            format!("/{h}.narinfo"),
+            format!("/{h}.ls"),
+            format!("/log/{h}-farm.drv"),
+            format!("/nar/{h}.nar.xz"),
+        ];
+        for p in &paths {
+            let status = crate::harness::HttpConn::connect(lb.frontend)
+                .and_then(|mut c| c.request("GET", p, &[]))
+                .map_or(0, |r| r.status);
+            assert_ne!(status, 0, "GET {p} through haproxy");
+        }
+        asked.push(paths);
+    }
+    let seen: Vec<HashSet<String>> = nodes
+        .iter()
+        .zip(&seen_before)
+        .map(|(n, &before)| {
+            n.access_lines()[before..]
+                .iter()
+                .filter_map(|v| v["fields"]["path"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .collect();
+    let mut split = Vec::new();
+    let mut per_node = [0usize; 3];
+    for paths in &asked {
+        let on: Vec<HashSet<usize>> = paths
+            .iter()
+            .map(|p| (0..3).filter(|&i| seen[i].contains(p)).collect())
+            .collect();
+        let first = on[0].iter().next().copied();
+        if on
+            .iter()
+            .any(|s| s.len() != 1 || s.iter().next().copied() != first)
+        {
+            split.push(format!("{paths:?} on {on:?}"));
+        }
+        if let Some(i) = first {
+            per_node[i] += 1;
+        }
+    }
+    report.step(
+        "hash_key",
+        split.is_empty() && per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        &format!(
+            "{} store hashes × (narinfo, .ls, log, nar/<storehash>) each on one node; hashes per node {per_node:?}",
+            asked.len()
+        ),
+        &split.join("\n"),
+    );
     let served = crate::harness::HttpConn::connect(lb.frontend)
         .and_then(|mut c| c.request("GET", &probe, &[]))
         .map(|r| r.text())
