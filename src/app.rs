@@ -334,7 +334,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     systemd.stopping("draining connections");
     stop_workers(workers, cfg.server.shutdown_grace);
     if let Some(flush) = mesh_flush {
-        flush.run(MESH_FLUSH_LIMIT);
+        if !flush.run(MESH_FLUSH_LIMIT) {
+            tracing::warn!("mesh: the last gossip round was not sent within 1s; peers race this node's newest routes themselves");
+        }
     }
     control.stop(Duration::from_secs(2));
     if let Some(creds) = s3_credentials {

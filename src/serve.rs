@@ -289,9 +289,7 @@ impl Conn {
             let (code, body) = health::render(ctx);
             self.answer(ctx, code, keep, head, b"application/json", body.as_bytes());
         } else if path == "/status" {
-            // No fallback cache yet: `[fallback_cache]` passes its
-            // description here (status::FallbackDescription).
-            let body = status::render(ctx, None);
+            let body = status::render(ctx, status::fallback_of(ctx));
             self.ok(ctx, keep, head, b"application/json", body.as_bytes());
         } else if path == "/metrics" {
             let body = ctx.shared.metrics.render();

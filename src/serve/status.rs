@@ -23,6 +23,20 @@ pub struct FallbackDescription<'a> {
     pub s3: bool,
     /// A username is set (in the configuration or from netrc).
     pub authenticated: bool,
+    /// Narinfo and NAR requests sent to it since start.
+    pub total_queries: u64,
+}
+
+/// The fallback cache's description from the running configuration, when
+/// `[fallback_cache]` is enabled.
+pub fn fallback_of(ctx: &WorkerCtx) -> Option<FallbackDescription<'_>> {
+    let cfg = ctx.shared.config.fallback_cache.as_ref()?;
+    Some(FallbackDescription {
+        url: &cfg.url,
+        s3: matches!(cfg.kind, crate::config::UpstreamKind::S3(_)),
+        authenticated: cfg.basic_auth.is_some(),
+        total_queries: ctx.shared.fallback.as_ref().map_or(0, |f| f.queries()),
+    })
 }
 
 /// One `upstreams[]` (or `fallback`) object.
@@ -64,7 +78,7 @@ pub fn fallback_json(fallback: Option<FallbackDescription<'_>>) -> Value {
             priority: 0,
             ema_ms: None,
             consecutive_fails: 0,
-            total_queries: 0,
+            total_queries: f.total_queries,
             last_probe_secs_ago: None,
             s3: f.s3,
             authenticated: f.authenticated,
@@ -167,6 +181,7 @@ mod tests {
             url: "s3://bucket?region=x",
             s3: true,
             authenticated: false,
+            total_queries: 0,
         }));
         assert_eq!(
             v,

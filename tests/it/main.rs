@@ -38,6 +38,10 @@
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
 //!   realisations, build traces, debuginfo) and the batch narinfo endpoint.
+//! - [`farm`]: three `ncro` nodes behind the shipped HAProxy config
+//!   (`packaging/haproxy/ncro-farm.cfg`) with the real Nix client and
+//!   `ncro bench run` through rolling restarts and a SIGKILL; locality;
+//!   the `server.drain_delay` lame duck.
 //! - [`mesh`]: signed gossip between three `ncro` processes; forged,
 //!   replayed and oversized datagrams; ncro 2.2's encoding accepted.
 //! - [`index`]: index-aware routing: upstream NixBloom filters and RFC 0195
@@ -70,8 +74,8 @@ mod discovery;
 mod e2e_nix;
 mod endpoints;
 mod failover;
-mod farm;
 mod fake;
+mod farm;
 mod hedge;
 mod faults;
 mod fuzz_corpus;

@@ -288,8 +288,53 @@ fn a_restarted_node_catches_up_on_routes_raced_while_it_was_down() {
         "the restarted node served the missed path from the catch-up"
     );
     let m = scrape(&a);
-    assert!(m.value("ncro_mesh_catch_ups_total", &[]) >= 1.0, "{}", m.text);
+    assert!(
+        m.value("ncro_mesh_catch_ups_total", &[]) >= 1.0,
+        "{}",
+        m.text
+    );
     assert!(a.wait_for_log("sending it the routes announced since", WAIT));
+}
+
+/// A node that stops sends the routes it learnt since its last round
+/// before it exits: with a 60 s interval, the route raced just before
+/// SIGTERM reaches the peer at once instead of never.
+#[test]
+fn a_stopping_node_sends_its_last_routes_before_it_exits() {
+    let key = TestKey::generate("mesh-cache-5");
+    let p = TestPath::new("raced-before-stop");
+    let up = FakeUpstream::builder().path(&p, &key).start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (ka, pa) = keygen(keys_dir.path(), "a.key");
+    let (kb, pb) = keygen(keys_dir.path(), "b.key");
+    let (udp_a, udp_b) = (udp_addr("127.0.0.2"), udp_addr("127.0.0.3"));
+    let (db_a, db_b) = (db_dir(), db_dir());
+    let mut a = NcroConfig::new(&[entry(up.url(), 10, &key)], &db_a.path().join("r.db"))
+        .set("server", "listen", "127.0.0.2:0")
+        .set("server", "workers", 1)
+        .set("mesh", "enabled", true)
+        .set("mesh", "bind_addr", udp_a.to_string())
+        .set("mesh", "private_key", ka.to_string_lossy().as_ref())
+        .set("mesh", "gossip_interval", "60s")
+        .set("mesh", "peers", toml::Value::Array(vec![peer(udp_b, &pb)]))
+        .start();
+    let b = node(
+        "127.0.0.3",
+        &up,
+        &key,
+        &db_b.path().join("r.db"),
+        &kb,
+        udp_b,
+        vec![peer(udp_a, &pa)],
+    );
+    assert_eq!(a.get(&p.narinfo_request_path()).status, 200);
+    a.sigterm();
+    assert!(a.wait_exit(WAIT).success());
+    scrape_until(&b, "the last round", |m| {
+        m.value("ncro_mesh_routes_merged_total", &[]) >= 1.0
+    });
+    assert_eq!(b.get(&p.narinfo_request_path()).status, 200);
+    assert_eq!(narinfo_requests(&up), 1);
 }
 
 /// ncro 2.2's `RouteEntry`/`Message`, serialised with the encoder it uses.
