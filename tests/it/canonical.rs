@@ -372,6 +372,21 @@ fn a_bad_storage_url_or_mode_is_refused_at_start() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("nar_url_mode"), "{err}");
+    // An s3:// upstream has no URL a client could fetch from.
+    let s3 = NcroConfig::new(
+        &[entry("s3://bucket?region=eu-west-1".into(), 10, &k)],
+        &db.path().join("r.db"),
+    )
+    .upstream(0, "nar_url_mode", "to_upstream");
+    let err = NcroProcess::try_start(&s3.render()).err().expect("refused");
+    assert!(err.to_string().contains("needs storage_url"), "{err}");
+    // Valid values start.
+    let ok = base().upstream(0, "nar_url_mode", "to_upstream").upstream(
+        0,
+        "storage_url",
+        "https://files.example/nars/",
+    );
+    NcroProcess::try_start(&ok.render()).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
