@@ -265,23 +265,24 @@ impl RouteTable {
     /// with its body in memory the narinfo served and the upstream's real
     /// NAR `URL:`. None for no route or a negative entry.
     pub fn nar_source(&self, hash: &StoreHash, now: u64) -> Option<NarSource> {
-        let (upstream, narinfo) = match self.get(hash, now)? {
-            Cached::Hit(hit) => (hit.upstream, hit.narinfo),
+        let upstream = match self.get(hash, now)? {
+            Cached::Hit(hit) => hit.upstream,
             Cached::Cold { upstream } => return Some(NarSource::Cold { upstream }),
             Cached::Negative => return None,
         };
-        // The stored upstream URL, or (kept as sent) the body's own.
-        let upstream_url = match self
-            .bodies
-            .get(&super::RouteKey::of(hash))
-            .and_then(|b| b.upstream_url)
-        {
+        // Served body and real URL from one entry, so they always agree; a
+        // body evicted since the lookup above is read back like a cold one.
+        let Some(body) = self.bodies.get(&super::RouteKey::of(hash)) else {
+            return Some(NarSource::Cold { upstream });
+        };
+        let upstream_url = match body.upstream_url {
             Some(u) => u,
-            None => url_of(&narinfo)?.into(),
+            // Not rewritten: the served `URL:` is the upstream's own.
+            None => url_of(&body.narinfo)?.into(),
         };
         Some(NarSource::Hot {
             upstream,
-            narinfo,
+            narinfo: body.narinfo,
             upstream_url,
         })
     }

@@ -372,4 +372,57 @@ fn a_bad_storage_url_or_mode_is_refused_at_start() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("nar_url_mode"), "{err}");
+    // An s3:// upstream has no URL a client could fetch from.
+    let s3 = NcroConfig::new(
+        &[entry("s3://bucket?region=eu-west-1".into(), 10, &k)],
+        &db.path().join("r.db"),
+    )
+    .upstream(0, "nar_url_mode", "to_upstream");
+    let err = NcroProcess::try_start(&s3.render()).err().expect("refused");
+    assert!(err.to_string().contains("needs storage_url"), "{err}");
+    // Valid values start.
+    let ok = base().upstream(0, "nar_url_mode", "to_upstream").upstream(
+        0,
+        "storage_url",
+        "https://files.example/nars/",
+    );
+    NcroProcess::try_start(&ok.render()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn after_a_restart_a_canonical_nar_follows_the_stored_route() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::with_contents("kept", &random_bytes(12_000));
+    let a = FakeUpstream::builder().path(&p, &k).start();
+    let b = FakeUpstream::builder().path(&p, &k).start();
+    let db = db_dir();
+    let cfg = NcroConfig::new(
+        &[entry(a.url(), 10, &k), entry(b.url(), 20, &k)],
+        &db.path().join("r.db"),
+    )
+    .set("server", "workers", 1);
+    let mut first = cfg.start();
+    let r = fetch(first.addr(), &p.narinfo_request_path(), &[], LIMIT);
+    let served = r.body;
+    assert_eq!(url_line(&served), format!("nar/{}.nar", p.hash));
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(20)).success());
+    let asked = |u: &FakeUpstream| u.request_count(&p.narinfo_request_path());
+    let before = (asked(&a), asked(&b));
+
+    // The route comes back from the database (its body read back and
+    // rewritten there), not from a new lookup.
+    let second = cfg.start();
+    let got = fetch(second.addr(), &canonical(&p), &[], LIMIT);
+    assert_eq!(got.status, 200, "{}", second.logs());
+    assert!(got.body == p.nar);
+    assert_eq!(got.header("X-Ncro-Route"), Some("cache-hit"));
+    assert_eq!(t_nar(&a, &p), 1, "A's real file name, at A");
+    let r = fetch(second.addr(), &p.narinfo_request_path(), &[], LIMIT);
+    assert!(r.body == served, "the same narinfo as before the restart");
+    assert_eq!((asked(&a), asked(&b)), before, "no new lookup");
+}
+
+fn t_nar(u: &FakeUpstream, p: &TestPath) -> usize {
+    u.request_count(&p.nar_request_path())
 }

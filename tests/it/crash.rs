@@ -140,7 +140,11 @@ fn acknowledged_routes_survive_sigkill_mid_stream() {
     let (mut up, paths) = upstream_with(PATHS, &key);
     let db = db_dir();
     let db_path = db.path().join("routes.db");
-    let cfg = NcroConfig::new(&[entry(up.url(), 10, &key)], &db_path).set("server", "workers", 2);
+    // `keep`: the database holds the upstream's narinfo, which is then
+    // exactly what was served (`to_self` would serve its URL rewritten).
+    let cfg = NcroConfig::new(&[entry(up.url(), 10, &key)], &db_path)
+        .set("server", "workers", 2)
+        .upstream(0, "nar_url_mode", "keep");
     let mut ncro = cfg.start();
     let stream = Stream::start(&ncro, &paths, 4);
     assert!(
