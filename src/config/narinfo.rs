@@ -25,6 +25,7 @@ pub fn validate_fallback(
         password_file: f.password_file.clone(),
         tls_ca_file: f.tls_ca_file.clone(),
         narinfo_timeout: f.narinfo_timeout,
+        nar_timeout: f.nar_timeout,
         ..RawUpstream::default()
     };
     // The upstream checks name the entry `upstream[0]`; say which it is.

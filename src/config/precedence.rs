@@ -29,6 +29,9 @@ const RULES: &[Rule] = &[
     public_key_and_public_keys,
     env_overrides,
     idle_and_read_timeout,
+    nar_timeout_and_idle,
+    narinfo_timeout_and_race_deadline,
+    strict_policy_and_hedge_after,
     username_and_netrc,
 ];
 
@@ -99,6 +102,56 @@ fn idle_and_read_timeout(i: &Inputs<'_>) -> Vec<String> {
             f.server.read_timeout
         )],
         _ => Vec::new(),
+    }
+}
+
+/// Today's ncro's per-upstream `nar_timeout` over ncro's global
+/// `timeouts.idle` (itself defaulting to `server.read_timeout`).
+fn nar_timeout_and_idle(i: &Inputs<'_>) -> Vec<String> {
+    let f = i.file;
+    let global = f.timeouts.idle.map_or_else(
+        || format!("server.read_timeout = {:?}", f.server.read_timeout),
+        |d| format!("timeouts.idle = {d:?}"),
+    );
+    let mut out = Vec::new();
+    for (n, u) in f.upstreams.iter().flatten().enumerate() {
+        if let Some(t) = u.nar_timeout {
+            out.push(format!(
+                "upstream[{n}]: nar_timeout = {t:?} is the idle limit of this upstream's NAR streams; {global} applies to the other upstreams and to client writes"
+            ));
+        }
+    }
+    out
+}
+
+/// A per-upstream `narinfo_timeout` bounds one request; the tier's
+/// `timeouts.race_deadline` still bounds the race.
+fn narinfo_timeout_and_race_deadline(i: &Inputs<'_>) -> Vec<String> {
+    let f = i.file;
+    let deadline = f.timeouts.race_deadline;
+    let mut out = Vec::new();
+    for (n, u) in f.upstreams.iter().flatten().enumerate() {
+        match u.narinfo_timeout {
+            Some(t) if t.0 > deadline.0 => out.push(format!(
+                "upstream[{n}]: narinfo_timeout = {t:?} is longer than timeouts.race_deadline = {deadline:?}; the race deadline wins"
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `cache.resolution_policy = "strict"` turns off `health.hedge_after`'s
+/// early start of the next tier.
+fn strict_policy_and_hedge_after(i: &Inputs<'_>) -> Vec<String> {
+    let f = i.file;
+    if f.cache.resolution_policy == super::raw::narinfo::ResolutionPolicy::Strict {
+        vec![format!(
+            "cache.resolution_policy = \"strict\": a lower tier is asked only after the tier above answered; health.hedge_after = {:?} is not used",
+            f.health.hedge_after
+        )]
+    } else {
+        Vec::new()
     }
 }
 
@@ -175,5 +228,35 @@ public_keys = ["k3:CCCC"]
             netrc: None,
         });
         assert!(quiet.is_empty(), "{quiet:?}");
+    }
+
+    #[test]
+    fn per_upstream_timeouts_and_the_strict_policy_are_named() {
+        let file = raw(r#"
+[timeouts]
+race_deadline = "5s"
+[cache]
+resolution_policy = "strict"
+[[upstreams]]
+url = "https://a.example"
+nar_timeout = "90s"
+narinfo_timeout = "10s"
+[[upstreams]]
+url = "https://b.example"
+narinfo_timeout = "1s"
+"#);
+        let lines = report(&Inputs {
+            file: &file,
+            env: &MapEnv::new(&[]),
+            netrc: None,
+        });
+        assert_eq!(
+            lines,
+            vec![
+                "upstream[0]: nar_timeout = 1m 30s is the idle limit of this upstream's NAR streams; server.read_timeout = 30s applies to the other upstreams and to client writes".to_owned(),
+                "upstream[0]: narinfo_timeout = 10s is longer than timeouts.race_deadline = 5s; the race deadline wins".to_owned(),
+                "cache.resolution_policy = \"strict\": a lower tier is asked only after the tier above answered; health.hedge_after = 2s is not used".to_owned(),
+            ]
+        );
     }
 }

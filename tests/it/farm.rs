@@ -29,12 +29,11 @@ use crate::harness::{free_port, tail, test_config, NcroProcess};
 use crate::mesh::{keygen, peer, udp_addr};
 use crate::metrics::{scrape, Scrape};
 
-/// The merger of `upstreams[].nar_url_mode` flips this to `true`: the nodes
-/// then rewrite narinfo URLs to `nar/<storehash>...`, the shipped HAProxy
-/// config hashes NARs to the node that answered the narinfo, and the NAR
-/// locality assertion below becomes active (it also turns itself on
-/// whenever served narinfo URLs name the store hash).
-const TO_SELF: bool = false;
+/// The nodes run with `upstreams[].nar_url_mode = "to_self"` (written
+/// out, though it is the default): narinfo URLs name `nar/<storehash>...`,
+/// the shipped HAProxy config hashes NARs to the node that answered the
+/// narinfo, and the NAR locality assertion below is active.
+const TO_SELF: bool = true;
 
 /// Lame duck of every node: longer than HAProxy needs to take a node out
 /// (`fall 2` checks `inter 1s` apart in the shipped config, so ≤ 3 s).

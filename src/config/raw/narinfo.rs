@@ -31,6 +31,9 @@ pub struct RawFallbackCache {
     pub tls_ca_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub narinfo_timeout: Option<Dur>,
+    /// Idle timeout of its NAR stream (absent: `timeouts.idle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nar_timeout: Option<Dur>,
 }
 
 impl Default for RawFallbackCache {
@@ -45,6 +48,7 @@ impl Default for RawFallbackCache {
             password_file: None,
             tls_ca_file: None,
             narinfo_timeout: None,
+            nar_timeout: None,
         }
     }
 }

@@ -34,7 +34,10 @@ pub(super) async fn try_once(
     let url = &fb.upstream.url;
     fb.asked();
     match ctx.client.send(&fb.upstream.origin, up_req).await {
-        Ok(resp) if is_final(&resp) => {
+        Ok(mut resp) if is_final(&resp) => {
+            if let Some(t) = fb.upstream.nar.timeout {
+                resp.set_read_timeout(t);
+            }
             tracing::debug!(upstream = %url, path = req.path, "NAR served by the fallback cache");
             let from = Source {
                 candidate: Candidate {
