@@ -464,7 +464,7 @@ fn validate_upstream(
         )));
     }
     let basic_auth = user.map(|user| (user, password));
-    let (nar_url_mode, storage_url) = validate_nar_urls(i, u, &kind)?;
+    let (nar_url_mode, storage_url) = nar::validate_nar_urls(i, u, &kind)?;
     Ok(UpstreamConfig {
         url: url.trim_end_matches('/').to_owned(),
         kind,
@@ -483,34 +483,8 @@ fn validate_upstream(
     })
 }
 
-/// `nar_url_mode` and `storage_url` of upstream `i`.
-fn validate_nar_urls(
-    i: usize,
-    u: &raw::RawUpstream,
-    kind: &UpstreamKind,
-) -> Result<(crate::proto::narinfo::NarUrlMode, Option<String>), ConfigError> {
-    let mode = u.nar_url_mode.unwrap_or_default();
-    let storage_url = match u.storage_url.as_deref().map(str::trim) {
-        None => None,
-        Some(s) => {
-            check_http_url(s)
-                .map_err(|e| invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}")))?;
-            Some(s.trim_end_matches('/').to_owned())
-        }
-    };
-    if mode == crate::proto::narinfo::NarUrlMode::ToUpstream
-        && matches!(kind, UpstreamKind::S3(_))
-        && storage_url.is_none()
-    {
-        return Err(invalid(format!(
-            "upstream[{i}]: nar_url_mode = \"to_upstream\" needs an http(s) URL for clients; an s3:// upstream needs storage_url for it"
-        )));
-    }
-    Ok((mode, storage_url))
-}
-
 /// Light syntax check of an http(s) upstream URL; the client parses it fully.
-fn check_http_url(url: &str) -> Result<(), String> {
+pub(crate) fn check_http_url(url: &str) -> Result<(), String> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))

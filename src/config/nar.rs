@@ -1,6 +1,7 @@
-//! NAR hedging and per-upstream NAR limits: `[cache.nar_hedging]` and
-//! the upstream keys `allow_hedging`, `nar_timeout` and
-//! `max_concurrent_requests` (docs/configuration.md).
+//! NAR-side config: hedging and per-upstream NAR limits
+//! (`[cache.nar_hedging]`, the upstream keys `allow_hedging`,
+//! `nar_timeout` and `max_concurrent_requests`) and NAR URLs
+//! (`nar_url_mode`, `storage_url`); docs/configuration.md.
 
 use std::time::Duration;
 
@@ -65,3 +66,31 @@ pub(super) fn validate_hedging(h: &raw::RawNarHedging) -> Result<NarHedging, Con
         max_inflight: h.max_inflight,
     })
 }
+
+/// `nar_url_mode` and `storage_url` of upstream `i`.
+pub(super) fn validate_nar_urls(
+    i: usize,
+    u: &raw::RawUpstream,
+    kind: &super::UpstreamKind,
+) -> Result<(crate::proto::narinfo::NarUrlMode, Option<String>), ConfigError> {
+    let mode = u.nar_url_mode.unwrap_or_default();
+    let storage_url = match u.storage_url.as_deref().map(str::trim) {
+        None => None,
+        Some(s) => {
+            super::check_http_url(s)
+                .map_err(|e| super::invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}")))?;
+            Some(s.trim_end_matches('/').to_owned())
+        }
+    };
+    if mode == crate::proto::narinfo::NarUrlMode::ToUpstream
+        && matches!(kind, super::UpstreamKind::S3(_))
+        && storage_url.is_none()
+    {
+        return Err(super::invalid(format!(
+            "upstream[{i}]: nar_url_mode = \"to_upstream\" needs an http(s) URL for clients; an s3:// upstream needs storage_url for it"
+        )));
+    }
+    Ok((mode, storage_url))
+}
+
+
