@@ -81,6 +81,11 @@ pub async fn serve(
     let ask = hedge::Ask {
         method: upstream_method(req),
         headers: &fwd,
+        // Another upstream's answer is the same file only when its
+        // narinfo proved it (canonical) or the path names the file's hash
+        // (docs/nar-failover.md); other names are asked one upstream at a
+        // time, as before hedging.
+        hedge: candidates.is_canonical() || failover::names_file_hash(req.target),
     };
     // (b) The first body to start, hedged (hedge.rs).
     let mut failures = match hedge::open(ctx, &set, candidates, ask).await {

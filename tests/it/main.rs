@@ -63,6 +63,7 @@ mod alerts;
 mod architecture;
 mod bench;
 mod canonical;
+mod canonical_hedge;
 mod cli;
 mod client;
 mod crash;

@@ -89,7 +89,9 @@ fn a_narinfo_cannot_pull_another_upstreams_nar_file_to_its_upstream() {
     assert_eq!(ncro.get(&p.narinfo_request_path()).status, 200);
     let r = ncro.get(&q.narinfo_request_path());
     assert_eq!(r.status, 200, "{}", ncro.logs());
-    assert!(r.text().contains(&format!("URL: {}\n", p.nar_url())));
+    // Served canonical (`to_self`); the upstream's own URL, P's file name,
+    // is what the NAR index is asked to claim.
+    assert!(r.text().contains(&format!("URL: nar/{}.nar\n", q.hash)));
     assert_eq!(lower.request_count(&q.narinfo_request_path()), 1);
 
     // P's NAR is asked of the upstream whose narinfo named it first.

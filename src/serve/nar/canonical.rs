@@ -19,8 +19,9 @@
 //!   hash is resolved like a narinfo request (route cache, read-back, race),
 //!   which also stores the route.
 //!
-//! Any other NAR path is forwarded unchanged to every candidate, in the
-//! order of the NAR index, as before.
+//! Any other NAR path, and one the NAR index knows as an upstream's real
+//! file name, is forwarded unchanged to every candidate, the indexed
+//! upstream first, as before.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -184,12 +185,17 @@ impl Candidates {
         target: &str,
     ) -> Result<Candidates, Refusal> {
         let now = std::time::Instant::now();
-        let Some((hash, ext)) = canonical_request(target) else {
-            let routed = ctx
-                .shared
-                .routes
-                .nar_upstream(route::nar_key(target), unix_now())
-                .filter(|&i| i < set.len());
+        let routed = ctx
+            .shared
+            .routes
+            .nar_upstream(route::nar_key(target), unix_now())
+            .filter(|&i| i < set.len());
+        // A name in the NAR index is some upstream's real file name (its
+        // narinfo's `URL:`, or a debuginfo record's archive), even when it
+        // looks canonical (a cache that names files by store hash, such as
+        // another ncro): forwarded as it is.
+        let canonical = canonical_request(target).filter(|_| routed.is_none());
+        let Some((hash, ext)) = canonical else {
             let order = ctx.shared.routing.nar_order(routed, now).into_iter();
             return Ok(Candidates {
                 set,

@@ -131,6 +131,9 @@ struct InFlight {
 pub struct Ask<'a> {
     pub method: UpMethod,
     pub headers: &'a [(&'a str, &'a [u8])],
+    /// Extra attempts are allowed: every candidate's path is known to name
+    /// the same file. Otherwise the candidates are asked one at a time.
+    pub hedge: bool,
 }
 
 struct Hedger<'a> {
@@ -304,7 +307,7 @@ pub async fn open<'a>(
     ask: Ask<'a>,
 ) -> Opened<'a> {
     let cfg = ctx.shared.config.cache.nar_hedging;
-    let max = if cfg.enabled {
+    let max = if cfg.enabled && ask.hedge {
         cfg.max_inflight.max(1) as usize
     } else {
         1
@@ -350,7 +353,7 @@ pub async fn open<'a>(
             }
             last_start = Instant::now();
         }
-        let hedge_at = (cfg.enabled && extras_left && h.running.len() < max)
+        let hedge_at = (max > 1 && extras_left && h.running.len() < max)
             .then(|| last_start + cfg.delay);
         let next = match hedge_at {
             Some(at) => {
