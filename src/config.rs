@@ -302,8 +302,7 @@ fn validate(
     validate_discovery(&raw.discovery)?;
     peer::validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
-    let fallback_cache =
-        narinfo::validate_fallback(&raw.fallback_cache, |u| {
+    let fallback_cache = narinfo::validate_fallback(&raw.fallback_cache, |u| {
         validate_upstream(0, u, netrc, &mut warnings)
     })?;
     Ok(Config {

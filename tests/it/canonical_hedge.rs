@@ -110,7 +110,10 @@ fn a_slow_canonical_nar_is_hedged_only_to_an_upstream_proving_the_same_file() {
             &p.hash,
             renamed(&p, &k, "nar/x.nar.xz")
                 .replace("Compression: none", "Compression: xz")
-                .replace(&format!("FileHash: {}", p.nar_hash()), &format!("FileHash: {xz}")),
+                .replace(
+                    &format!("FileHash: {}", p.nar_hash()),
+                    &format!("FileHash: {xz}"),
+                ),
         )
         .file("/nar/x.nar.xz", p.nar.clone())
         .start();
@@ -121,7 +124,12 @@ fn a_slow_canonical_nar_is_hedged_only_to_an_upstream_proving_the_same_file() {
     let sent = Instant::now();
     let got = fetch(ncro.addr(), &canonical(&p), &[], LIMIT);
     assert_whole(&got, &p, &ncro);
-    assert_eq!(got.header("X-Ncro-Route"), Some("hedge"), "{:?}", got.headers);
+    assert_eq!(
+        got.header("X-Ncro-Route"),
+        Some("hedge"),
+        "{:?}",
+        got.headers
+    );
     assert_eq!(got.header("X-Ncro-Upstream"), Some("127.0.0.1"));
     assert!(got.elapsed < SLOW / 2, "waited for A: {:?}", got.elapsed);
 
@@ -209,7 +217,11 @@ fn a_cut_hedge_winner_is_finished_by_the_cancelled_routed_upstream() {
         .unwrap_or_else(|| panic!("unexpected Range {range}"));
     assert!(from > 0 && from <= CUT, "{range}");
     let ok = eventually(Duration::from_secs(10), || {
-        counter(&ncro, "ncro_nar_failovers_total", &[("result", "completed")]) == 1.0
+        counter(
+            &ncro,
+            "ncro_nar_failovers_total",
+            &[("result", "completed")],
+        ) == 1.0
     });
     assert!(ok, "{}", ncro.logs());
 }
