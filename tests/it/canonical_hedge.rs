@@ -225,3 +225,51 @@ fn a_cut_hedge_winner_is_finished_by_the_cancelled_routed_upstream() {
     });
     assert!(ok, "{}", ncro.logs());
 }
+
+/// A proof is part of its attempt: B's narinfo (its proof) is slow, so
+/// after the hedge delay the next candidate, C, is started beside it, as
+/// for a slow NAR head; C proves the same file and wins. B, cancelled
+/// while proving, is never asked for the NAR.
+#[test]
+fn a_slow_proof_is_hedged_like_a_slow_attempt() {
+    let k = TestKey::generate("k-1");
+    let p = TestPath::with_contents("canon-slow-proof", &random_bytes(32 * 1024));
+    let a = FakeUpstream::builder()
+        .path(&p, &k)
+        .rule(PathMatch::exact(&p.nar_request_path()), Fault::Delay(SLOW))
+        .start();
+    let b = FakeUpstream::builder()
+        .narinfo(&p.hash, renamed(&p, &k, "blobs/b.nar"))
+        .file("/blobs/b.nar", p.nar.clone())
+        .rule(PathMatch::suffix(".narinfo"), Fault::Delay(SLOW))
+        .start();
+    let c = FakeUpstream::builder()
+        .narinfo(&p.hash, renamed(&p, &k, "blobs/c.nar"))
+        .file("/blobs/c.nar", p.nar.clone())
+        .start();
+    // Priorities 10, 20, 30: three tiers, so the NAR order is A, B, C.
+    let (ncro, _db) = start(&[&a, &b, &c], &k, &p, "200ms", 3);
+
+    let got = fetch(ncro.addr(), &canonical(&p), &[], LIMIT);
+    assert_whole(&got, &p, &ncro);
+    assert_eq!(got.header("X-Ncro-Route"), Some("hedge"));
+    assert!(
+        got.elapsed < SLOW / 2,
+        "waited for a proof: {:?}",
+        got.elapsed
+    );
+    assert_eq!(c.request_count("/blobs/c.nar"), 1);
+    assert_eq!(b.request_count("/blobs/b.nar"), 0, "B never proved it");
+    assert!(
+        b.request_count(&p.narinfo_request_path()) >= 1,
+        "B's proof was started"
+    );
+    let started = |u: &FakeUpstream| {
+        counter(
+            &ncro,
+            "ncro_nar_hedges_total",
+            &[("event", "started"), ("upstream", &u.url())],
+        )
+    };
+    assert_eq!((started(&b), started(&c)), (1.0, 1.0));
+}
