@@ -92,6 +92,9 @@ pub struct Win<'a> {
     pub rest: Candidates,
 }
 
+// Returned once per NAR request and taken apart at once: boxing the
+// winner would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened<'a> {
     Won(Win<'a>),
     /// No upstream served it; the fold of what they said.
