@@ -300,10 +300,9 @@ fn validate(
     };
     let logging = validate_logging(&raw.logging)?;
     validate_discovery(&raw.discovery)?;
-    validate_mesh(&raw.mesh)?;
+    peer::validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
-    let fallback_cache =
-        narinfo::validate_fallback(&raw.fallback_cache, |u| {
+    let fallback_cache = narinfo::validate_fallback(&raw.fallback_cache, |u| {
         validate_upstream(0, u, netrc, &mut warnings)
     })?;
     Ok(Config {
@@ -606,49 +605,6 @@ fn validate_discovery(d: &raw::RawDiscovery) -> Result<(), ConfigError> {
             "discovery.max_upstreams must be between 1 and {MAX_DISCOVERED}, got {}",
             d.max_upstreams
         )));
-    }
-    Ok(())
-}
-
-fn validate_mesh(m: &raw::RawMesh) -> Result<(), ConfigError> {
-    if m.enabled && m.peers.is_empty() {
-        return Err(invalid("mesh.enabled is true but no peers configured"));
-    }
-    if m.gossip_interval.0.is_zero() {
-        return Err(invalid("mesh.gossip_interval must be positive"));
-    }
-    if m.replay_window.0.is_zero() {
-        return Err(invalid("mesh.replay_window must be positive"));
-    }
-    if m.enabled {
-        m.bind_addr
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| invalid(format!("mesh.bind_addr {:?}: {e}", m.bind_addr)))?;
-    }
-    for (i, p) in m.peers.iter().enumerate() {
-        if p.addr.trim().is_empty() {
-            return Err(invalid(format!("mesh.peers[{i}]: addr is empty")));
-        }
-        if m.enabled && peer::parse_peer_addr(&p.addr).is_none() {
-            return Err(invalid(format!(
-                "mesh.peers[{i}]: addr {:?} must be host:port (an IPv6 address in brackets: [fd00::1]:7946)",
-                p.addr
-            )));
-        }
-        let key_ok = p.public_key.is_empty()
-            || hex::decode(&p.public_key)
-                .map(|b| b.len() == 32)
-                .unwrap_or(false);
-        if !key_ok {
-            return Err(invalid(format!(
-                "mesh.peers[{i}]: public_key must be a hex-encoded 32-byte ed25519 key"
-            )));
-        }
-        if m.enabled && p.public_key.is_empty() && !m.allow_unauthenticated {
-            return Err(invalid(format!(
-                "mesh.peers[{i}]: public_key is required when mesh is enabled (or set mesh.allow_unauthenticated = true)"
-            )));
-        }
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod fallback;
 mod hedge;
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::io::AsyncWriteRentExt;
@@ -81,9 +82,15 @@ pub async fn serve(
     let ask = hedge::Ask {
         method: upstream_method(req),
         headers: &fwd,
+        // Another upstream's answer is the same file only when its
+        // narinfo proved it (canonical) or the path names the file's hash
+        // (docs/nar-failover.md); other names are asked one upstream at a
+        // time, as before hedging.
+        hedge: candidates.is_canonical() || failover::names_file_hash(req.target),
     };
     // (b) The first body to start, hedged (hedge.rs).
-    let mut failures = match hedge::open(ctx, &set, candidates, ask).await {
+    let opened = hedge::open(ctx, &set, candidates, ask).await;
+    match opened {
         hedge::Opened::Won(won) => {
             // (c) Relayed, with mid-stream failover to the candidates left.
             let from = Source {
@@ -92,17 +99,31 @@ pub async fn serve(
             };
             let relayed = relay(conn, ctx, req, won.resp, from, keep).await;
             drop(won.stream);
-            return relayed;
+            relayed
         }
         hedge::Opened::Full => {
             conn.mark_nar_failed();
-            return Ok(write_busy(conn, ctx, keep));
+            Ok(write_busy(conn, ctx, keep))
         }
-        hedge::Opened::Failed(failures) => failures,
-    };
-    // `[fallback_cache]`: one last try, with the request as received.
-    let up_req = upstream_request(req, &fwd);
-    let last = fallback::try_once(conn, ctx, req, &up_req, &set, &mut failures, keep).await?;
+        hedge::Opened::Failed(failures) => {
+            unserved(conn, ctx, req, &fwd, &set, failures, keep).await
+        }
+    }
+}
+
+/// No upstream served the NAR: the `[fallback_cache]`'s one try with the
+/// request as received, else the error `failures` add up to.
+async fn unserved(
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    req: &Request<'_>,
+    fwd: &[(&str, &[u8])],
+    set: &Arc<UpstreamSet>,
+    mut failures: Failures,
+    keep: bool,
+) -> io::Result<After> {
+    let up_req = upstream_request(req, fwd);
+    let last = fallback::try_once(conn, ctx, req, &up_req, set, &mut failures, keep).await?;
     if let Some(after) = last {
         return Ok(after);
     }

@@ -65,7 +65,7 @@ impl Fallback {
                 narinfo_timeout: u.narinfo_timeout,
                 host: host_of(&u.url),
                 storage: None,
-                nar: u.nar.clone(),
+                nar: u.nar,
             },
             narinfo_timeout: u.narinfo_timeout.unwrap_or(cfg.timeouts.race_deadline),
             queries: AtomicU64::new(0),

@@ -67,6 +67,7 @@ mod alerts;
 mod architecture;
 mod bench;
 mod canonical;
+mod canonical_hedge;
 mod cli;
 mod client;
 mod crash;

@@ -196,6 +196,8 @@ fn fallback_gets_one_nar_try_with_the_request_as_received() {
     let r = ncro.get(&target);
     assert_eq!(r.status, 200, "{}", ncro.logs());
     assert_eq!(r.body, p.nar, "the fallback's bytes");
+    assert_eq!(route(&r), "fallback");
+    assert_eq!(r.header("X-Ncro-Upstream"), Some("127.0.0.1"));
     assert_eq!(up.request_count(&target), 1, "the upstreams first");
     assert_eq!(fb.request_count(&target), 1, "path and query as received");
 

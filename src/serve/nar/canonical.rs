@@ -123,6 +123,11 @@ impl Pending {
         self.upstream
     }
 
+    /// Whether [`Pending::prove`] will ask the upstream for its narinfo.
+    pub fn needs_proof(&self) -> bool {
+        matches!(self.state, State::Unproved(_))
+    }
+
     /// A candidate already known (proved, or of a non-canonical request).
     pub fn known(c: Candidate) -> Pending {
         Pending {

@@ -92,6 +92,9 @@ pub struct Win<'a> {
     pub rest: Candidates,
 }
 
+// Returned once per NAR request and taken apart at once: boxing the
+// winner would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened<'a> {
     Won(Win<'a>),
     /// No upstream served it; the fold of what they said.
@@ -118,12 +121,13 @@ struct Opening<'a> {
     stream: Held<'a>,
 }
 
-/// An attempt in flight: its slot, what it was started from, and its
-/// candidate once proved (so that a cancelled one is not proved again).
+/// An attempt in flight: its slot, what it was started from, and (when it
+/// needs a proof) its candidate once proved, so that a cancelled one is
+/// not proved again by failover.
 struct InFlight {
     slot: usize,
     pending: Pending,
-    proved: Rc<OnceCell<Candidate>>,
+    proved: Option<Rc<OnceCell<Candidate>>>,
 }
 
 /// What the client asked, as sent to every candidate.
@@ -131,6 +135,9 @@ struct InFlight {
 pub struct Ask<'a> {
     pub method: UpMethod,
     pub headers: &'a [(&'a str, &'a [u8])],
+    /// Extra attempts are allowed: every candidate's path is known to name
+    /// the same file. Otherwise the candidates are asked one at a time.
+    pub hedge: bool,
 }
 
 struct Hedger<'a> {
@@ -199,7 +206,7 @@ impl<'a> Hedger<'a> {
                 c.hedge(HedgeEvent::Started);
             }
         }
-        let proved = Rc::new(OnceCell::new());
+        let proved = cand.needs_proof().then(|| Rc::new(OnceCell::new()));
         self.in_flight.push(InFlight {
             slot,
             pending: cand.clone(),
@@ -209,7 +216,9 @@ impl<'a> Hedger<'a> {
         self.running.push(Box::pin(async move {
             let result = async {
                 let candidate = cand.prove(ctx, set).await.map_err(Miss::Unproved)?;
-                let _ = proved.set(candidate.clone());
+                if let Some(cell) = proved {
+                    let _ = cell.set(candidate.clone());
+                }
                 let resp = attempt(ctx, up, &candidate.path, ask).await?;
                 Ok(Opening {
                     candidate,
@@ -304,7 +313,7 @@ pub async fn open<'a>(
     ask: Ask<'a>,
 ) -> Opened<'a> {
     let cfg = ctx.shared.config.cache.nar_hedging;
-    let max = if cfg.enabled {
+    let max = if cfg.enabled && ask.hedge {
         cfg.max_inflight.max(1) as usize
     } else {
         1
@@ -330,8 +339,9 @@ pub async fn open<'a>(
                 if h.full.is_empty() {
                     false
                 } else {
-                    let until = *wait_until
-                        .get_or_insert_with(|| Instant::now() + ctx.shared.config.timeouts.first_byte);
+                    let until = *wait_until.get_or_insert_with(|| {
+                        Instant::now() + ctx.shared.config.timeouts.first_byte
+                    });
                     let granted = h.wait_for_room(until).await;
                     let result = if granted {
                         LimitWait::Granted
@@ -350,8 +360,8 @@ pub async fn open<'a>(
             }
             last_start = Instant::now();
         }
-        let hedge_at = (cfg.enabled && extras_left && h.running.len() < max)
-            .then(|| last_start + cfg.delay);
+        let hedge_at =
+            (max > 1 && extras_left && h.running.len() < max).then(|| last_start + cfg.delay);
         let next = match hedge_at {
             Some(at) => {
                 monoio::select! {
@@ -391,9 +401,11 @@ pub async fn open<'a>(
                 }
                 // The losers keep a proof they finished: failover does not
                 // pay for it again.
-                let losers = h.in_flight.drain(..).map(|f| match f.proved.get() {
-                    Some(c) => Pending::known(c.clone()),
-                    None => f.pending,
+                let losers = h.in_flight.drain(..).map(|f| {
+                    match f.proved.as_ref().and_then(|cell| cell.get()) {
+                        Some(c) => Pending::known(c.clone()),
+                        None => f.pending,
+                    }
                 });
                 let back: Vec<Pending> = h.full.drain(..).chain(losers).collect();
                 let mut rest = h.pending;
