@@ -92,6 +92,9 @@ pub struct Win<'a> {
     pub rest: Vec<usize>,
 }
 
+// Returned once per NAR request and matched at once: boxing the winner
+// would cost an allocation to save moving a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened<'a> {
     Won(Win<'a>),
     /// No upstream served it; the fold of what they said.
@@ -152,9 +155,7 @@ impl<'a, I: Iterator<Item = Candidate<'a>>> Hedger<'a, I> {
             let next = if extra {
                 self.pending.next()
             } else {
-                self.deferred
-                    .pop_front()
-                    .or_else(|| self.pending.next())
+                self.deferred.pop_front().or_else(|| self.pending.next())
             };
             let Some(cand) = next else { return false };
             // The health snapshot may be newer or older than `set`.
@@ -292,8 +293,9 @@ pub async fn open<'a>(
                 if h.full.is_empty() {
                     false
                 } else {
-                    let until = *wait_until
-                        .get_or_insert_with(|| Instant::now() + ctx.shared.config.timeouts.first_byte);
+                    let until = *wait_until.get_or_insert_with(|| {
+                        Instant::now() + ctx.shared.config.timeouts.first_byte
+                    });
                     let granted = h.wait_for_room(until).await;
                     let result = if granted {
                         LimitWait::Granted
@@ -312,8 +314,8 @@ pub async fn open<'a>(
             }
             last_start = Instant::now();
         }
-        let hedge_at = (cfg.enabled && extras_left && h.running.len() < max)
-            .then(|| last_start + cfg.delay);
+        let hedge_at =
+            (cfg.enabled && extras_left && h.running.len() < max).then(|| last_start + cfg.delay);
         let next = match hedge_at {
             Some(at) => {
                 monoio::select! {
