@@ -143,7 +143,8 @@ fn hedges(ncro: &NcroProcess, event: &str, up: &FakeUpstream) -> f64 {
 
 /// The first upstream holds its NAR head; the second starts after the
 /// hedge delay and wins, byte exact, marked `X-Ncro-Route: hedge`; the
-/// first attempt is cancelled and its connection never reused.
+/// first attempt is cancelled, its connection never reused and its stream
+/// permit (A is capped at one stream) given back.
 #[test]
 fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     let s = Setup::new("hedge-win");
@@ -152,7 +153,8 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     let cfg = s
         .config(&[&a, &b])
         .set("cache", "nar_hedging", hedging(true, "200ms", 2));
-    let ncro = s.start(&cfg.render());
+    let text = with_upstream_keys(&cfg, &[(0, "max_concurrent_requests", 1.into())]);
+    let ncro = s.start(&text);
     let got = s.get(&ncro);
     s.assert_whole(&got, &ncro);
     assert_eq!(
@@ -169,6 +171,8 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     assert_eq!(hedges(&ncro, "won", &b), 1.0);
     assert_eq!(hedges(&ncro, "cancelled", &a), 1.0);
     assert_eq!(hedges(&ncro, "started", &a), 0.0);
+    let held = scrape(&ncro).value("ncro_nar_streams_limited", &[("upstream", &a.url())]);
+    assert_eq!(held, 0.0, "the cancelled attempt kept its permit");
     // The loser's connection was closed, not pooled: A's next request
     // (now prompt: the rule was for the first NAR request only) comes on
     // another connection, and is not a hedge.
