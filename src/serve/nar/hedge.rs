@@ -136,7 +136,7 @@ struct Hedger<'a, I> {
     /// Passed over at their `max_concurrent_requests`.
     full: Vec<Candidate<'a>>,
     running: FuturesUnordered<Attempt<'a>>,
-    /// Slots started and not finished, with whether each was a hedge.
+    /// Slots started and not finished yet.
     in_flight: Vec<usize>,
     failures: Failures,
 }
