@@ -80,6 +80,10 @@ pub async fn serve(
     let ask = hedge::Ask {
         method: upstream_request(req, &fwd).method,
         headers: &fwd,
+        // The same path at another upstream is the same file only when it
+        // names the file's hash (docs/nar-failover.md); other names are
+        // asked one upstream at a time, as before hedging.
+        hedge: failover::names_file_hash(req.target),
     };
     let candidates = order.into_iter().map(|slot| hedge::Candidate {
         slot,

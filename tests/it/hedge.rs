@@ -399,3 +399,27 @@ fn a_200_that_ends_before_its_body_tries_the_next_at_once() {
     );
     assert_eq!(v, 1.0, "{}", ncro.logs());
 }
+
+/// A NAR path that does not name the file's hash proves nothing about
+/// another upstream's file under the same name: no hedge, the second
+/// upstream is asked only after the first failed.
+#[test]
+fn a_path_that_does_not_name_a_file_hash_is_never_hedged() {
+    let s = Setup::new("hedge-noname");
+    let path = "/nar/not-a-file-hash.nar";
+    let slow = Duration::from_millis(1500);
+    let a = FakeUpstream::builder()
+        .file(path, s.p.nar.clone())
+        .rule(PathMatch::exact(path), Fault::Delay(slow))
+        .start();
+    let b = FakeUpstream::builder().file(path, s.p.nar.clone()).start();
+    let cfg = s
+        .config(&[&a, &b])
+        .set("cache", "nar_hedging", hedging(true, "100ms", 2));
+    let ncro = NcroProcess::start(&cfg.render());
+    let got = fetch(ncro.addr(), path, &[], LIMIT);
+    s.assert_whole(&got, &ncro);
+    assert!(got.elapsed >= slow, "{:?}", got.elapsed);
+    assert_eq!(a.request_count(path), 1);
+    assert_eq!(b.request_count(path), 0, "B was asked: {}", ncro.logs());
+}

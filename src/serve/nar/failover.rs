@@ -102,7 +102,7 @@ fn strong_etag(resp: &UpResponse) -> Option<Vec<u8>> {
 
 /// Whether the file name of the NAR path is a sha256 in nix-base32 (the
 /// FileHash Nix names NAR files by), followed by an extension.
-fn names_file_hash(path: &str) -> bool {
+pub(super) fn names_file_hash(path: &str) -> bool {
     const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let name = path.rsplit('/').next().unwrap_or_default();

@@ -123,6 +123,9 @@ struct Opening<'a> {
 pub struct Ask<'a> {
     pub method: UpMethod,
     pub headers: &'a [(&'a str, &'a [u8])],
+    /// Extra attempts are allowed: every candidate's path is known to name
+    /// the same file. Otherwise the candidates are asked one at a time.
+    pub hedge: bool,
 }
 
 struct Hedger<'a, I> {
@@ -267,7 +270,7 @@ pub async fn open<'a>(
     ask: Ask<'a>,
 ) -> Opened<'a> {
     let cfg = ctx.shared.config.cache.nar_hedging;
-    let max = if cfg.enabled {
+    let max = if cfg.enabled && ask.hedge {
         cfg.max_inflight.max(1) as usize
     } else {
         1
@@ -315,7 +318,7 @@ pub async fn open<'a>(
             last_start = Instant::now();
         }
         let hedge_at =
-            (cfg.enabled && extras_left && h.running.len() < max).then(|| last_start + cfg.delay);
+            (max > 1 && extras_left && h.running.len() < max).then(|| last_start + cfg.delay);
         let next = match hedge_at {
             Some(at) => {
                 monoio::select! {
