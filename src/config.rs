@@ -21,8 +21,8 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::RawConfig;
 pub use nar::{NarHedging, UpstreamNar};
+use raw::RawConfig;
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;

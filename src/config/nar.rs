@@ -39,7 +39,10 @@ pub struct NarHedging {
     pub max_inflight: u32,
 }
 
-pub(super) fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamNar, ConfigError> {
+pub(super) fn validate_upstream(
+    i: usize,
+    u: &raw::RawUpstream,
+) -> Result<UpstreamNar, ConfigError> {
     let timeout = match u.nar_timeout {
         Some(d) => Some(positive(&format!("upstream[{i}].nar_timeout"), d.0)?),
         None => None,
@@ -93,4 +96,77 @@ pub(super) fn validate_nar_urls(
     Ok((mode, storage_url))
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
+    use crate::config::env::MapEnv;
+    use crate::config::{Config, ConfigError, Source};
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let env = MapEnv::new(&[("HOME", "/home/t")]);
+        Config::from_toml(text, Source::Embedded, "test.toml", &env)
+    }
+
+    const UP: &str = "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\n";
+
+    #[test]
+    fn defaults() {
+        let c = load(UP).unwrap();
+        let h = c.cache.nar_hedging;
+        assert!(h.enabled);
+        assert_eq!(h.delay, Duration::from_secs(1));
+        assert_eq!(h.max_inflight, 2);
+        let n = c.upstreams[0].nar;
+        assert!(n.allow_hedging);
+        assert_eq!((n.timeout, n.max_streams), (None, None));
+        assert_eq!(n, super::UpstreamNar::default(), "what discovery gives");
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let text = format!(
+            "{UP}allow_hedging = false\nnar_timeout = \"2s\"\nmax_concurrent_requests = 3\n\
+             [cache.nar_hedging]\nenabled = false\ndelay = \"0s\"\nmax_inflight = 4\n"
+        );
+        let c = load(&text).unwrap();
+        let n = c.upstreams[0].nar;
+        assert!(!n.allow_hedging);
+        assert_eq!(n.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(n.max_streams, Some(3));
+        let h = c.cache.nar_hedging;
+        assert!(!h.enabled);
+        assert_eq!((h.delay, h.max_inflight), (Duration::ZERO, 4));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            (
+                format!("{UP}[cache.nar_hedging]\nmax_inflight = 0\n"),
+                "cache.nar_hedging.max_inflight must be >= 1",
+            ),
+            (
+                format!("{UP}max_concurrent_requests = 0\n"),
+                "upstream[0].max_concurrent_requests must be >= 1",
+            ),
+            (
+                format!("{UP}nar_timeout = \"0s\"\n"),
+                "upstream[0].nar_timeout must be positive",
+            ),
+            (format!("{UP}nar_timeout = \"soon\"\n"), "invalid duration"),
+            (
+                format!("{UP}[cache.nar_hedging]\nmax_in_flight = 2\n"),
+                "max_in_flight",
+            ),
+            (
+                format!("{UP}max_concurrent_requests = -1\n"),
+                "max_concurrent_requests",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

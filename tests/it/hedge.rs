@@ -143,7 +143,8 @@ fn hedges(ncro: &NcroProcess, event: &str, up: &FakeUpstream) -> f64 {
 
 /// The first upstream holds its NAR head; the second starts after the
 /// hedge delay and wins, byte exact, marked `X-Ncro-Route: hedge`; the
-/// first attempt is cancelled and its connection never reused.
+/// first attempt is cancelled, its connection never reused and its stream
+/// permit (A is capped at one stream) given back.
 #[test]
 fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     let s = Setup::new("hedge-win");
@@ -152,11 +153,17 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     let cfg = s
         .config(&[&a, &b])
         .set("cache", "nar_hedging", hedging(true, "200ms", 2));
-    let ncro = s.start(&cfg.render());
+    let text = with_upstream_keys(&cfg, &[(0, "max_concurrent_requests", 1.into())]);
+    let ncro = s.start(&text);
     let sent = std::time::Instant::now();
     let got = s.get(&ncro);
     s.assert_whole(&got, &ncro);
-    assert_eq!(got.header("X-Ncro-Route"), Some("hedge"), "{:?}", got.headers);
+    assert_eq!(
+        got.header("X-Ncro-Route"),
+        Some("hedge"),
+        "{:?}",
+        got.headers
+    );
     let (a_reqs, b_reqs) = (nar_requests(&a, &s.nar()), nar_requests(&b, &s.nar()));
     assert_eq!((a_reqs.len(), b_reqs.len()), (1, 1));
     // Measured from the client's request, not from A's arrival (which a
@@ -167,6 +174,8 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     assert_eq!(hedges(&ncro, "won", &b), 1.0);
     assert_eq!(hedges(&ncro, "cancelled", &a), 1.0);
     assert_eq!(hedges(&ncro, "started", &a), 0.0);
+    let held = scrape(&ncro).value("ncro_nar_streams_limited", &[("upstream", &a.url())]);
+    assert_eq!(held, 0.0, "the cancelled attempt kept its permit");
     // The loser's connection was closed, not pooled: A's next request
     // (now prompt: the rule was for the first NAR request only) comes on
     // another connection, and is not a hedge.
@@ -175,7 +184,10 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     assert_eq!(again.header("X-Ncro-Route"), Some("cache-hit"));
     let a_reqs = nar_requests(&a, &s.nar());
     assert_eq!(a_reqs.len(), 2, "the second fetch goes to A first");
-    assert_ne!(a_reqs[1].conn, a_reqs[0].conn, "the cancelled connection was reused");
+    assert_ne!(
+        a_reqs[1].conn, a_reqs[0].conn,
+        "the cancelled connection was reused"
+    );
     assert_eq!(nar_requests(&b, &s.nar()).len(), 1);
 }
 
@@ -231,9 +243,11 @@ fn max_inflight_bounds_the_attempts_in_flight() {
         let b = s.holder(Some(Fault::Delay(SLOW)));
         let c = s.holder(Some(Fault::Delay(SLOW)));
         let d = s.holder(None);
-        let cfg = s
-            .config(&[&a, &b, &c, &d])
-            .set("cache", "nar_hedging", hedging(true, "100ms", max as i64));
+        let cfg = s.config(&[&a, &b, &c, &d]).set(
+            "cache",
+            "nar_hedging",
+            hedging(true, "100ms", max as i64),
+        );
         let ncro = s.start(&cfg.render());
         let got = s.get(&ncro);
         s.assert_whole(&got, &ncro);
@@ -337,7 +351,11 @@ fn nar_timeout_cuts_a_stalled_stream_but_not_a_flowing_one() {
             assert_eq!(b_asked, 1, "the stall was not cut: {}", ncro.logs());
         } else {
             assert_eq!(b_asked, 0, "a flowing stream was cut: {}", ncro.logs());
-            assert!(got.elapsed >= Duration::from_millis(1500), "{:?}", got.elapsed);
+            assert!(
+                got.elapsed >= Duration::from_millis(1500),
+                "{:?}",
+                got.elapsed
+            );
         }
     }
 }
@@ -383,4 +401,28 @@ fn a_200_that_ends_before_its_body_tries_the_next_at_once() {
         &[("kind", "no_body"), ("upstream", &a.url())],
     );
     assert_eq!(v, 1.0, "{}", ncro.logs());
+}
+
+/// A NAR path that does not name the file's hash proves nothing about
+/// another upstream's file under the same name: no hedge, the second
+/// upstream is asked only after the first failed.
+#[test]
+fn a_path_that_does_not_name_a_file_hash_is_never_hedged() {
+    let s = Setup::new("hedge-noname");
+    let path = "/nar/not-a-file-hash.nar";
+    let slow = Duration::from_millis(1500);
+    let a = FakeUpstream::builder()
+        .file(path, s.p.nar.clone())
+        .rule(PathMatch::exact(path), Fault::Delay(slow))
+        .start();
+    let b = FakeUpstream::builder().file(path, s.p.nar.clone()).start();
+    let cfg = s
+        .config(&[&a, &b])
+        .set("cache", "nar_hedging", hedging(true, "100ms", 2));
+    let ncro = NcroProcess::start(&cfg.render());
+    let got = fetch(ncro.addr(), path, &[], LIMIT);
+    s.assert_whole(&got, &ncro);
+    assert!(got.elapsed >= slow, "{:?}", got.elapsed);
+    assert_eq!(a.request_count(path), 1);
+    assert_eq!(b.request_count(path), 0, "B was asked: {}", ncro.logs());
 }
