@@ -9,9 +9,9 @@
 pub mod compat;
 pub mod env;
 pub mod filter;
-pub mod narinfo;
-pub mod nar;
 mod logging;
+pub mod nar;
+pub mod narinfo;
 pub mod netrc;
 pub mod peer;
 pub mod precedence;

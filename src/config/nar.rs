@@ -80,8 +80,9 @@ pub(super) fn validate_nar_urls(
     let storage_url = match u.storage_url.as_deref().map(str::trim) {
         None => None,
         Some(s) => {
-            super::check_http_url(s)
-                .map_err(|e| super::invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}")))?;
+            super::check_http_url(s).map_err(|e| {
+                super::invalid(format!("upstream[{i}]: invalid storage_url {s:?}: {e}"))
+            })?;
             Some(s.trim_end_matches('/').to_owned())
         }
     };
