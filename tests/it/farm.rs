@@ -1,4 +1,5 @@
-//! A farm of three `ncro` nodes (127.0.0.2-4) behind HAProxy running the
+//! A farm of three `ncro` nodes (127.0.2.1-3: addresses no other test uses, so no
+//! node of another test can be sent this farm's gossip) behind HAProxy running the
 //! shipped `packaging/haproxy/ncro-farm.cfg` itself (its addresses come
 //! from the environment: `NCRO_FRONTEND`, `NCRO_NODE1..3`), with the mesh
 //! between the nodes and `server.drain_delay` on each:
@@ -42,7 +43,7 @@ const DRAIN_DELAY: &str = "4s";
 const GOSSIP_INTERVAL: &str = "500ms";
 /// How long one node may take to leave and come back.
 const NODE_LIMIT: Duration = Duration::from_secs(60);
-const IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+const IPS: [&str; 3] = ["127.0.2.1", "127.0.2.2", "127.0.2.3"];
 
 /// HAProxy in the foreground (`-db`) as our child; killed by PID on drop.
 struct Haproxy {
