@@ -90,6 +90,7 @@ mod nar;
 mod narinfo_side;
 mod ops;
 mod overload;
+mod parity;
 mod realdata;
 mod route_persist;
 mod routing;
