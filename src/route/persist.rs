@@ -9,8 +9,10 @@
 //! Durability: WAL with `synchronous=NORMAL`. A committed transaction is in
 //! the WAL file before `COMMIT` returns, so killing the process (even with
 //! SIGKILL) loses nothing that was committed and never corrupts the file.
-//! Only an OS crash or power loss can drop the last few commits (still
-//! without corruption), which is acceptable for a cache. A write is
+//! Only an OS crash or power loss can drop the commits since the last
+//! checkpoint (the WAL is synced there; the writer checkpoints every
+//! 10,000 pages, ~40 MB, `db::WAL_CHECKPOINT_PAGES`), still without corruption,
+//! which is acceptable for a cache. A write is
 //! acknowledged when its batch commits (counted in `rows_written`); what is
 //! still queued or in the failing batch is lost on a kill or a write error.
 //! docs/operations.md ("Crash safety") states the promise to operators and

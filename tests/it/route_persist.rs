@@ -312,21 +312,53 @@ fn thread_cpu_ns(name: &str) -> u64 {
 /// CPU the writer thread spends per route it writes, with routes arriving
 /// as under a miss load (NCRO_WRITER_RATE routes/s, 10,000 by default: the
 /// load test's ~39k new routes in 4 s) or all at once (rate 0).
+///
+/// `NCRO_WRITER_RANDOM=1` spreads the store hashes over the whole key space
+/// as real ones are (by default they are sequential, so every B-tree is
+/// appended to), and `NCRO_WRITER_PREFILL=N` first writes N other routes
+/// (not measured), so that the inserts land in a table of realistic size.
+/// `NCRO_WRITER_BATCH_MAX` and `NCRO_WRITER_LINGER_MS` override the
+/// [`WriterConfig`] defaults.
 #[test]
 #[ignore = "measurement: run alone in release"]
 fn measure_writer_cpu_per_route() {
-    let n: u64 = std::env::var("NCRO_WRITER_ROUTES").map_or(50_000, |v| v.parse().unwrap());
-    let rate: u64 = std::env::var("NCRO_WRITER_RATE").map_or(10_000, |v| v.parse().unwrap());
+    let env = |k: &str, d: u64| std::env::var(k).map_or(d, |v| v.parse().unwrap());
+    let n = env("NCRO_WRITER_ROUTES", 50_000);
+    let rate = env("NCRO_WRITER_RATE", 10_000);
+    let prefill = env("NCRO_WRITER_PREFILL", 0);
+    let random = env("NCRO_WRITER_RANDOM", 0) == 1;
+    // 32^8 = 2^40 hashes; an odd multiplier permutes them.
+    let key = |i: u64| {
+        if random {
+            hash(i.wrapping_mul(0x9E37_79B9_7F4B) & ((1 << 40) - 1))
+        } else {
+            hash(i)
+        }
+    };
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("routes.db");
     let path = path.to_str().unwrap();
     let upstreams: Vec<Arc<str>> = (0..4).map(|u| Arc::from(format!("https://c{u}"))).collect();
-    let entries: Vec<_> = (0..n)
-        .map(|i| Arc::new(entry(i, &upstreams[i as usize % 4], 600)))
-        .collect();
+    // Expiry grows with time as in a server (`now + cache.ttl`): one second
+    // per 10,000 routes.
+    let route = |i: u64| {
+        let mut e = entry(i, &upstreams[i as usize % 4], 600);
+        e.expires_at = FAR + i / 10_000;
+        Arc::new(e)
+    };
+    let entries: Vec<_> = (prefill..prefill + n).map(route).collect();
 
-    let (writer, join) = spawn_writer(open(path).unwrap(), WriterConfig::default());
-    writer.flush_blocking().unwrap(); // startup sweep out of the way
+    let mut cfg = WriterConfig::default();
+    cfg.batch_max = env("NCRO_WRITER_BATCH_MAX", cfg.batch_max as u64) as usize;
+    cfg.linger = Duration::from_millis(env("NCRO_WRITER_LINGER_MS", cfg.linger.as_millis() as u64));
+    let (writer, join) = spawn_writer(open(path).unwrap(), cfg);
+    for i in 0..prefill {
+        let e = route(i);
+        while !writer.try_write(WriteOp::Route(key(i), e.clone())) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    writer.flush_blocking().unwrap(); // startup sweep and prefill out of the way
     let (cpu0, batches0) = (thread_cpu_ns("ncro-db-writer"), writer.batches_written());
     let t = Instant::now();
     for (i, e) in entries.into_iter().enumerate() {
@@ -338,7 +370,7 @@ fn measure_writer_cpu_per_route() {
                 std::thread::sleep(d);
             }
         }
-        while !writer.try_write(WriteOp::Route(hash(i), e.clone())) {
+        while !writer.try_write(WriteOp::Route(key(prefill + i), e.clone())) {
             std::thread::sleep(Duration::from_millis(1)); // queue full: burst mode only
         }
     }
@@ -347,17 +379,18 @@ fn measure_writer_cpu_per_route() {
     let cpu = thread_cpu_ns("ncro-db-writer") - cpu0;
     let batches = writer.batches_written() - batches0;
     assert_eq!(writer.write_errors(), 0);
-    assert_eq!(writer.stored_routes(), n);
+    assert_eq!(writer.stored_routes(), prefill + n);
     writer.shutdown_blocking().unwrap();
     join.join().unwrap();
     println!(
-        "{n} routes at {} in {wall:.2} s: writer thread {:.3} CPU-s, {:.2} us CPU per route, \
-         {batches} batches ({:.1} routes each)",
+        "{n} routes at {} in {wall:.2} s ({} keys, {prefill} rows before): writer thread \
+         {:.3} CPU-s, {:.2} us CPU per route, {batches} batches ({:.1} routes each)",
         if rate > 0 {
             format!("{rate}/s")
         } else {
             "full speed".into()
         },
+        if random { "random" } else { "sequential" },
         cpu as f64 / 1e9,
         cpu as f64 / 1e3 / n as f64,
         n as f64 / batches as f64,

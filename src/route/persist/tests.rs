@@ -226,6 +226,80 @@ fn load_skips_expired_and_sweep_deletes_them() {
 }
 
 #[test]
+fn a_route_clears_a_negative_entry_stored_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    write_all(
+        &path,
+        100,
+        vec![
+            WriteOp::Negative(hash(5), FAR),
+            WriteOp::Negative(hash(6), FAR),
+        ],
+    );
+    // A new process: its writer only knows of these entries from the file.
+    write_all(
+        &path,
+        100,
+        vec![WriteOp::Route(hash(5), entry("https://a", FAR, 1))],
+    );
+    let (loaded, _) = open_and_load(&path, 0).unwrap();
+    let routes: Vec<_> = loaded.routes.iter().map(|(h, _)| *h).collect();
+    assert_eq!(routes, [hash(5)]);
+    assert_eq!(loaded.negatives, [(hash(6), FAR)], "one state per hash");
+}
+
+#[test]
+fn a_negative_delete_rolled_back_with_its_batch_is_done_by_the_next_one() {
+    let mut db = open(":memory:").unwrap();
+    db.write_batch(&[WriteOp::Negative(hash(1), FAR)]).unwrap();
+    // The batch fails after the route (and its negative DELETE) ran.
+    db.conn
+        .execute_batch(
+            "CREATE TRIGGER fail BEFORE INSERT ON upstream_health \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+    let health = HealthRow {
+        url: "https://a".into(),
+        ema_latency: 1.0,
+        consecutive_fails: 0,
+        total_queries: 1,
+    };
+    let failing = [
+        WriteOp::Route(hash(1), entry("https://a", FAR, 1)),
+        WriteOp::Health(health),
+    ];
+    assert!(db.write_batch(&failing).is_err());
+    assert_eq!(db.load_negatives(0).unwrap().0, [(hash(1), FAR)]);
+    db.conn.execute_batch("DROP TRIGGER fail").unwrap();
+    db.write_batch(&[WriteOp::Route(hash(1), entry("https://a", FAR, 1))])
+        .unwrap();
+    assert_eq!(db.load_negatives(0).unwrap().0, []);
+    assert_eq!(db.route_count(), 1);
+}
+
+#[test]
+fn flush_and_shutdown_do_not_wait_for_the_linger() {
+    let (_, db) = open_and_load(":memory:", 0).unwrap();
+    let linger = Duration::from_secs(120);
+    let (w, join) = spawn_writer(db, WriterConfig { linger, ..cfg(100) });
+    w.flush_blocking().unwrap(); // the startup sweep
+    let t = Instant::now();
+    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    // The writer is parked for the linger with one route gathered.
+    std::thread::sleep(Duration::from_millis(50));
+    w.flush_blocking().unwrap();
+    assert_eq!(w.rows_written(), 1);
+    assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
+    std::thread::sleep(Duration::from_millis(50));
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    assert_eq!(w.rows_written(), 2);
+    assert!(t.elapsed() < linger / 2, "{:?}", t.elapsed());
+}
+
+#[test]
 fn writer_sweeps_periodically() {
     let (_, db) = open_and_load(":memory:", 0).unwrap();
     let cfg = WriterConfig {

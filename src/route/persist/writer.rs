@@ -39,7 +39,7 @@ impl Default for WriterConfig {
         WriterConfig {
             max_entries: 1_000_000,
             sweep_interval: Duration::from_secs(300),
-            batch_max: 1024,
+            batch_max: 4096,
             linger: Duration::from_millis(50),
         }
     }
@@ -64,6 +64,9 @@ struct WriterStats {
 pub struct WriterHandle {
     tx: flume::Sender<WriteOp>,
     stats: Arc<WriterStats>,
+    /// The writer thread, unparked after a flush or shutdown is queued so
+    /// that it commits at once instead of at the end of its linger.
+    thread: Option<std::thread::Thread>,
 }
 
 impl WriterHandle {
@@ -85,6 +88,7 @@ impl WriterHandle {
             .send_async(WriteOp::Flush(reply))
             .await
             .map_err(|_| PersistError::WriterClosed)?;
+        self.wake();
         done.recv_async()
             .await
             .map_err(|_| PersistError::WriterClosed)
@@ -96,6 +100,7 @@ impl WriterHandle {
         self.tx
             .send(WriteOp::Flush(reply))
             .map_err(|_| PersistError::WriterClosed)?;
+        self.wake();
         done.recv().map_err(|_| PersistError::WriterClosed)
     }
 
@@ -104,7 +109,15 @@ impl WriterHandle {
     pub fn shutdown_blocking(&self) -> Result<(), PersistError> {
         self.tx
             .send(WriteOp::Shutdown)
-            .map_err(|_| PersistError::WriterClosed)
+            .map_err(|_| PersistError::WriterClosed)?;
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if let Some(t) = &self.thread {
+            t.unpark();
+        }
     }
 
     /// Failed SQLite operations (batches, sweeps, evictions) so far.
@@ -139,7 +152,8 @@ impl WriterHandle {
     pub(crate) fn detached(capacity: usize) -> (Self, flume::Receiver<WriteOp>) {
         let (tx, rx) = flume::bounded(capacity);
         let stats = Arc::default();
-        (WriterHandle { tx, stats }, rx)
+        let thread = None;
+        (WriterHandle { tx, stats, thread }, rx)
     }
 }
 
@@ -161,7 +175,8 @@ pub fn spawn_writer(db: Db, cfg: WriterConfig) -> (WriterHandle, std::thread::Jo
         .name("ncro-db-writer".into())
         .spawn(move || writer.run(rx))
         .expect("spawning the database writer thread");
-    (WriterHandle { tx, stats }, join)
+    let thread = Some(join.thread().clone());
+    (WriterHandle { tx, stats, thread }, join)
 }
 
 /// Writes that failed for a reason that passes (full disk, read-only or
@@ -214,6 +229,8 @@ impl Writer {
     fn run(mut self, rx: flume::Receiver<WriteOp>) {
         let batch_max = self.cfg.batch_max.max(1);
         let mut batch = Vec::with_capacity(batch_max);
+        let r = self.db.tune_for_writes();
+        self.check("tune the connection", r);
         // ncro 2.2 also swept once at startup.
         let mut next_sweep = Instant::now();
         loop {
@@ -254,10 +271,12 @@ impl Writer {
     }
 
     /// Collects `first` and what follows it into `batch`, for up to
-    /// `cfg.linger`: in short sleeps rather than a wake-up per op, which
-    /// would cost more CPU than it saves. Stops early at `batch_max`, a
-    /// flush (someone waits for it) or a shutdown; returns true at a
-    /// shutdown.
+    /// `cfg.linger`. Between two looks at the queue the thread parks until
+    /// the deadline: one wake-up per batch, not one per op nor a polling
+    /// step (each wake-up costs more CPU than the ops it gathers save). A
+    /// flush or shutdown unparks it (see [`WriterHandle::wake`]). Stops
+    /// early at `batch_max`, a flush (someone waits for it) or a shutdown;
+    /// returns true at a shutdown.
     fn gather(
         &self,
         rx: &flume::Receiver<WriteOp>,
@@ -266,7 +285,6 @@ impl Writer {
         batch_max: usize,
     ) -> bool {
         let deadline = Instant::now() + self.cfg.linger;
-        let step = (self.cfg.linger / 10).max(Duration::from_millis(1));
         let mut next = Some(first);
         loop {
             while let Some(op) = next.take() {
@@ -285,7 +303,9 @@ impl Writer {
             if left.is_zero() {
                 return false;
             }
-            std::thread::sleep(left.min(step));
+            // May return early (an unpark, or spuriously): the loop looks
+            // at the queue and parks again for what is left.
+            std::thread::park_timeout(left);
             next = rx.try_recv().ok();
         }
     }
