@@ -276,7 +276,7 @@ impl RouteTable {
             .get(&super::RouteKey::of(hash))
             .and_then(|b| b.upstream_url)
         {
-            Some(u) => u,
+            Some(u) => Box::from(&*u),
             None => url_of(&narinfo)?.into(),
         };
         Some(NarSource::Hot {
