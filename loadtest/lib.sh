@@ -5,8 +5,12 @@
 # shared 2-vCPU VM, so absolute figures drift from one hour to the next.
 #
 # Conventions:
-#   - servers under test run with `taskset -c 0` (one worker, CPU 0);
-#     the load generator runs with `taskset -c 1`;
+#   - pinned (LT_PIN=1, the default): servers under test run with
+#     `taskset -c 0` (one worker, CPU 0); the load generator runs with
+#     `taskset -c 1`;
+#   - unpinned (LT_PIN=0): nothing is pinned; servers run one worker per
+#     CPU and share every core with the load generator (what a deployment
+#     with the client on the same host sees);
 #   - every server a script starts is recorded in LT_PIDS / LT_NGINX_PIDFILES
 #     and stopped by PID on exit (lt_cleanup, installed by lt_init);
 #   - each script writes loadtest/runs/<YYYY-MM-DD>-<name>/ (see README.md).
@@ -22,6 +26,13 @@ LT_NGINX_PIDFILES=()
 LOAD_MAX=${LOAD_MAX:-0.8}
 BUSY_MAX=${BUSY_MAX:-15}
 WAIT_MAX=${WAIT_MAX:-600}
+# 1: pin servers to CPU 0 and clients to CPU 1; 0: pin nothing.
+LT_PIN=${LT_PIN:-1}
+# wrk threads (lt_wrk); rotate.lua gives each its slice of the list.
+WRK_THREADS=${WRK_THREADS:-1}
+
+# lt_pin CPU: the `taskset -c CPU` prefix when pinning, nothing otherwise.
+lt_pin() { [ "$LT_PIN" = 1 ] && echo "taskset -c $1"; return 0; }
 
 lt_die() { echo "error: $*" >&2; exit 1; }
 
@@ -144,7 +155,7 @@ lt_nginx() {
   local conf=$1 cpu=${2:-0} pidf i m
   pidf=$(awk '$1=="pid"{gsub(";","",$2); print $2}' "$conf")
   LT_NGINX_PIDFILES+=("$pidf")
-  lt_cmd taskset -c "$cpu" nginx -e "$W/nginx-startup.log" -p "$W" -c "$conf"
+  lt_cmd $(lt_pin "$cpu") nginx -e "$W/nginx-startup.log" -p "$W" -c "$conf"
   for i in $(seq 50); do [ -s "$pidf" ] && break; sleep 0.1; done
   m=$(cat "$pidf")
   sleep 0.3
@@ -158,8 +169,8 @@ lt_ncro() {
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
-  printf 'env %s taskset -c 0 %s\n' "${envs[*]}" "$*" >> "$RUN/commands.txt"
-  env "${envs[@]}" taskset -c 0 "$@" > "$log" 2>&1 &
+  printf 'env %s %s %s\n' "${envs[*]}" "$(lt_pin 0)" "$*" >> "$RUN/commands.txt"
+  env "${envs[@]}" $(lt_pin 0) "$@" > "$log" 2>&1 &
   NCRO_PID=$!
   LT_PIDS+=("$NCRO_PID")
 }
@@ -171,7 +182,7 @@ lt_ncro_driver() { grep -o '"driver":"[a-z_]*"' "$1" | head -1 | cut -d'"' -f4; 
 # lt_on_cpu1 CMD...: runs CMD pinned to CPU 1; prints the client CPU ticks
 # on fd 3 (the caller redirects it).
 lt_on_cpu1() {
-  taskset -c 1 bash -c '"$@"; rc=$?; s=$(cat /proc/$$/stat); s=${s##*) }; awk "{print \$14 + \$15}" <<< "$s" >&3; exit $rc' lt "$@"
+  $(lt_pin 1) bash -c '"$@"; rc=$?; s=$(cat /proc/$$/stat); s=${s##*) }; awk "{print \$14 + \$15}" <<< "$s" >&3; exit $rc' lt "$@"
 }
 
 lt_machine() {
@@ -205,11 +216,11 @@ lt_wrk() {
   local out="$RUN/raw/$label.txt" s0 s1 u0 u1 k0 k1 b0 st0 a0 b1 st1 a1 t0 t1 c l0 ul0=0 ul1=0
   l0=$(lt_load1)
   [ -n "$ulog" ] && ul0=$(cat $ulog 2>/dev/null | wc -l)
-  printf 'taskset -c 1 wrk -t1 -c%s -d%s --latency -s loadtest/rotate.lua %s -- %s 1\n' \
-    "$conns" "$dur" "$url" "$list" >> "$RUN/commands.txt"
+  printf '%s wrk -t%s -c%s -d%s --latency -s loadtest/rotate.lua %s -- %s %s\n' \
+    "$(lt_pin 1)" "$WRK_THREADS" "$conns" "$dur" "$url" "$list" "$WRK_THREADS" >> "$RUN/commands.txt"
   s0=$(lt_ticks "$spids"); u0=$(lt_ticks "$upids"); k0=$(lt_ticks "$LT_KSOFTIRQ"); read -r b0 st0 a0 < <(lt_sys)
   t0=$(date +%s.%N)
-  c=$(lt_on_cpu1 wrk -t1 -c"$conns" -d"$dur" --latency -s "$LT_DIR/rotate.lua" "$url" -- "$list" 1 \
+  c=$(lt_on_cpu1 wrk -t"$WRK_THREADS" -c"$conns" -d"$dur" --latency -s "$LT_DIR/rotate.lua" "$url" -- "$list" "$WRK_THREADS" \
         3>&1 > "$out" 2>&1) || echo "wrk exited non-zero" >> "$out"
   t1=$(date +%s.%N)
   s1=$(lt_ticks "$spids"); u1=$(lt_ticks "$upids"); k1=$(lt_ticks "$LT_KSOFTIRQ"); read -r b1 st1 a1 < <(lt_sys)

@@ -18,12 +18,23 @@
 #   - wrk -t1 on CPU 1 walks the same 20k list (rotate.lua) against all,
 #     same duration, interleaved rounds (order rotates per round).
 #
+# PIN=0 pins nothing instead: nginx `worker_processes auto` (one per
+# CPU), ncro one worker per CPU (`workers` unset), the chain proxy and its
+# upstreams likewise, and wrk with WRK_THREADS (2) threads, all sharing the
+# machine's cores as the scheduler sees fit. That is the same-cores
+# comparison a deployment with its clients on the same host gets; the
+# pinned one isolates the server's own cost.
+#
 # Usage: loadtest/narinfo-hit.sh [NCRO_BIN] [DURATION] [ROUNDS]
 #   defaults: release build of this checkout, 15s, 3
 # Env: CONNS ("64 1024"), CACHES (/tmp/ncro-bench/caches), LIST (a-20k),
 #      CHAIN (1: also measure the nginx chain proxy; 0: skip it),
-#      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18480).
+#      PIN (1: pinned per core; 0: nothing pinned), WRK_THREADS (1 pinned,
+#      2 unpinned), LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18480).
 set -euo pipefail
+PIN=${PIN:-1}
+export LT_PIN=$PIN
+if [ "$PIN" = 0 ]; then export WRK_THREADS=${WRK_THREADS:-2}; fi
 . "$(dirname "$0")/lib.sh"
 NCRO=$(lt_ncro_bin "${1:-}")
 DUR=${2:-15s}; ROUNDS=${3:-3}
@@ -35,7 +46,19 @@ CHAIN=${CHAIN:-1}
 CEIL=$((BASEPORT + 1)); UPA=$((BASEPORT + 2)); UPB=$((BASEPORT + 3)); NCPORT=$((BASEPORT + 4))
 CHPORT=$((BASEPORT + 5)); CHA=$((BASEPORT + 6)); CHB=$((BASEPORT + 7))
 
-lt_init narinfo-hit
+if [ "$PIN" = 1 ]; then
+  lt_init narinfo-hit
+  NG_WORKERS="worker_processes 1;"; NG_CPU0="worker_cpu_affinity 01;"; NG_CPU1="worker_cpu_affinity 10;"
+  NC_WORKERS='workers = 1
+cpus = [0]
+control_cpu = 0'
+  SETUP="One worker each on CPU 0, wrk -t1 on CPU 1"
+else
+  lt_init narinfo-hit-unpinned
+  NG_WORKERS="worker_processes auto;"; NG_CPU0=""; NG_CPU1=""
+  NC_WORKERS=""
+  SETUP="Nothing pinned: nginx and ncro one worker per CPU ($(nproc)), wrk -t$WRK_THREADS, all on the same cores"
+fi
 lt_machine
 lt_caches "$CACHES"
 L="$CACHES/lists/$LIST.txt"
@@ -44,8 +67,8 @@ NPATHS=$(wc -l < "$L")
 echo "caches: $CACHES (gen-caches.py --no-big, seed 42); list: $LIST ($NPATHS paths)" >> "$RUN/machine.txt"
 
 cat > "$W/nginx.conf" <<NG
-worker_processes 1;
-worker_cpu_affinity 01;
+$NG_WORKERS
+$NG_CPU0
 pid $W/nginx.pid;
 error_log $W/nginx-error.log warn;
 events { worker_connections 4096; }
@@ -66,9 +89,7 @@ NG
 cat > "$W/ncro.toml" <<NC
 [server]
 listen = "127.0.0.1:$NCPORT"
-workers = 1
-cpus = [0]
-control_cpu = 0
+$NC_WORKERS
 [[upstreams]]
 url = "http://127.0.0.1:$UPA"
 priority = 10
@@ -86,8 +107,8 @@ if [ "$CHAIN" = 1 ]; then
   mkdir -p "$W/px"
   # The chain's own upstreams, on CPU 1 beside wrk.
   cat > "$W/nginx-chain-up.conf" <<NG
-worker_processes 1;
-worker_cpu_affinity 10;
+$NG_WORKERS
+$NG_CPU1
 pid $W/nginx-chain-up.pid;
 error_log $W/nginx-chain-up-error.log warn;
 events { worker_connections 4096; }
@@ -101,8 +122,8 @@ http {
 NG
   # The shared kit's fallback proxy, one worker on CPU 0.
   cat > "$W/nginx-chain.conf" <<NG
-worker_processes 1;
-worker_cpu_affinity 01;
+$NG_WORKERS
+$NG_CPU0
 pid $W/nginx-chain.pid;
 error_log $W/nginx-chain-error.log warn;
 events { worker_connections 4096; }
@@ -140,7 +161,7 @@ echo "driver: $DRIVER" >> "$RUN/machine.txt"
 awk -v p="$NCPORT" '{printf "url = \"http://127.0.0.1:%s%s\"\noutput = \"/dev/null\"\n", p, $1}' "$L" > "$W/warm.curl"
 echo "taskset -c 1 curl -s -Z --parallel-max 32 -w '%{http_code}\\n' -K warm.curl  # one url per path of $LIST" >> "$RUN/commands.txt"
 t0=$(date +%s.%N)
-taskset -c 1 curl -s -Z --parallel-max 32 -w '%{http_code}\n' -K "$W/warm.curl" > "$W/warm.codes" || true
+$(lt_pin 1) curl -s -Z --parallel-max 32 -w '%{http_code}\n' -K "$W/warm.curl" > "$W/warm.codes" || true
 t1=$(date +%s.%N)
 WARM_CODES=$(sort "$W/warm.codes" | uniq -c | awk '{printf "%s×%s ", $2, $1}')
 WARM_UP=$(wc -l < "$W/upstream.log")
@@ -184,7 +205,7 @@ FWD=$(lt_values '^ncro-' upstream_reqs | awk '{s+=$1} END{print s+0}')
   echo
   grep -E '^(date|cpu|kernel|git):' "$RUN/machine.txt" | sed 's/^/    /'
   echo
-  echo "One worker each on CPU 0, wrk -t1 on CPU 1, list $LIST ($NPATHS paths, rotate.lua), $DUR per run,"
+  echo "$SETUP, list $LIST ($NPATHS paths, rotate.lua), $DUR per run,"
   echo "$ROUNDS interleaved rounds. ncro driver: $DRIVER. Warm-up: $WARM."
   echo "Requests ncro forwarded upstream during the measured runs: $FWD (0 = all hits). ncro $RSS"
   echo "Quiet check before the batch: $(tail -1 "$RUN/load.txt")"

@@ -4,8 +4,12 @@
 # load, exact commands, raw outputs of each part (one folder per script)
 # and summary.md, the table of targets with this run's figures.
 #
-#   narinfo-hit.sh  route-cache hits vs nginx static and nginx fallback chain, c64 and c1024
+#   narinfo-hit.sh  route-cache hits vs nginx static and nginx fallback chain, c64 and c1024,
+#                   pinned per core, then again with nothing pinned (PIN=0: every server one
+#                   worker per CPU, wrk -t2, all sharing the same cores)
 #   miss.sh         latency ncro adds, two upstreams of different latency, 1000-client herd
+#   miss-tiers.sh   fresh-route-cache misses under load (50k distinct present paths, two
+#                   tiers of static nginx, wrk c64) vs the nginx fallback chain, nothing pinned
 #   nar.sh          NAR relay 1 and 16 streams vs direct and nginx proxy_pass, CPU per GB,
 #                   copy and splice on both drivers, 1 MiB NAR req/s
 #   footprint.sh    1M routes (load time, RSS), 10k idle connections (RSS)
@@ -30,10 +34,10 @@ echo "ncro_bin_copied_from: $SRC_BIN" >> "$RUN/machine.txt"
 started=$(date +%s)
 
 if [ "${QUICK:-}" = 1 ]; then
-  HIT=(2s 1); MISS=(1 2s); NAR=(1); export SINGLE_REPS=2 MULTI_REPS=1 SMALL_DUR=2s
+  HIT=(2s 1); MISS=(1 2s); TIERS=(1 1s); NAR=(1); export SINGLE_REPS=2 MULTI_REPS=1 SMALL_DUR=2s
   export ROUTES=${ROUTES:-100000} HITS=20000 IDLE_CONNS=2000 HERD_ROUNDS=5
 else
-  HIT=(10s 2); MISS=(3 4s); NAR=(5); export SINGLE_REPS=20 MULTI_REPS=3 SMALL_DUR=3s
+  HIT=(10s 2); MISS=(3 4s); TIERS=(3 2s); NAR=(5); export SINGLE_REPS=20 MULTI_REPS=3 SMALL_DUR=3s
 fi
 
 # part NAME SCRIPT ARGS...: runs a part with its run folder inside ours.
@@ -45,7 +49,9 @@ part() {
 }
 
 part narinfo-hit "$LT_DIR/narinfo-hit.sh" "$NCRO" "${HIT[@]}"
+part narinfo-hit-unpinned env PIN=0 "$LT_DIR/narinfo-hit.sh" "$NCRO" "${HIT[@]}"
 part miss "$LT_DIR/miss.sh" "$NCRO" "${MISS[@]}"
+part miss-tiers "$LT_DIR/miss-tiers.sh" "$NCRO" "${TIERS[@]}"
 part nar "$LT_DIR/nar.sh" "$NCRO" "${NAR[@]}"
 part footprint "$LT_DIR/footprint.sh" "$NCRO"
 # Evidence for the NAR rows (docs/benchmarks.md), where perf can sample.
@@ -65,7 +71,7 @@ verdict() { # VALUE OP LIMIT -> met / NOT met / -
   [ -z "$1" ] || [ "$1" = - ] && { echo "-"; return; }
   awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN{ok = (op == ">=") ? v >= l : v <= l; print ok ? "met" : "**NOT met**"}'
 }
-HITD=$(sub narinfo-hit); MISSD=$(sub miss); NARD=$(sub nar); FPD=$(sub footprint)
+HITD=$(sub narinfo-hit); HITU=$(sub narinfo-hit-unpinned); TIERD=$(sub miss-tiers); MISSD=$(sub miss); NARD=$(sub nar); FPD=$(sub footprint)
 row() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"; }
 {
   echo "# All comparisons, one run"
@@ -88,6 +94,20 @@ row() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"; }
       r=$(median_of "$(in_run "$HITD" lt_ratios chain ncro rps "${HIT[1]}" "c$c-r%s")")
       row "narinfo hit, c$c: ncro ÷ nginx fallback chain, req/s" "$r" "(reference)" "-"
     done
+  fi
+  if [ -n "$HITU" ]; then
+    for c in 64 1024; do
+      r=$(median_of "$(in_run "$HITU" lt_ratios nginx ncro rps "${HIT[1]}" "c$c-r%s")")
+      row "narinfo hit, c$c, nothing pinned (same cores as wrk): ncro ÷ nginx static, req/s" "**$r**" "≥ 1.5" "$(verdict "$r" '>=' 1.5)"
+      r=$(median_of "$(in_run "$HITU" lt_ratios nginx ncro us_cpu_per_req "${HIT[1]}" "c$c-r%s")")
+      row "narinfo hit, c$c, nothing pinned: ncro ÷ nginx static, server CPU per request" "$r" "(why)" "-"
+    done
+  fi
+  if [ -n "$TIERD" ]; then
+    r=$(median_of "$(in_run "$TIERD" lt_ratios chain ncro rps "${TIERS[0]}" "c64-r%s")")
+    row "miss, fresh route cache, 2 tiers, c64, nothing pinned: ncro ÷ nginx fallback chain, req/s" "**$r**" "≥ 1.0" "$(verdict "$r" '>=' 1.0)"
+    r=$(median_of "$(in_run "$TIERD" lt_ratios chain ncro us_cpu_per_req "${TIERS[0]}" "c64-r%s")")
+    row "miss, fresh route cache, 2 tiers, c64: ncro ÷ chain, server CPU per request" "$r" "(why)" "-"
   fi
   if [ -n "$NARD" ]; then
     for s in 1 16; do

@@ -209,7 +209,9 @@ struct Body {
     narinfo: Bytes,
     merit: Option<(f32, u64)>,
     /// The upstream's own `URL:` value when `narinfo` serves another one.
-    upstream_url: Option<Box<str>>,
+    /// Shared, not boxed: every hit clones the `Body` out of the cache, and
+    /// a refcount is cheaper than an allocation and a copy.
+    upstream_url: Option<Arc<str>>,
 }
 
 fn secs32(t: u64) -> u32 {
@@ -446,7 +448,7 @@ impl RouteTable {
         let body = Body {
             narinfo: narinfo.clone(),
             merit: Some((entry.latency_ms, entry.verified_at)),
-            upstream_url,
+            upstream_url: upstream_url.map(Arc::from),
         };
         self.bodies.insert(key, body);
         let slot = Slot {
@@ -510,7 +512,7 @@ impl RouteTable {
         let body = Body {
             narinfo: served.clone(),
             merit: None,
-            upstream_url,
+            upstream_url: upstream_url.map(Arc::from),
         };
         self.bodies.insert(RouteKey::of(hash), body);
         served

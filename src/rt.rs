@@ -7,6 +7,17 @@
 //! also epoll when setting the ring up fails (ENOMEM from a low memlock
 //! limit or memory pressure): a thread on epoll works, one that exits does
 //! not.
+//!
+//! The ring is set up with `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1+;
+//! older kernels refuse the flags and get a plain ring): a monoio ring is
+//! only ever used by the thread that built it, and it reaps completions
+//! only when it waits (`io_uring_enter` with `GETEVENTS`), which is exactly
+//! when deferred task work runs. Without it every socket wake-up (a client
+//! request arriving, a send completing) interrupts the worker with task
+//! work at its next kernel entry, one at a time; with it the kernel runs
+//! them in one batch when the worker has nothing else to do. On loopback
+//! with the client on the same cores this cut ncro's CPU per narinfo hit
+//! (docs/benchmarks.md, "CPU per request").
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,11 +49,21 @@ pub fn build_pinned(cpu: Option<usize>, warn: impl Fn(Warning<'_>)) -> std::io::
             warn(Warning::Unpinned { cpu, error: &e });
         }
     }
-    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+    let mut tuned = io_uring::IoUring::builder();
+    tuned.setup_single_issuer().setup_defer_taskrun();
+    let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .with_entries(1024)
+        .uring_builder(tuned)
         .build()
-    {
+        .or_else(|_| {
+            // A kernel before 6.1 refuses the flags (EINVAL): a plain ring.
+            monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(1024)
+                .build()
+        });
+    match built {
         Ok(rt) => Ok(rt),
         Err(e) => {
             warn(Warning::Epoll(&e));

@@ -196,6 +196,12 @@ pub struct LocalArgs {
     /// ncro worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Also run the narinfo scenarios through nginx (this binary) as a
+    /// fallback chain in front of the same two caches (the fast one, on 404
+    /// the slow one; keep-alive; one worker per CPU), nothing pinned, and
+    /// report ncro's rates against it.
+    #[arg(long, value_name = "NGINX")]
+    pub nginx: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,14 @@
 //! of them, all on loopback; then narinfo-miss, narinfo-hit and nar through
 //! ncro and narinfo-hit straight to the fast upstream, a compact report,
 //! and everything stopped (the child by its PID).
+//!
+//! With `--nginx PATH`, the narinfo scenarios also run through nginx as a
+//! fallback chain in front of the same caches ([`nginx`]), and the report
+//! gives ncro's rates against it. Nothing is pinned: ncro, nginx, the
+//! caches and the load generator share the machine's cores, as they do
+//! when the clients run on the proxy's host.
+
+mod nginx;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -52,7 +60,33 @@ pub fn run(a: &LocalArgs) -> Result<i32, BenchError> {
         a.narinfos,
         a.nar_size.0
     );
-    let result = scenarios(a, &proxy.url(), &fast.url());
+    let chain = match &a.nginx {
+        Some(bin) => match nginx::Nginx::start(bin, &fast.url(), &slow.url()) {
+            Ok(n) => {
+                println!(
+                    "nginx fallback chain {} in front of the same caches",
+                    n.url()
+                );
+                Some(n)
+            }
+            Err(e) => {
+                let _ = proxy.stop();
+                fast.stop();
+                slow.stop();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let result = scenarios(
+        a,
+        &proxy.url(),
+        &fast.url(),
+        chain.as_ref().map(|n| n.url()),
+    );
+    if let Some(n) = chain {
+        n.stop();
+    }
     let stopped = proxy.stop();
     fast.stop();
     slow.stop();
@@ -90,6 +124,7 @@ fn scenarios(
     a: &LocalArgs,
     proxy: &str,
     direct: &str,
+    chain: Option<String>,
 ) -> Result<Vec<(&'static str, Report)>, BenchError> {
     let hashes = || {
         Workload::Hashes(
@@ -105,7 +140,7 @@ fn scenarios(
     );
     // The hit runs warm up first so the route cache holds every path.
     let warm = a.duration.min(Duration::from_secs(1));
-    let steps = [
+    let mut steps = vec![
         (
             "ncro",
             proxy,
@@ -117,6 +152,18 @@ fn scenarios(
         ("ncro", proxy, Scenario::Nar, nars, Duration::ZERO),
         ("direct", direct, Scenario::NarinfoHit, hashes(), warm),
     ];
+    if let Some(chain) = chain.as_deref() {
+        // The chain keeps nothing: every request goes to the fast cache
+        // (which has every path), a miss to both.
+        steps.push((
+            "nginx",
+            chain,
+            Scenario::NarinfoMiss,
+            Workload::Random,
+            Duration::ZERO,
+        ));
+        steps.push(("nginx", chain, Scenario::NarinfoHit, hashes(), warm));
+    }
     let mut rows = Vec::new();
     for (via, url, scenario, workload, warmup) in steps {
         let mut plan = Plan::new(url, scenario, workload)?;
@@ -158,17 +205,26 @@ fn render(rows: &[(&str, Report)]) -> String {
             r.errors
         );
     }
-    let rate = |via: &str| {
+    let rate = |via: &str, scenario: &str| {
         rows.iter()
-            .find(|(v, r)| *v == via && r.info.scenario == "narinfo-hit")
+            .find(|(v, r)| *v == via && r.info.scenario == scenario)
             .map(|(_, r)| r.req_per_s)
     };
-    if let (Some(p), Some(d)) = (rate("ncro"), rate("direct")) {
+    if let (Some(p), Some(d)) = (rate("ncro", "narinfo-hit"), rate("direct", "narinfo-hit")) {
         let _ = writeln!(
             s,
             "\nnarinfo-hit through ncro: {p:.0} req/s; the synthetic upstream directly: {d:.0} req/s (ncro/direct = {:.2}).\nAll processes share this machine's CPUs, so the ratio says more than the absolute numbers.",
             p / d.max(1e-9)
         );
+    }
+    for scenario in ["narinfo-hit", "narinfo-miss"] {
+        if let (Some(p), Some(n)) = (rate("ncro", scenario), rate("nginx", scenario)) {
+            let _ = writeln!(
+                s,
+                "{scenario}: ncro {p:.0} req/s, nginx fallback chain {n:.0} req/s (ncro/nginx = {:.2}; nothing pinned, same cores).",
+                p / n.max(1e-9)
+            );
+        }
     }
     s
 }

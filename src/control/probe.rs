@@ -34,6 +34,13 @@ use crate::upstream::{Routing, Sample, UpstreamSet, Upstreams};
 /// Race samples change only EMAs; publishing them this often at most
 /// keeps a busy proxy from building a snapshot per request.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// After a batch of latency samples, the control thread stops listening
+/// for more for this long: they queue (`SAMPLE_QUEUE` holds 4,096, far more
+/// than a pause's worth at any miss rate) and are taken together. Each
+/// sample would otherwise wake this thread from another core (an eventfd
+/// write on the worker, a wake-up and a park here), a few microseconds of
+/// CPU per race won; the EMAs are published every `PUBLISH_EVERY` anyway.
+const SAMPLE_PAUSE: Duration = Duration::from_millis(20);
 /// Largest `/nix-cache-info` body read by a GET probe.
 const CACHE_INFO_LIMIT: usize = 64 * 1024;
 /// Discovery's updates queued for the prober. Each one is the whole live
@@ -155,6 +162,8 @@ struct LoopState {
     last_publish: Instant,
     persist_at: Instant,
     samples_open: bool,
+    /// Samples are listened for again from then on ([`SAMPLE_PAUSE`]).
+    samples_at: Instant,
     discovered_open: bool,
 }
 
@@ -170,6 +179,7 @@ impl LoopState {
             last_publish: now,
             persist_at: now + interval,
             samples_open,
+            samples_at: now,
             discovered_open,
         }
     }
@@ -255,7 +265,7 @@ impl Prober {
             let wake = monoio::time::Instant::from_std(self.next_wake(&st));
             let event = monoio::select! {
                 Some((life, p)) = probes.next(), if !probes.is_empty() => Event::Probed(life, p),
-                s = recv_or_pending(self.samples.as_ref()), if st.samples_open => {
+                s = recv_or_pending(self.samples.as_ref()), if st.samples_open && now >= st.samples_at => {
                     s.map_or(Event::SamplesClosed, Event::Sample)
                 }
                 d = recv_or_pending(self.discovered.as_ref()), if st.discovered_open => {
@@ -291,6 +301,7 @@ impl Prober {
                     self.apply_sample(s, &mut st.dirty);
                 }
                 st.unpublished = true;
+                st.samples_at = now + SAMPLE_PAUSE;
             }
             Event::SamplesClosed => st.samples_open = false,
             Event::Discovered(d) => {
@@ -321,6 +332,9 @@ impl Prober {
             .unwrap_or_else(|| Instant::now() + self.cfg.interval);
         if st.unpublished {
             wake = wake.min(st.last_publish + PUBLISH_EVERY);
+        }
+        if st.samples_open && st.samples_at > Instant::now() {
+            wake = wake.min(st.samples_at);
         }
         if st.dirty.iter().any(|&d| d) {
             wake = wake.min(st.persist_at);

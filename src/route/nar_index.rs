@@ -276,7 +276,7 @@ impl RouteTable {
             return Some(NarSource::Cold { upstream });
         };
         let upstream_url = match body.upstream_url {
-            Some(u) => u,
+            Some(u) => Box::from(&*u),
             // Not rewritten: the served `URL:` is the upstream's own.
             None => url_of(&body.narinfo)?.into(),
         };
