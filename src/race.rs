@@ -19,7 +19,9 @@
 //! every member has answered, or at [`RaceConfig::tier_deadline`] when its
 //! stragglers are abandoned (reported as [`FailKind::Timeout`]). The next
 //! tier starts when the newest running tier ends, or earlier, in addition
-//! to it, once [`RaceConfig::hedge_after`] has passed.
+//! to it, once [`RaceConfig::hedge_after`] has passed, or once the tier's
+//! armed early start ([`RaceConfig::early`]) has passed; an early start of
+//! zero launches the next tier together with this one, without a timer.
 //!
 //! # Miss versus unavailable
 //! A 404 makes a Nix client skip this cache for an hour
