@@ -502,7 +502,11 @@ fn an_early_start_at_zero_asks_the_next_tier_at_once_and_only_that_one() {
     let c = early(cfg(ms(5000), None), &[(10, Duration::ZERO)]);
     let (run, fake) = race_once(plan, &[10, 20, 30], c);
     assert_eq!(winner(&run.outcome), 1);
-    assert!(run.elapsed < ms(150), "waited for tier 10: {:?}", run.elapsed);
+    assert!(
+        run.elapsed < ms(150),
+        "waited for tier 10: {:?}",
+        run.elapsed
+    );
     // Tier 30 follows tier 20's own rule (none armed): never asked.
     assert_eq!(fake.started_order(), vec![0, 1]);
 }
@@ -524,7 +528,11 @@ fn the_earlier_of_hedge_and_early_start_applies() {
     let c = early(cfg(ms(5000), Some(ms(2000))), &[(10, ms(100))]);
     let (run, _) = race_once(plan, &[10, 20], c);
     assert_eq!(winner(&run.outcome), 1);
-    assert!(run.elapsed >= ms(100) && run.elapsed < ms(1500), "{:?}", run.elapsed);
+    assert!(
+        run.elapsed >= ms(100) && run.elapsed < ms(1500),
+        "{:?}",
+        run.elapsed
+    );
 }
 
 #[test]
