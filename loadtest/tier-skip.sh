@@ -63,7 +63,7 @@ fetch() { # fetch URL PATHS... -> fetch_s
 narinfos() { grep -c '\.narinfo' "$OUT/$1.log" 2>/dev/null || echo 0; }
 
 run_ncro() { # run_ncro LABEL BUDGET
-    local label=$1 budget=$2 db=$OUT/ncro-$1
+    local label=$1 budget=$2 db=$OUT/ncro-$1-$r
     mkdir -p "$db"
     cat > "$db/ncro.toml" <<EOF
 [server]
