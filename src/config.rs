@@ -165,9 +165,8 @@ pub struct HealthConfig {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub hedge_after: Duration,
-    /// `health.early_start_budget`: fraction in [0, 1]; 0 is off.
+    /// Early starts (docs/routing.md): budget in [0, 1] (0: off), window.
     pub early_start_budget: f64,
-    /// `health.early_start_window`.
     pub early_start_window: Duration,
 }
 
@@ -301,14 +300,7 @@ fn validate(
         probe_interval: positive("health.probe_interval", h.probe_interval.0)?,
         probe_timeout: positive("health.probe_timeout", h.probe_timeout.0)?,
         hedge_after: positive("health.hedge_after", h.hedge_after.0)?,
-        early_start_budget: match h.early_start_budget {
-            b if (0.0..=1.0).contains(&b) => b,
-            b => {
-                return Err(invalid(format!(
-                    "health.early_start_budget must be between 0 and 1 (a fraction of extra requests; 0 turns early starts off), got {b}"
-                )))
-            }
-        },
+        early_start_budget: h.checked_early_start_budget().map_err(invalid)?,
         early_start_window: positive("health.early_start_window", h.early_start_window.0)?,
     };
     let logging = validate_logging(&raw.logging)?;

@@ -275,6 +275,18 @@ pub struct RawHealth {
     pub early_start_window: Dur,
 }
 
+impl RawHealth {
+    /// `early_start_budget`, checked: a fraction of extra requests in [0, 1].
+    pub fn checked_early_start_budget(&self) -> Result<f64, String> {
+        match self.early_start_budget {
+            b if (0.0..=1.0).contains(&b) => Ok(b),
+            b => Err(format!(
+                "health.early_start_budget must be between 0 and 1 (a fraction of extra requests; 0 turns early starts off), got {b}"
+            )),
+        }
+    }
+}
+
 impl Default for RawHealth {
     fn default() -> Self {
         RawHealth {
