@@ -278,6 +278,17 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         mesh_flush = Some(flush);
     }
     index_jobs(&cfg, &shared, &mut jobs);
+    // Per-tier statistics; they arm early starts only when the budget and
+    // the resolution policy allow it.
+    jobs.push(
+        crate::control::tiers::TierWatch::new(
+            shared.metrics.clone(),
+            shared.upstreams.clone(),
+            shared.routing.clone(),
+            &cfg,
+        )
+        .into_job(),
+    );
     let control =
         crate::control::spawn(plan.control_cpu, jobs).context("cannot start the control thread")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

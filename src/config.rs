@@ -165,6 +165,9 @@ pub struct HealthConfig {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub hedge_after: Duration,
+    /// Early starts (docs/routing.md): budget in [0, 1] (0: off), window.
+    pub early_start_budget: f64,
+    pub early_start_window: Duration,
 }
 
 /// `[index]`, validated (docs/index-routing.md).
@@ -297,6 +300,8 @@ fn validate(
         probe_interval: positive("health.probe_interval", h.probe_interval.0)?,
         probe_timeout: positive("health.probe_timeout", h.probe_timeout.0)?,
         hedge_after: positive("health.hedge_after", h.hedge_after.0)?,
+        early_start_budget: h.checked_early_start_budget().map_err(invalid)?,
+        early_start_window: positive("health.early_start_window", h.early_start_window.0)?,
     };
     let logging = validate_logging(&raw.logging)?;
     validate_discovery(&raw.discovery)?;

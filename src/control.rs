@@ -2,7 +2,8 @@
 //! running its own monoio runtime ([`crate::rt`]: io_uring, epoll
 //! fallback; timers on) for background
 //! work: health probes, mDNS discovery ([`discovery`]), upstream index
-//! summaries ([`index`]) and mesh gossip ([`crate::mesh`]). It publishes
+//! summaries ([`index`]), per-tier statistics for early starts
+//! ([`tiers`]) and mesh gossip ([`crate::mesh`]). It publishes
 //! immutable snapshots that workers read; it never serves
 //! requests. Its jobs may be `!Send` (they own a per-thread
 //! [`LocalClient`](crate::http::client::LocalClient), like a worker).
@@ -11,6 +12,7 @@
 pub mod discovery;
 pub mod index;
 pub mod probe;
+pub mod tiers;
 
 use std::future::Future;
 use std::pin::Pin;

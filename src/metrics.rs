@@ -18,6 +18,7 @@ pub mod hedge;
 mod index;
 mod lifecycle;
 mod mesh;
+pub mod tiers;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -142,6 +143,12 @@ pub struct UpstreamMetrics {
     pub index_false_positives: LocalCounter,
     /// NAR hedging and stream limits ([`hedge`]).
     pub nar: hedge::NarUpstreamCounters,
+    /// Race tiers led by this upstream (first in the tier's order) that
+    /// some member answered 200, and whose every member answered a
+    /// definite miss: the control thread's per-tier statistics
+    /// (`control::tiers`).
+    pub tier_found: LocalCounter,
+    pub tier_missed: LocalCounter,
 }
 
 impl Default for UpstreamMetrics {
@@ -155,6 +162,8 @@ impl Default for UpstreamMetrics {
             nar_bytes: LocalCounter::default(),
             index_skips: LocalCounter::default(),
             index_false_positives: LocalCounter::default(),
+            tier_found: LocalCounter::default(),
+            tier_missed: LocalCounter::default(),
             nar: Default::default(),
         }
     }
@@ -235,6 +244,13 @@ pub enum FailoverResult {
 
 pub const FAILOVER_RESULTS: [&str; 4] = ["completed", "no_alternative", "mismatch", "failed"];
 
+/// What an early-started narinfo request turned out to be, for
+/// `ncro_narinfo_early_starts_total` (docs/routing.md, "Early starts"):
+/// `useful` (the tier above missed, so sequential order would have sent it
+/// too), `wasted` (the tier above had the path: an extra request),
+/// `unknown` (the tier above failed or timed out).
+pub const EARLY_START_RESULTS: [&str; 3] = ["useful", "wasted", "unknown"];
+
 /// Why a race was refused (load shedding), for `ncro_narinfo_shed_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShedReason {
@@ -284,6 +300,8 @@ pub struct WorkerMetrics {
     pub batch_paths: [LocalCounter; 3],
     /// Mid-stream NAR failovers, by [`FailoverResult`].
     pub nar_failovers: [LocalCounter; 4],
+    /// Early-started narinfo requests, by [`EARLY_START_RESULTS`].
+    pub early_starts: [LocalCounter; 3],
     /// Waits for a NAR stream permit, by [`hedge::LimitWait`].
     pub nar_limit_waits: [LocalCounter; 2],
     /// Idle upstream connections the worker's client discarded at checkout.
@@ -320,6 +338,7 @@ impl WorkerMetrics {
             endpoint_requests: Default::default(),
             batch_paths: Default::default(),
             nar_failovers: Default::default(),
+            early_starts: Default::default(),
             nar_limit_waits: Default::default(),
             pool_discards: Arc::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
@@ -393,6 +412,9 @@ pub struct Metrics {
     /// The process's shutdown phase; the main thread moves it on SIGTERM,
     /// `/health` and scrapes read it.
     pub phase: Arc<crate::signals::Phase>,
+    /// Per-tier statistics and armed early starts, written by the control
+    /// thread's `control::tiers` job.
+    pub tiers: tiers::TierGauges,
 }
 
 impl Metrics {
@@ -419,6 +441,7 @@ impl Metrics {
             index: std::sync::OnceLock::new(),
             started: std::time::Instant::now(),
             phase: Arc::default(),
+            tiers: Default::default(),
         }
     }
 

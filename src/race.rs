@@ -19,7 +19,9 @@
 //! every member has answered, or at [`RaceConfig::tier_deadline`] when its
 //! stragglers are abandoned (reported as [`FailKind::Timeout`]). The next
 //! tier starts when the newest running tier ends, or earlier, in addition
-//! to it, once [`RaceConfig::hedge_after`] has passed.
+//! to it, once [`RaceConfig::hedge_after`] has passed, or once the tier's
+//! armed early start ([`RaceConfig::early`]) has passed; an early start of
+//! zero launches the next tier together with this one, without a timer.
 //!
 //! # Miss versus unavailable
 //! A 404 makes a Nix client skip this cache for an hour
@@ -196,6 +198,59 @@ pub struct RaceConfig {
     /// answer comes first wins. `None` means a tier only starts after the
     /// previous one has ended.
     pub hedge_after: Option<Duration>,
+    /// Tiers after which the next tier starts early, whatever
+    /// `hedge_after` says (the earlier of the two applies): the tier-skip
+    /// rule of [`tiers`] arms it for tiers that recently missed most
+    /// lookups. Empty means tier order (plus `hedge_after`) alone.
+    pub early: EarlyStarts,
+}
+
+/// Per-tier early starts for one race: "once a tier of priority `p` has
+/// run for `delay`, start the next tier too". At most [`EarlyStarts::MAX`]
+/// tiers (later ones are ignored); `Copy` and allocation-free, so a race
+/// plan carries it by value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EarlyStarts {
+    priority: [i32; EarlyStarts::MAX],
+    delay: [Duration; EarlyStarts::MAX],
+    len: u8,
+}
+
+impl EarlyStarts {
+    /// Tiers one race can start early after.
+    pub const MAX: usize = 4;
+    /// No early starts.
+    pub const NONE: EarlyStarts = EarlyStarts {
+        priority: [0; EarlyStarts::MAX],
+        delay: [Duration::ZERO; EarlyStarts::MAX],
+        len: 0,
+    };
+
+    /// Arms an early start after the tier of `priority`; false (and no
+    /// change) when [`Self::MAX`] tiers are already armed.
+    pub fn push(&mut self, priority: i32, delay: Duration) -> bool {
+        let n = self.len as usize;
+        if n == Self::MAX {
+            return false;
+        }
+        self.priority[n] = priority;
+        self.delay[n] = delay;
+        self.len += 1;
+        true
+    }
+
+    /// The early-start delay after the tier of `priority`, if armed.
+    pub fn after(&self, priority: i32) -> Option<Duration> {
+        let n = self.len as usize;
+        self.priority[..n]
+            .iter()
+            .position(|&p| p == priority)
+            .map(|i| self.delay[i])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// How the race ended.

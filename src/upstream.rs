@@ -24,7 +24,7 @@ use crate::config::{Config, UpstreamKind};
 use crate::http::client::Origin;
 use crate::proto::narinfo::NarInfo;
 use crate::proto::signature::{verify_narinfo, PublicKey};
-use crate::race::Candidate;
+use crate::race::{Candidate, EarlyStarts};
 use filter::FilterRule;
 use health::HealthSnapshot;
 use limits::Limits;
@@ -252,6 +252,10 @@ pub struct RacePlan {
     /// Upstreams left out because their fresh index summary rules the
     /// path out; with no candidates left that is a definite miss.
     pub index_skipped: usize,
+    /// Tiers after which the next one starts early, as the control
+    /// thread's per-tier statistics last decided (`control::tiers`). The
+    /// caller leaves it out under `resolution_policy = "strict"`.
+    pub early: EarlyStarts,
 }
 
 /// The changing side of the upstreams, shared by all workers and the
@@ -270,6 +274,9 @@ pub struct Routing {
     pub limits: Limits,
     /// `health.hedge_after`: upper bound of the hedge delay.
     hedge_cap: Duration,
+    /// Early starts armed by the control thread (`control::tiers`); one
+    /// atomic load per race plan.
+    early: ArcSwap<EarlyStarts>,
 }
 
 impl Routing {
@@ -289,6 +296,7 @@ impl Routing {
             // lock-free by index, so they cannot grow later.
             limits: Limits::new(set.capacity(), &cfg.cache, Instant::now()),
             hedge_cap: cfg.health.hedge_after,
+            early: ArcSwap::from_pointee(EarlyStarts::NONE),
         };
         (routing, rx)
     }
@@ -303,6 +311,16 @@ impl Routing {
         let down = snap.any_down() || self.recycled.load(Ordering::Relaxed);
         self.health.store(Arc::new(snap));
         self.any_down.store(down, Ordering::Relaxed);
+    }
+
+    /// Control thread only: the tiers whose next tier starts early.
+    pub fn publish_early(&self, early: EarlyStarts) {
+        self.early.store(Arc::new(early));
+    }
+
+    /// The early starts armed now.
+    pub fn early(&self) -> EarlyStarts {
+        **self.early.load()
     }
 
     /// Whether any upstream is DOWN (or a slot was reused): only then can
@@ -394,6 +412,7 @@ impl Routing {
             cooling,
             index_skipped,
             candidates,
+            early: **self.early.load(),
         }
     }
 

@@ -267,6 +267,24 @@ pub struct RawHealth {
     pub probe_interval: Dur,
     pub probe_timeout: Dur,
     pub hedge_after: Dur,
+    /// Tier skipping (docs/routing.md, "Early starts"): extra upstream
+    /// narinfo requests allowed over sequential tier order, as a fraction;
+    /// 0 turns early starts off.
+    pub early_start_budget: f64,
+    /// Time constant of the per-tier found/404 statistics.
+    pub early_start_window: Dur,
+}
+
+impl RawHealth {
+    /// `early_start_budget`, checked: a fraction of extra requests in [0, 1].
+    pub fn checked_early_start_budget(&self) -> Result<f64, String> {
+        match self.early_start_budget {
+            b if (0.0..=1.0).contains(&b) => Ok(b),
+            b => Err(format!(
+                "health.early_start_budget must be between 0 and 1 (a fraction of extra requests; 0 turns early starts off), got {b}"
+            )),
+        }
+    }
 }
 
 impl Default for RawHealth {
@@ -276,6 +294,8 @@ impl Default for RawHealth {
             probe_interval: secs(30),
             probe_timeout: secs(5),
             hedge_after: secs(2),
+            early_start_budget: 0.1,
+            early_start_window: secs(60),
         }
     }
 }

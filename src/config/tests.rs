@@ -87,6 +87,8 @@ fn invalid_values_name_the_key() {
         ("[server]\nread_timeout = \"soon\"\n", "invalid duration \"soon\""),
         ("[server]\nread_timeout = \"0s\"\n", "server.read_timeout must be positive"),
         ("[cache]\nlatency_alpha = 1.0\n", "cache.latency_alpha must be between 0 and 1 exclusive"),
+        ("[health]\nearly_start_budget = 1.5\n", "health.early_start_budget must be between 0 and 1"),
+        ("[health]\nearly_start_window = \"0s\"\n", "health.early_start_window must be positive"),
         ("[cache]\nmax_entries = 0\n", "cache.max_entries must be positive"),
         ("[cache]\nnarinfo_memory_mb = 0\n", "cache.narinfo_memory_mb must be positive"),
         ("[cache.mass_query]\nmax_concurrent_races = 0\n", "cache.mass_query.max_concurrent_races must be >= 1"),

@@ -94,6 +94,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     b.out.extend(super::index::families(m));
     b.out.extend(super::hedge::families(m));
     b.out.extend(super::lifecycle::families(m));
+    b.out.extend(super::tiers::families(m));
     b.out
 }
 

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -187,6 +188,7 @@ struct RaceState<'c, Fut> {
     order: Cow<'c, [Candidate]>,
     tier_deadline: std::time::Duration,
     hedge_after: Option<std::time::Duration>,
+    early: super::EarlyStarts,
     /// Index in `order` where the next unstarted tier begins.
     next_start: usize,
     /// Tiers started so far.
@@ -202,6 +204,7 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             order,
             tier_deadline: cfg.tier_deadline,
             hedge_after: cfg.hedge_after,
+            early: cfg.early,
             next_start: 0,
             launched: 0,
             running: Vec::with_capacity(2),
@@ -216,7 +219,7 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
     /// Starts every member of the next tier. Does nothing when all tiers
     /// have started.
     fn launch_next(&mut self, fetch: &mut impl FnMut(usize) -> Fut, now: Instant) {
-        let Some(first) = self.order.get(self.next_start) else {
+        let Some(&first) = self.order.get(self.next_start) else {
             return;
         };
         let end = self.order[self.next_start..]
@@ -234,10 +237,12 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
         if let Some(prev) = self.running.last_mut() {
             prev.hedge_at = None;
         }
-        let hedge_at = self
-            .hedge_after
-            .filter(|_| self.has_next_tier())
-            .map(|d| now + d);
+        // The earlier of the hedge and an armed early start.
+        let delay = match (self.hedge_after, self.early.after(first.priority)) {
+            (Some(h), Some(e)) => Some(h.min(e)),
+            (h, e) => h.or(e),
+        };
+        let hedge_at = delay.filter(|_| self.has_next_tier()).map(|d| now + d);
         self.running.push(Running {
             ordinal: self.launched,
             started: now,
@@ -246,6 +251,11 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             attempts,
         });
         self.launched += 1;
+        if delay == Some(Duration::ZERO) {
+            // "At once" means now, not at the timer's next tick (a
+            // millisecond or more, longer than a loopback answer).
+            self.launch_next(fetch, now);
+        }
     }
 
     /// Whether the most recently started tier still has attempts in flight.

@@ -119,6 +119,7 @@ fn cfg(deadline: Duration, hedge: Option<Duration>) -> RaceConfig {
     RaceConfig {
         tier_deadline: deadline,
         hedge_after: hedge,
+        early: crate::race::EarlyStarts::NONE,
     }
 }
 
@@ -480,4 +481,67 @@ fn overhead_of_three_instant_fetchers() {
         "race(): {} ns per race (3 instant fetchers)",
         elapsed.as_nanos() / u128::from(RACES)
     );
+}
+
+fn early(cfg: RaceConfig, after: &[(i32, Duration)]) -> RaceConfig {
+    let mut early = EarlyStarts::NONE;
+    for &(p, d) in after {
+        assert!(early.push(p, d));
+    }
+    RaceConfig { early, ..cfg }
+}
+
+#[test]
+fn an_early_start_at_zero_asks_the_next_tier_at_once_and_only_that_one() {
+    // Tier 10 misses after 200 ms; tier 20 has the path; tier 30 too.
+    let plan = vec![
+        (ms(200), Attempt::NotFound),
+        (ms(5), good("t2")),
+        (ms(5), good("t3")),
+    ];
+    let c = early(cfg(ms(5000), None), &[(10, Duration::ZERO)]);
+    let (run, fake) = race_once(plan, &[10, 20, 30], c);
+    assert_eq!(winner(&run.outcome), 1);
+    assert!(
+        run.elapsed < ms(150),
+        "waited for tier 10: {:?}",
+        run.elapsed
+    );
+    // Tier 30 follows tier 20's own rule (none armed): never asked.
+    assert_eq!(fake.started_order(), vec![0, 1]);
+}
+
+#[test]
+fn an_early_start_for_another_tier_changes_nothing() {
+    let plan = vec![(ms(60), Attempt::NotFound), (ms(5), good("t2"))];
+    let c = early(cfg(ms(5000), None), &[(20, Duration::ZERO)]);
+    let (run, fake) = race_once(plan, &[10, 20], c);
+    assert_eq!(winner(&run.outcome), 1);
+    assert!(run.elapsed >= ms(60), "tier 20 asked before tier 10 ended");
+    let started = fake.started.borrow();
+    assert!(started[1].1 >= started[0].1 + ms(60));
+}
+
+#[test]
+fn the_earlier_of_hedge_and_early_start_applies() {
+    let plan = vec![(HANG, Attempt::NotFound), (ms(5), good("t2"))];
+    let c = early(cfg(ms(5000), Some(ms(2000))), &[(10, ms(100))]);
+    let (run, _) = race_once(plan, &[10, 20], c);
+    assert_eq!(winner(&run.outcome), 1);
+    assert!(
+        run.elapsed >= ms(100) && run.elapsed < ms(1500),
+        "{:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn early_starts_hold_at_most_max_tiers() {
+    let mut e = EarlyStarts::NONE;
+    for p in 0..EarlyStarts::MAX as i32 {
+        assert!(e.push(p, ms(p as u64)));
+    }
+    assert!(!e.push(99, ms(1)));
+    assert_eq!(e.after(2), Some(ms(2)));
+    assert_eq!(e.after(99), None);
 }

@@ -1,6 +1,7 @@
 //! `GET/HEAD /<hash>.narinfo`: route cache, then single-flight race. HOT.
 
 mod fallback;
+mod tiers;
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -190,29 +191,47 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
     let plan = plan_with_index(ctx, &set, hash);
     let candidates = &plan.candidates;
     let cfg = &ctx.shared.config;
+    let (hedge_after, early) = match cfg.cache.resolution_policy {
+        ResolutionPolicy::Hedged => (Some(plan.hedge_after), plan.early),
+        // A lower tier is asked only once the one above has ended: no
+        // hedge, no early start.
+        ResolutionPolicy::Strict => (None, race::EarlyStarts::NONE),
+    };
     let race_cfg = RaceConfig {
         tier_deadline: cfg.timeouts.race_deadline,
-        hedge_after: match cfg.cache.resolution_policy {
-            ResolutionPolicy::Hedged => Some(plan.hedge_after),
-            // A lower tier is asked only once the one above has ended.
-            ResolutionPolicy::Strict => None,
-        },
+        hedge_after,
+        early,
     };
+    let track = tiers::TierTrack::new(candidates, early, ctx.metrics.clone());
     let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
     let fetch = |i: usize| {
         let set = set.clone();
         let path = path.clone();
         let client = ctx.client.clone();
+        let run_to_end = track.borrow_mut().launched(i);
+        let track = track.clone();
         async move {
             let _permit = ctx.limits.upstream(&routing.limits, i).await;
-            let up = &set.list[i];
-            let fetch = fetch_narinfo(&client, &up.origin, &path);
-            match up.narinfo_timeout {
-                // `upstreams[].narinfo_timeout`: this request alone is cut.
-                Some(limit) => monoio::time::timeout(limit, fetch)
-                    .await
-                    .unwrap_or(Attempt::Failed(FailKind::Timeout)),
-                None => fetch.await,
+            let attempt = async move {
+                let up = &set.list[i];
+                let fetch = fetch_narinfo(&client, &up.origin, &path);
+                let attempt = match up.narinfo_timeout {
+                    // `upstreams[].narinfo_timeout`: this request alone is cut.
+                    Some(limit) => monoio::time::timeout(limit, fetch)
+                        .await
+                        .unwrap_or(Attempt::Failed(FailKind::Timeout)),
+                    None => fetch.await,
+                };
+                track.borrow_mut().finished(i, &attempt);
+                attempt
+            };
+            if run_to_end {
+                // A task of its own, so that it finishes (and is counted)
+                // when the race is decided first; dropping the handle
+                // detaches it. Its permit is released with the race.
+                monoio::spawn(attempt).await
+            } else {
+                attempt.await
             }
         }
     };

@@ -10,6 +10,8 @@
 //! - [`e2e_nix`]: the real Nix client through the real `ncro` binary.
 //! - [`routing`]: races, tiers, miss versus outage, single-flight and
 //!   persisted routes through the real `ncro` binary and fake upstreams.
+//! - [`early_start`]: tier skipping: the next tier started with one that
+//!   keeps missing, never in strict mode, within the request budget.
 //! - [`narinfo_side`]: `[fallback_cache]`, `narinfo_timeout`,
 //!   `want_mass_query`, the resolution policy, the partial-outage answer
 //!   and the provenance headers.
@@ -73,6 +75,7 @@ mod client;
 mod crash;
 mod discovery;
 mod e2e_nix;
+mod early_start;
 mod endpoints;
 mod failover;
 mod fake;

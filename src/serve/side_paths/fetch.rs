@@ -137,6 +137,7 @@ async fn race_heads(
     let cfg = RaceConfig {
         tier_deadline: ctx.shared.config.timeouts.race_deadline,
         hedge_after: Some(plan.hedge_after),
+        early: race::EarlyStarts::NONE,
     };
     match race::race(candidates, &cfg, fetch, judge, report).await {
         Outcome::Found { upstream, .. } => {
