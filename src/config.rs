@@ -9,20 +9,22 @@
 pub mod compat;
 pub mod env;
 pub mod filter;
-pub mod narinfo;
-pub mod nar;
 mod logging;
+pub mod nar;
+pub mod narinfo;
 pub mod netrc;
 pub mod peer;
 pub mod precedence;
+pub mod ranges;
 pub mod raw;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::RawConfig;
 pub use nar::{NarHedging, UpstreamNar};
+pub use ranges::NarRanges;
+use raw::RawConfig;
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;
@@ -149,6 +151,8 @@ pub struct CacheConfig {
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
     pub nar_hedging: NarHedging,
+    /// `[cache.nar_ranges]` (serve/nar/ranged.rs).
+    pub nar_ranges: NarRanges,
 }
 
 #[derive(Debug, Clone)]
@@ -302,8 +306,7 @@ fn validate(
     validate_discovery(&raw.discovery)?;
     validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
-    let fallback_cache =
-        narinfo::validate_fallback(&raw.fallback_cache, |u| {
+    let fallback_cache = narinfo::validate_fallback(&raw.fallback_cache, |u| {
         validate_upstream(0, u, netrc, &mut warnings)
     })?;
     Ok(Config {
@@ -587,6 +590,7 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
         resolution_policy: c.resolution_policy,
         unavailable_answer: c.unavailable_answer,
         nar_hedging: nar::validate_hedging(&c.nar_hedging)?,
+        nar_ranges: ranges::validate(&c.nar_ranges)?,
     })
 }
 

@@ -34,6 +34,9 @@
 //! - [`hedge`]: NAR hedging (a slow first upstream, `allow_hedging`,
 //!   `max_inflight`), `upstreams[].nar_timeout` and
 //!   `max_concurrent_requests`.
+//! - [`ranged`]: large NARs fetched as parallel ranges
+//!   (`[cache.nar_ranges]`): wrong range answers, a dying holder, stalls,
+//!   a slow client, client ranges on top.
 //! - [`faults`]: the fault-injection matrix (every upstream fault, for
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
@@ -70,13 +73,13 @@ mod discovery;
 mod e2e_nix;
 mod endpoints;
 mod failover;
-mod farm;
 mod fake;
-mod hedge;
+mod farm;
 mod faults;
 mod fuzz_corpus;
 mod harness;
 mod health;
+mod hedge;
 mod index;
 mod logging;
 mod mesh;
@@ -85,6 +88,7 @@ mod nar;
 mod narinfo_side;
 mod ops;
 mod overload;
+mod ranged;
 mod realdata;
 mod route_persist;
 mod routing;
