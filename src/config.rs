@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use nar::{NarHedging, UpstreamNar};
-pub use ranges::NarRanges;
 use raw::RawConfig;
 pub use raw::{AddressFamily, NarRelay};
 
@@ -151,8 +150,7 @@ pub struct CacheConfig {
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
     pub nar_hedging: NarHedging,
-    /// `[cache.nar_ranges]` (serve/nar/ranged.rs).
-    pub nar_ranges: NarRanges,
+    pub nar_ranges: ranges::NarRanges,
 }
 
 #[derive(Debug, Clone)]

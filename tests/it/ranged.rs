@@ -44,6 +44,16 @@ impl Setup {
     /// A holds the narinfo and the NAR (with `a_fault` on the NAR path);
     /// B, if `b`, holds the same NAR file at the same hash-named URL.
     fn new(size: usize, a_fault: Option<Fault>, b: bool) -> Setup {
+        Setup::with(size, a_fault, b, |c| c)
+    }
+
+    /// [`Setup::new`] with more config set by `tweak`.
+    fn with(
+        size: usize,
+        a_fault: Option<Fault>,
+        b: bool,
+        tweak: impl FnOnce(NcroConfig) -> NcroConfig,
+    ) -> Setup {
         let k = TestKey::generate("k-1");
         let p = TestPath::with_contents("ranged", &random_bytes(size));
         let mut a = FakeUpstream::builder().path(&p, &k);
@@ -61,7 +71,7 @@ impl Setup {
         if let Some(b) = &b {
             ups.push(entry(b.url(), 20, &k));
         }
-        let ncro = NcroConfig::new(&ups, &db.path().join("r.db"))
+        let cfg = NcroConfig::new(&ups, &db.path().join("r.db"))
             .set("server", "workers", 1)
             .set("timeouts", "idle", "2s")
             .set("cache", "nar_hedging", {
@@ -69,8 +79,8 @@ impl Setup {
                 t.insert("enabled".into(), false.into());
                 toml::Value::Table(t)
             })
-            .set("cache", "nar_ranges", ranges(true))
-            .start();
+            .set("cache", "nar_ranges", ranges(true));
+        let ncro = tweak(cfg).start();
         let r = ncro.get(&p.narinfo_request_path());
         assert_eq!(r.status, 200, "{}", ncro.logs());
         Setup {
@@ -141,6 +151,28 @@ fn a_large_nar_is_fetched_in_parallel_ranges() {
     let conns: BTreeSet<usize> = reqs.iter().map(|r| r.1).collect();
     assert!(conns.len() >= 2, "one connection only: {reqs:?}");
     assert!(conns.len() <= n, "more connections than ranges: {conns:?}");
+}
+
+/// `max_concurrent_requests` counts range connections: with 2, the
+/// client's first response and one range connection; with 1, no room for
+/// a second connection, so one stream.
+#[test]
+fn max_concurrent_requests_bounds_the_range_connections() {
+    for (limit, want_conns) in [(2, 2), (1, 1)] {
+        let s = Setup::with(NAR_FILE, None, false, |c| {
+            c.upstream(0, "max_concurrent_requests", limit)
+        });
+        assert_whole(&s, &s.get(&[]));
+        let reqs = s.nar_requests(&s.a);
+        let conns: BTreeSet<usize> = reqs.iter().map(|r| r.1).collect();
+        assert_eq!(conns.len(), want_conns, "limit {limit}: {reqs:?}");
+        let ranged = reqs.iter().filter(|r| r.0.is_some()).count();
+        if limit == 1 {
+            assert_eq!(ranged, 0, "{reqs:?}");
+        } else {
+            assert_eq!(ranged, s.p.nar.len().div_ceil(CHUNK) - 1, "{reqs:?}");
+        }
+    }
 }
 
 /// Below `min_size` (and with the feature off) the NAR is one stream.

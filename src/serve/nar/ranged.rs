@@ -33,7 +33,7 @@ mod fetch;
 
 use std::io;
 
-use crate::config::NarRanges;
+use crate::config::ranges::NarRanges;
 use crate::http::client::Response as UpResponse;
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};

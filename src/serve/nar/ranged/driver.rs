@@ -24,7 +24,7 @@ use super::super::failover::Object;
 use super::super::hedge::Held;
 use super::super::{Candidates, Failures};
 use super::fetch::{self, Job, Miss, Target};
-use crate::config::NarRanges;
+use crate::config::ranges::NarRanges;
 use crate::http::client::Response as UpResponse;
 use crate::serve::narinfo::fail_kind;
 use crate::upstream::limits::RETRY;
