@@ -18,6 +18,7 @@ pub mod hedge;
 mod index;
 mod lifecycle;
 mod mesh;
+pub mod ranged;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -286,6 +287,7 @@ pub struct WorkerMetrics {
     pub nar_failovers: [LocalCounter; 4],
     /// Waits for a NAR stream permit, by [`hedge::LimitWait`].
     pub nar_limit_waits: [LocalCounter; 2],
+    pub nar_ranged: ranged::RangedCounters,
     /// Idle upstream connections the worker's client discarded at checkout.
     pub pool_discards: Arc<crate::http::client::PoolDiscards>,
     pub upstreams: Box<[UpstreamMetrics]>,
@@ -321,6 +323,7 @@ impl WorkerMetrics {
             batch_paths: Default::default(),
             nar_failovers: Default::default(),
             nar_limit_waits: Default::default(),
+            nar_ranged: Default::default(),
             pool_discards: Arc::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }

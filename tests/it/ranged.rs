@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use crate::fake::{random_bytes, FakeUpstream, Fault, PathMatch, TestKey, TestPath};
 use crate::faults::fetch::{fetch, still_usable, Got};
 use crate::harness::NcroProcess;
+use crate::metrics::scrape;
 use crate::routing::{db_dir, entry, NcroConfig};
+use crate::server::eventually;
 
 const CHUNK: usize = 64 * 1024;
 const NAR_FILE: usize = 16 * CHUNK + 1000;
@@ -90,6 +92,17 @@ impl Setup {
             b,
             _db: db,
         }
+    }
+
+    /// Waits until `ncro_nar_ranged_total{result}` is `want` (it is
+    /// counted after the last byte went out).
+    fn ranged_reaches(&self, result: &str, want: f64) {
+        let mut last = 0.0;
+        let ok = eventually(Duration::from_secs(5), || {
+            last = scrape(&self.ncro).value("ncro_nar_ranged_total", &[("result", result)]);
+            last == want
+        });
+        assert!(ok, "ranged{{{result}}} = {last}\n{}", self.ncro.logs());
     }
 
     fn get(&self, headers: &[(&str, &str)]) -> Got {
@@ -169,6 +182,7 @@ fn max_concurrent_requests_bounds_the_range_connections() {
         let ranged = reqs.iter().filter(|r| r.0.is_some()).count();
         if limit == 1 {
             assert_eq!(ranged, 0, "{reqs:?}");
+            s.ranged_reaches("no_room", 1.0);
         } else {
             assert_eq!(ranged, s.p.nar.len().div_ceil(CHUNK) - 1, "{reqs:?}");
         }
@@ -240,6 +254,7 @@ fn wrong_range_answers_fall_back_to_one_stream() {
         let reqs = s.nar_requests(&s.a);
         assert_eq!(reqs.len(), 2, "{fault:?}: {reqs:?}");
         assert_eq!(reqs[1].0, Some(chunk_range(0, 1, s.p.nar.len() - 1)));
+        s.ranged_reaches("declined", 1.0);
     }
 }
 
@@ -265,6 +280,9 @@ fn a_dying_holder_is_replaced_by_another() {
     // A is given up after a few failures, not asked for every range.
     let a_reqs = s.nar_requests(&s.a);
     assert!(a_reqs.len() <= 3 + 3 + CONNECTIONS as usize, "{a_reqs:?}");
+    s.ranged_reaches("completed", 1.0);
+    let retries = scrape(&s.ncro).value("ncro_nar_range_retries_total", &[]);
+    assert!(retries >= 3.0, "retries {retries}");
 }
 
 /// Without another holder the transfer fails: the client connection is
@@ -285,6 +303,7 @@ fn without_any_holder_left_the_connection_closes() {
         s.ncro.logs()
     );
     assert!(got.body.len() < s.p.nar.len() && s.p.nar.starts_with(&got.body));
+    s.ranged_reaches("failed", 1.0);
 }
 
 /// A holder whose range stalls (no byte for `stall_timeout`): the range is

@@ -37,6 +37,7 @@ use crate::config::ranges::NarRanges;
 use crate::http::client::Response as UpResponse;
 use crate::http::request::{Method, Request};
 use crate::http::response::{write_head, Framing};
+use crate::metrics::ranged::RangedResult;
 use crate::serve::{After, Conn};
 use crate::worker::WorkerCtx;
 
@@ -46,7 +47,10 @@ use super::{upstream_host, Source, PASSED_HEADERS};
 use budget::Reservation;
 use fetch::{Job, Target};
 
-/// What [`try_relay`] did.
+/// What [`try_relay`] did. Returned once per NAR request and taken apart
+/// at once: boxing the response would cost the single-stream path an
+/// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Ranged {
     /// The transfer was done in ranges (or failed after its head).
     Done(io::Result<After>),
@@ -92,7 +96,9 @@ pub async fn try_relay(
     let Some(object) = eligible(&cfg, req, &resp, &from) else {
         return Ranged::Declined(resp, from);
     };
+    let counters = &ctx.metrics.nar_ranged;
     let Some(reservation) = Reservation::take(cfg.per_transfer(), cfg.max_memory) else {
+        counters.result(RangedResult::NoRoom);
         tracing::debug!(
             path = req.path,
             "NAR ranges: memory budget in use; one stream"
@@ -106,6 +112,7 @@ pub async fn try_relay(
     };
     // The probe: the second range, on a connection of its own.
     let Some(permit) = Held::take(ctx, origin, up) else {
+        counters.result(RangedResult::NoRoom);
         return Ranged::Declined(resp, from);
     };
     let (start, end, content_addressed) = object.span();
@@ -126,10 +133,12 @@ pub async fn try_relay(
         Ok(r) => r,
         Err(fetch::Miss::Misbehaved(status)) => {
             tracing::info!(upstream = %up.url, status, path = req.path, "NAR ranges: the upstream answers Range wrongly; one stream");
+            counters.result(RangedResult::Declined);
             return Ranged::Declined(resp, from);
         }
         Err(fetch::Miss::Error(e)) => {
             tracing::debug!(upstream = %up.url, error = %e, path = req.path, "NAR ranges: the probe failed; one stream");
+            counters.result(RangedResult::Declined);
             return Ranged::Declined(resp, from);
         }
     };
@@ -173,17 +182,24 @@ pub async fn try_relay(
     drop(reservation);
     ctx.metrics.nar_bytes.add(outcome.sent);
     Ranged::Done(Ok(match outcome.result {
-        Ok(()) => After::keep_if(keep),
+        Ok(()) => {
+            counters.result(RangedResult::Completed);
+            After::keep_if(keep)
+        }
         Err(why) => {
             match why {
                 driver::Failed::Client(e) => {
+                    counters.result(RangedResult::ClientGone);
                     tracing::debug!(path = req.path, error = %e, "client went away during a ranged NAR relay")
                 }
-                driver::Failed::NoHolder => tracing::warn!(
-                    path = req.path,
-                    sent = outcome.sent,
-                    "NAR ranges: no upstream could supply a range; closing the client connection"
-                ),
+                driver::Failed::NoHolder => {
+                    counters.result(RangedResult::Failed);
+                    tracing::warn!(
+                        path = req.path,
+                        sent = outcome.sent,
+                        "NAR ranges: no upstream could supply a range; closing the client connection"
+                    )
+                }
             }
             conn.mark_nar_failed();
             After::Close

@@ -398,6 +398,7 @@ impl<'a> State<'a> {
                     }
                 }
                 let excluded = h.excluded;
+                self.t.ctx.metrics.nar_ranged.retries.inc();
                 tracing::debug!(slot, range = job.index, missing = job.missing(), excluded, why = ?miss, "NAR range failed; asking again");
                 if excluded {
                     self.spare.retain(|l| l.0 != holder);
