@@ -6,7 +6,9 @@
 # mid-transfer; then PAR concurrent transfers, with ncro's peak RSS.
 #
 #   loadtest/nar-ranges.sh [NCRO] [ROUNDS]
-#   env: CAP (16MiB), SIZE (128MiB), RTT (0ms), PAR (10), PORT (18811)
+#   env: CAP (16MiB), SIZE (128MiB), RTT (0ms), PAR (10), PORT (18811),
+#        EXTRA (TOML appended to ncro's config, e.g. a [cache.nar_ranges]
+#        table), QUICK=1 (the direct/ncro rounds only)
 set -euo pipefail
 NCRO=${1:-${CARGO_TARGET_DIR:-target}/release/ncro}
 ROUNDS=${2:-3}
@@ -45,6 +47,7 @@ priority = 20
 db_path = "$OUT/routes.db"
 [logging]
 level = "info"
+${EXTRA:-}
 EOF
 "$NCRO" serve --config "$OUT/ncro.toml" >"$OUT/ncro.log" 2>&1 &
 pn=$!; pids+=("$pn")
@@ -63,6 +66,7 @@ for r in $(seq "$ROUNDS"); do
   echo "round $r: direct $d s  sha $sd | via ncro $v s  sha $sv | ratio $(awk -v a="${d##* }" -v b="${v##* }" 'BEGIN{printf "%.1f", a/b}')x"
 done
 echo "ncro peak RSS after single transfers: $(hwm)"
+[ "${QUICK:-0}" = 1 ] && exit 0
 
 # PAR transfers at once (bounded by max_memory; the rest one stream each).
 start=$(date +%s.%N)
