@@ -190,7 +190,7 @@ pub async fn try_relay(
             match why {
                 driver::Failed::Client(e) => {
                     counters.result(RangedResult::ClientGone);
-                    tracing::debug!(path = req.path, error = %e, "client went away during a ranged NAR relay")
+                    tracing::debug!(path = req.path, error = %e, "client went away during a NAR relay (parallel ranges)")
                 }
                 driver::Failed::NoHolder => {
                     counters.result(RangedResult::Failed);
