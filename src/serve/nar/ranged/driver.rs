@@ -330,6 +330,10 @@ impl<'a> State<'a> {
                 return Some((i, held));
             }
         }
+        if !ctx.shared.config.server.nar_failover {
+            // Bytes from another upstream only with failover on.
+            return None;
+        }
         let (_, _, content_addressed) = self.t.object.span();
         let mut unproved = Failures::default();
         let mut full = Vec::new();
