@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
@@ -34,6 +35,9 @@ use crate::worker::WorkerCtx;
 /// Failures of one holder (transport errors, stalls) before it is asked
 /// for no more ranges of this transfer.
 const MAX_FAILURES: u32 = 3;
+
+/// Most bytes of one client write (each bounded by `timeouts.idle`).
+const WRITE_STEP: usize = 256 * 1024;
 
 /// Why a transfer ended before its last byte.
 #[derive(Debug)]
@@ -422,16 +426,24 @@ async fn write_out(
     idle: Duration,
     sent: &Cell<u64>,
 ) -> io::Result<()> {
-    while let Ok(buf) = data.recv_async().await {
-        let n = buf.len() as u64;
-        let Ok((written, buf)) = monoio::time::timeout(idle, dst.write_all(buf)).await else {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client write timed out",
-            ));
-        };
-        written?;
-        sent.set(sent.get() + n);
+    while let Ok(mut buf) = data.recv_async().await {
+        // Each write is bounded by the idle timeout, as in the
+        // single-stream relay: a slow client is slow, not dead.
+        let mut at = 0;
+        while at < buf.len() {
+            let end = (at + WRITE_STEP).min(buf.len());
+            let write = dst.write_all(buf.slice(at..end));
+            let Ok((written, slice)) = monoio::time::timeout(idle, write).await else {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client write timed out",
+                ));
+            };
+            buf = slice.into_inner();
+            written?;
+            sent.set(sent.get() + (end - at) as u64);
+            at = end;
+        }
         let _ = free.send(buf);
     }
     Ok(())
