@@ -9,9 +9,9 @@
 pub mod compat;
 pub mod env;
 pub mod filter;
-mod logging;
-pub mod nar;
 pub mod narinfo;
+pub mod nar;
+mod logging;
 pub mod netrc;
 pub mod peer;
 pub mod precedence;
@@ -22,8 +22,8 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use nar::{NarHedging, UpstreamNar};
 use raw::RawConfig;
+pub use nar::{NarHedging, UpstreamNar};
 pub use raw::{AddressFamily, NarRelay};
 
 use filter::FilterRule;
@@ -304,7 +304,8 @@ fn validate(
     validate_discovery(&raw.discovery)?;
     validate_mesh(&raw.mesh)?;
     let index = validate_index(&raw.index)?;
-    let fallback_cache = narinfo::validate_fallback(&raw.fallback_cache, |u| {
+    let fallback_cache =
+        narinfo::validate_fallback(&raw.fallback_cache, |u| {
         validate_upstream(0, u, netrc, &mut warnings)
     })?;
     Ok(Config {

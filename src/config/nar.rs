@@ -38,10 +38,7 @@ pub struct NarHedging {
     pub max_inflight: u32,
 }
 
-pub(super) fn validate_upstream(
-    i: usize,
-    u: &raw::RawUpstream,
-) -> Result<UpstreamNar, ConfigError> {
+pub(super) fn validate_upstream(i: usize, u: &raw::RawUpstream) -> Result<UpstreamNar, ConfigError> {
     let timeout = match u.nar_timeout {
         Some(d) => Some(positive(&format!("upstream[{i}].nar_timeout"), d.0)?),
         None => None,

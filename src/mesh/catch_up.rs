@@ -124,22 +124,13 @@ mod tests {
         let t0 = Instant::now();
         let mut h = History::default();
         // Hashes repeat every 10; the newest of each is kept.
-        h.record(
-            t0,
-            (0..20).map(|i| learned(i, if i == 15 { 10 } else { 100 })),
-        );
+        h.record(t0, (0..20).map(|i| learned(i, if i == 15 { 10 } else { 100 })));
         let got = h.for_peer([1u8; 32], t0, 50);
         assert_eq!(got.len(), 9, "10 hashes, the newest of one expired");
         assert!(got.iter().all(|(_, e)| e.latency_ms >= 10.0));
         h.record(t0 + HISTORY_AGE + Duration::from_secs(1), [learned(1, 100)]);
         assert_eq!(h.len(), 1, "routes older than HISTORY_AGE forgotten");
-        h.record(
-            t0,
-            (0..=255)
-                .cycle()
-                .take(HISTORY_ROUTES + 5)
-                .map(|i| learned(i, 100)),
-        );
+        h.record(t0, (0..=255).cycle().take(HISTORY_ROUTES + 5).map(|i| learned(i, 100)));
         assert_eq!(h.len(), HISTORY_ROUTES);
     }
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::e2e_nix::{fetch, harness_scripts, summary, Report};
-use crate::fake::{FakeUpstream, Fault, PathMatch, TestKey, TestPath};
+use crate::fake::{Fault, FakeUpstream, PathMatch, TestKey, TestPath};
 use crate::harness::{free_port, tail, test_config, NcroProcess};
 use crate::mesh::{keygen, peer, udp_addr};
 use crate::metrics::{scrape, Scrape};
@@ -197,11 +197,7 @@ impl Node {
         let h = p.get("/health");
         assert_eq!(h.status, 503, "lame duck: /health is 503\n{}", p.logs());
         assert!(h.text().contains("\"status\":\"draining\""), "{}", h.text());
-        assert_eq!(
-            p.get(probe).status,
-            200,
-            "still serving during the lame duck"
-        );
+        assert_eq!(p.get(probe).status, 200, "still serving during the lame duck");
         self.wait_health(503, 2, "lame duck");
         let mut p = self.live.take().expect("node running");
         let status = p.wait_exit(NODE_LIMIT);
@@ -223,7 +219,11 @@ fn node_config(
     db: &Path,
     mesh: (&Path, SocketAddr, Vec<toml::Value>),
 ) -> String {
-    let mut text = test_config(&addr.to_string(), &[(&up.url(), 10, &key.public_key())], db);
+    let mut text = test_config(
+        &addr.to_string(),
+        &[(&up.url(), 10, &key.public_key())],
+        db,
+    );
     if TO_SELF {
         text = text.replacen(
             "priority = 10\n",
@@ -240,23 +240,13 @@ fn node_config(
     };
     set(&mut table, "server", "workers", 1.into());
     set(&mut table, "server", "drain_delay", DRAIN_DELAY.into());
-    set(
-        &mut table,
-        "logging",
-        "level",
-        "info,ncro::access=debug".into(),
-    );
+    set(&mut table, "logging", "level", "info,ncro::access=debug".into());
     set(&mut table, "logging", "format", "json".into());
     set(&mut table, "mesh", "enabled", true.into());
     set(&mut table, "mesh", "bind_addr", mesh.1.to_string().into());
     let key_path = mesh.0.to_string_lossy().into_owned();
     set(&mut table, "mesh", "private_key", key_path.into());
-    set(
-        &mut table,
-        "mesh",
-        "gossip_interval",
-        GOSSIP_INTERVAL.into(),
-    );
+    set(&mut table, "mesh", "gossip_interval", GOSSIP_INTERVAL.into());
     set(&mut table, "mesh", "peers", toml::Value::Array(mesh.2));
     toml::to_string(&table).expect("TOML")
 }
@@ -287,9 +277,7 @@ fn nar_locality(nodes: &[Node]) -> (usize, usize) {
             .filter_map(|p| p.strip_suffix(".narinfo").map(|h| h[1..].to_owned()))
             .collect();
         for v in &lines {
-            let ok = field(v, "status")
-                .as_u64()
-                .is_some_and(|s| (200..300).contains(&s));
+            let ok = field(v, "status").as_u64().is_some_and(|s| (200..300).contains(&s));
             let path = field(v, "path");
             let Some(hash) = path.as_str().and_then(|p| p.strip_prefix("/nar/")) else {
                 continue;
@@ -379,7 +367,8 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
         let client = s.spawn(|| {
             let (mut runs, mut failed) = (0usize, Vec::new());
             let mut after_restarts = 0;
-            while after_restarts < 2 && runs < 120 && started.elapsed() < Duration::from_secs(300) {
+            while after_restarts < 2 && runs < 120 && started.elapsed() < Duration::from_secs(300)
+            {
                 if restarted.load(Ordering::Relaxed) {
                     after_restarts += 1;
                 }
@@ -390,11 +379,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
                 let log = dir.path().join(format!("fetch-{runs}.log"));
                 let r = fetch(&scripts, &url, &keys, &paths, &["-o", "--max-jobs 4"], &log);
                 if r.code != Some(0) {
-                    failed.push(format!(
-                        "run {runs}: {}\n{}",
-                        summary(&r),
-                        tail(&r.output, 20)
-                    ));
+                    failed.push(format!("run {runs}: {}\n{}", summary(&r), tail(&r.output, 20)));
                 }
                 runs += 1;
                 done_runs.store(runs, Ordering::Relaxed);
@@ -420,10 +405,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     report.step(
         "sigterm_roll",
         failed.is_empty() && runs >= 3,
-        &format!(
-            "{runs} client runs during a rolling restart of 3 nodes, {} failed",
-            failed.len()
-        ),
+        &format!("{runs} client runs during a rolling restart of 3 nodes, {} failed", failed.len()),
         &failed.join("\n"),
     );
     let slowest = starts.iter().max().copied().unwrap_or_default();
@@ -558,11 +540,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
     let load_requests = load["requests"].as_u64().unwrap_or(0);
     report.step(
         "bench_roll",
-        warmed
-            && finished
-            && non_200(&warm) == 0
-            && non_200(&load) == 0
-            && load_requests > 0
+        warmed && finished && non_200(&warm) == 0 && non_200(&load) == 0 && load_requests > 0
             && roll_took < Duration::from_secs(45),
         &format!(
             "{load_requests} requests during a {:.1}s rolling restart: statuses {}, errors {}",
@@ -590,10 +568,7 @@ fn a_farm_behind_the_shipped_haproxy_config_restarts_without_failed_substitution
         .and_then(|mut c| c.request("GET", &probe, &[]))
         .map(|r| r.text())
         .unwrap_or_default();
-    let url_line = served
-        .lines()
-        .find(|l| l.starts_with("URL: "))
-        .unwrap_or("");
+    let url_line = served.lines().find(|l| l.starts_with("URL: ")).unwrap_or("");
     let names_store_hash = url_line.starts_with(&format!("URL: nar/{}", &probe[1..33]));
     let (local, all) = nar_locality(&nodes);
     let pct = 100.0 * local as f64 / all.max(1) as f64;
@@ -644,11 +619,7 @@ fn sigterm_with_a_drain_delay_is_a_lame_duck_then_drains() {
 
     let t = Instant::now();
     ncro.sigterm();
-    assert!(
-        ncro.wait_for_log("lame duck", Duration::from_secs(10)),
-        "{}",
-        ncro.logs()
-    );
+    assert!(ncro.wait_for_log("lame duck", Duration::from_secs(10)), "{}", ncro.logs());
     let h = ncro.get("/health");
     assert_eq!(h.status, 503, "{}", h.text());
     let json: serde_json::Value = serde_json::from_slice(&h.body).expect("JSON");
@@ -663,15 +634,10 @@ fn sigterm_with_a_drain_delay_is_a_lame_duck_then_drains() {
     let status = ncro.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}");
     let took = t.elapsed();
-    assert!(
-        took >= Duration::from_secs(3),
-        "exited after {took:?}, before the delay"
-    );
+    assert!(took >= Duration::from_secs(3), "exited after {took:?}, before the delay");
     let logs = ncro.stdout();
     let lame = logs.find("lame duck").expect("lame duck logged");
-    let drain = logs
-        .find("shutting down: draining connections")
-        .expect("drain logged");
+    let drain = logs.find("shutting down: draining connections").expect("drain logged");
     assert!(lame < drain, "the lame duck comes first\n{logs}");
 
     // The default: no lame duck, the drain starts at once.

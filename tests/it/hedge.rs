@@ -156,12 +156,7 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     let sent = std::time::Instant::now();
     let got = s.get(&ncro);
     s.assert_whole(&got, &ncro);
-    assert_eq!(
-        got.header("X-Ncro-Route"),
-        Some("hedge"),
-        "{:?}",
-        got.headers
-    );
+    assert_eq!(got.header("X-Ncro-Route"), Some("hedge"), "{:?}", got.headers);
     let (a_reqs, b_reqs) = (nar_requests(&a, &s.nar()), nar_requests(&b, &s.nar()));
     assert_eq!((a_reqs.len(), b_reqs.len()), (1, 1));
     // Measured from the client's request, not from A's arrival (which a
@@ -180,10 +175,7 @@ fn a_slow_first_upstream_is_hedged_and_the_second_wins() {
     assert_eq!(again.header("X-Ncro-Route"), Some("cache-hit"));
     let a_reqs = nar_requests(&a, &s.nar());
     assert_eq!(a_reqs.len(), 2, "the second fetch goes to A first");
-    assert_ne!(
-        a_reqs[1].conn, a_reqs[0].conn,
-        "the cancelled connection was reused"
-    );
+    assert_ne!(a_reqs[1].conn, a_reqs[0].conn, "the cancelled connection was reused");
     assert_eq!(nar_requests(&b, &s.nar()).len(), 1);
 }
 
@@ -239,11 +231,9 @@ fn max_inflight_bounds_the_attempts_in_flight() {
         let b = s.holder(Some(Fault::Delay(SLOW)));
         let c = s.holder(Some(Fault::Delay(SLOW)));
         let d = s.holder(None);
-        let cfg = s.config(&[&a, &b, &c, &d]).set(
-            "cache",
-            "nar_hedging",
-            hedging(true, "100ms", max as i64),
-        );
+        let cfg = s
+            .config(&[&a, &b, &c, &d])
+            .set("cache", "nar_hedging", hedging(true, "100ms", max as i64));
         let ncro = s.start(&cfg.render());
         let got = s.get(&ncro);
         s.assert_whole(&got, &ncro);
@@ -347,11 +337,7 @@ fn nar_timeout_cuts_a_stalled_stream_but_not_a_flowing_one() {
             assert_eq!(b_asked, 1, "the stall was not cut: {}", ncro.logs());
         } else {
             assert_eq!(b_asked, 0, "a flowing stream was cut: {}", ncro.logs());
-            assert!(
-                got.elapsed >= Duration::from_millis(1500),
-                "{:?}",
-                got.elapsed
-            );
+            assert!(got.elapsed >= Duration::from_millis(1500), "{:?}", got.elapsed);
         }
     }
 }

@@ -288,11 +288,7 @@ fn a_restarted_node_catches_up_on_routes_raced_while_it_was_down() {
         "the restarted node served the missed path from the catch-up"
     );
     let m = scrape(&a);
-    assert!(
-        m.value("ncro_mesh_catch_ups_total", &[]) >= 1.0,
-        "{}",
-        m.text
-    );
+    assert!(m.value("ncro_mesh_catch_ups_total", &[]) >= 1.0, "{}", m.text);
     assert!(a.wait_for_log("sending it the routes announced since", WAIT));
 }
 

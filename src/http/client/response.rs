@@ -261,7 +261,8 @@ impl Body {
             buf = Vec::with_capacity(BODY_BUF_SIZE);
         }
         let want = want.clamp(1, buf.capacity());
-        let read = monoio::time::timeout(self.read_idle, stream.read(buf.slice_mut(0..want))).await;
+        let read =
+            monoio::time::timeout(self.read_idle, stream.read(buf.slice_mut(0..want))).await;
         let Ok((result, slice)) = read else {
             self.fail();
             return Err(ClientError::IdleTimeout);

@@ -330,9 +330,8 @@ pub async fn open<'a>(
                 if h.full.is_empty() {
                     false
                 } else {
-                    let until = *wait_until.get_or_insert_with(|| {
-                        Instant::now() + ctx.shared.config.timeouts.first_byte
-                    });
+                    let until = *wait_until
+                        .get_or_insert_with(|| Instant::now() + ctx.shared.config.timeouts.first_byte);
                     let granted = h.wait_for_room(until).await;
                     let result = if granted {
                         LimitWait::Granted
@@ -351,8 +350,8 @@ pub async fn open<'a>(
             }
             last_start = Instant::now();
         }
-        let hedge_at =
-            (cfg.enabled && extras_left && h.running.len() < max).then(|| last_start + cfg.delay);
+        let hedge_at = (cfg.enabled && extras_left && h.running.len() < max)
+            .then(|| last_start + cfg.delay);
         let next = match hedge_at {
             Some(at) => {
                 monoio::select! {

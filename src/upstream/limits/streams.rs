@@ -97,9 +97,7 @@ mod tests {
     #[test]
     fn uncapped_streams_are_not_counted() {
         let g = StreamGates::new(1);
-        let held: Vec<_> = (0..10)
-            .map(|_| g.try_take(0, None).expect("no cap"))
-            .collect();
+        let held: Vec<_> = (0..10).map(|_| g.try_take(0, None).expect("no cap")).collect();
         assert!(held.iter().all(|p| !p.is_counted()));
         assert_eq!(g.in_use(0), 0);
     }

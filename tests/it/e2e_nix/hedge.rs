@@ -69,12 +69,7 @@ fn nix_client_substitutes_through_hedging_past_a_slow_upstream() {
     let won: f64 = (0..3).map(|i| hedges(&with, "won", i)).sum();
     let cancelled_a = hedges(&with, "cancelled", 0);
     let errors = with.after.value("ncro_nar_errors_total", &[]);
-    report.step(
-        "with",
-        with.run.code == Some(0),
-        &summary(&with.run),
-        &with.run.output,
-    );
+    report.step("with", with.run.code == Some(0), &summary(&with.run), &with.run.output);
     report.step(
         "with_counted",
         won >= 2.0 && hedges(&with, "won", 1) == won && cancelled_a == won && errors == 0.0,
@@ -89,10 +84,7 @@ fn nix_client_substitutes_through_hedging_past_a_slow_upstream() {
     report.step(
         "without",
         without.run.code == Some(0) && started == 0.0,
-        &format!(
-            "hedging off: {}; hedges started={started}",
-            summary(&without.run)
-        ),
+        &format!("hedging off: {}; hedges started={started}", summary(&without.run)),
         &without.run.output,
     );
     report.finish(&format!(

@@ -98,8 +98,7 @@ fn serve(mut conn: TcpStream, st: &GateState, body: &[u8]) {
     let line = String::from_utf8_lossy(&head);
     let target = line.split_whitespace().nth(1).unwrap_or_default();
     if !line.starts_with("GET ") || target != NAR {
-        let _ = conn
-            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     }
     let now = st.active.fetch_add(1, Ordering::SeqCst) + 1;
@@ -188,11 +187,7 @@ fn the_cap_holds_under_concurrent_clients_and_waiters_get_through() {
     for c in clients {
         let got = c.join().expect("client thread");
         assert_eq!(got.status, 200, "{}", ncro.logs());
-        assert!(
-            got.complete && got.body[..] == gated.body[..],
-            "{}",
-            ncro.logs()
-        );
+        assert!(got.complete && got.body[..] == gated.body[..], "{}", ncro.logs());
     }
     assert_eq!(gated.peak(), 2, "the cap was exceeded");
     let sc = scrape(&ncro);
@@ -200,10 +195,7 @@ fn the_cap_holds_under_concurrent_clients_and_waiters_get_through() {
         sc.value("ncro_nar_limit_waits_total", &[("result", "granted")]),
         4.0
     );
-    assert_eq!(
-        sc.value("ncro_nar_limit_waits_total", &[("result", "refused")]),
-        0.0
-    );
+    assert_eq!(sc.value("ncro_nar_limit_waits_total", &[("result", "refused")]), 0.0);
     assert_eq!(limited(&ncro, &gated.url()), 0.0);
 }
 
@@ -229,11 +221,7 @@ fn a_cancelled_stream_gives_its_permit_back_and_a_full_upstream_gives_503() {
     let busy = fetch(ncro.addr(), NAR, &[], LIMIT);
     assert_eq!(busy.status, 503, "{}", ncro.logs());
     assert_eq!(busy.header("Retry-After"), Some("1"));
-    assert!(
-        t.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
     assert_eq!(
         scrape(&ncro).value("ncro_nar_limit_waits_total", &[("result", "refused")]),
         1.0
@@ -243,9 +231,7 @@ fn a_cancelled_stream_gives_its_permit_back_and_a_full_upstream_gives_503() {
     reset_on_close(&c1);
     drop(c1);
     gated.open();
-    let released = eventually(Duration::from_secs(20), || {
-        limited(&ncro, &gated.url()) == 0.0
-    });
+    let released = eventually(Duration::from_secs(20), || limited(&ncro, &gated.url()) == 0.0);
     assert!(released, "{}", ncro.logs());
     let got = fetch(ncro.addr(), NAR, &[], LIMIT);
     assert_eq!(got.status, 200, "{}", ncro.logs());
