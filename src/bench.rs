@@ -150,6 +150,8 @@ fn upstream_command(a: &UpstreamArgs) -> Result<i32, BenchError> {
             latency: b.latency,
             fail_rate: b.fail_rate,
             reset_rate: b.reset_rate,
+            conn_rate: b.conn_rate,
+            rtt: b.rtt,
         },
     };
     // Before any thread starts, so only the sigwait below sees them.

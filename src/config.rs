@@ -15,6 +15,7 @@ pub mod narinfo;
 pub mod netrc;
 pub mod peer;
 pub mod precedence;
+pub mod ranges;
 pub mod raw;
 pub mod s3;
 
@@ -149,6 +150,7 @@ pub struct CacheConfig {
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
     pub nar_hedging: NarHedging,
+    pub nar_ranges: ranges::NarRanges,
 }
 
 #[derive(Debug, Clone)]
@@ -565,6 +567,7 @@ fn validate_cache(c: &raw::RawCache, env: &dyn env::EnvLookup) -> Result<CacheCo
         resolution_policy: c.resolution_policy,
         unavailable_answer: c.unavailable_answer,
         nar_hedging: nar::validate_hedging(&c.nar_hedging)?,
+        nar_ranges: ranges::validate(&c.nar_ranges)?,
     })
 }
 

@@ -19,6 +19,7 @@ mod index;
 mod lifecycle;
 mod mesh;
 pub mod tiers;
+pub mod ranged;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -304,6 +305,7 @@ pub struct WorkerMetrics {
     pub early_starts: [LocalCounter; 3],
     /// Waits for a NAR stream permit, by [`hedge::LimitWait`].
     pub nar_limit_waits: [LocalCounter; 2],
+    pub nar_ranged: ranged::RangedCounters,
     /// Idle upstream connections the worker's client discarded at checkout.
     pub pool_discards: Arc<crate::http::client::PoolDiscards>,
     pub upstreams: Box<[UpstreamMetrics]>,
@@ -340,6 +342,7 @@ impl WorkerMetrics {
             nar_failovers: Default::default(),
             early_starts: Default::default(),
             nar_limit_waits: Default::default(),
+            nar_ranged: Default::default(),
             pool_discards: Arc::default(),
             upstreams: (0..upstreams).map(|_| UpstreamMetrics::default()).collect(),
         }

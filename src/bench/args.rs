@@ -177,6 +177,14 @@ pub struct BehaviourArgs {
     /// Fraction of requests answered by resetting the connection.
     #[arg(long, value_parser = parse_fraction, default_value = "0")]
     pub reset_rate: f64,
+    /// Cap on each connection's NAR body rate, per second (`16MiB`): a
+    /// cache that limits every flow (S3, a CDN edge).
+    #[arg(long, value_name = "SIZE", value_parser = super::spec::parse_size)]
+    pub conn_rate: Option<u64>,
+    /// Added round-trip time: one at each new connection (the handshake)
+    /// and one before each answer, on top of `--latency`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+    pub rtt: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -44,6 +44,10 @@ pub struct Behaviour {
     pub latency: LatencySpec,
     pub fail_rate: f64,
     pub reset_rate: f64,
+    /// Bytes per second of NAR body per connection; None: no cap.
+    pub conn_rate: Option<u64>,
+    /// Added round trip: at accept and before each answer.
+    pub rtt: Duration,
 }
 
 impl Default for Behaviour {
@@ -54,6 +58,8 @@ impl Default for Behaviour {
             latency: LatencySpec::default(),
             fail_rate: 0.0,
             reset_rate: 0.0,
+            conn_rate: None,
+            rtt: Duration::ZERO,
         }
     }
 }
@@ -295,8 +301,50 @@ impl ThreadCtx {
 /// borrow of the read buffer.
 enum Answer {
     Small(u16, &'static str, Bytes),
-    Nar(u64),
+    /// A NAR of this size, whole or (`Range`) in part.
+    Nar(u64, Option<NarRange>),
     BadRequest,
+}
+
+/// What a `Range` header asks of a body of a known size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NarRange {
+    /// Bytes `.0..=.1`.
+    Bytes(u64, u64),
+    Unsatisfiable,
+}
+
+/// One `bytes=A-B`, `bytes=A-` or `bytes=-N` range; anything else
+/// (several ranges, another unit) is ignored, as RFC 9110 allows.
+fn parse_nar_range(v: &[u8], size: u64) -> Option<NarRange> {
+    let v = std::str::from_utf8(v).ok()?.trim().strip_prefix("bytes=")?;
+    if v.contains(',') {
+        return None;
+    }
+    let (a, b) = v.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let (from, to) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return Some(NarRange::Unsatisfiable);
+        }
+        (size.saturating_sub(n), size.checked_sub(1)?)
+    } else {
+        let from: u64 = a.parse().ok()?;
+        let to: u64 = if b.is_empty() {
+            u64::MAX
+        } else {
+            b.parse().ok()?
+        };
+        if to < from {
+            return None;
+        }
+        (from, to.min(size.saturating_sub(1)))
+    };
+    if from >= size {
+        return Some(NarRange::Unsatisfiable);
+    }
+    Some(NarRange::Bytes(from, to))
 }
 
 fn decide(served: &Served, path: &str) -> Answer {
@@ -324,7 +372,7 @@ fn decide(served: &Served, path: &str) -> Answer {
         .strip_prefix('/')
         .and_then(|p| served.dataset.nars.get(p))
     {
-        Some(&i) if held(i) => Answer::Nar(served.dataset.nar_size(i)),
+        Some(&i) if held(i) => Answer::Nar(served.dataset.nar_size(i), None),
         _ => NOT_FOUND,
     }
 }
@@ -334,6 +382,10 @@ async fn serve_conn(ctx: Rc<ThreadCtx>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut rbuf: Vec<u8> = Vec::with_capacity(8192);
     let mut wbuf: Vec<u8> = Vec::with_capacity(8192);
+    let rtt = ctx.served.behaviour.rtt;
+    if !rtt.is_zero() {
+        monoio::time::sleep(rtt).await; // the handshake's round trip
+    }
     loop {
         let (answer, keep, head_only, consumed) = match request::parse(&rbuf) {
             Parse::Complete(req, len) => {
@@ -343,7 +395,12 @@ async fn serve_conn(ctx: Rc<ThreadCtx>, mut stream: TcpStream) {
                     if req.path != STATS_PATH {
                         ctx.served.count(ctx.index, req.path);
                     }
-                    decide(&ctx.served, req.path)
+                    match decide(&ctx.served, req.path) {
+                        Answer::Nar(size, _) => {
+                            Answer::Nar(size, req.range.and_then(|r| parse_nar_range(r, size)))
+                        }
+                        a => a,
+                    }
                 };
                 (answer, req.keep_alive, req.method == Method::Head, len)
             }
@@ -388,6 +445,7 @@ async fn respond(
             rng.chance(b.reset_rate),
         )
     };
+    let delay = delay + b.rtt;
     if !delay.is_zero() {
         monoio::time::sleep(delay).await;
     }
@@ -409,11 +467,26 @@ async fn respond(
         Answer::BadRequest => {
             write_simple(&mut wbuf, 400, false, false, &date, &[], b"bad request\n");
         }
-        Answer::Nar(size) => {
-            let h = [("Content-Type", b"application/x-nix-nar".as_slice())];
-            write_head(&mut wbuf, 200, Framing::Length(size), keep, &date, &h);
+        Answer::Nar(size, Some(NarRange::Unsatisfiable)) => {
+            let cr = format!("bytes */{size}");
+            let h = [("Content-Range", cr.as_bytes())];
+            write_simple(&mut wbuf, 416, keep, head_only, &date, &h, b"");
+        }
+        Answer::Nar(size, range) => {
+            let (status, from, len, cr) = match range {
+                Some(NarRange::Bytes(a, b)) => (206, a, b - a + 1, format!("bytes {a}-{b}/{size}")),
+                _ => (200, 0, size, String::new()),
+            };
+            let mut h = vec![
+                ("Content-Type", b"application/x-nix-nar".as_slice()),
+                ("Accept-Ranges", b"bytes".as_slice()),
+            ];
+            if status == 206 {
+                h.push(("Content-Range", cr.as_bytes()));
+            }
+            write_head(&mut wbuf, status, Framing::Length(len), keep, &date, &h);
             if !head_only {
-                return send_nar(ctx, stream, wbuf, size).await;
+                return send_nar(ctx, stream, wbuf, from, len).await;
             }
         }
     }
@@ -421,28 +494,51 @@ async fn respond(
     res.ok().map(|_| buf)
 }
 
-/// Writes the head in `wbuf`, then `size` bytes of the pattern.
+/// Writes the head in `wbuf`, then bytes `from..from + len` of the body
+/// (the repeating pattern), at most `conn_rate` bytes per second.
 async fn send_nar(
     ctx: &ThreadCtx,
     stream: &mut TcpStream,
     mut wbuf: Vec<u8>,
-    size: u64,
+    from: u64,
+    len: u64,
 ) -> Option<Vec<u8>> {
     let pattern = &ctx.served.dataset.pattern;
-    if size <= INLINE_BODY {
-        wbuf.extend_from_slice(&pattern[..size as usize]);
+    let rate = ctx.served.behaviour.conn_rate;
+    let at = |o: u64| (o % PATTERN_LEN as u64) as usize;
+    if len <= INLINE_BODY && rate.is_none() {
+        let mut o = from;
+        while o < from + len {
+            let n = (PATTERN_LEN - at(o)).min((from + len - o) as usize);
+            wbuf.extend_from_slice(&pattern[at(o)..at(o) + n]);
+            o += n as u64;
+        }
         let (res, buf) = stream.write_all(wbuf).await;
         return res.ok().map(|_| buf);
     }
     let (res, buf) = stream.write_all(wbuf).await;
     res.ok()?;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(PATTERN_LEN as u64) as usize;
+    // The cap paces in steps of at most 1/64 s of its rate.
+    let step = rate.map_or(PATTERN_LEN, |r| {
+        ((r / 64) as usize).clamp(1024, PATTERN_LEN)
+    });
+    let started = monoio::time::Instant::now();
+    let mut o = from;
+    while o < from + len {
+        if let Some(r) = rate {
+            let due = Duration::from_secs_f64((o - from) as f64 / r as f64);
+            let elapsed = started.elapsed();
+            if due > elapsed {
+                monoio::time::sleep(due - elapsed).await;
+            }
+        }
+        let n = (PATTERN_LEN - at(o))
+            .min(step)
+            .min((from + len - o) as usize);
         // A Bytes slice shares the pattern: no copy, no allocation.
-        let (res, _) = stream.write_all(pattern.slice(..n)).await;
+        let (res, _) = stream.write_all(pattern.slice(at(o)..at(o) + n)).await;
         res.ok()?;
-        left -= n as u64;
+        o += n as u64;
     }
     Some(buf)
 }
@@ -469,6 +565,19 @@ fn reset_connection(stream: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nar_ranges_parse_like_rfc_9110() {
+        let r = |v: &str| parse_nar_range(v.as_bytes(), 100);
+        assert_eq!(r("bytes=0-9"), Some(NarRange::Bytes(0, 9)));
+        assert_eq!(r("bytes=90-"), Some(NarRange::Bytes(90, 99)));
+        assert_eq!(r("bytes=90-200"), Some(NarRange::Bytes(90, 99)));
+        assert_eq!(r("bytes=-10"), Some(NarRange::Bytes(90, 99)));
+        assert_eq!(r("bytes=100-"), Some(NarRange::Unsatisfiable));
+        assert_eq!(r("bytes=5-1"), None);
+        assert_eq!(r("bytes=0-1,5-6"), None);
+        assert_eq!(r("items=0-1"), None);
+    }
 
     #[test]
     fn holdings_follow_range_and_ratio() {

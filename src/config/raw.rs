@@ -172,6 +172,7 @@ pub struct RawCache {
     pub resolution_policy: narinfo::ResolutionPolicy,
     pub unavailable_answer: narinfo::UnavailableAnswer,
     pub nar_hedging: RawNarHedging,
+    pub nar_ranges: super::ranges::RawNarRanges,
     /// Today's ncro's slow-SQLite warning threshold: accepted and ignored
     /// (config::compat warns).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,6 +193,7 @@ impl Default for RawCache {
             resolution_policy: Default::default(),
             unavailable_answer: Default::default(),
             nar_hedging: RawNarHedging::default(),
+            nar_ranges: Default::default(),
         }
     }
 }

@@ -93,6 +93,7 @@ pub fn families(m: &Metrics) -> Vec<MetricFamily> {
     b.out.extend(super::mesh::families(m));
     b.out.extend(super::index::families(m));
     b.out.extend(super::hedge::families(m));
+    b.out.extend(super::ranged::families(m));
     b.out.extend(super::lifecycle::families(m));
     b.out.extend(super::tiers::families(m));
     b.out

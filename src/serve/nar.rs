@@ -5,6 +5,7 @@ mod canonical;
 mod failover;
 mod fallback;
 mod hedge;
+mod ranged;
 
 use std::io;
 use std::sync::Arc;
@@ -264,10 +265,15 @@ pub(super) async fn relay(
     conn: &mut Conn,
     ctx: &WorkerCtx,
     req: &Request<'_>,
-    mut resp: UpResponse,
+    resp: UpResponse,
     from: Source,
     keep: bool,
 ) -> io::Result<After> {
+    // Large NARs: parallel ranges when the upstream allows (ranged.rs).
+    let (mut resp, from) = match ranged::try_relay(conn, ctx, req, resp, from, keep).await {
+        ranged::Ranged::Done(after) => return after,
+        ranged::Ranged::Declined(resp, from) => (resp, from),
+    };
     let upstream = from.candidate.upstream;
     let status = resp.status();
     let head_only = req.method == Method::Head || status == 304;

@@ -22,6 +22,7 @@ mod failover;
 mod fallback;
 mod hedge;
 mod nix_log;
+mod ranged;
 
 use crate::fake::{FakeUpstream, TestKey, TestPath};
 use crate::harness::{free_ports, tail, test_config, NcroProcess};

@@ -126,6 +126,9 @@ pub enum Fault {
     Nth(usize, Box<Fault>),
     /// Apply the fault to the first n requests this rule matched.
     FirstN(usize, Box<Fault>),
+    /// Apply the fault to every request this rule matched after the first
+    /// n (an upstream that dies during a transfer).
+    AfterN(usize, Box<Fault>),
 }
 
 impl Fault {
@@ -140,7 +143,8 @@ impl Fault {
         match self {
             Fault::Nth(k, f) if *k == n => f.effective(n),
             Fault::FirstN(k, f) if n <= *k => f.effective(n),
-            Fault::Nth(..) | Fault::FirstN(..) => None,
+            Fault::AfterN(k, f) if n > *k => f.effective(n),
+            Fault::Nth(..) | Fault::FirstN(..) | Fault::AfterN(..) => None,
             other => Some(other),
         }
     }

@@ -36,6 +36,9 @@
 //! - [`hedge`]: NAR hedging (a slow first upstream, `allow_hedging`,
 //!   `max_inflight`), `upstreams[].nar_timeout` and
 //!   `max_concurrent_requests`.
+//! - [`ranged`]: large NARs fetched as parallel ranges
+//!   (`[cache.nar_ranges]`): wrong range answers, a dying holder, stalls,
+//!   a slow client, client ranges on top.
 //! - [`faults`]: the fault-injection matrix (every upstream fault, for
 //!   narinfo and NAR requests), checked against docs/failure-modes.md.
 //! - [`endpoints`]: the binary-cache side paths (logs, listings,
@@ -94,6 +97,7 @@ mod narinfo_side;
 mod ops;
 mod overload;
 mod parity;
+mod ranged;
 mod realdata;
 mod route_persist;
 mod routing;

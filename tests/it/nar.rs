@@ -242,7 +242,17 @@ fn chunked_upstream_body_is_relayed_exactly() {
 fn large_nar_identical(relay: &str) {
     let p = TestPath::with_contents("large", &random_bytes(50 << 20));
     let url = p.nar_request_path();
-    let (ncro, _up, _db) = one_nar(&p, &[], &[("server", "nar_relay", relay)]);
+    let k = TestKey::generate("k-1");
+    let _up = FakeUpstream::builder().path(&p, &k).start();
+    let _db = db_dir();
+    // One stream, in the relay mode under test: parallel ranges
+    // (tests/it/ranged.rs) would take a NAR this large.
+    let mut off = toml::Table::new();
+    off.insert("enabled".into(), false.into());
+    let ncro = NcroConfig::new(&[entry(_up.url(), 10, &k)], &_db.path().join("r.db"))
+        .set("server", "nar_relay", relay)
+        .set("cache", "nar_ranges", toml::Value::Table(off))
+        .start();
     let r = ncro.get(&url);
     assert_eq!(r.status, 200, "{}", ncro.logs());
     assert_eq!(

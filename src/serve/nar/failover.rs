@@ -66,16 +66,34 @@ impl Object {
         })
     }
 
+    /// The response's first and last body byte in the object (inclusive),
+    /// and whether its URL names the object's hash.
+    pub(super) fn span(&self) -> (u64, u64, bool) {
+        (self.start, self.end, self.content_addressed)
+    }
+
+    /// Whether a strong ETag identifies the object.
+    pub(super) fn has_etag(&self) -> bool {
+        self.etag.is_some()
+    }
+
     /// Whether `resp`, answering a request for the bytes from `offset` on,
     /// carries exactly those bytes of this same object. `known_same`: its
     /// identity is already proved (the same content-addressed path, or
     /// narinfos that describe the same file), so no ETag is needed.
     fn continued_by(&self, resp: &UpResponse, offset: u64, known_same: bool) -> bool {
+        self.carries(resp, offset, self.end, known_same)
+    }
+
+    /// Whether `resp`, answering a request for the bytes `from..=to` of
+    /// this object, carries exactly those bytes of it (see
+    /// [`Object::continued_by`]). Used by parallel ranges (ranged.rs).
+    pub(super) fn carries(&self, resp: &UpResponse, from: u64, to: u64, known_same: bool) -> bool {
         let range = resp.header("Content-Range").and_then(parse_content_range);
         let same_bytes = resp.status() == 206
             && !resp.is_chunked()
-            && range == Some((offset, self.end, self.total))
-            && resp.content_length() == Some(self.end - offset + 1);
+            && range == Some((from, to, self.total))
+            && resp.content_length() == Some(to - from + 1);
         let same_encoding = resp.header("Content-Encoding") == self.encoding.as_deref();
         let same_object = known_same
             || self
