@@ -18,8 +18,8 @@ pub mod hedge;
 mod index;
 mod lifecycle;
 mod mesh;
-pub mod tiers;
 pub mod ranged;
+pub mod tiers;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
