@@ -153,6 +153,15 @@ fn acknowledged_routes_survive_sigkill_mid_stream() {
         stream.answered(),
         ncro.logs()
     );
+    // The writer gathers up to `linger` (50 ms) before its first commit; a
+    // fast build answers 300 routes sooner than that.
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            scrape(&ncro).value("ncro_route_writer_rows_total", &[]) > 0.0
+        }),
+        "no commit\n{}",
+        ncro.logs()
+    );
     // The acknowledgments: what the writer says it committed, then what a
     // reader of the file sees. Taken while the clients keep writing.
     let committed = scrape(&ncro).value("ncro_route_writer_rows_total", &[]) as usize;
