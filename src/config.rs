@@ -7,6 +7,7 @@
 //! an error naming the key and its line, and every value is validated.
 
 pub mod compat;
+mod dur;
 pub mod env;
 pub mod filter;
 mod logging;

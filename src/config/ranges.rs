@@ -5,28 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dur::Dur;
 use super::{invalid, positive, ConfigError};
-
-/// A duration written as `"10s"` (humantime), like the other duration keys.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?}: {e} (use e.g. \"30s\", \"10m\", \"1h\")"
-            ))
-        })
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
-    }
-}
 
 /// A byte size written as `"4MiB"`, `"512KiB"`, `"1GiB"` or a plain number
 /// of bytes.
