@@ -19,9 +19,11 @@
 //! every member has answered, or at [`RaceConfig::tier_deadline`] when its
 //! stragglers are abandoned (reported as [`FailKind::Timeout`]). The next
 //! tier starts when the newest running tier ends, or earlier, in addition
-//! to it, once [`RaceConfig::hedge_after`] has passed, or once the tier's
-//! armed early start ([`RaceConfig::early`]) has passed; an early start of
-//! zero launches the next tier together with this one, without a timer.
+//! to it, once the newest tier has run for its own hedge delay
+//! ([`RaceConfig::hedge_after`], from that tier's members' latency,
+//! however the tier itself was started) or for its armed early start
+//! ([`RaceConfig::early`]), whichever is shorter; an early start of zero
+//! launches the next tier together with this one, without a timer.
 //!
 //! # Miss versus unavailable
 //! A 404 makes a Nix client skip this cache for an hour
@@ -193,16 +195,70 @@ pub struct RaceConfig {
     /// How long a tier may run before its unanswered attempts are abandoned
     /// as timeouts. Counted from the tier's own start.
     pub tier_deadline: Duration,
-    /// When set, the next tier starts this long after the current one, while
-    /// the current one keeps running until its deadline; whichever accepted
-    /// answer comes first wins. `None` means a tier only starts after the
-    /// previous one has ended.
-    pub hedge_after: Option<Duration>,
+    /// When set, the next tier starts once the current one has run for its
+    /// own delay here ([`Hedges::after`] its priority), while the current
+    /// one keeps running until its deadline; whichever accepted answer
+    /// comes first wins. `None` means a tier only starts after the previous
+    /// one has ended.
+    pub hedge_after: Option<Hedges>,
     /// Tiers after which the next tier starts early, whatever
     /// `hedge_after` says (the earlier of the two applies): the tier-skip
     /// rule of [`tiers`] arms it for tiers that recently missed most
     /// lookups. Empty means tier order (plus `hedge_after`) alone.
     pub early: EarlyStarts,
+}
+
+/// Per-tier hedge delays for one race: "once a tier of priority `p` has
+/// run for `after(p)`, the next tier joins in". Each tier's delay comes
+/// from its own members' latency (`upstream::health::hedge_delay`), so a
+/// slow tier is not called late by a fast tier's clock. Up to
+/// [`Hedges::MAX`] tiers are listed; any other tier gets the default given
+/// to [`Hedges::uniform`]. `Copy` and allocation-free, like
+/// [`EarlyStarts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hedges {
+    priority: [i32; Hedges::MAX],
+    delay: [Duration; Hedges::MAX],
+    len: u8,
+    other: Duration,
+}
+
+impl Hedges {
+    /// Tiers one race can list.
+    pub const MAX: usize = 8;
+
+    /// `delay` for every tier, until [`Self::push`] sets one's own.
+    pub const fn uniform(delay: Duration) -> Hedges {
+        Hedges {
+            priority: [0; Hedges::MAX],
+            delay: [Duration::ZERO; Hedges::MAX],
+            len: 0,
+            other: delay,
+        }
+    }
+
+    /// Sets the delay of the tier of `priority`; false (and no change) when
+    /// [`Self::MAX`] tiers are already listed. A priority listed twice
+    /// keeps its first delay.
+    pub fn push(&mut self, priority: i32, delay: Duration) -> bool {
+        let n = self.len as usize;
+        if n == Self::MAX {
+            return false;
+        }
+        self.priority[n] = priority;
+        self.delay[n] = delay;
+        self.len += 1;
+        true
+    }
+
+    /// How long the tier of `priority` runs before the next one joins.
+    pub fn after(&self, priority: i32) -> Duration {
+        let n = self.len as usize;
+        self.priority[..n]
+            .iter()
+            .position(|&p| p == priority)
+            .map_or(self.other, |i| self.delay[i])
+    }
 }
 
 /// Per-tier early starts for one race: "once a tier of priority `p` has

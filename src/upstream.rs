@@ -24,7 +24,7 @@ use crate::config::{Config, UpstreamKind};
 use crate::http::client::Origin;
 use crate::proto::narinfo::NarInfo;
 use crate::proto::signature::{verify_narinfo, PublicKey};
-use crate::race::{Candidate, EarlyStarts};
+use crate::race::{Candidate, EarlyStarts, Hedges};
 use filter::FilterRule;
 use health::HealthSnapshot;
 use limits::Limits;
@@ -239,8 +239,10 @@ const SAMPLE_QUEUE: usize = 4096;
 pub struct RacePlan {
     /// In routing order (so in tier order).
     pub candidates: Vec<Candidate>,
-    /// When the next tier joins in ([`health::hedge_delay`] of the first).
-    pub hedge_after: Duration,
+    /// When the next tier joins in: for each tier of `candidates`, the
+    /// [`health::hedge_delay`] of its own members (`health.hedge_after`
+    /// for any other tier).
+    pub hedge_after: Hedges,
     /// Some upstream is left out for being DOWN, so even a miss from every
     /// other one is not the final word of every configured upstream.
     pub partial: bool,
@@ -401,13 +403,19 @@ impl Routing {
         if candidates.is_empty() {
             std::mem::swap(&mut candidates, &mut cooling);
         }
-        let first = candidates.first().map(|c| c.priority);
-        let first_tier = candidates
-            .iter()
-            .take_while(|c| Some(c.priority) == first)
-            .filter_map(|c| snap.rank(c.upstream, c.priority));
+        // Each tier is late by its own members' clock: a slow tier is not
+        // hedged on a fast tier's latency (docs/routing.md, "Hedge").
+        let mut hedge_after = Hedges::uniform(self.hedge_cap);
+        for tier in candidates.chunk_by(|a, b| a.priority == b.priority) {
+            let ranks = tier
+                .iter()
+                .filter_map(|c| snap.rank(c.upstream, c.priority));
+            if !hedge_after.push(tier[0].priority, health::hedge_delay(ranks, self.hedge_cap)) {
+                break;
+            }
+        }
         RacePlan {
-            hedge_after: health::hedge_delay(first_tier, self.hedge_cap),
+            hedge_after,
             partial: candidates.len() + cooling.len() < set.live_len(),
             cooling,
             index_skipped,

@@ -187,7 +187,7 @@ impl Tally {
 struct RaceState<'c, Fut> {
     order: Cow<'c, [Candidate]>,
     tier_deadline: std::time::Duration,
-    hedge_after: Option<std::time::Duration>,
+    hedge_after: Option<super::Hedges>,
     early: super::EarlyStarts,
     /// Index in `order` where the next unstarted tier begins.
     next_start: usize,
@@ -237,8 +237,10 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
         if let Some(prev) = self.running.last_mut() {
             prev.hedge_at = None;
         }
-        // The earlier of the hedge and an armed early start.
-        let delay = match (self.hedge_after, self.early.after(first.priority)) {
+        // The earlier of this tier's own hedge delay and an armed early
+        // start, however this tier itself was started.
+        let hedge = self.hedge_after.map(|h| h.after(first.priority));
+        let delay = match (hedge, self.early.after(first.priority)) {
             (Some(h), Some(e)) => Some(h.min(e)),
             (h, e) => h.or(e),
         };

@@ -118,7 +118,7 @@ fn candidates(priorities: &[i32]) -> Vec<Candidate> {
 fn cfg(deadline: Duration, hedge: Option<Duration>) -> RaceConfig {
     RaceConfig {
         tier_deadline: deadline,
-        hedge_after: hedge,
+        hedge_after: hedge.map(Hedges::uniform),
         early: crate::race::EarlyStarts::NONE,
     }
 }
@@ -544,4 +544,88 @@ fn early_starts_hold_at_most_max_tiers() {
     assert!(!e.push(99, ms(1)));
     assert_eq!(e.after(2), Some(ms(2)));
     assert_eq!(e.after(99), None);
+}
+
+/// `cfg` with its own hedge delay for each listed tier.
+fn hedges(cfg: RaceConfig, per_tier: &[(i32, Duration)]) -> RaceConfig {
+    let mut h = cfg.hedge_after.expect("a hedged config");
+    for &(p, d) in per_tier {
+        assert!(h.push(p, d));
+    }
+    RaceConfig {
+        hedge_after: Some(h),
+        ..cfg
+    }
+}
+
+#[test]
+fn each_tier_is_hedged_on_its_own_delay() {
+    // Tier 10 hangs and is late after 30 ms; tier 20 answers after 150 ms
+    // and is late only after 3 s, so tier 30 (which would answer at once)
+    // is never asked. One delay for every tier (30 ms) would ask it.
+    let plan = vec![(HANG, good("t1")), (ms(150), good("t2")), (ms(1), good("t3"))];
+    let c = hedges(cfg(ms(10_000), Some(ms(30))), &[(10, ms(30)), (20, ms(3000))]);
+    let (run, fake) = race_once(plan, &[10, 20, 30], c);
+    assert_eq!(winner(&run.outcome), 1);
+    assert_eq!(fake.started_order(), vec![0, 1], "tier 30 asked");
+    let started = fake.started.borrow();
+    assert!(started[1].1 - started[0].1 >= ms(30), "hedged too early");
+    assert!(run.elapsed < ms(2500), "{:?}", run.elapsed);
+}
+
+#[test]
+fn a_tier_started_by_a_hedge_is_hedged_on_its_own_delay() {
+    // Tiers 10 and 20 hang: tier 20 joins after tier 10's 20 ms, tier 30
+    // after tier 20's own 250 ms, counted from tier 20's start.
+    let plan = vec![(HANG, good("t1")), (HANG, good("t2")), (ms(1), good("t3"))];
+    let c = hedges(cfg(ms(10_000), Some(ms(5000))), &[(10, ms(20)), (20, ms(250))]);
+    let (run, fake) = race_once(plan, &[10, 20, 30], c);
+    assert_eq!(winner(&run.outcome), 2);
+    assert_eq!(fake.started_order(), vec![0, 1, 2]);
+    let started = fake.started.borrow();
+    assert!(started[1].1 - started[0].1 >= ms(20));
+    assert!(
+        started[2].1 - started[1].1 >= ms(250),
+        "tier 30 joined on tier 10's delay"
+    );
+    // Not tier 40's default (5 s): tier 20's own delay applied.
+    assert!(run.elapsed < ms(4000), "{:?}", run.elapsed);
+}
+
+#[test]
+fn a_tier_started_early_is_hedged_on_its_own_delay() {
+    // Tier 10 is armed (early start at zero) and misses after 300 ms; its
+    // own hedge delay (20 ms) does not time tier 20, which answers after
+    // 100 ms and is late only after 3 s: tier 30 is never asked.
+    let plan = vec![
+        (ms(300), Attempt::NotFound),
+        (ms(100), good("t2")),
+        (ms(1), good("t3")),
+    ];
+    let c = hedges(cfg(ms(10_000), Some(ms(20))), &[(10, ms(20)), (20, ms(3000))]);
+    let c = early(c, &[(10, Duration::ZERO)]);
+    let (run, fake) = race_once(plan, &[10, 20, 30], c);
+    assert_eq!(winner(&run.outcome), 1);
+    assert_eq!(fake.started_order(), vec![0, 1], "tier 30 asked");
+    assert!(run.elapsed < ms(2500), "{:?}", run.elapsed);
+
+    // The same race with tier 20 hanging: tier 30 joins on tier 20's delay.
+    let plan = vec![(ms(300), Attempt::NotFound), (HANG, good("t2")), (ms(1), good("t3"))];
+    let c = hedges(cfg(ms(10_000), Some(ms(20))), &[(10, ms(20)), (20, ms(200))]);
+    let (run, fake) = race_once(plan, &[10, 20, 30], early(c, &[(10, Duration::ZERO)]));
+    assert_eq!(winner(&run.outcome), 2);
+    let started = fake.started.borrow();
+    assert!(started[2].1 - started[1].1 >= ms(200), "hedged too early");
+}
+
+#[test]
+fn unlisted_tiers_get_the_default_and_at_most_max_are_listed() {
+    let mut h = Hedges::uniform(ms(2000));
+    assert_eq!(h.after(7), ms(2000));
+    for p in 0..Hedges::MAX as i32 {
+        assert!(h.push(p, ms(p as u64 + 1)));
+    }
+    assert!(!h.push(99, ms(1)));
+    assert_eq!(h.after(3), ms(4));
+    assert_eq!(h.after(99), ms(2000));
 }

@@ -86,16 +86,31 @@ fn cooling_upstreams_skip_races_until_all_are_cooling() {
 }
 
 #[test]
-fn hedge_delay_comes_from_the_first_tier() {
-    let (r, set, _rx) = routing(&[0, 0, 0], &[40.0, 900.0, 900.0]);
-    assert_eq!(
-        r.plan_race(&set, Instant::now()).hedge_after,
-        Duration::from_millis(120)
-    );
-    // With tier 1 DOWN, tier 2 leads and sets the delay (capped at 2 s).
-    r.publish(snapshot(&set, &[10, 0, 0], &[40.0, 900.0, 900.0]));
+fn each_tier_gets_the_hedge_delay_of_its_own_members() {
+    let (r, set, _rx) = routing(&[0, 0, 0], &[40.0, 900.0, 300.0]);
     let plan = r.plan_race(&set, Instant::now());
-    assert_eq!(plan.hedge_after, Duration::from_secs(2));
+    assert_eq!(plan.hedge_after.after(1), Duration::from_millis(120));
+    // Tier 2's slowest member (900 ms): 2.7 s, capped at 2 s.
+    assert_eq!(plan.hedge_after.after(2), Duration::from_secs(2));
+    r.publish(snapshot(&set, &[0, 0, 0], &[40.0, 200.0, 300.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(plan.hedge_after.after(2), Duration::from_millis(900));
+    // A priority with no candidate gets the cap.
+    assert_eq!(plan.hedge_after.after(3), Duration::from_secs(2));
+    // A DEGRADED member's stale EMA is left out: the other one decides.
+    r.publish(snapshot(&set, &[0, 3, 0], &[40.0, 900.0, 100.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(plan.hedge_after.after(2), Duration::from_millis(300));
+    // A tier with no measured member gets the cap, whatever tier 1 says.
+    r.publish(snapshot(&set, &[0, 0, 0], &[40.0, 0.0, 0.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(plan.hedge_after.after(1), Duration::from_millis(120));
+    assert_eq!(plan.hedge_after.after(2), Duration::from_secs(2));
+    // With tier 1 DOWN, it is not raced: tier 2 keeps its own delay.
+    r.publish(snapshot(&set, &[10, 0, 0], &[40.0, 200.0, 300.0]));
+    let plan = r.plan_race(&set, Instant::now());
+    assert_eq!(upstreams(&plan), [1, 2]);
+    assert_eq!(plan.hedge_after.after(2), Duration::from_millis(900));
 }
 
 #[test]
