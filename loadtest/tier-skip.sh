@@ -19,6 +19,9 @@
 # the client's fetch_s and, for ncro, the narinfo requests each cache got
 # during the cold fetch and ncro_narinfo_early_starts_total.
 #
+# NCRO_TOML_EXTRA, if set, is appended to every ncro config (for example
+# $'[cache.mass_query]\nper_upstream_max_inflight = 32').
+#
 # HARNESS_OUT is a make-caches.sh output dir (the tests build one under
 # target/tmp/nix-harness). Loopback only; ports 38191-38194.
 set -euo pipefail
@@ -83,6 +86,7 @@ db_path = "$db/routes.db"
 early_start_budget = $budget
 [logging]
 level = "warn"
+${NCRO_TOML_EXTRA:-}
 EOF
     "$BIN" serve --config "$db/ncro.toml" > "$db/log" 2>&1 &
     local pid=$!

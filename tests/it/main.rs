@@ -105,3 +105,4 @@ mod s3;
 mod server;
 mod status;
 mod systemd;
+mod tier_hedge;
