@@ -239,13 +239,14 @@ fn same_class(leader: Option<f64>, member: Option<f64>) -> bool {
     }
 }
 
-/// How long the first tier of a race may run before the next tier joins
-/// in: [`HEDGE_FACTOR`] times the slowest EMA among the tier's measured
+/// How long one tier of a race may run before the next tier joins in:
+/// [`HEDGE_FACTOR`] times the slowest EMA among that tier's own measured
 /// ACTIVE members, at least [`HEDGE_FLOOR`], at most `cap`
 /// (`health.hedge_after`). A tier with no measured ACTIVE member gives no
-/// evidence of what "late" means, so it gets `cap`.
-pub fn hedge_delay(first_tier: impl IntoIterator<Item = Rank>, cap: Duration) -> Duration {
-    let slowest = first_tier
+/// evidence of what "late" means, so it gets `cap`. Each tier gets its own
+/// (`Routing::plan_race`): a slow tier is not late by a fast tier's clock.
+pub fn hedge_delay(tier: impl IntoIterator<Item = Rank>, cap: Duration) -> Duration {
+    let slowest = tier
         .into_iter()
         .filter(|r| r.state == State::Active)
         .filter_map(|r| r.ema_ms)

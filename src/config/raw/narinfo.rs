@@ -57,8 +57,8 @@ impl Default for RawFallbackCache {
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ResolutionPolicy {
-    /// The next tier also starts once the current one is late (the hedge
-    /// delay, capped by `health.hedge_after`).
+    /// The next tier also starts once the current one is late (its own
+    /// hedge delay, capped by `health.hedge_after`).
     #[default]
     Hedged,
     /// The next tier starts only after every member of the current one
