@@ -17,7 +17,9 @@
 # of the 100 small-b paths (routes unknown), then a warm fetch of the same
 # paths with a fresh client store (every route known). Printed per run:
 # the client's fetch_s and, for ncro, the narinfo requests each cache got
-# during the cold fetch and ncro_narinfo_early_starts_total.
+# during the cold fetch, race_ms (the mean of ncro's own
+# ncro_narinfo_race_duration_seconds over the cold fetch's races) and
+# ncro_narinfo_early_starts_total.
 #
 # NCRO_TOML_EXTRA, if set, is appended to every ncro config (for example
 # $'[cache.mass_query]\nper_upstream_max_inflight = 32').
@@ -64,6 +66,8 @@ fetch() { # fetch URL PATHS... -> fetch_s
     "$NH/client-fetch.sh" -k "$KEYS" -t 120 "$@" | sed -n 's/.*fetch_s=\([0-9.]*\).*/\1/p'
 }
 narinfos() { grep -c '\.narinfo' "$OUT/$1.log" 2>/dev/null || echo 0; }
+# "sum count" of a histogram, summed over its series, from ncro's /metrics.
+hist() { curl -s "$1/metrics" | awk -v n="$2" '$1 ~ "^"n"_sum" {s += $2} $1 ~ "^"n"_count" {c += $2} END {print s + 0, c + 0}'; }
 
 run_ncro() { # run_ncro LABEL BUDGET
     local label=$1 budget=$2 db=$OUT/ncro-$1-$r
@@ -95,14 +99,19 @@ EOF
     fetch "$url" "${LEARN[@]}" >/dev/null
     sleep 2.5 # the control thread's statistics tick once a second
     local x0 y0 z0; x0=$(narinfos X); y0=$(narinfos Y); z0=$(narinfos Z)
-    local cold warm
+    local cold warm r0 r1
+    r0=$(hist "$url" ncro_narinfo_race_duration_seconds)
     cold=$(fetch "$url" "${MEASURE[@]}")
+    r1=$(hist "$url" ncro_narinfo_race_duration_seconds)
     local x=$(( $(narinfos X) - x0 )) y=$(( $(narinfos Y) - y0 )) z=$(( $(narinfos Z) - z0 ))
+    # Mean race time (ms) of the cold fetch's misses, measured inside ncro.
+    local race_ms
+    race_ms=$(echo "$r0 $r1" | awk '{ if ($4 > $2) printf "%.1f", 1000 * ($3 - $1) / ($4 - $2); else print "-" }')
     warm=$(fetch "$url" "${MEASURE[@]}")
     local early
     early=$(curl -s "$url/metrics" | grep '^ncro_narinfo_early_starts_total' | sed 's/ncro_narinfo_early_starts_total{result="\(.*\)"} /\1=/' | tr '\n' ' ')
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    echo "round=$r mode=$label cold_s=$cold warm_s=$warm narinfo_reqs_cold X=$x Y=$y Z=$z paths=${#MEASURE[@]} early: $early"
+    echo "round=$r mode=$label cold_s=$cold warm_s=$warm narinfo_reqs_cold X=$x Y=$y Z=$z paths=${#MEASURE[@]} race_ms=$race_ms early: $early"
 }
 
 echo "# bin=$BIN $(date -u +%FT%TZ) paths=${#MEASURE[@]} delay=20ms"

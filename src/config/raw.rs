@@ -205,7 +205,7 @@ impl Default for RawMassQuery {
     fn default() -> Self {
         RawMassQuery {
             max_concurrent_races: 64,
-            per_upstream_max_inflight: 8,
+            per_upstream_max_inflight: 32,
             in_memory_negative_ttl: secs(5),
             upstream_cooldown: secs(15),
         }

@@ -563,8 +563,15 @@ fn each_tier_is_hedged_on_its_own_delay() {
     // Tier 10 hangs and is late after 30 ms; tier 20 answers after 150 ms
     // and is late only after 3 s, so tier 30 (which would answer at once)
     // is never asked. One delay for every tier (30 ms) would ask it.
-    let plan = vec![(HANG, good("t1")), (ms(150), good("t2")), (ms(1), good("t3"))];
-    let c = hedges(cfg(ms(10_000), Some(ms(30))), &[(10, ms(30)), (20, ms(3000))]);
+    let plan = vec![
+        (HANG, good("t1")),
+        (ms(150), good("t2")),
+        (ms(1), good("t3")),
+    ];
+    let c = hedges(
+        cfg(ms(10_000), Some(ms(30))),
+        &[(10, ms(30)), (20, ms(3000))],
+    );
     let (run, fake) = race_once(plan, &[10, 20, 30], c);
     assert_eq!(winner(&run.outcome), 1);
     assert_eq!(fake.started_order(), vec![0, 1], "tier 30 asked");
@@ -578,7 +585,10 @@ fn a_tier_started_by_a_hedge_is_hedged_on_its_own_delay() {
     // Tiers 10 and 20 hang: tier 20 joins after tier 10's 20 ms, tier 30
     // after tier 20's own 250 ms, counted from tier 20's start.
     let plan = vec![(HANG, good("t1")), (HANG, good("t2")), (ms(1), good("t3"))];
-    let c = hedges(cfg(ms(10_000), Some(ms(5000))), &[(10, ms(20)), (20, ms(250))]);
+    let c = hedges(
+        cfg(ms(10_000), Some(ms(5000))),
+        &[(10, ms(20)), (20, ms(250))],
+    );
     let (run, fake) = race_once(plan, &[10, 20, 30], c);
     assert_eq!(winner(&run.outcome), 2);
     assert_eq!(fake.started_order(), vec![0, 1, 2]);
@@ -602,7 +612,10 @@ fn a_tier_started_early_is_hedged_on_its_own_delay() {
         (ms(100), good("t2")),
         (ms(1), good("t3")),
     ];
-    let c = hedges(cfg(ms(10_000), Some(ms(20))), &[(10, ms(20)), (20, ms(3000))]);
+    let c = hedges(
+        cfg(ms(10_000), Some(ms(20))),
+        &[(10, ms(20)), (20, ms(3000))],
+    );
     let c = early(c, &[(10, Duration::ZERO)]);
     let (run, fake) = race_once(plan, &[10, 20, 30], c);
     assert_eq!(winner(&run.outcome), 1);
@@ -610,8 +623,15 @@ fn a_tier_started_early_is_hedged_on_its_own_delay() {
     assert!(run.elapsed < ms(2500), "{:?}", run.elapsed);
 
     // The same race with tier 20 hanging: tier 30 joins on tier 20's delay.
-    let plan = vec![(ms(300), Attempt::NotFound), (HANG, good("t2")), (ms(1), good("t3"))];
-    let c = hedges(cfg(ms(10_000), Some(ms(20))), &[(10, ms(20)), (20, ms(200))]);
+    let plan = vec![
+        (ms(300), Attempt::NotFound),
+        (HANG, good("t2")),
+        (ms(1), good("t3")),
+    ];
+    let c = hedges(
+        cfg(ms(10_000), Some(ms(20))),
+        &[(10, ms(20)), (20, ms(200))],
+    );
     let (run, fake) = race_once(plan, &[10, 20, 30], early(c, &[(10, Duration::ZERO)]));
     assert_eq!(winner(&run.outcome), 2);
     let started = fake.started.borrow();

@@ -19,7 +19,7 @@ use crate::routing::{db_dir, entry, timed_get, NcroConfig};
 use crate::server::eventually;
 
 /// Y's delay before every answer, probes included.
-const SLOW: Duration = Duration::from_millis(400);
+const SLOW: Duration = Duration::from_millis(600);
 const WAIT: Duration = Duration::from_secs(30);
 
 struct Three {
@@ -41,10 +41,7 @@ fn three(paths: &[TestPath], hang: &TestPath) -> Three {
     let mut y = FakeUpstream::builder()
         .latency(SLOW)
         .path(hang, &ky)
-        .rule(
-            PathMatch::exact(&hang.narinfo_request_path()),
-            Fault::Hang,
-        );
+        .rule(PathMatch::exact(&hang.narinfo_request_path()), Fault::Hang);
     let mut z = FakeUpstream::builder().path(hang, &kz);
     for p in paths {
         y = y.path(p, &ky);
@@ -131,7 +128,10 @@ fn a_slow_tier_is_hedged_on_its_own_latency_not_the_tier_above() {
     let (r, took) = timed_get(&t.ncro, &hang.narinfo_request_path());
     assert_eq!(r.status, 200, "{}\n{}", r.text(), t.ncro.logs());
     assert!(signed_by(&r, "tier-z-1"), "{}", r.text());
-    assert!(took < Duration::from_secs(15), "waited for the deadline: {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "waited for the deadline: {took:?}"
+    );
     let at = |f: &FakeUpstream| {
         f.requests()
             .into_iter()
