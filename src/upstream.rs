@@ -404,7 +404,7 @@ impl Routing {
             std::mem::swap(&mut candidates, &mut cooling);
         }
         // Each tier is late by its own members' clock: a slow tier is not
-        // hedged on a fast tier's latency (docs/routing.md, "Hedge").
+        // hedged on a fast tier's latency (docs/routing.md, "Races and hedging").
         let mut hedge_after = Hedges::uniform(self.hedge_cap);
         for tier in candidates.chunk_by(|a, b| a.priority == b.priority) {
             let ranks = tier
