@@ -214,8 +214,10 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
                 let up = &set.list[i];
                 let fetch = fetch_narinfo(&client, &up.origin, path.as_str());
                 let attempt = match up.narinfo_timeout {
-                    // `upstreams[].narinfo_timeout`: this request alone is cut.
-                    Some(limit) => monoio::time::timeout(limit, fetch)
+                    // `upstreams[].narinfo_timeout`: this request alone is
+                    // cut. Boxed (a timer is large, and rarely configured)
+                    // so that it does not grow every attempt's slot.
+                    Some(limit) => Box::pin(monoio::time::timeout(limit, fetch))
                         .await
                         .unwrap_or(Attempt::Failed(FailKind::Timeout)),
                     None => fetch.await,
