@@ -14,6 +14,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
+
+/// Flights in progress by key; foldhash, not SipHash: looked up on every
+/// miss.
+type FlightMap<K, V> = HashMap<K, Rc<Flight<V>>, RandomState>;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
@@ -37,8 +41,7 @@ pub enum Role {
 pub struct SingleFlight<K, V> {
     /// Flights in progress. An entry is inserted by its leader and removed by
     /// the leader's guard when the flight finishes or is abandoned.
-    /// foldhash, not SipHash: looked up on every miss.
-    flights: Rc<RefCell<HashMap<K, Rc<Flight<V>>, RandomState>>>,
+    flights: Rc<RefCell<FlightMap<K, V>>>,
 }
 
 impl<K, V> Clone for SingleFlight<K, V> {
@@ -128,7 +131,7 @@ enum State<V> {
 /// Owned by the leader for the duration of `make()`. Whether the leader
 /// finishes or is dropped, the entry leaves the map and the waiters wake.
 struct LeaderGuard<'a, K: Hash + Eq, V> {
-    flights: &'a RefCell<HashMap<K, Rc<Flight<V>>, RandomState>>,
+    flights: &'a RefCell<FlightMap<K, V>>,
     key: K,
     flight: Rc<Flight<V>>,
     finished: bool,
