@@ -43,7 +43,10 @@
 //! debug assertions on), five runs gave 360-950 ns per race, median about
 //! 490 ns: the `FuturesUnordered` and per-attempt task allocations, plus
 //! the timer entry, which is created but never registered when an answer is
-//! ready first. Reproduce with
+//! ready first. Those figures predate the slot array: attempts now live in
+//! one pinned allocation per race and are polled in place (not re-measured
+//! this way; docs/benchmarks.md, "Where a miss's CPU goes", has the
+//! allocator calls and CPU per miss before and after). Reproduce with
 //! `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo test --lib race::tests::overhead -- --ignored --nocapture`.
 //!
 

@@ -210,7 +210,7 @@ impl LocalClient {
                 tls: TlsConnector::from(tls),
                 timeouts,
                 pool,
-                idle: RefCell::new(HashMap::new()),
+                idle: RefCell::new(HashMap::default()),
                 buffers: RefCell::new(Vec::new()),
                 pipes: RefCell::new(Vec::new()),
                 discards: Arc::default(),
@@ -260,7 +260,10 @@ impl LocalClient {
                 other => return other.map_err(|f| f.error),
             }
         }
-        let stream = self.connect(origin).await?;
+        // Boxed: a new connection is the exception (the pool serves the
+        // rest), and its DNS, TCP and TLS futures would otherwise make
+        // every request's future several times larger.
+        let stream = Box::pin(self.connect(origin)).await?;
         self.exchange(stream, origin, req)
             .await
             .map_err(|f| f.error)
@@ -318,21 +321,26 @@ impl LocalClient {
     ) -> Result<Response, Failed> {
         let mut buf = self.inner.take_buffer();
         encode_request(&mut buf, origin, req)?;
+        // One timer for the write and the wait for the head (the first
+        // byte's deadline bounds both), not one per operation.
         let deadline = monoio::time::Instant::now() + self.inner.timeouts.first_byte;
-        let (written, mut buf) =
-            match monoio::time::timeout_at(deadline, stream.write_all(buf)).await {
-                Err(_) => return Err(ClientError::FirstByteTimeout.into()),
-                Ok(result) => result,
-            };
-        if let Err(e) = written {
-            let stale = is_disconnect(&e);
-            return Err(Failed {
-                error: ClientError::Io(e),
-                stale,
-            });
-        }
-        buf.clear();
-        let (head, head_len, buf) = read_head(&mut stream, buf, deadline).await?;
+        let stream_ref = &mut stream;
+        let io = async move {
+            let (written, mut buf) = stream_ref.write_all(buf).await;
+            if let Err(e) = written {
+                let stale = is_disconnect(&e);
+                return Err(Failed {
+                    error: ClientError::Io(e),
+                    stale,
+                });
+            }
+            buf.clear();
+            read_head(stream_ref, buf).await
+        };
+        let (head, head_len, buf) = match monoio::time::timeout_at(deadline, io).await {
+            Err(_) => return Err(ClientError::FirstByteTimeout.into()),
+            Ok(result) => result?,
+        };
         let decision = decide_framing(&head, req.method)?;
         let done = matches!(
             decision.framing,
@@ -415,11 +423,11 @@ fn encode_request(
 }
 
 /// Reads until a final response head is complete. Returns the head, its
-/// length in `buf` (body bytes may follow it) and the buffer.
+/// length in `buf` (body bytes may follow it) and the buffer. The caller
+/// bounds the wait.
 async fn read_head(
     stream: &mut Stream,
     mut buf: Vec<u8>,
-    deadline: monoio::time::Instant,
 ) -> Result<(Head, usize, Vec<u8>), Failed> {
     let mut start = 0;
     loop {
@@ -442,10 +450,7 @@ async fn read_head(
         let got_any = !buf.is_empty();
         let end = buf.len();
         let cap = buf.capacity();
-        let read = monoio::time::timeout_at(deadline, stream.read(buf.slice_mut(end..cap))).await;
-        let Ok((result, slice)) = read else {
-            return Err(ClientError::FirstByteTimeout.into());
-        };
+        let (result, slice) = stream.read(buf.slice_mut(end..cap)).await;
         buf = slice.into_inner();
         match result {
             Ok(0) => {

@@ -3,12 +3,12 @@
 
 use std::borrow::Cow;
 use std::future::{poll_fn, Future};
+use std::ops::Range;
 use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use monoio::time::{sleep_until, Instant, Sleep};
 
 use super::{
@@ -105,28 +105,53 @@ fn tier_order(candidates: &[Candidate]) -> Cow<'_, [Candidate]> {
     }
 }
 
-/// A fetch future tagged with the upstream it asks, so that the attempts a
-/// deadline abandons can still be reported by upstream.
-struct Tagged<Fut> {
-    upstream: usize,
-    fut: Fut,
+/// The race's attempts: one slot per candidate, by position in tier order,
+/// allocated once per race (not per tier or per attempt). A slot holds its
+/// attempt from launch until it answers or is abandoned; emptying a slot
+/// drops the attempt in place (which cancels it).
+struct Slots<Fut> {
+    slots: Pin<Box<[Option<Fut>]>>,
 }
 
-impl<Fut: Future> Future for Tagged<Fut> {
-    type Output = (usize, Fut::Output);
+impl<Fut: Future> Slots<Fut> {
+    fn new(n: usize) -> Self {
+        Slots {
+            slots: Box::into_pin((0..n).map(|_| None).collect()),
+        }
+    }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let upstream = self.upstream;
-        // SAFETY: `fut` is structurally pinned: it is never moved out of a
-        // pinned `Tagged`, `Tagged` has no `Drop` impl, and `Tagged` is
-        // `Unpin` only when `Fut` is.
-        let fut = unsafe { self.map_unchecked_mut(|t| &mut t.fut) };
-        fut.poll(cx).map(|out| (upstream, out))
+    fn slot(&mut self, i: usize) -> Pin<&mut Option<Fut>> {
+        // SAFETY: the slice is pinned and never reallocated or moved out
+        // of; a slot's value is only replaced through `Pin::set`, which
+        // drops the old value in place.
+        unsafe { self.slots.as_mut().map_unchecked_mut(|s| &mut s[i]) }
+    }
+
+    fn start(&mut self, i: usize, fut: Fut) {
+        self.slot(i).set(Some(fut));
+    }
+
+    fn cancel(&mut self, i: usize) {
+        self.slot(i).set(None);
+    }
+
+    fn is_live(&self, i: usize) -> bool {
+        self.slots[i].is_some()
+    }
+
+    /// Polls the attempt in slot `i`; a finished one is dropped at once.
+    fn poll(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Option<Fut::Output>> {
+        let Some(fut) = self.slot(i).as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let out = ready!(fut.poll(cx));
+        self.cancel(i);
+        Poll::Ready(Some(out))
     }
 }
 
 /// One started tier.
-struct Running<Fut> {
+struct Running {
     /// Tier ordinal (0 = most preferred).
     ordinal: usize,
     started: Instant,
@@ -134,8 +159,10 @@ struct Running<Fut> {
     /// When the next tier should join in; `None` when hedging is off, this
     /// is the last tier, or the next tier has already started.
     hedge_at: Option<Instant>,
-    /// Dropping this set cancels every attempt still in it.
-    attempts: FuturesUnordered<Tagged<Fut>>,
+    /// Its candidates' positions in tier order (their slots).
+    members: Range<usize>,
+    /// Attempts still in flight.
+    live: usize,
 }
 
 enum Event {
@@ -194,20 +221,23 @@ struct RaceState<'c, Fut> {
     /// Tiers started so far.
     launched: usize,
     /// Started tiers with attempts still in flight, oldest first.
-    running: Vec<Running<Fut>>,
+    running: Vec<Running>,
+    /// Every candidate's attempt, by position in `order`.
+    slots: Slots<Fut>,
     tally: Tally,
 }
 
 impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
     fn new(order: Cow<'c, [Candidate]>, cfg: &RaceConfig) -> Self {
         RaceState {
-            order,
             tier_deadline: cfg.tier_deadline,
             hedge_after: cfg.hedge_after,
             early: cfg.early,
             next_start: 0,
             launched: 0,
             running: Vec::with_capacity(2),
+            slots: Slots::new(order.len()),
+            order,
             tally: Tally::default(),
         }
     }
@@ -226,12 +256,9 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             .iter()
             .position(|c| c.priority != first.priority)
             .map_or(self.order.len(), |n| self.next_start + n);
-        let attempts = FuturesUnordered::new();
-        for c in &self.order[self.next_start..end] {
-            attempts.push(Tagged {
-                upstream: c.upstream,
-                fut: fetch(c.upstream),
-            });
+        let members = self.next_start..end;
+        for i in members.clone() {
+            self.slots.start(i, fetch(self.order[i].upstream));
         }
         self.next_start = end;
         if let Some(prev) = self.running.last_mut() {
@@ -250,7 +277,8 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             started: now,
             deadline: now + self.tier_deadline,
             hedge_at,
-            attempts,
+            live: members.len(),
+            members,
         });
         self.launched += 1;
         if delay == Some(Duration::ZERO) {
@@ -283,13 +311,19 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
     }
 
     fn poll_event(&mut self, timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<Event> {
+        // Every live attempt is polled: a tier has few members, and a
+        // spurious poll of a pending request costs less than a per-attempt
+        // waker and task allocation.
         for (tier, run) in self.running.iter_mut().enumerate() {
-            if let Poll::Ready(Some((upstream, attempt))) = run.attempts.poll_next_unpin(cx) {
-                return Poll::Ready(Event::Finished {
-                    tier,
-                    upstream,
-                    attempt,
-                });
+            for i in run.members.clone() {
+                if let Poll::Ready(Some(attempt)) = self.slots.poll(i, cx) {
+                    run.live -= 1;
+                    return Poll::Ready(Event::Finished {
+                        tier,
+                        upstream: self.order[i].upstream,
+                        attempt,
+                    });
+                }
             }
         }
         timer.poll(cx).map(|()| Event::Timer)
@@ -315,7 +349,7 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
 
     /// Forgets a tier whose every attempt has answered.
     fn retire_if_done(&mut self, tier: usize) {
-        if self.running[tier].attempts.is_empty() {
+        if self.running[tier].live == 0 {
             self.running.remove(tier);
         }
     }
@@ -349,7 +383,7 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
     /// Drops a tier's unanswered attempts, reporting each as a timeout.
     fn abandon(
         &mut self,
-        run: Running<Fut>,
+        run: Running,
         now: Instant,
         report: &mut impl FnMut(usize, &AttemptReport),
     ) {
@@ -357,10 +391,13 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             result: AttemptResult::Failed(FailKind::Timeout),
             latency: now.saturating_duration_since(run.started),
         };
-        for tagged in Pin::new(&run.attempts).iter_pin_ref() {
-            report(tagged.upstream, &rep);
+        for i in run.members {
+            if self.slots.is_live(i) {
+                report(self.order[i].upstream, &rep);
+                // Dropping the straggler closes its connection.
+                self.slots.cancel(i);
+            }
         }
         self.tally.timed_out = true;
-        // `run` (and with it every straggler's connection) drops here.
     }
 }

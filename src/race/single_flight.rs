@@ -12,6 +12,12 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+/// Flights in progress by key; foldhash, not SipHash: looked up on every
+/// miss.
+type FlightMap<K, V> = HashMap<K, Rc<Flight<V>>, RandomState>;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
@@ -35,7 +41,7 @@ pub enum Role {
 pub struct SingleFlight<K, V> {
     /// Flights in progress. An entry is inserted by its leader and removed by
     /// the leader's guard when the flight finishes or is abandoned.
-    flights: Rc<RefCell<HashMap<K, Rc<Flight<V>>>>>,
+    flights: Rc<RefCell<FlightMap<K, V>>>,
 }
 
 impl<K, V> Clone for SingleFlight<K, V> {
@@ -56,7 +62,7 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// An empty coalescer.
     pub fn new() -> Self {
         SingleFlight {
-            flights: Rc::new(RefCell::new(HashMap::new())),
+            flights: Rc::new(RefCell::new(HashMap::default())),
         }
     }
 
@@ -125,7 +131,7 @@ enum State<V> {
 /// Owned by the leader for the duration of `make()`. Whether the leader
 /// finishes or is dropped, the entry leaves the map and the waiters wake.
 struct LeaderGuard<'a, K: Hash + Eq, V> {
-    flights: &'a RefCell<HashMap<K, Rc<Flight<V>>>>,
+    flights: &'a RefCell<FlightMap<K, V>>,
     key: K,
     flight: Rc<Flight<V>>,
     finished: bool,

@@ -4,7 +4,6 @@ mod fallback;
 mod tiers;
 
 use std::borrow::Cow;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use crate::metrics::{ResolveResult, ShedReason};
 use crate::proto::narinfo::{relay_form, NarInfo, MAX_NARINFO_SIZE};
 use crate::proto::nixbloom::Probe;
 use crate::proto::signature::verify_narinfo;
-use crate::proto::store_path::StoreHash;
+use crate::proto::store_path::{StoreHash, HASH_LEN};
 use crate::race::{
     self, Attempt, AttemptResult, FailKind, Outcome, RaceConfig, RejectKind, Verdict,
 };
@@ -203,10 +202,9 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         early,
     };
     let track = tiers::TierTrack::new(candidates, early, ctx.metrics.clone());
-    let path: Rc<str> = Rc::from(format!("/{hash}.narinfo"));
+    let path = NarinfoPath::new(&hash);
     let fetch = |i: usize| {
         let set = set.clone();
-        let path = path.clone();
         let client = ctx.client.clone();
         let run_to_end = track.borrow_mut().launched(i);
         let track = track.clone();
@@ -214,10 +212,12 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             let _permit = ctx.limits.upstream(&routing.limits, i).await;
             let attempt = async move {
                 let up = &set.list[i];
-                let fetch = fetch_narinfo(&client, &up.origin, &path);
+                let fetch = fetch_narinfo(&client, &up.origin, path.as_str());
                 let attempt = match up.narinfo_timeout {
-                    // `upstreams[].narinfo_timeout`: this request alone is cut.
-                    Some(limit) => monoio::time::timeout(limit, fetch)
+                    // `upstreams[].narinfo_timeout`: this request alone is
+                    // cut. Boxed (a timer is large, and rarely configured)
+                    // so that it does not grow every attempt's slot.
+                    Some(limit) => Box::pin(monoio::time::timeout(limit, fetch))
                         .await
                         .unwrap_or(Attempt::Failed(FailKind::Timeout)),
                     None => fetch.await,
@@ -292,7 +292,8 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         // No upstream could answer. A bad signature is an answer (a
         // refused one): then the fallback is not asked.
         if !bad_signature {
-            return fallback::ask(ctx, fb, hash, &path).await;
+            // Boxed: a rare path, kept out of every race's future.
+            return Box::pin(fallback::ask(ctx, fb, hash, path.as_str())).await;
         }
     }
     let now = unix_now();
@@ -331,6 +332,28 @@ async fn resolve(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
             Resolved::Miss
         }
         Outcome::Unavailable { timed_out } => Resolved::Unavailable { timed_out },
+    }
+}
+
+/// `/<hash>.narinfo`, built without an allocation and `Copy`, so that each
+/// attempt (a task of its own when it must run to its end) holds its own.
+#[derive(Clone, Copy)]
+struct NarinfoPath([u8; NarinfoPath::LEN]);
+
+impl NarinfoPath {
+    const LEN: usize = 1 + HASH_LEN + ".narinfo".len();
+
+    fn new(hash: &StoreHash) -> NarinfoPath {
+        let mut p = [0u8; Self::LEN];
+        p[0] = b'/';
+        p[1..1 + HASH_LEN].copy_from_slice(hash.as_bytes());
+        p[1 + HASH_LEN..].copy_from_slice(b".narinfo");
+        NarinfoPath(p)
+    }
+
+    fn as_str(&self) -> &str {
+        // Nix-base32 characters and ASCII punctuation only.
+        std::str::from_utf8(&self.0).expect("ASCII")
     }
 }
 
@@ -415,8 +438,8 @@ pub(crate) fn discard_body(mut resp: UpResponse) {
     let too_big = resp
         .content_length()
         .is_some_and(|n| n > DISCARD_LIMIT as u64);
-    if resp.is_complete() || too_big {
-        return; // already pooled, or cheaper to close than to read
+    if resp.finish_buffered() || too_big {
+        return; // pooled (the whole body had arrived), or cheaper to close
     }
     monoio::spawn(async move {
         let drain = async {
@@ -453,8 +476,8 @@ pub fn fail_kind(e: &ClientError) -> FailKind {
 /// A narinfo is served only if it parses, names the requested path, passes
 /// the upstream's filters and verifies against its keys. What is served is
 /// the upstream's bytes ([`relay_form`]: only lines Nix would misread are
-/// rewritten), copied to their exact size so that the cached body does not
-/// keep the read buffer alive.
+/// rewritten). `body` is already a buffer of its own, of its exact size
+/// ([`UpResponse::read_to_end`]), so an unchanged body is kept, not copied.
 pub(crate) fn judge(up: &Upstream, hash: StoreHash, body: &Bytes) -> Verdict<(NarInfo, Bytes)> {
     let Ok(info) = NarInfo::parse(body) else {
         return Verdict::Reject(RejectKind::Malformed);
@@ -470,7 +493,7 @@ pub(crate) fn judge(up: &Upstream, hash: StoreHash, body: &Bytes) -> Verdict<(Na
         return Verdict::Reject(RejectKind::BadSignature);
     }
     let served = match relay_form(body, None) {
-        Cow::Borrowed(same) => Bytes::copy_from_slice(same),
+        Cow::Borrowed(_) => body.clone(),
         Cow::Owned(fixed) => Bytes::from(fixed),
     };
     Verdict::Accept((info, served))

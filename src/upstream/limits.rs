@@ -17,6 +17,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
@@ -287,6 +288,9 @@ async fn acquire<'a>(
     let _waiting = Waiting(waiters);
     let deadline = max_wait.map(|d| monoio::time::Instant::now() + d);
     let flag: Flag = Rc::new(Cell::new(true));
+    // One timer for the whole wait, re-armed each time it fires, rather
+    // than a new one registered and removed at every wake-up.
+    let mut retry = std::pin::pin!(monoio::time::sleep(RETRY));
     loop {
         if flag.get() {
             // Woken (or first round): queue up again for the next release.
@@ -294,17 +298,18 @@ async fn acquire<'a>(
             let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
             waiters.queue.borrow_mut().push_back((flag.clone(), waker));
         }
-        let notified = std::future::poll_fn(|_| {
+        // Woken by a permit given back on this worker, or the retry.
+        std::future::poll_fn(|cx| {
             if flag.get() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+                return Poll::Ready(());
             }
-        });
-        monoio::select! {
-            _ = notified => {},
-            _ = monoio::time::sleep(RETRY) => {},
-        }
+            if retry.as_mut().poll(cx).is_ready() {
+                retry.as_mut().reset(monoio::time::Instant::now() + RETRY);
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
         if gate.try_take() {
             return Ok(permit());
         }

@@ -459,6 +459,48 @@ async fn keep_alive_reuse() {
 }
 both_drivers!(keep_alive_reuse: keep_alive_fusion, keep_alive_legacy);
 
+/// An error body that arrived with its head is consumed without any I/O
+/// and its connection pooled at once (the narinfo race's 404s: no task to
+/// drain them); one still on its way is left unread for the caller.
+async fn buffered_error_body_finishes_without_io() {
+    let whole = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found".to_vec();
+    let part = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot ".to_vec();
+    let server = Server::start(move |head| {
+        if head.contains("/split") {
+            Reply::SendThen(part.clone(), Duration::from_millis(200), b"found".to_vec())
+        } else {
+            Reply::Send(whole.clone())
+        }
+    });
+    let c = client();
+    let o = origin(&server.url());
+    let mut resp = get(&c, &o, "/whole").await.expect("response");
+    assert_eq!(resp.status(), 404);
+    assert!(resp.finish_buffered(), "the whole body came with the head");
+    assert!(resp.is_complete());
+    assert_eq!(
+        c.idle_connections(&o),
+        1,
+        "pooled before the response is dropped"
+    );
+    drop(resp);
+    let mut resp = get(&c, &o, "/split").await.expect("same connection");
+    assert!(!resp.finish_buffered(), "five bytes are still on their way");
+    assert_eq!(c.idle_connections(&o), 0);
+    let body = resp.read_to_end(100).await.expect("body");
+    assert_eq!(
+        &body[..],
+        b"not found",
+        "nothing was consumed by the refusal"
+    );
+    assert_eq!(c.idle_connections(&o), 1);
+    assert_eq!(server.accepted(), 1);
+}
+both_drivers!(
+    buffered_error_body_finishes_without_io: buffered_error_body_fusion,
+    buffered_error_body_legacy
+);
+
 async fn stale_pooled_connection_is_retried() {
     // Answers keep-alive style, then closes anyway: the pooled connection
     // is dead by the time the next request uses it.

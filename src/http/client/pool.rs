@@ -72,7 +72,9 @@ pub(super) struct Inner {
     pub(super) tls: TlsConnector,
     pub(super) timeouts: ClientTimeouts,
     pub(super) pool: PoolOptions,
-    pub(super) idle: RefCell<HashMap<Arc<str>, VecDeque<IdleConn>>>,
+    /// foldhash, not SipHash: looked up twice per request (checkout and
+    /// checkin); the keys are the client's own origins.
+    pub(super) idle: RefCell<HashMap<Arc<str>, VecDeque<IdleConn>, foldhash::fast::RandomState>>,
     pub(super) buffers: RefCell<Vec<Vec<u8>>>,
     /// Only fully drained pipes come back here.
     pub(super) pipes: RefCell<Vec<SplicePipe>>,

@@ -413,6 +413,21 @@ impl Response {
         self.body.complete
     }
 
+    /// Consumes a Content-Length body that has already arrived whole with
+    /// the head, without any I/O, so that the connection goes back to the
+    /// pool at once. Returns [`Self::is_complete`] afterwards.
+    pub fn finish_buffered(&mut self) -> bool {
+        let body = &mut self.body;
+        if let Framing::Length { remaining } = body.framing {
+            if !(body.complete || body.failed || body.busy) && body.buffered() as u64 >= remaining {
+                body.pos += remaining as usize;
+                body.framing = Framing::Length { remaining: 0 };
+                body.finish();
+            }
+        }
+        body.complete
+    }
+
     /// Sets the longest wait for any single read of the rest of the body
     /// (default: the client's idle timeout). A body that keeps flowing is
     /// never cut by it, however long it takes in all.
@@ -460,6 +475,7 @@ impl Response {
     }
 
     /// Reads the whole body into memory, failing once it exceeds `limit`.
+    /// The result owns a buffer of exactly its length.
     pub async fn read_to_end(mut self, limit: usize) -> Result<Bytes, ClientError> {
         let declared = match self.body.framing {
             Framing::Length { remaining } => Some(remaining),
@@ -474,6 +490,12 @@ impl Response {
                 return Err(ClientError::BodyTooLarge);
             }
             out.extend_from_slice(piece);
+        }
+        // Of its exact size, so that a caller may keep it (a cached
+        // narinfo) without keeping spare capacity alive: only a body
+        // without a declared length grew past it.
+        if out.capacity() != out.len() {
+            return Ok(Bytes::copy_from_slice(&out));
         }
         Ok(out.freeze())
     }

@@ -51,13 +51,23 @@ pub fn served_url(mode: NarUrlMode, hash: &StoreHash, url: &str, base: &str) -> 
     }
     match mode {
         NarUrlMode::Keep => None,
-        NarUrlMode::ToSelf => Some(format!("nar/{hash}{}", nar_ext(url))),
-        NarUrlMode::ToUpstream => Some(format!(
-            "{}/{}",
+        // Built at their exact size (`format!` grows its buffer twice or
+        // three times for these; this runs on every race won).
+        NarUrlMode::ToSelf => Some(concat(&["nar/", hash.as_str(), nar_ext(url)])),
+        NarUrlMode::ToUpstream => Some(concat(&[
             base.trim_end_matches('/'),
-            url.trim_start_matches('/')
-        )),
+            "/",
+            url.trim_start_matches('/'),
+        ])),
     }
+}
+
+fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
 }
 
 /// A request path `/nar/<32-char store hash>[.nar...]` (query ignored):
