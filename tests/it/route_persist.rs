@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ncro::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
-use ncro::route::persist::{open, open_and_load, spawn_writer, unix_now, WriteOp, WriterConfig};
+use ncro::route::persist::{
+    open, open_and_load, spawn_writer, unix_now, RowIds, WriteOp, WriterConfig,
+};
 use ncro::route::{RouteEntry, RouteTable};
 
 /// Set in the child: the database path it writes to.
@@ -319,6 +321,19 @@ fn thread_cpu_ns(name: &str) -> u64 {
 /// (not measured), so that the inserts land in a table of realistic size.
 /// `NCRO_WRITER_BATCH_MAX` and `NCRO_WRITER_LINGER_MS` override the
 /// [`WriterConfig`] defaults.
+/// Route `i` of a miss load: a new route (row id `i + 1`, as the route
+/// table allocates them) replacing none.
+fn new_route(h: StoreHash, e: Arc<RouteEntry>, i: u64) -> WriteOp {
+    WriteOp::Route(
+        h,
+        e,
+        RowIds {
+            id: i + 1,
+            replaces: None,
+        },
+    )
+}
+
 #[test]
 #[ignore = "measurement: run alone in release"]
 fn measure_writer_cpu_per_route() {
@@ -354,7 +369,7 @@ fn measure_writer_cpu_per_route() {
     let (writer, join) = spawn_writer(open(path).unwrap(), cfg);
     for i in 0..prefill {
         let e = route(i);
-        while !writer.try_write(WriteOp::Route(key(i), e.clone())) {
+        while !writer.try_write(new_route(key(i), e.clone(), i)) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -370,7 +385,7 @@ fn measure_writer_cpu_per_route() {
                 std::thread::sleep(d);
             }
         }
-        while !writer.try_write(WriteOp::Route(key(prefill + i), e.clone())) {
+        while !writer.try_write(new_route(key(prefill + i), e.clone(), prefill + i)) {
             std::thread::sleep(Duration::from_millis(1)); // queue full: burst mode only
         }
     }
