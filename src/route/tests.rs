@@ -1,4 +1,5 @@
 use super::*;
+use crate::proto::store_path::NIX_BASE32_ALPHABET;
 use crate::route::persist::{open, spawn_writer, WriterConfig};
 
 const A: &str = "https://a";

@@ -20,7 +20,8 @@ use bytes::Bytes;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
-use super::{migrate, unix_now, HealthRow, PersistError, RowIds, WriteOp};
+use super::migrate::{self, PAGE_SIZE};
+use super::{unix_now, HealthRow, PersistError, RowIds, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
@@ -30,12 +31,6 @@ pub(super) const WRITER_CACHE_KIB: u32 = 32 * 1024;
 /// WAL bytes after which a commit checkpoints (SQLite's default: 1,000
 /// pages, 4 MB with 4 KiB pages).
 pub(super) const WAL_CHECKPOINT_BYTES: u32 = 40 << 20;
-/// Page size of a new database file (SQLite's default is 4 KiB). Appended
-/// rows are written once to the WAL and once by the checkpoint, with
-/// kernel work per page each time: 16 KiB pages cost about half the CPU
-/// per route of 4 KiB ones (docs/benchmarks.md). A file with smaller pages
-/// keeps them unless a migration rewrites it ([`migrate`]).
-pub(super) const PAGE_SIZE: u32 = 16 * 1024;
 
 /// Every live row in full, as [`open_and_load`] reads it back: for tests and
 /// tools. The server does not hold this; it streams the routing columns
@@ -451,12 +446,7 @@ pub(super) fn parent_dir(path: &str) -> PathBuf {
     }
 }
 
-pub(super) fn open_err(
-    path: &str,
-    dir: &Path,
-    step: &'static str,
-    source: rusqlite::Error,
-) -> PersistError {
+fn open_err(path: &str, dir: &Path, step: &'static str, source: rusqlite::Error) -> PersistError {
     match source.sqlite_error_code() {
         Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly) => PersistError::NotWritable {
             path: path.to_owned(),
@@ -469,17 +459,6 @@ pub(super) fn open_err(
             source,
         },
     }
-}
-
-pub(super) fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
-    let mut stmt = c.prepare(&format!("PRAGMA table_info({table})"))?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        if row.get_ref(1)?.as_str().ok() == Some(column) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 // Tolerant column readers: a row of an odd type is skipped, never fatal.
@@ -534,7 +513,7 @@ fn decode_route(
     Some((hash, Arc::new(entry)))
 }
 
-pub(super) fn to_i64(v: u64) -> i64 {
+fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

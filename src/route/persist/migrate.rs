@@ -17,13 +17,19 @@
 
 use rusqlite::Connection;
 
-use super::db::{has_column, to_i64, PAGE_SIZE};
+/// Page size of a new database file (SQLite's default is 4 KiB). Appended
+/// rows are written once to the WAL and once by the checkpoint, with
+/// kernel work per page each time: 16 KiB pages cost about half the CPU
+/// per route of 4 KiB ones (docs/benchmarks.md). A file with smaller pages
+/// keeps them unless an import rewrites it ([`repage`]).
+pub(super) const PAGE_SIZE: u32 = 16 * 1024;
 
 type StepErr = (&'static str, rusqlite::Error);
 
 /// Imports and drops `routes` if the file has one. Runs before the
 /// connection is switched to WAL (see [`repage`]).
 pub(super) fn import_routes_table(c: &Connection, path: &str, now: u64) -> Result<(), StepErr> {
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
     let exists: bool = c
         .query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'routes')",
@@ -60,7 +66,7 @@ pub(super) fn import_routes_table(c: &Connection, path: &str, now: u64) -> Resul
                     "INSERT INTO route_log (id, hash, upstream, nar_url, expires_at, verified_at) \
                      SELECT {id}, store_path, upstream_url, nar_url, ttl, last_verified {pick}"
                 ),
-                [base, to_i64(now)],
+                [base, now],
             )
             .map_err(|e| ("import old routes", e))?;
         tx.execute(
@@ -68,7 +74,7 @@ pub(super) fn import_routes_table(c: &Connection, path: &str, now: u64) -> Resul
                 "INSERT INTO route_body (id, latency_ms, nar_hash, nar_size, narinfo) \
                  SELECT {id}, latency_ms, nar_hash, nar_size, narinfo_bytes {pick}"
             ),
-            [base, to_i64(now)],
+            [base, now],
         )
         .map_err(|e| ("import old narinfos", e))?;
     }
@@ -124,4 +130,15 @@ fn repage(c: &Connection, path: &str) {
         Err(e) => tracing::warn!(path, page, error = %e,
             "route database: could not rewrite the file with larger pages; it keeps its page size"),
     }
+}
+
+fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut stmt = c.prepare(&format!("PRAGMA table_info({table})"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        if row.get_ref(1)?.as_str().ok() == Some(column) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

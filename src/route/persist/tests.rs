@@ -722,6 +722,40 @@ fn writes_that_failed_on_a_lock_are_stored_once_it_is_released() {
     assert_eq!(hashes, [hash(0), hash(1)]);
 }
 
+/// A write held back while the database fails, then replaced by a newer
+/// one for the same path, still gets the older row it replaced deleted.
+#[test]
+fn a_held_write_replaced_by_a_newer_one_passes_on_its_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (_, db) = open_and_load(&path, 0).unwrap();
+    db.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+    let (w, join) = spawn_writer(db, cfg(1000));
+    assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
+    w.flush_blocking().unwrap();
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Replaces the first row; fails on the lock and is held back.
+    assert!(w.try_write(route(hash(1), entry("https://b", FAR, 2))));
+    w.flush_blocking().unwrap();
+    assert!(w.is_degraded());
+    // Replaces the held one (whose row was never written).
+    assert!(w.try_write(route(hash(1), entry("https://c", FAR, 3))));
+    w.flush_blocking().unwrap();
+    other.execute_batch("COMMIT").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.is_degraded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!w.is_degraded(), "held-back writes never committed");
+    assert_eq!(w.stored_routes(), 1, "the first row was deleted too");
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    let (loaded, _) = open_and_load(&path, 0).unwrap();
+    assert_eq!(loaded.routes.len(), 1);
+    assert_eq!(&*loaded.routes[0].1.upstream, "https://c");
+}
+
 #[test]
 fn error_kinds_are_distinct_bits() {
     let e = |code| {

@@ -219,6 +219,33 @@ fn held_key(op: &WriteOp) -> Option<HeldKey> {
     }
 }
 
+/// The row an op deletes (the route it replaces or removes).
+fn deleted_row(op: &mut WriteOp) -> Option<&mut Option<u64>> {
+    match op {
+        WriteOp::Route(_, _, ids) => Some(&mut ids.replaces),
+        WriteOp::Negative(_, _, row) | WriteOp::Remove(_, row) => Some(row),
+        _ => None,
+    }
+}
+
+/// `op` replaces `held`, a write for the same path that never committed:
+/// the row `held` was to delete (an older route) is now `op`'s to delete,
+/// when `op` would only delete `held`'s own row (never written) or none.
+/// Without this, that older row would outlive the route that replaced it.
+fn inherit_deletion(op: &mut WriteOp, held: &WriteOp) {
+    let (own, owed) = match held {
+        WriteOp::Route(_, _, ids) => (Some(ids.id), ids.replaces),
+        WriteOp::Negative(_, _, row) | WriteOp::Remove(_, row) => (None, *row),
+        _ => return,
+    };
+    let Some(owed) = owed else { return };
+    if let Some(row) = deleted_row(op) {
+        if row.is_none() || *row == own {
+            *row = Some(owed);
+        }
+    }
+}
+
 /// Errors a later attempt can get past: every kind [`error_kind`] names
 /// except corruption and the rest ("other": a malformed row would fail
 /// again).
@@ -327,10 +354,11 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<WriteOp>) {
         if !self.held.is_empty() {
             // Newer writes replace held-back ones for the same path, so the
-            // two can commit in either order.
-            for op in batch.iter() {
-                if let Some(k) = held_key(op) {
-                    self.held.remove(&k);
+            // two can commit in either order; the newer one takes over the
+            // row deletion the held one still owes.
+            for op in batch.iter_mut() {
+                if let Some(held) = held_key(op).and_then(|k| self.held.remove(&k)) {
+                    inherit_deletion(op, &held);
                 }
             }
         }
