@@ -42,6 +42,16 @@ pub(super) fn import_routes_table(c: &Connection, path: &str, now: u64) -> Resul
     }
     let has_narinfo =
         has_column(c, "routes", "narinfo_bytes").map_err(|e| ("inspect schema", e))?;
+    // Out of WAL mode (as `repage` needs anyway): the copy, about the size
+    // of the file, then goes to the file once instead of to the WAL and
+    // again at the checkpoint (docs/benchmarks.md). The rollback journal
+    // keeps the import atomic. Another connection holding the WAL keeps it
+    // in WAL mode: slower, still right.
+    if path != ":memory:" {
+        let _mode: String = c
+            .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
+            .map_err(|e| ("leave WAL mode for the import", e))?;
+    }
     let tx = c
         .unchecked_transaction()
         .map_err(|e| ("begin route import", e))?;
