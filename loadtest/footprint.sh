@@ -5,8 +5,9 @@
 #  routes  A route database with ROUTES realistic routes (gen-routes.py:
 #          ~550-byte narinfos, two upstreams; generated once and kept in
 #          CACHES) is copied to scratch. ncro (2 workers) starts on it twice:
-#          the first start builds the load index a database from ncro 2.2
-#          lacks (reported, not the figure); the second is measured: the
+#          the first start moves the database's ncro 2.2 `routes` table into
+#          the route log and rewrites the file with 16 KiB pages (reported,
+#          not the figure); the second is measured: the
 #          "route database loaded" time ncro logs, the wall time until it
 #          answers, its CPU time and its RSS. Then HITS distinct routes are
 #          requested (their narinfos are read back from the database and kept
@@ -137,7 +138,7 @@ echo "load_at_end: $(cat /proc/loadavg)" >> "$RUN/machine.txt"
   done
   printf '| after %s distinct hits | | | | | %s |\n' "$HITS" "$(awk -v k="$(lt_rec routes-after-hits rss_kB)" 'BEGIN{printf "%.0f", k / 1024}')"
   echo
-  echo "routes-first-start also builds the covering load index, once per database written by ncro 2.2."
+  echo "routes-first-start also imports the ncro 2.2 routes table into the route log (and rewrites the file with 16 KiB pages), once per database written by ncro 2.2."
   echo "Hits: $(grep '^label=routes-hits ' "$RUN/records.txt" | cut -d' ' -f2-8)"
   echo "After them: $(grep '^label=routes-after-hits ' "$RUN/records.txt" | cut -d' ' -f4-)"
   echo

@@ -493,9 +493,9 @@ fn open_routes(
             ..WriterConfig::default()
         },
     );
-    for hash in &report.refused {
+    for &(hash, row) in &report.refused {
         // A refusal is counted by the writer; the route is not in memory anyway.
-        let _ = handle.try_write(persist::WriteOp::Remove(*hash));
+        let _ = handle.try_write(persist::WriteOp::Remove(hash, Some(row)));
     }
     let mut table = table.with_writer(handle.clone());
     if c.db_path != ":memory:" {

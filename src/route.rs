@@ -5,7 +5,8 @@
 //! hundred megabytes:
 //!
 //! - `routes`: packed store hash (20 bytes) → expiry, upstream slot and
-//!   the slot's generation (8 bytes), for every route and negative entry;
+//!   the slot's generation and the route's database row id (16 bytes),
+//!   for every route and negative entry;
 //! - `nars`: 128-bit keyed hash of a NAR URL → the upstream asked first
 //!   for that NAR: the first upstream whose *verified* narinfo named it
 //!   (see [`RouteTable::nar_upstream`] for who may write it);
@@ -29,11 +30,12 @@
 //!
 //! Why bodies are not all in memory: narinfos are 500–800 bytes, so a
 //! million of them alone exceed a 300 MB budget, while the routing data
-//! takes about 110 bytes per route. ncro 2.2 kept 1,024 routes in memory
+//! takes about 120 bytes per route. ncro 2.2 kept 1,024 routes in memory
 //! and read every other hit from SQLite on the request path; here the hot
 //! set stays in memory and only a cold hit pays for a read (tens of
 //! microseconds, on another thread), still without asking an upstream.
 
+mod key;
 mod nar_index;
 pub mod persist;
 pub mod reader;
@@ -48,10 +50,11 @@ use bytes::Bytes;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
-use crate::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
+use crate::proto::store_path::StoreHash;
+use key::RouteKey;
 use nar_index::{nar_index, NarClaim, NarClaimStats, NarKey, NarSlot};
 pub use nar_index::{NarSource, NarUrlRule};
-use persist::{Db, PersistError, StoredRoute, WriteOp, WriterHandle};
+use persist::{Db, PersistError, RowIds, StoredRoute, WriteOp, WriterHandle};
 use reader::BodyReader;
 
 /// Memory for narinfo bodies when the configuration does not say.
@@ -114,67 +117,40 @@ pub enum Cached {
     Negative,
 }
 
-/// A store hash packed into the 20 bytes its 32 base-32 characters carry
-/// (any bijection will do; this is not Nix's byte order).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct RouteKey([u8; 20]);
-
-const fn digit_table() -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut i = 0;
-    while i < 32 {
-        t[NIX_BASE32_ALPHABET[i] as usize] = i as u8;
-        i += 1;
-    }
-    t
-}
-
-static DIGIT: [u8; 256] = digit_table();
-
-impl RouteKey {
-    #[inline]
-    fn of(hash: &StoreHash) -> RouteKey {
-        let mut out = [0u8; 20];
-        // 8 characters of 5 bits fill 5 bytes exactly.
-        for (chars, bytes) in hash.as_bytes().chunks_exact(8).zip(out.chunks_exact_mut(5)) {
-            let v = chars
-                .iter()
-                .fold(0u64, |v, &c| v << 5 | u64::from(DIGIT[usize::from(c)]));
-            bytes.copy_from_slice(&v.to_be_bytes()[3..]);
-        }
-        RouteKey(out)
-    }
-
-    /// The store hash this key was packed from.
-    fn hash(&self) -> StoreHash {
-        let mut chars = [0u8; 32];
-        for (bytes, out) in self.0.chunks_exact(5).zip(chars.chunks_exact_mut(8)) {
-            let mut v = [0u8; 8];
-            v[3..].copy_from_slice(bytes);
-            let v = u64::from_be_bytes(v);
-            for (i, c) in out.iter_mut().enumerate() {
-                *c = NIX_BASE32_ALPHABET[(v >> (5 * (7 - i)) & 31) as usize];
-            }
-        }
-        StoreHash::parse(&chars).expect("a packed key unpacks to base-32")
-    }
-}
-
 /// `upstream` value of a negative entry.
 const NEGATIVE: u16 = u16::MAX;
 
-/// 8 bytes per route: unix seconds fit in u32 until 2106 (later expiries
+/// 16 bytes per route: unix seconds fit in u32 until 2106 (later expiries
 /// are clamped, which only shortens a route that would outlive the process).
 /// `gen` is the generation of the upstream slot when the route was stored:
-/// a slot given to another URL since no longer serves the route.
+/// a slot given to another URL since no longer serves the route. `row` is
+/// the route's row id in the database log (two u32 halves, so the slot
+/// stays 4-byte aligned next to its 20-byte key): the reader reads the
+/// body by it, and a route that replaces this one deletes that row.
 #[derive(Clone, Copy)]
 struct Slot {
     expires_at: u32,
     upstream: u16,
     gen: u16,
+    row: [u32; 2],
+}
+
+fn row_halves(id: u64) -> [u32; 2] {
+    [id as u32, (id >> 32) as u32]
 }
 
 impl Slot {
+    #[inline]
+    fn row(self) -> u64 {
+        u64::from(self.row[0]) | u64::from(self.row[1]) << 32
+    }
+
+    /// The database row of the route this slot holds (none for a negative
+    /// entry).
+    fn route_row(self) -> Option<u64> {
+        (self.upstream != NEGATIVE).then(|| self.row())
+    }
+
     #[inline]
     fn live(self, now: u64) -> bool {
         u64::from(self.expires_at) > now
@@ -282,9 +258,9 @@ pub struct LoadReport {
     /// Unexpired rows that cannot be served: no narinfo stored (rows from
     /// ncro 2.2 before it stored them) or malformed.
     pub skipped: usize,
-    /// Routes to upstreams no longer configured: not loaded, to be removed
-    /// from the database.
-    pub refused: Vec<StoreHash>,
+    /// Routes to upstreams no longer configured, with their database rows:
+    /// not loaded, to be removed from the database.
+    pub refused: Vec<(StoreHash, u64)>,
 }
 
 impl RouteTable {
@@ -451,14 +427,22 @@ impl RouteTable {
             upstream_url: upstream_url.map(Arc::from),
         };
         self.bodies.insert(key, body);
+        // The row of the route this one replaces (read, not locked: two
+        // stores racing for one hash may both name it, and the loser's own
+        // row then stays behind as an older copy, which the newest row
+        // shadows at the load until the sweep or the cap deletes it).
+        let replaces = self.routes.peek(&key).and_then(Slot::route_row);
+        // The writer hands out row ids (0: not persisted).
+        let id = self.writer.as_ref().map_or(0, |w| w.allocate_row_id());
         let slot = Slot {
             expires_at: secs32(entry.expires_at),
             upstream,
             gen,
+            row: row_halves(id),
         };
         self.put(key, slot, entry.nar_key(), crate::rt::unix_now());
         if let Some(w) = &self.writer {
-            self.enqueue(w, WriteOp::Route(hash, entry));
+            self.enqueue(w, WriteOp::Route(hash, entry, RowIds { id, replaces }));
         }
         narinfo
     }
@@ -469,10 +453,13 @@ impl RouteTable {
             expires_at: secs32(expires_at),
             upstream: NEGATIVE,
             gen: 0,
+            row: [0; 2],
         };
-        self.routes.insert(RouteKey::of(&hash), slot);
+        let key = RouteKey::of(&hash);
+        let replaces = self.routes.peek(&key).and_then(Slot::route_row);
+        self.routes.insert(key, slot);
         if let Some(w) = &self.writer {
-            self.enqueue(w, WriteOp::Negative(hash, expires_at));
+            self.enqueue(w, WriteOp::Negative(hash, expires_at, replaces));
         }
     }
 
@@ -481,10 +468,10 @@ impl RouteTable {
     /// and at worst sends one NAR request to an upstream that answers 404.
     pub fn remove(&self, hash: &StoreHash) {
         let key = RouteKey::of(hash);
-        self.routes.remove(&key);
+        let row = self.routes.remove(&key).and_then(|(_, s)| s.route_row());
         self.bodies.remove(&key);
         if let Some(w) = &self.writer {
-            self.enqueue(w, WriteOp::Remove(*hash));
+            self.enqueue(w, WriteOp::Remove(*hash, row));
         }
     }
 
@@ -495,7 +482,17 @@ impl RouteTable {
     pub async fn read_body(&self, hash: &StoreHash, upstream: usize) -> Option<Bytes> {
         let reader = self.reader.as_ref()?;
         let url = self.slot_url(upstream)?;
-        let body = reader.read(*hash, url).await;
+        // The row of the route as the table holds it now (a newer race may
+        // have replaced the one `get` answered for: then its upstream differs).
+        let row = self
+            .routes
+            .peek(&RouteKey::of(hash))
+            .filter(|s| usize::from(s.upstream) == upstream)
+            .and_then(Slot::route_row);
+        let body = match row {
+            Some(id) => reader.read(*hash, id, url).await,
+            None => None,
+        };
         let counter = match body {
             Some(_) => &self.cold.disk_reads,
             None => &self.cold.disk_misses,
@@ -596,21 +593,29 @@ impl RouteTable {
 
     /// Fills the table at startup from the database, writing nothing. Bodies
     /// stay on disk. Routes to upstreams the table does not know are left
-    /// out and listed in the report. When there are more routes than fit,
-    /// the most recently verified are kept. Negative entries go last so
-    /// that, as in ncro 2.2, a negative entry wins over a route for the
-    /// same hash.
+    /// out and listed in the report. Rows come newest first: the first row
+    /// of a hash is its route (older rows of it are left out), and when
+    /// there are more routes than fit, the most recent are kept. Negative
+    /// entries go last so that, as in ncro 2.2, a negative entry wins over a
+    /// route for the same hash. New routes get row ids after the file's.
     pub fn load(&self, db: &Db, now: u64) -> Result<LoadReport, PersistError> {
         let mut report = LoadReport::default();
         let mut last: Option<(Arc<str>, u16, u16)> = None;
+        // Hashes whose newest row was refused: their older rows are too.
+        let mut refused = std::collections::HashSet::new();
         let mut sink = |hash: StoreHash, row: StoredRoute<'_>| {
+            let key = RouteKey::of(&hash);
+            if self.routes.peek(&key).is_some() || refused.contains(&key) {
+                return false; // an older row of a route already loaded
+            }
             // Rows come in runs of a few upstreams: try the last match first.
             let found = match &last {
                 Some((url, i, gen)) if **url == *row.upstream => Some((*i, *gen)),
                 _ => self.upstream_index(row.upstream),
             };
             let Some((upstream, gen)) = found else {
-                report.refused.push(hash);
+                refused.insert(key);
+                report.refused.push((hash, row.id));
                 return false;
             };
             last = Some((row.upstream.into(), upstream, gen));
@@ -618,8 +623,9 @@ impl RouteTable {
                 expires_at: secs32(row.expires_at),
                 upstream,
                 gen,
+                row: row_halves(row.id),
             };
-            self.put(RouteKey::of(&hash), slot, nar_key(row.nar_url), now);
+            self.put(key, slot, nar_key(row.nar_url), now);
             report.routes += 1;
             true
         };
@@ -632,6 +638,7 @@ impl RouteTable {
                 expires_at: secs32(expires_at),
                 upstream: NEGATIVE,
                 gen: 0,
+                row: [0; 2],
             };
             self.routes.insert(RouteKey::of(&hash), slot);
         }

@@ -115,6 +115,7 @@ impl RouteTable {
             expires_at: secs32(expires_at),
             upstream: upstream as u16,
             gen: name.gen.load(Ordering::Relaxed),
+            row: [0; 2],
         };
         self.claim_nar(nar_key, slot, NarClaim::Pin, crate::rt::unix_now())
     }

@@ -1,29 +1,31 @@
 //! COLD: the only code that touches SQLite. It runs on one dedicated std
 //! thread fed by a bounded flume channel; workers never wait for it.
 //!
-//! The file format stays the one ncro 2.2 wrote (`routes`, `negative_cache`,
-//! `upstream_health`, same columns and indexes), so an existing `routes.db`
-//! is opened unchanged and ncro 2.2 can still read what we write. No
-//! `user_version` is set for the same reason.
+//! Routes are an append-only log (`route_log` and `route_body`, keyed by a
+//! row id the route table allocates: see `db`); `negative_cache` and
+//! `upstream_health` are ncro 2.2's tables. A file from ncro 2.2 has its
+//! `routes` table moved into the log once (`migrate`).
 //!
 //! Durability: WAL with `synchronous=NORMAL`. A committed transaction is in
 //! the WAL file before `COMMIT` returns, so killing the process (even with
 //! SIGKILL) loses nothing that was committed and never corrupts the file.
 //! Only an OS crash or power loss can drop the commits since the last
 //! checkpoint (the WAL is synced there; the writer checkpoints every
-//! 10,000 pages, ~40 MB, `db::WAL_CHECKPOINT_PAGES`), still without corruption,
+//! ~40 MB of WAL, `db::WAL_CHECKPOINT_BYTES`), still without corruption,
 //! which is acceptable for a cache. A write is
 //! acknowledged when its batch commits (counted in `rows_written`); what is
 //! still queued or in the failing batch is lost on a kill or a write error.
 //! docs/operations.md ("Crash safety") states the promise to operators and
 //! `tests/it/crash.rs` checks it through the real binary.
 //!
-//! - `db`: the schema, opening (and migrating) the file, loading it back,
-//!   and the SQL of each write;
+//! - `db`: the schema, opening the file, loading it back, and the SQL of
+//!   each write;
+//! - `migrate`: the one-time import of an older file's `routes` table;
 //! - `writer`: the writer thread, its queue and statistics, and the writes
 //!   held back while the database fails.
 
 mod db;
+mod migrate;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -86,14 +88,25 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Where a route goes in the log: its own row id (allocated by the route
+/// table, increasing with time) and the row of the route it replaces, if
+/// the table knew one (deleted in the same transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowIds {
+    pub id: u64,
+    pub replaces: Option<u64>,
+}
+
 /// A request to the writer thread.
 pub enum WriteOp {
-    Route(StoreHash, Arc<RouteEntry>),
-    /// Hash and absolute expiry (unix seconds).
-    Negative(StoreHash, u64),
+    Route(StoreHash, Arc<RouteEntry>, RowIds),
+    /// Hash, absolute expiry (unix seconds), and the row of the route it
+    /// replaces (deleted).
+    Negative(StoreHash, u64, Option<u64>),
     Health(HealthRow),
-    /// Forget a route (and any negative entry) for this hash.
-    Remove(StoreHash),
+    /// Forget a route (its row, when known) and any negative entry for
+    /// this hash.
+    Remove(StoreHash, Option<u64>),
     /// Answered once every op queued before it has been committed (or has
     /// failed and been counted in `write_errors`).
     Flush(flume::Sender<()>),

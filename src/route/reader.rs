@@ -22,6 +22,8 @@ const QUEUE: usize = 4096;
 
 struct Read {
     hash: StoreHash,
+    /// The route's row in `route_log` and `route_body`.
+    id: u64,
     /// The upstream the in-memory route names: a row naming another one was
     /// replaced by a newer race and is not this route's body.
     upstream: Arc<str>,
@@ -56,13 +58,14 @@ impl BodyReader {
         Ok((BodyReader { tx }, join))
     }
 
-    /// The stored narinfo of `hash` if its row still names `upstream` and
-    /// has not expired.
-    pub async fn read(&self, hash: StoreHash, upstream: Arc<str>) -> Option<Bytes> {
+    /// The stored narinfo of row `id` if the row is still there, is the
+    /// route of `hash` to `upstream`, and has not expired.
+    pub async fn read(&self, hash: StoreHash, id: u64, upstream: Arc<str>) -> Option<Bytes> {
         let (reply, answer) = flume::bounded(1);
         self.tx
             .try_send(Read {
                 hash,
+                id,
                 upstream,
                 reply,
             })
@@ -91,19 +94,21 @@ fn run(conn: Connection, rx: flume::Receiver<Read>) {
 }
 
 fn lookup(conn: &Connection, read: &Read) -> rusqlite::Result<Option<Bytes>> {
+    // Two rowid lookups: no index on the hash is needed.
     let mut stmt = conn.prepare_cached(
-        "SELECT upstream_url, ttl, narinfo_bytes FROM routes WHERE store_path = ?1",
+        "SELECT l.hash, l.upstream, l.expires_at, b.narinfo FROM route_log l \
+         JOIN route_body b ON b.id = l.id WHERE l.id = ?1",
     )?;
-    let mut rows = stmt.query([read.hash.as_str()])?;
+    let id = i64::try_from(read.id).unwrap_or(i64::MAX);
+    let mut rows = stmt.query([id])?;
     let Some(row) = rows.next()? else {
         return Ok(None);
     };
-    let same_upstream = row.get_ref(0)?.as_str().ok() == Some(&*read.upstream);
-    let live = matches!(row.get_ref(1)?, ValueRef::Integer(t) if t > unix_now() as i64);
-    Ok(match row.get_ref(2)? {
-        ValueRef::Blob(b) if same_upstream && live && !b.is_empty() => {
-            Some(Bytes::copy_from_slice(b))
-        }
+    let same_route = row.get_ref(0)?.as_str().ok() == Some(read.hash.as_str())
+        && row.get_ref(1)?.as_str().ok() == Some(&*read.upstream);
+    let live = matches!(row.get_ref(2)?, ValueRef::Integer(t) if t > unix_now() as i64);
+    Ok(match row.get_ref(3)? {
+        ValueRef::Blob(b) if same_route && live && !b.is_empty() => Some(Bytes::copy_from_slice(b)),
         _ => None,
     })
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::proto::store_path::NIX_BASE32_ALPHABET;
 use crate::route::persist::{open, spawn_writer, WriterConfig};
 
 const A: &str = "https://a";
@@ -53,7 +54,12 @@ fn shared_across_threads() {
 #[test]
 fn packed_keys_are_distinct_and_small() {
     assert_eq!(std::mem::size_of::<RouteKey>(), 20);
-    assert_eq!(std::mem::size_of::<Slot>(), 8);
+    assert_eq!(std::mem::size_of::<Slot>(), 16);
+    assert_eq!(
+        std::mem::align_of::<Slot>(),
+        4,
+        "no padding after the 20-byte key"
+    );
     let mut seen = std::collections::HashSet::new();
     for i in 0..50_000 {
         assert!(seen.insert(RouteKey::of(&nth(i)).0), "collision at {i}");
@@ -225,10 +231,43 @@ fn remove_forgets_route_and_body_and_persists() {
     assert_eq!(t.get(&hash(1), 0), Some(Cached::Negative));
     let ops: Vec<_> = rx.drain().collect();
     assert!(
-        matches!(ops[2], WriteOp::Remove(h) if h == hash(1)),
+        matches!(ops[2], WriteOp::Remove(h, Some(1)) if h == hash(1)),
         "persisted too"
     );
     assert_eq!(ops.len(), 4);
+}
+
+#[test]
+fn writes_name_their_row_and_the_row_they_replace() {
+    let (w, rx) = WriterHandle::detached(16);
+    let t = table(100, Some(w));
+    t.insert(hash(1), entry(A, "nar/x", 100));
+    t.insert(hash(1), entry(B, "nar/y", 100));
+    t.insert(hash(2), entry(B, "nar/z", 100));
+    t.insert_negative(hash(1), 100);
+    t.insert(hash(1), entry(A, "nar/x", 100));
+    t.remove(&hash(1));
+    t.remove(&hash(1));
+    let ops: Vec<_> = rx.drain().collect();
+    let ids = |op: &WriteOp| match op {
+        WriteOp::Route(h, _, ids) => (*h, Some(ids.id), ids.replaces),
+        WriteOp::Negative(h, _, replaces) => (*h, None, *replaces),
+        WriteOp::Remove(h, row) => (*h, None, *row),
+        _ => panic!("unexpected op"),
+    };
+    let got: Vec<_> = ops.iter().map(ids).collect();
+    assert_eq!(
+        got,
+        [
+            (hash(1), Some(1), None),
+            (hash(1), Some(2), Some(1)),
+            (hash(2), Some(3), None),
+            (hash(1), None, Some(2)),
+            (hash(1), Some(4), None), // a negative entry has no row
+            (hash(1), None, Some(4)),
+            (hash(1), None, None),
+        ]
+    );
 }
 
 #[test]
@@ -243,8 +282,11 @@ fn writes_are_queued_and_a_full_queue_drops_without_blocking() {
     assert!(hit(t.get(&hash(3), 0)).is_some());
     assert_eq!(t.get(&hash(2), 0), Some(Cached::Negative));
     let ops: Vec<_> = rx.drain().collect();
-    assert!(matches!(&ops[0], WriteOp::Route(h, e) if *h == hash(1) && &*e.nar_url == "nar/x"));
-    assert!(matches!(ops[1], WriteOp::Negative(h, 100) if h == hash(2)));
+    assert!(
+        matches!(&ops[0], WriteOp::Route(h, e, RowIds { id: 1, replaces: None })
+        if *h == hash(1) && &*e.nar_url == "nar/x")
+    );
+    assert!(matches!(ops[1], WriteOp::Negative(h, 100, None) if h == hash(2)));
     assert_eq!(table(1, None).dropped_writes(), 0);
 }
 
@@ -304,6 +346,11 @@ fn database(dir: &tempfile::TempDir, ops: Vec<WriteOp>) -> String {
     path
 }
 
+/// A route write under row `id`, replacing nothing.
+fn logged(id: u64, h: StoreHash, e: Arc<RouteEntry>) -> WriteOp {
+    WriteOp::Route(h, e, RowIds { id, replaces: None })
+}
+
 fn stored(upstream: &str, nar: &str, verified_at: u64) -> Arc<RouteEntry> {
     let mut e = (*entry(upstream, nar, 4_000_000_000)).clone();
     e.verified_at = verified_at;
@@ -316,10 +363,10 @@ fn load_fills_routes_without_bodies_and_negatives_win() {
     let path = database(
         &dir,
         vec![
-            WriteOp::Route(hash(1), stored(A, "nar/1", 30)),
-            WriteOp::Route(hash(2), stored(B, "nar/2", 10)),
-            WriteOp::Route(hash(3), stored("https://gone", "nar/3", 20)),
-            WriteOp::Negative(hash(4), 4_000_000_000),
+            logged(1, hash(1), stored(A, "nar/1", 30)),
+            logged(2, hash(2), stored(B, "nar/2", 10)),
+            logged(3, hash(3), stored("https://gone", "nar/3", 20)),
+            WriteOp::Negative(hash(4), 4_000_000_000, None),
         ],
     );
     // A negative entry stored beside a route (written by ncro 2.2) wins.
@@ -327,12 +374,85 @@ fn load_fills_routes_without_bodies_and_negatives_win() {
     let t = table(100, None);
     let r = t.load(&db, 100).unwrap();
     assert_eq!((r.routes, r.negatives, r.skipped), (2, 1, 0));
-    assert_eq!(r.refused, [hash(3)], "its upstream is no longer configured");
+    assert_eq!(
+        r.refused,
+        [(hash(3), 3)],
+        "its upstream is no longer configured"
+    );
     assert_eq!(t.get(&hash(1), 100), Some(Cached::Cold { upstream: 0 }));
     assert_eq!(t.get(&hash(2), 100), Some(Cached::Cold { upstream: 1 }));
     assert!(t.get(&hash(3), 100).is_none());
     assert_eq!(t.get(&hash(4), 100), Some(Cached::Negative));
     assert_eq!(t.nar_upstream("nar/2", 100), Some(1));
+}
+
+#[test]
+fn load_takes_the_newest_row_of_a_hash_and_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database(
+        &dir,
+        vec![
+            logged(1, hash(1), stored(A, "nar/1", 30)),
+            logged(4, hash(2), stored(A, "nar/2", 30)),
+            logged(5, hash(1), stored(B, "nar/1b", 40)),
+        ],
+    );
+    let db = open(&path).unwrap();
+    let t = table(100, None);
+    let r = t.load(&db, 100).unwrap();
+    assert_eq!(
+        (r.routes, r.skipped),
+        (2, 0),
+        "the older row of hash 1 is left out"
+    );
+    assert_eq!(t.get(&hash(1), 100), Some(Cached::Cold { upstream: 1 }));
+    let (w, join) = spawn_writer(db, WriterConfig::default());
+    let t = t.with_writer(w.clone());
+    t.insert(hash(3), entry(A, "nar/3", 4_000_000_000));
+    t.insert(hash(1), entry(A, "nar/1", 4_000_000_000));
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    // New rows after the file's; row 5, which the table held, is replaced.
+    // Row 1 stays, shadowed, until the sweep or the cap deletes it.
+    let mut rows = Vec::new();
+    open(&path)
+        .unwrap()
+        .load_routes(100, 10, &mut |h, r| {
+            rows.push((h, r.id, r.upstream.to_owned()));
+            true
+        })
+        .unwrap();
+    let want = [
+        (hash(1), 7, A),
+        (hash(3), 6, A),
+        (hash(2), 4, A),
+        (hash(1), 1, A),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(h, id, u)| (*h, *id, u.to_string()))
+        .collect();
+    assert_eq!(rows, want);
+}
+
+/// Row ids come from the writer, after its file's rows: a table never
+/// reuses one (that write would be lost), even without a load or with two
+/// tables on one writer.
+#[test]
+fn a_table_with_a_writer_allocates_ids_after_the_files_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database(&dir, vec![logged(7, hash(1), stored(A, "nar/1", 30))]);
+    let (w, join) = spawn_writer(open(&path).unwrap(), WriterConfig::default());
+    let t = table(100, Some(w.clone()));
+    t.insert(hash(2), entry(A, "nar/2", 4_000_000_000));
+    let t2 = table(100, None).with_writer(w.clone());
+    t2.insert(hash(3), entry(A, "nar/3", 4_000_000_000));
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    let (routes, _) = open(&path).unwrap().read_routes(100).unwrap();
+    let mut hashes: Vec<_> = routes.iter().map(|(h, _)| *h).collect();
+    hashes.sort();
+    assert_eq!(hashes, [hash(1), hash(2), hash(3)]);
 }
 
 #[test]
@@ -342,8 +462,8 @@ fn loaded_routes_claim_nars_like_races_do() {
     let path = database(
         &dir,
         vec![
-            WriteOp::Route(hash(1), stored(B, "nar/same", 10)),
-            WriteOp::Route(hash(2), stored(A, "nar/same", 30)),
+            logged(4, hash(1), stored(B, "nar/same", 10)),
+            logged(5, hash(2), stored(A, "nar/same", 30)),
         ],
     );
     let db = open(&path).unwrap();
@@ -362,15 +482,16 @@ fn loaded_routes_claim_nars_like_races_do() {
 }
 
 #[test]
-fn load_over_capacity_keeps_the_most_recently_verified() {
+fn load_over_capacity_keeps_the_most_recent() {
     let dir = tempfile::tempdir().unwrap();
+    // Row ids grow with time: here in the order of verification.
     let path = database(
         &dir,
         vec![
-            WriteOp::Route(hash(1), stored(A, "nar/1", 30)),
-            WriteOp::Route(hash(2), stored(B, "nar/2", 10)),
-            WriteOp::Route(hash(3), stored("https://gone", "nar/3", 40)),
-            WriteOp::Route(hash(5), stored(A, "nar/5", 20)),
+            logged(30, hash(1), stored(A, "nar/1", 30)),
+            logged(10, hash(2), stored(B, "nar/2", 10)),
+            logged(40, hash(3), stored("https://gone", "nar/3", 40)),
+            logged(20, hash(5), stored(A, "nar/5", 20)),
         ],
     );
     let t = table(2, None);
@@ -392,8 +513,8 @@ fn cold_bodies_are_read_back_from_the_database() {
     let path = database(
         &dir,
         vec![
-            WriteOp::Route(hash(1), e.clone()),
-            WriteOp::Route(hash(2), stored(A, "nar/2", 30)),
+            logged(1, hash(1), e.clone()),
+            logged(2, hash(2), stored(A, "nar/2", 30)),
         ],
     );
     let db = open(&path).unwrap();

@@ -36,8 +36,9 @@ use crate::server::eventually;
 /// Longest wait for something the writer thread does on its own.
 const WRITER_WAIT: Duration = Duration::from_secs(20);
 
-/// `store_path` -> `narinfo_bytes` of every row in `routes`, read by an
-/// independent SQLite connection (none while the file does not exist).
+/// Store hash -> narinfo of every route in the route log (the newest row of
+/// each hash), read by an independent SQLite connection (none while the
+/// file does not exist).
 fn db_routes(db: &Path, flags: OpenFlags) -> HashMap<String, Vec<u8>> {
     let Ok(c) = Connection::open_with_flags(db, flags) else {
         return HashMap::new();
@@ -45,8 +46,11 @@ fn db_routes(db: &Path, flags: OpenFlags) -> HashMap<String, Vec<u8>> {
     c.busy_timeout(Duration::from_secs(5))
         .expect("busy_timeout");
     let mut stmt = c
-        .prepare("SELECT store_path, narinfo_bytes FROM routes")
-        .expect("routes table");
+        .prepare(
+            "SELECT l.hash, b.narinfo FROM route_log l JOIN route_body b ON b.id = l.id \
+             ORDER BY l.id",
+        )
+        .expect("route tables");
     let rows = stmt
         .query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))

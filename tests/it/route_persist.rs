@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ncro::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
-use ncro::route::persist::{open, open_and_load, spawn_writer, unix_now, WriteOp, WriterConfig};
+use ncro::route::persist::{
+    open, open_and_load, spawn_writer, unix_now, RowIds, WriteOp, WriterConfig,
+};
 use ncro::route::{RouteEntry, RouteTable};
 
 /// Set in the child: the database path it writes to.
@@ -319,6 +321,19 @@ fn thread_cpu_ns(name: &str) -> u64 {
 /// (not measured), so that the inserts land in a table of realistic size.
 /// `NCRO_WRITER_BATCH_MAX` and `NCRO_WRITER_LINGER_MS` override the
 /// [`WriterConfig`] defaults.
+/// Route `i` of a miss load: a new route (row id `i + 1`, as the route
+/// table allocates them) replacing none.
+fn new_route(h: StoreHash, e: Arc<RouteEntry>, i: u64) -> WriteOp {
+    WriteOp::Route(
+        h,
+        e,
+        RowIds {
+            id: i + 1,
+            replaces: None,
+        },
+    )
+}
+
 #[test]
 #[ignore = "measurement: run alone in release"]
 fn measure_writer_cpu_per_route() {
@@ -354,7 +369,7 @@ fn measure_writer_cpu_per_route() {
     let (writer, join) = spawn_writer(open(path).unwrap(), cfg);
     for i in 0..prefill {
         let e = route(i);
-        while !writer.try_write(WriteOp::Route(key(i), e.clone())) {
+        while !writer.try_write(new_route(key(i), e.clone(), i)) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -370,7 +385,7 @@ fn measure_writer_cpu_per_route() {
                 std::thread::sleep(d);
             }
         }
-        while !writer.try_write(WriteOp::Route(key(prefill + i), e.clone())) {
+        while !writer.try_write(new_route(key(prefill + i), e.clone(), prefill + i)) {
             std::thread::sleep(Duration::from_millis(1)); // queue full: burst mode only
         }
     }
@@ -394,5 +409,178 @@ fn measure_writer_cpu_per_route() {
         cpu as f64 / 1e9,
         cpu as f64 / 1e3 / n as f64,
         n as f64 / batches as f64,
+    );
+}
+
+/// ncro 2.2's `routes` table as it left it (its migration added
+/// `narinfo_bytes` last), in a file with SQLite's default 4 KiB pages.
+const NCRO_2_2_SCHEMA: &str = "
+    CREATE TABLE routes (
+        store_path TEXT PRIMARY KEY, upstream_url TEXT NOT NULL,
+        latency_ms REAL NOT NULL DEFAULT 0, latency_ema REAL NOT NULL DEFAULT 0,
+        query_count INTEGER NOT NULL DEFAULT 1, failure_count INTEGER NOT NULL DEFAULT 0,
+        last_verified INTEGER NOT NULL DEFAULT 0, ttl INTEGER NOT NULL,
+        nar_hash TEXT NOT NULL DEFAULT '', nar_size INTEGER NOT NULL DEFAULT 0,
+        nar_url TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL DEFAULT (strftime('%s','now')),
+        narinfo_bytes BLOB);
+    CREATE INDEX idx_routes_ttl ON routes(ttl);
+    CREATE INDEX idx_routes_last_verified ON routes(last_verified);
+    CREATE INDEX idx_routes_nar_url ON routes(nar_url);
+    CREATE TABLE upstream_health (url TEXT PRIMARY KEY,
+        ema_latency REAL NOT NULL DEFAULT 0, consecutive_fails INTEGER NOT NULL DEFAULT 0,
+        total_queries INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE negative_cache (store_path TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+";
+
+fn scalar(db: &std::path::Path, sql: &str) -> rusqlite::types::Value {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open routes.db read-only");
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
+/// Through the real binary: a `routes.db` written by ncro 2.2 is imported
+/// at start (its routes answered from the file, the upstream never asked),
+/// and the file is the route log from then on (old table gone, 16 KiB
+/// pages, sound).
+#[test]
+fn the_server_imports_an_ncro_2_2_database() {
+    use crate::fake::{FakeUpstream, Fault, PathMatch, TestKey, TestPath};
+    use crate::routing::{db_dir, entry, NcroConfig};
+    use rusqlite::types::Value;
+
+    let k = TestKey::generate("k-1");
+    let paths: Vec<TestPath> = (0..4)
+        .map(|i| TestPath::new(&format!("from-2-2-{i}")))
+        .collect();
+    // Every narinfo request fails: only the imported routes can answer.
+    let broken = FakeUpstream::builder()
+        .rule(PathMatch::Any, Fault::Status(500))
+        .start();
+    let dir = db_dir();
+    let db = dir.path().join("routes.db");
+    let now = unix_now() as i64;
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        c.execute_batch(NCRO_2_2_SCHEMA).unwrap();
+        for (i, p) in paths.iter().enumerate() {
+            c.execute(
+                "INSERT INTO routes (store_path, upstream_url, latency_ms, last_verified, ttl, \
+                 nar_hash, nar_size, nar_url, narinfo_bytes) \
+                 VALUES (?1, ?2, 5.0, ?3, ?4, ?5, 1, ?6, ?7)",
+                rusqlite::params![
+                    p.hash,
+                    broken.url(),
+                    now - 10 + i as i64,
+                    now + 3600,
+                    p.nar_hash(),
+                    p.nar_url().trim_start_matches('/'),
+                    p.narinfo(&[&k]).into_bytes(),
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let ncro = NcroConfig::new(&[entry(broken.url(), 10, &k)], &db).start();
+    for p in &paths {
+        let r = ncro.get(&p.narinfo_request_path());
+        assert_eq!(r.status, 200, "{}", ncro.logs());
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(
+            body.contains(&format!("StorePath: {}\n", p.store_path())),
+            "{body}"
+        );
+    }
+    let asked = broken
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(".narinfo"))
+        .count();
+    assert_eq!(asked, 0, "every imported route answered from the file");
+    assert!(
+        ncro.logs().contains("moved the routes of an older ncro"),
+        "{}",
+        ncro.logs()
+    );
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM route_log"),
+        Value::Integer(4)
+    );
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM route_body"),
+        Value::Integer(4)
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'routes'"
+        ),
+        Value::Integer(0)
+    );
+    assert_eq!(scalar(&db, "PRAGMA page_size"), Value::Integer(16384));
+    assert_eq!(
+        scalar(&db, "PRAGMA integrity_check"),
+        Value::Text("ok".into())
+    );
+}
+
+/// Through the real binary: with `cache.max_entries` routes in the file,
+/// each new route evicts the oldest row (and its narinfo).
+#[test]
+fn the_server_keeps_the_newest_routes_within_max_entries() {
+    use crate::fake::{FakeUpstream, TestKey, TestPath};
+    use crate::routing::{db_dir, entry, NcroConfig};
+    use rusqlite::types::Value;
+
+    let k = TestKey::generate("k-1");
+    let paths: Vec<TestPath> = (0..6)
+        .map(|i| TestPath::new(&format!("capped-{i}")))
+        .collect();
+    let mut b = FakeUpstream::builder();
+    for p in &paths {
+        b = b.path(p, &k);
+    }
+    let up = b.start();
+    let dir = db_dir();
+    let db = dir.path().join("routes.db");
+    let ncro = NcroConfig::new(&[entry(up.url(), 10, &k)], &db)
+        .set("cache", "max_entries", 3)
+        .start();
+    for p in &paths {
+        // One request at a time: row ids follow this order.
+        assert_eq!(
+            ncro.get(&p.narinfo_request_path()).status,
+            200,
+            "{}",
+            ncro.logs()
+        );
+    }
+    let newest: Vec<String> = paths[3..].iter().map(|p| p.hash.clone()).collect();
+    let stored = || -> Vec<String> {
+        let c =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut stmt = c.prepare("SELECT hash FROM route_log ORDER BY id").unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored() != newest {
+        assert!(
+            Instant::now() < deadline,
+            "stored {:?}, want {newest:?}",
+            stored()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM route_body"),
+        Value::Integer(3)
     );
 }

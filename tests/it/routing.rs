@@ -611,14 +611,14 @@ fn single_flight_is_per_worker() {
     assert!((1..=2).contains(&n), "{n} upstream requests for 2 workers");
 }
 
-/// Hashes in the `routes` table, read the way an operator would.
+/// Hashes in the route log, read the way an operator would.
 fn stored_routes(db: &Path) -> HashSet<String> {
     use rusqlite::{Connection, OpenFlags};
     let Ok(c) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
         return HashSet::new();
     };
     let _ = c.busy_timeout(Duration::from_secs(2)); // default applies otherwise
-    let Ok(mut stmt) = c.prepare("SELECT store_path FROM routes") else {
+    let Ok(mut stmt) = c.prepare("SELECT hash FROM route_log") else {
         return HashSet::new();
     };
     let rows = stmt.query_map([], |r| r.get::<_, String>(0));

@@ -1,6 +1,15 @@
-//! The route database itself: schema (ncro 2.2's), opening and migrating
-//! the file, reading it back, and the SQL of each write. Only
-//! `writer`'s thread writes through it.
+//! The route database itself: schema, opening and migrating the file,
+//! reading it back, and the SQL of each write. Only `writer`'s thread
+//! writes through it.
+//!
+//! Routes are an append-only log keyed by a row id that the route table
+//! allocates ([`RowIds`]): `route_log` holds the routing columns (what the
+//! startup load reads), `route_body` the narinfo and the rest, under the
+//! same id. Neither has an index on the store hash: a new route appends a
+//! row to each table (no random B-tree page per route, which is what made
+//! ncro 2.2's `routes` table cost ~30 µs of writer CPU per route with
+//! random store hashes); a route that replaces or removes another names the
+//! old row, deleted by id. The newest row of a hash wins at the load.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -9,17 +18,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, ErrorCode, Row};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
-use super::{unix_now, HealthRow, PersistError, WriteOp};
+use super::migrate::{self, PAGE_SIZE};
+use super::{unix_now, HealthRow, PersistError, RowIds, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache of the writer's connection (see [`Db::tune_for_writes`]).
 pub(super) const WRITER_CACHE_KIB: u32 = 32 * 1024;
-/// WAL pages (4 KiB each) after which a commit checkpoints (SQLite: 1000).
-pub(super) const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+/// WAL bytes after which a commit checkpoints (SQLite's default: 1,000
+/// pages, 4 MB with 4 KiB pages).
+pub(super) const WAL_CHECKPOINT_BYTES: u32 = 40 << 20;
 
 /// Every live row in full, as [`open_and_load`] reads it back: for tests and
 /// tools. The server does not hold this; it streams the routing columns
@@ -41,6 +52,8 @@ pub type FullRoutes = Vec<(StoreHash, Arc<RouteEntry>)>;
 /// The routing columns of one stored route, borrowed from the row.
 #[derive(Debug, Clone, Copy)]
 pub struct StoredRoute<'a> {
+    /// Its row in `route_log` and `route_body`.
+    pub id: u64,
     pub upstream: &'a str,
     /// As stored: the narinfo `URL` field, leading '/' stripped.
     pub nar_url: &'a str,
@@ -51,9 +64,12 @@ pub struct StoredRoute<'a> {
 pub struct Db {
     pub(super) conn: Connection,
     pub(super) path: String,
-    /// Exact row count of `routes`, kept in step with every statement so the
-    /// cap check never needs a `COUNT(*)` over a million rows.
+    /// Exact row count of `route_log`, kept in step with every statement so
+    /// the cap check never needs a `COUNT(*)` over a million rows.
     pub(super) route_count: u64,
+    /// One past the highest row id in `route_log` when the file was opened:
+    /// where the route table's ids start ([`Db::next_row_id`]).
+    next_row_id: u64,
     /// Every store hash that may have a `negative_cache` row (a superset:
     /// rows the sweep deleted stay here until the next sweep reloads it).
     /// A route written for a hash not in here skips the `DELETE` from
@@ -80,38 +96,26 @@ pub fn open_and_load(path: &str, now: u64) -> Result<(Loaded, Db), PersistError>
     Ok((loaded, db))
 }
 
-/// Covers the startup scan: every column [`Db::load_routes`] reads, so the
-/// scan walks this index (about 150 bytes a row) instead of the table,
-/// whose rows carry the narinfo (500-800 bytes). Measured on 1M routes:
-/// 0.14 s of CPU against 1.5 s. An extra index is invisible to ncro 2.2,
-/// which keeps it up to date like any other when it writes the file.
-const LOAD_INDEX: &str = "CREATE INDEX IF NOT EXISTS idx_routes_load ON routes \
-    (ttl, store_path, upstream_url, nar_url, last_verified, length(narinfo_bytes))";
-
-/// ncro 2.2's indexes that ncro 3 never reads, dropped because every route
-/// written paid for them (a B-tree insert each, ~1 KB of WAL per batch):
-/// `idx_routes_ttl` is the leading column of `idx_routes_load`, which the
-/// sweep uses instead, and nothing looks routes up by NAR URL. ncro 2.2
-/// creates both again (`IF NOT EXISTS`) if it opens the file.
-const DROP_INDEXES: &str = "DROP INDEX IF EXISTS idx_routes_ttl; \
-    DROP INDEX IF EXISTS idx_routes_nar_url;";
-
+/// Routes: an append-only log keyed by the row id the route table gives
+/// each route (module docs). `hash` is the 32-character store hash.
+/// `route_log` holds what the startup load reads (about 150 bytes a row),
+/// so the load does not walk the narinfos in `route_body`.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS routes (
-    store_path TEXT PRIMARY KEY,
-    upstream_url TEXT NOT NULL,
-    latency_ms REAL NOT NULL DEFAULT 0,
-    latency_ema REAL NOT NULL DEFAULT 0,
-    query_count INTEGER NOT NULL DEFAULT 1,
-    failure_count INTEGER NOT NULL DEFAULT 0,
-    last_verified INTEGER NOT NULL DEFAULT 0,
-    ttl INTEGER NOT NULL,
-    nar_hash TEXT NOT NULL DEFAULT '',
-    nar_size INTEGER NOT NULL DEFAULT 0,
-    nar_url TEXT NOT NULL DEFAULT '',
-    created_at INTEGER NOT NULL DEFAULT (strftime('%s','now'))
+CREATE TABLE IF NOT EXISTS route_log (
+    id INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    nar_url TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    verified_at INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_routes_last_verified ON routes(last_verified);
+CREATE TABLE IF NOT EXISTS route_body (
+    id INTEGER PRIMARY KEY,
+    latency_ms REAL NOT NULL,
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL,
+    narinfo BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS upstream_health (
     url TEXT PRIMARY KEY,
     ema_latency REAL NOT NULL DEFAULT 0,
@@ -138,6 +142,7 @@ impl Db {
             conn: Connection::open(path).map_err(|e| open_err(path, &dir, "open", e))?,
             path: path.to_owned(),
             route_count: 0,
+            next_row_id: 1,
             negatives: HashSet::new(),
         };
         let mode = db
@@ -157,29 +162,35 @@ impl Db {
         let c = &self.conn;
         c.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| ("busy_timeout", e))?;
+        // Only takes effect on a new (empty) file: before anything is written.
+        c.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE}"))
+            .map_err(|e| ("page_size", e))?;
+        c.execute_batch(SCHEMA).map_err(|e| ("create schema", e))?;
+        // A file from ncro 2.2 (or an ncro 3 before the route log): its
+        // `routes` table is moved into the log once (and the file may be
+        // rewritten with larger pages, out of WAL mode: hence before it).
+        migrate::import_routes_table(c, &self.path, unix_now())?;
         let mode: String = c
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(|e| ("journal_mode", e))?;
         c.execute_batch("PRAGMA synchronous=NORMAL")
             .map_err(|e| ("synchronous", e))?;
-        c.execute_batch(SCHEMA).map_err(|e| ("create schema", e))?;
-        // ncro 2.2 added this column by the same "add if missing" migration.
-        if !has_column(c, "routes", "narinfo_bytes").map_err(|e| ("inspect schema", e))? {
-            c.execute_batch("ALTER TABLE routes ADD COLUMN narinfo_bytes BLOB")
-                .map_err(|e| ("add narinfo_bytes", e))?;
-        }
-        // After the migration: the index covers narinfo_bytes' length. Built
-        // once on a file from ncro 2.2 (about 4 s per million rows).
-        c.execute_batch(LOAD_INDEX)
-            .map_err(|e| ("create load index", e))?;
-        c.execute_batch(DROP_INDEXES)
-            .map_err(|e| ("drop unused indexes", e))?;
         self.route_count = c
-            .query_row("SELECT COUNT(*) FROM routes", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COUNT(*) FROM route_log", [], |r| r.get::<_, i64>(0))
             .map_err(|e| ("count routes", e))? as u64;
+        let max: Option<i64> = c
+            .query_row("SELECT max(id) FROM route_log", [], |r| r.get(0))
+            .map_err(|e| ("read the last row id", e))?;
+        self.next_row_id = max.map_or(1, |m| m.max(0) as u64 + 1);
         self.reload_negatives()
             .map_err(|e| ("read negative entries", e))?;
         Ok(mode)
+    }
+
+    /// The first row id not used in `route_log` when the file was opened.
+    /// The route table allocates the ids of new routes from here.
+    pub fn next_row_id(&self) -> u64 {
+        self.next_row_id
     }
 
     /// Refills [`Db::negatives`] from the table (a few thousand rows at most
@@ -204,18 +215,18 @@ impl Db {
     /// (after the startup load, which reads every row once and has no use
     /// for a big cache).
     ///
-    /// Store hashes are random, so each new route lands on a random leaf of
-    /// the `store_path` index: with the default 2 MB cache, most of those
-    /// pages are read back from the OS first, and each commit rewrites every
-    /// page it touched. A cache that holds the index of a million routes
-    /// (~40 MB) saves the reads, and checkpointing every ~40 MB of WAL
-    /// instead of every 4 MB lets a page touched by several batches be
-    /// copied into the database file once. Measured in docs/benchmarks.md
-    /// ("Route writer CPU per route written").
+    /// New routes are appended, but negative entries (keyed by store path)
+    /// and the rows deleted by id land on random pages: a cache of 32 MB
+    /// saves reading those back from the OS, and checkpointing every ~40 MB
+    /// of WAL instead of every 4 MB lets a page touched by several batches
+    /// be copied into the database file once. Measured in
+    /// docs/benchmarks.md ("Route writer CPU per route written").
     pub(super) fn tune_for_writes(&self) -> rusqlite::Result<()> {
+        let page: u32 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = WAL_CHECKPOINT_BYTES / page.max(512);
         self.conn.execute_batch(&format!(
             "PRAGMA cache_size = -{WRITER_CACHE_KIB}; \
-             PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
+             PRAGMA wal_autocheckpoint = {pages};"
         ))
     }
 
@@ -234,15 +245,16 @@ impl Db {
             .map_err(|e| self.err("integrity_check", e))
     }
 
-    /// Rows in `routes`, expired ones included.
+    /// Rows in `route_log`, expired ones and older copies included.
     pub fn route_count(&self) -> u64 {
         self.route_count
     }
 
-    /// Streams the routing columns of every unexpired route with a stored
-    /// narinfo into `sink` until it has accepted `limit` of them (the most
-    /// recently verified first when there are more rows than that). Returns
-    /// how many unexpired rows were skipped: no narinfo stored, or malformed.
+    /// Streams the routing columns of every unexpired route into `sink`,
+    /// newest row first, until it has accepted `limit` of them (`sink`
+    /// returns false for a route it does not take: an older row of a hash
+    /// it already holds, an upstream it does not know). Returns how many
+    /// unexpired rows were malformed.
     pub fn load_routes(
         &self,
         now: u64,
@@ -259,27 +271,23 @@ impl Db {
         limit: usize,
         sink: &mut dyn FnMut(StoreHash, StoredRoute<'_>) -> bool,
     ) -> rusqlite::Result<usize> {
-        // Ordering costs a sort of every row, so only when some must be left out.
-        let order = if self.route_count > limit as u64 {
-            "ORDER BY last_verified DESC"
-        } else {
-            ""
-        };
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT store_path, upstream_url, nar_url, ttl, length(narinfo_bytes) \
-             FROM routes INDEXED BY idx_routes_load WHERE ttl > ?1 {order}"
-        ))?;
+        // Newest first: the rowid B-tree walked backwards, no sort.
+        let mut stmt = self.conn.prepare(
+            "SELECT id, hash, upstream, nar_url, expires_at FROM route_log \
+             WHERE expires_at > ?1 ORDER BY id DESC",
+        )?;
         let mut rows = stmt.query([to_i64(now)])?;
         let (mut loaded, mut skipped) = (0usize, 0usize);
         while let Some(row) = rows.next()? {
             let route = (|| {
-                let hash = StoreHash::parse(text(row, 0)?.as_bytes())?;
+                let hash = StoreHash::parse(text(row, 1)?.as_bytes())?;
                 let stored = StoredRoute {
-                    upstream: text(row, 1)?,
-                    nar_url: text(row, 2)?,
-                    expires_at: int(row, 3)?,
+                    id: int(row, 0)?,
+                    upstream: text(row, 2)?,
+                    nar_url: text(row, 3)?,
+                    expires_at: int(row, 4)?,
                 };
-                (int(row, 4)? > 0).then_some((hash, stored))
+                Some((hash, stored))
             })();
             match route {
                 Some(_) if loaded >= limit => break,
@@ -290,20 +298,24 @@ impl Db {
         Ok(skipped)
     }
 
-    /// Every unexpired route in full (narinfo included), and the number of
-    /// unexpired rows skipped. Reads the whole table: tests and tools only.
+    /// Every unexpired route in full (narinfo included), the newest row of
+    /// each hash, and the number of malformed unexpired rows. Reads the
+    /// whole log: tests and tools only.
     pub fn read_routes(&self, now: u64) -> rusqlite::Result<(FullRoutes, usize)> {
         let mut stmt = self.conn.prepare(
-            "SELECT store_path, upstream_url, latency_ms, last_verified, ttl, \
-             nar_hash, nar_size, nar_url, narinfo_bytes FROM routes WHERE ttl > ?1",
+            "SELECT l.hash, l.upstream, b.latency_ms, l.verified_at, l.expires_at, \
+             b.nar_hash, b.nar_size, l.nar_url, b.narinfo FROM route_log l \
+             JOIN route_body b ON b.id = l.id WHERE l.expires_at > ?1 ORDER BY l.id DESC",
         )?;
         // Every route names one of a handful of upstreams: share one Arc each.
         let mut upstreams: HashSet<Arc<str>> = HashSet::new();
+        let mut seen = HashSet::new();
         let mut rows = stmt.query([to_i64(now)])?;
         let (mut out, mut skipped) = (Vec::new(), 0);
         while let Some(row) = rows.next()? {
             match decode_route(row, &mut upstreams) {
-                Some(route) => out.push(route),
+                Some(route) if seen.insert(route.0) => out.push(route),
+                Some(_) => {}
                 None => skipped += 1,
             }
         }
@@ -352,7 +364,6 @@ impl Db {
     /// Applies one batch in a single transaction. `route_count` only moves
     /// when the commit succeeds.
     pub(super) fn write_batch(&mut self, ops: &[WriteOp]) -> rusqlite::Result<u64> {
-        let now = to_i64(unix_now());
         let tx = self.conn.transaction()?;
         let mut delta: i64 = 0;
         let mut rows = 0;
@@ -361,7 +372,6 @@ impl Db {
         {
             let mut b = Batch {
                 tx: &tx,
-                now,
                 negatives: &mut self.negatives,
                 cleared: &mut cleared,
                 insert: None,
@@ -379,30 +389,52 @@ impl Db {
         Ok(rows)
     }
 
-    /// Deletes the least recently verified routes beyond `max_entries`.
+    /// Deletes the oldest rows beyond `max_entries` (ids grow with time: a
+    /// route verified again is a new row).
     pub(super) fn enforce_cap(&mut self, max_entries: u64) -> rusqlite::Result<()> {
         if self.route_count <= max_entries {
             return Ok(());
         }
         let excess = to_i64(self.route_count - max_entries);
-        let n = self.conn.execute(
-            "DELETE FROM routes WHERE store_path IN \
-             (SELECT store_path FROM routes ORDER BY last_verified ASC LIMIT ?1)",
-            [excess],
-        )?;
-        self.route_count -= n as u64;
+        let tx = self.conn.transaction()?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM route_log ORDER BY id LIMIT 1 OFFSET ?1",
+                [excess - 1],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut n = 0;
+        if let Some(last) = last {
+            n = tx.execute("DELETE FROM route_log WHERE id <= ?1", [last])?;
+            tx.execute("DELETE FROM route_body WHERE id <= ?1", [last])?;
+        }
+        tx.commit()?;
+        self.route_count = self.route_count.saturating_sub(n as u64);
         Ok(())
     }
 
-    /// Deletes expired routes and negative entries.
+    /// Deletes expired routes and negative entries. `route_log` has no
+    /// index on the expiry (each new route would pay for one): the sweep
+    /// walks its ~150-byte rows, every `sweep_interval` (5 minutes).
     pub(super) fn sweep(&mut self, now: u64) -> rusqlite::Result<()> {
         let now = to_i64(now);
-        let n = self
-            .conn
-            .execute("DELETE FROM routes WHERE ttl <= ?1", [now])?;
-        self.route_count = self.route_count.saturating_sub(n as u64);
-        self.conn
-            .execute("DELETE FROM negative_cache WHERE expires_at <= ?1", [now])?;
+        let tx = self.conn.transaction()?;
+        let ids = {
+            let mut stmt =
+                tx.prepare("DELETE FROM route_log WHERE expires_at <= ?1 RETURNING id")?;
+            let ids = stmt.query_map([now], |r| r.get::<_, i64>(0))?;
+            ids.collect::<rusqlite::Result<Vec<i64>>>()?
+        };
+        {
+            let mut body = tx.prepare("DELETE FROM route_body WHERE id = ?1")?;
+            for id in &ids {
+                body.execute([id])?;
+            }
+        }
+        tx.execute("DELETE FROM negative_cache WHERE expires_at <= ?1", [now])?;
+        tx.commit()?;
+        self.route_count = self.route_count.saturating_sub(ids.len() as u64);
         self.reload_negatives()
     }
 }
@@ -427,17 +459,6 @@ fn open_err(path: &str, dir: &Path, step: &'static str, source: rusqlite::Error)
             source,
         },
     }
-}
-
-fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
-    let mut stmt = c.prepare(&format!("PRAGMA table_info({table})"))?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        if row.get_ref(1)?.as_str().ok() == Some(column) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 // Tolerant column readers: a row of an odd type is skipped, never fatal.
@@ -496,34 +517,29 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const INSERT_ROUTE: &str = "INSERT INTO routes (store_path, upstream_url, latency_ms, \
-    latency_ema, query_count, failure_count, last_verified, ttl, nar_hash, nar_size, nar_url, \
-    narinfo_bytes, created_at) VALUES (?1, ?2, ?3, ?3, 1, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-    ON CONFLICT(store_path) DO NOTHING";
+const INSERT_LOG: &str = "INSERT INTO route_log (id, hash, upstream, nar_url, expires_at, \
+    verified_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING";
 
-const UPDATE_ROUTE: &str = "UPDATE routes SET upstream_url = ?2, latency_ms = ?3, \
-    latency_ema = ?3, query_count = 1, failure_count = 0, last_verified = ?4, ttl = ?5, \
-    nar_hash = ?6, nar_size = ?7, nar_url = ?8, narinfo_bytes = ?9 WHERE store_path = ?1";
+const INSERT_BODY: &str = "INSERT OR REPLACE INTO route_body (id, latency_ms, nar_hash, \
+    nar_size, narinfo) VALUES (?1, ?2, ?3, ?4, ?5)";
 
 /// One batch's transaction and what it keeps between ops.
 struct Batch<'t> {
     tx: &'t rusqlite::Transaction<'t>,
-    /// `created_at` of the routes it writes (unix seconds).
-    now: i64,
     negatives: &'t mut HashSet<StoreHash>,
     cleared: &'t mut Vec<StoreHash>,
-    /// The route INSERT, looked up in the statement cache once per batch
-    /// rather than once per route (hashing the SQL text each time).
-    insert: Option<rusqlite::CachedStatement<'t>>,
+    /// The two route INSERTs, looked up in the statement cache once per
+    /// batch rather than once per route (hashing the SQL text each time).
+    insert: Option<(rusqlite::CachedStatement<'t>, rusqlite::CachedStatement<'t>)>,
 }
 
 impl Batch<'_> {
-    /// Runs one op; returns the change in the number of `routes` rows.
+    /// Runs one op; returns the change in the number of `route_log` rows.
     fn apply(&mut self, op: &WriteOp) -> rusqlite::Result<i64> {
         let tx = self.tx;
         match op {
-            WriteOp::Route(hash, e) => self.upsert_route(hash, e),
-            WriteOp::Negative(hash, expires_at) => {
+            WriteOp::Route(hash, e, ids) => self.append_route(hash, e, *ids),
+            WriteOp::Negative(hash, expires_at, replaces) => {
                 tx.prepare_cached(
                     "INSERT INTO negative_cache (store_path, expires_at) VALUES (?1, ?2) \
                      ON CONFLICT(store_path) DO UPDATE SET expires_at = excluded.expires_at",
@@ -531,9 +547,8 @@ impl Batch<'_> {
                 .execute(params![hash.as_str(), to_i64(*expires_at)])?;
                 // At once, even if the batch fails: a superset is harmless.
                 self.negatives.insert(*hash);
-                // One state per hash: a stale route would win over the
-                // negative entry after a restart.
-                delete_route(tx, hash)
+                // One state per hash: the route it replaces goes.
+                delete_route(tx, *replaces)
             }
             WriteOp::Health(h) => {
                 tx.prepare_cached(
@@ -551,42 +566,55 @@ impl Batch<'_> {
                 ])?;
                 Ok(0)
             }
-            WriteOp::Remove(hash) => {
+            WriteOp::Remove(hash, id) => {
                 self.delete_negative(hash)?;
-                delete_route(tx, hash)
+                delete_route(tx, *id)
             }
             WriteOp::Flush(_) | WriteOp::Shutdown => Ok(0),
         }
     }
 
-    /// INSERT unless the path is there, then UPDATE when it was: tells us
-    /// exactly whether the table grew, and a new route (the common case
-    /// under a miss load) costs one statement, not a failed UPDATE and an
-    /// INSERT.
-    fn upsert_route(&mut self, hash: &StoreHash, e: &RouteEntry) -> rusqlite::Result<i64> {
-        let p = params![
+    /// Appends the route under its row id (both tables) and deletes the
+    /// row it replaces. A row id already present (a write retried after it
+    /// committed) is left as it is.
+    fn append_route(
+        &mut self,
+        hash: &StoreHash,
+        e: &RouteEntry,
+        ids: RowIds,
+    ) -> rusqlite::Result<i64> {
+        let id = to_i64(ids.id);
+        let mut delta = match ids.replaces {
+            Some(old) if old != ids.id => delete_route(self.tx, Some(old))?,
+            _ => 0,
+        };
+        let (log, body) = match &mut self.insert {
+            Some(s) => s,
+            None => self.insert.insert((
+                self.tx.prepare_cached(INSERT_LOG)?,
+                self.tx.prepare_cached(INSERT_BODY)?,
+            )),
+        };
+        let inserted = log.execute(params![
+            id,
             hash.as_str(),
             &*e.upstream,
-            f64::from(e.latency_ms),
-            to_i64(e.verified_at),
-            to_i64(e.expires_at),
-            &*e.nar_hash,
-            to_i64(e.nar_size),
             &*e.nar_url,
-            &e.narinfo[..],
-            self.now,
-        ];
-        let insert = match &mut self.insert {
-            Some(s) => s,
-            None => self.insert.insert(self.tx.prepare_cached(INSERT_ROUTE)?),
-        };
-        let inserted = insert.execute(p)?;
-        if inserted == 0 {
-            // `created_at` (the last parameter) keeps its first value.
-            self.tx.prepare_cached(UPDATE_ROUTE)?.execute(&p[..9])?;
+            to_i64(e.expires_at),
+            to_i64(e.verified_at),
+        ])?;
+        if inserted == 1 {
+            body.execute(params![
+                id,
+                f64::from(e.latency_ms),
+                &*e.nar_hash,
+                to_i64(e.nar_size),
+                &e.narinfo[..],
+            ])?;
+            delta += 1;
         }
         self.delete_negative(hash)?;
-        Ok(inserted as i64)
+        Ok(delta)
     }
 
     fn delete_negative(&mut self, hash: &StoreHash) -> rusqlite::Result<()> {
@@ -600,9 +628,14 @@ impl Batch<'_> {
     }
 }
 
-fn delete_route(tx: &rusqlite::Transaction<'_>, hash: &StoreHash) -> rusqlite::Result<i64> {
+/// Deletes route row `id` (when there is one) from both tables.
+fn delete_route(tx: &rusqlite::Transaction<'_>, id: Option<u64>) -> rusqlite::Result<i64> {
+    let Some(id) = id else { return Ok(0) };
+    let id = to_i64(id);
     let n = tx
-        .prepare_cached("DELETE FROM routes WHERE store_path = ?1")?
-        .execute([hash.as_str()])?;
+        .prepare_cached("DELETE FROM route_log WHERE id = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM route_body WHERE id = ?1")?
+        .execute([id])?;
     Ok(-(n as i64))
 }

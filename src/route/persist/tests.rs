@@ -31,6 +31,41 @@ fn entry(upstream: &str, expires_at: u64, verified_at: u64) -> Arc<RouteEntry> {
     })
 }
 
+thread_local! {
+    /// What the route table keeps for these tests: the next row id and the
+    /// row of each hash's current route (see [`route`]).
+    static LEDGER: std::cell::RefCell<(u64, std::collections::HashMap<StoreHash, u64>)> =
+        std::cell::RefCell::new((1, Default::default()));
+}
+
+/// A route write as the route table makes it: a new row id, replacing the
+/// row of the hash's previous route written by this test.
+fn route(h: StoreHash, e: Arc<RouteEntry>) -> WriteOp {
+    let ids = LEDGER.with_borrow_mut(|(next, rows)| {
+        let id = *next;
+        *next += 1;
+        RowIds {
+            id,
+            replaces: rows.insert(h, id),
+        }
+    });
+    WriteOp::Route(h, e, ids)
+}
+
+/// The row of `h`'s current route, forgotten (a negative entry or a
+/// removal replaces it).
+fn take_row(h: StoreHash) -> Option<u64> {
+    LEDGER.with_borrow_mut(|(_, rows)| rows.remove(&h))
+}
+
+fn negative(h: StoreHash, expires_at: u64) -> WriteOp {
+    WriteOp::Negative(h, expires_at, take_row(h))
+}
+
+fn remove(h: StoreHash) -> WriteOp {
+    WriteOp::Remove(h, take_row(h))
+}
+
 fn cfg(max_entries: usize) -> WriterConfig {
     WriterConfig {
         max_entries,
@@ -63,6 +98,12 @@ fn write_all(path: &str, max: usize, ops: Vec<WriteOp>) -> WriterHandle {
     w
 }
 
+fn bodies(db: &Db) -> i64 {
+    db.conn
+        .query_row("SELECT COUNT(*) FROM route_body", [], |r| r.get(0))
+        .unwrap()
+}
+
 fn columns(c: &Connection, table: &str) -> Vec<String> {
     let mut stmt = c.prepare(&format!("PRAGMA table_info({table})")).unwrap();
     let rows = stmt.query_map([], |r| r.get::<_, String>(1)).unwrap();
@@ -70,29 +111,46 @@ fn columns(c: &Connection, table: &str) -> Vec<String> {
 }
 
 #[test]
-fn creates_ncro_2_2_schema_in_wal_mode() {
+fn creates_the_route_log_and_ncro_2_2_tables_in_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     let (loaded, db) = open_and_load(&path, 0).unwrap();
     assert!(loaded.routes.is_empty() && loaded.negatives.is_empty());
     assert_eq!(
-        columns(&db.conn, "routes"),
+        columns(&db.conn, "route_log"),
         [
-            "store_path",
-            "upstream_url",
-            "latency_ms",
-            "latency_ema",
-            "query_count",
-            "failure_count",
-            "last_verified",
-            "ttl",
-            "nar_hash",
-            "nar_size",
+            "id",
+            "hash",
+            "upstream",
             "nar_url",
-            "created_at",
-            "narinfo_bytes"
+            "expires_at",
+            "verified_at"
         ]
     );
+    assert_eq!(
+        columns(&db.conn, "route_body"),
+        ["id", "latency_ms", "nar_hash", "nar_size", "narinfo"]
+    );
+    assert!(
+        columns(&db.conn, "routes").is_empty(),
+        "no ncro 2.2 routes table"
+    );
+    // No index on the route tables: a new route only appends.
+    let indexes: i64 = db
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+             AND tbl_name IN ('route_log', 'route_body')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0);
+    let page: i64 = db
+        .conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(page, 16384);
     assert_eq!(
         columns(&db.conn, "negative_cache"),
         ["store_path", "expires_at"]
@@ -127,9 +185,9 @@ fn round_trip_routes_negatives_health() {
         &path,
         100,
         vec![
-            WriteOp::Route(hash(1), entry("https://a", FAR, 10)),
-            WriteOp::Route(hash(2), entry("https://a", FAR, 11)),
-            WriteOp::Negative(hash(3), FAR),
+            route(hash(1), entry("https://a", FAR, 10)),
+            route(hash(2), entry("https://a", FAR, 11)),
+            negative(hash(3), FAR),
             WriteOp::Health(health.clone()),
         ],
     );
@@ -161,14 +219,14 @@ fn upsert_replaces_and_one_state_per_hash() {
         &path,
         100,
         vec![
-            WriteOp::Route(hash(1), entry("https://a", FAR, 10)),
-            WriteOp::Route(hash(1), entry("https://b", FAR, 20)),
-            WriteOp::Route(hash(2), entry("https://a", FAR, 10)),
-            WriteOp::Negative(hash(2), FAR),
-            WriteOp::Negative(hash(3), FAR),
-            WriteOp::Route(hash(3), entry("https://c", FAR, 30)),
-            WriteOp::Route(hash(4), entry("https://c", FAR, 30)),
-            WriteOp::Remove(hash(4)),
+            route(hash(1), entry("https://a", FAR, 10)),
+            route(hash(1), entry("https://b", FAR, 20)),
+            route(hash(2), entry("https://a", FAR, 10)),
+            negative(hash(2), FAR),
+            negative(hash(3), FAR),
+            route(hash(3), entry("https://c", FAR, 30)),
+            route(hash(4), entry("https://c", FAR, 30)),
+            remove(hash(4)),
         ],
     );
     let (loaded, db) = open_and_load(&path, 100).unwrap();
@@ -181,11 +239,11 @@ fn upsert_replaces_and_one_state_per_hash() {
 }
 
 #[test]
-fn evicts_least_recently_verified_beyond_max_entries() {
+fn evicts_the_oldest_rows_beyond_max_entries() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     let ops = (0..10)
-        .map(|i| WriteOp::Route(hash(i), entry("https://a", FAR, 100 + u64::from(i))))
+        .map(|i| route(hash(i), entry("https://a", FAR, 100 + u64::from(i))))
         .collect();
     let w = write_all(&path, 4, ops);
     assert_eq!(w.stored_routes(), 4);
@@ -194,6 +252,7 @@ fn evicts_least_recently_verified_beyond_max_entries() {
     kept.sort();
     assert_eq!(kept, [hash(6), hash(7), hash(8), hash(9)]);
     assert_eq!(db.route_count(), 4);
+    assert_eq!(bodies(&db), 4, "their narinfos go with them");
 }
 
 #[test]
@@ -204,10 +263,10 @@ fn load_skips_expired_and_sweep_deletes_them() {
         &path,
         100,
         vec![
-            WriteOp::Route(hash(1), entry("https://a", FAR, 1)),
-            WriteOp::Route(hash(2), entry("https://a", FAR + 1, 1)),
-            WriteOp::Negative(hash(3), FAR),
-            WriteOp::Negative(hash(4), FAR + 1),
+            route(hash(1), entry("https://a", FAR, 1)),
+            route(hash(2), entry("https://a", FAR + 1, 1)),
+            negative(hash(3), FAR),
+            negative(hash(4), FAR + 1),
         ],
     );
     // Expiry is exclusive: at `now == expires_at` the entry is dead.
@@ -218,6 +277,7 @@ fn load_skips_expired_and_sweep_deletes_them() {
     assert_eq!(loaded.skipped, 0, "expired rows are not 'skipped'");
     db.sweep(FAR).unwrap();
     assert_eq!(db.route_count(), 1);
+    assert_eq!(bodies(&db), 1, "the expired route's narinfo goes with it");
     let negatives: i64 = db
         .conn
         .query_row("SELECT COUNT(*) FROM negative_cache", [], |r| r.get(0))
@@ -232,17 +292,10 @@ fn a_route_clears_a_negative_entry_stored_before_a_restart() {
     write_all(
         &path,
         100,
-        vec![
-            WriteOp::Negative(hash(5), FAR),
-            WriteOp::Negative(hash(6), FAR),
-        ],
+        vec![negative(hash(5), FAR), negative(hash(6), FAR)],
     );
     // A new process: its writer only knows of these entries from the file.
-    write_all(
-        &path,
-        100,
-        vec![WriteOp::Route(hash(5), entry("https://a", FAR, 1))],
-    );
+    write_all(&path, 100, vec![route(hash(5), entry("https://a", FAR, 1))]);
     let (loaded, _) = open_and_load(&path, 0).unwrap();
     let routes: Vec<_> = loaded.routes.iter().map(|(h, _)| *h).collect();
     assert_eq!(routes, [hash(5)]);
@@ -252,7 +305,7 @@ fn a_route_clears_a_negative_entry_stored_before_a_restart() {
 #[test]
 fn a_negative_delete_rolled_back_with_its_batch_is_done_by_the_next_one() {
     let mut db = open(":memory:").unwrap();
-    db.write_batch(&[WriteOp::Negative(hash(1), FAR)]).unwrap();
+    db.write_batch(&[negative(hash(1), FAR)]).unwrap();
     // The batch fails after the route (and its negative DELETE) ran.
     db.conn
         .execute_batch(
@@ -267,13 +320,13 @@ fn a_negative_delete_rolled_back_with_its_batch_is_done_by_the_next_one() {
         total_queries: 1,
     };
     let failing = [
-        WriteOp::Route(hash(1), entry("https://a", FAR, 1)),
+        route(hash(1), entry("https://a", FAR, 1)),
         WriteOp::Health(health),
     ];
     assert!(db.write_batch(&failing).is_err());
     assert_eq!(db.load_negatives(0).unwrap().0, [(hash(1), FAR)]);
     db.conn.execute_batch("DROP TRIGGER fail").unwrap();
-    db.write_batch(&[WriteOp::Route(hash(1), entry("https://a", FAR, 1))])
+    db.write_batch(&[route(hash(1), entry("https://a", FAR, 1))])
         .unwrap();
     assert_eq!(db.load_negatives(0).unwrap().0, []);
     assert_eq!(db.route_count(), 1);
@@ -286,12 +339,12 @@ fn flush_and_shutdown_do_not_wait_for_the_linger() {
     let (w, join) = spawn_writer(db, WriterConfig { linger, ..cfg(100) });
     w.flush_blocking().unwrap(); // the startup sweep
     let t = Instant::now();
-    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
     // The writer is parked for the linger with one route gathered.
     std::thread::sleep(Duration::from_millis(50));
     w.flush_blocking().unwrap();
     assert_eq!(w.rows_written(), 1);
-    assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
+    assert!(w.try_write(route(hash(2), entry("https://a", FAR, 1))));
     std::thread::sleep(Duration::from_millis(50));
     w.shutdown_blocking().unwrap();
     join.join().unwrap();
@@ -309,7 +362,7 @@ fn writer_sweeps_periodically() {
     let (w, join) = spawn_writer(db, cfg);
     // Expires one second from now: present after the flush, gone after a sweep.
     let soon = unix_now() + 1;
-    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", soon, 1))));
+    assert!(w.try_write(route(hash(1), entry("https://a", soon, 1))));
     w.flush_blocking().unwrap();
     assert_eq!(w.stored_routes(), 1);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -346,17 +399,38 @@ fn old_row(c: &Connection, h: StoreHash, ttl: u64) {
     .unwrap();
 }
 
+/// A file written by ncro 2.2 (4 KiB pages, `routes` without
+/// `narinfo_bytes`, then with it as 2.2's migration adds it): its routes
+/// with a narinfo move into the log, keep their columns, and win over
+/// nothing else; the rest of the file is kept; the file gets 16 KiB pages.
 #[test]
-fn opens_pre_migration_ncro_2_2_database_and_skips_rows_without_narinfo() {
+fn imports_an_ncro_2_2_database_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     std::fs::create_dir_all(parent_dir(&path)).unwrap();
     {
         let c = Connection::open(&path).unwrap();
+        c.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+            .unwrap();
         c.execute_batch(NCRO_2_2_ROUTES).unwrap();
         old_row(&c, hash(1), FAR);
         old_row(&c, hash(2), FAR);
-        old_row(&c, hash(3), 10); // expired: neither loaded nor skipped
+        old_row(&c, hash(3), 10); // expired: left out
+        c.execute_batch("ALTER TABLE routes ADD COLUMN narinfo_bytes BLOB")
+            .unwrap();
+        // hash(2) keeps no narinfo (written before 2.2 stored them): left out.
+        c.execute(
+            "UPDATE routes SET narinfo_bytes = x'4e' WHERE store_path = ?1",
+            [hash(1).as_str()],
+        )
+        .unwrap();
+        old_row(&c, hash(7), FAR);
+        c.execute(
+            "UPDATE routes SET narinfo_bytes = x'4f', last_verified = 9, upstream_url = 'https://new' \
+             WHERE store_path = ?1",
+            [hash(7).as_str()],
+        )
+        .unwrap();
         c.execute(
             "INSERT INTO negative_cache VALUES (?1, ?2)",
             params![hash(4).as_str(), FAR as i64],
@@ -369,30 +443,91 @@ fn opens_pre_migration_ncro_2_2_database_and_skips_rows_without_narinfo() {
         .unwrap();
     }
     let (loaded, db) = open_and_load(&path, 100).unwrap();
-    assert!(columns(&db.conn, "routes").contains(&"narinfo_bytes".to_owned()));
-    assert!(loaded.routes.is_empty());
-    assert_eq!(loaded.skipped, 2);
+    assert!(
+        columns(&db.conn, "routes").is_empty(),
+        "the old table is dropped"
+    );
+    assert_eq!(db.route_count(), 2);
+    assert_eq!(db.next_row_id(), 3);
+    assert_eq!(loaded.skipped, 0);
     assert_eq!(loaded.negatives, [(hash(4), FAR)]);
     assert_eq!(loaded.health[0].url, "https://old");
-    assert_eq!(db.route_count(), 3);
-    // A migrated row that now has narinfo bytes is served with its old columns.
-    db.conn
-        .execute(
-            "UPDATE routes SET narinfo_bytes = x'4e' WHERE store_path = ?1",
-            [hash(1).as_str()],
-        )
-        .unwrap();
-    drop(db);
-    let (loaded, _db) = open_and_load(&path, 100).unwrap();
-    assert_eq!(loaded.skipped, 1);
-    let (h, e) = &loaded.routes[0];
+    let mut routes = loaded.routes;
+    routes.sort_by_key(|(h, _)| *h);
+    assert_eq!(routes.len(), 2);
+    let (h, e) = &routes[0];
     assert_eq!(*h, hash(1));
     assert_eq!(&*e.upstream, "https://old");
     assert_eq!(
-        (&e.narinfo[..], &*e.nar_url, e.nar_size),
-        (&b"N"[..], "nar/x.nar", 9)
+        (&e.narinfo[..], &*e.nar_url, &*e.nar_hash, e.nar_size),
+        (&b"N"[..], "nar/x.nar", "sha256:x", 9)
     );
     assert_eq!((e.verified_at, e.expires_at, e.latency_ms), (7, FAR, 5.0));
+    assert_eq!(
+        (routes[1].0, &*routes[1].1.upstream),
+        (hash(7), "https://new")
+    );
+    // Ids follow the verification order: the most recently verified last.
+    let mut ids = Vec::new();
+    db.load_routes(100, 10, &mut |h, r| {
+        ids.push((h, r.id));
+        true
+    })
+    .unwrap();
+    assert_eq!(ids, [(hash(7), 2), (hash(1), 1)]);
+    let page: i64 = db
+        .conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(page, 16384, "rewritten with larger pages");
+    let mode: String = db
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    assert_eq!(db.integrity_check().unwrap(), "ok");
+    drop(db);
+    // Opened again: nothing more to import, the same routes.
+    let (again, db) = open_and_load(&path, 100).unwrap();
+    assert_eq!((again.routes.len(), db.route_count()), (2, 2));
+}
+
+/// A downgrade recreates `routes` and writes to it; the next start imports
+/// those routes as newer than the log's.
+#[test]
+fn routes_written_by_a_downgrade_are_imported_as_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    write_all(&path, 100, vec![route(hash(1), entry("https://a", FAR, 1))]);
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            NCRO_2_2_ROUTES
+                .replace(
+                    "CREATE TABLE upstream_health",
+                    "CREATE TABLE IF NOT EXISTS upstream_health",
+                )
+                .replace(
+                    "CREATE TABLE negative_cache",
+                    "CREATE TABLE IF NOT EXISTS negative_cache",
+                )
+                .as_str(),
+        )
+        .unwrap();
+        c.execute_batch("ALTER TABLE routes ADD COLUMN narinfo_bytes BLOB")
+            .unwrap();
+        old_row(&c, hash(1), FAR);
+        c.execute("UPDATE routes SET narinfo_bytes = x'4e'", [])
+            .unwrap();
+    }
+    let (loaded, db) = open_and_load(&path, 100).unwrap();
+    assert_eq!(db.route_count(), 2, "the older copy stays until swept");
+    let routes: Vec<_> = loaded
+        .routes
+        .iter()
+        .map(|(h, e)| (*h, &*e.upstream))
+        .collect();
+    assert_eq!(routes, [(hash(1), "https://old")]);
 }
 
 #[test]
@@ -400,13 +535,13 @@ fn memory_database_works() {
     let (loaded, db) = open_and_load(":memory:", 0).unwrap();
     assert_eq!(loaded.routes.len(), 0);
     let (w, join) = spawn_writer(db, cfg(10));
-    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
     w.flush_blocking().unwrap();
     assert_eq!((w.stored_routes(), w.batches_written() >= 1), (1, true));
     w.shutdown_blocking().unwrap();
     join.join().unwrap();
     // After the thread is gone, writes are refused and counted.
-    assert!(!w.try_write(WriteOp::Negative(hash(2), FAR)));
+    assert!(!w.try_write(negative(hash(2), FAR)));
     assert_eq!(w.dropped_writes(), 1);
     assert!(matches!(
         w.flush_blocking(),
@@ -422,7 +557,7 @@ fn async_flush_works_from_a_runtime_thread() {
         .build()
         .unwrap();
     rt.block_on(async {
-        assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+        assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
         w.flush().await.unwrap();
     });
     assert_eq!(w.stored_routes(), 1);
@@ -498,7 +633,7 @@ fn write_error_case(setup: &str, errors: u64) {
         // A big blob so the page limit is hit on the first batch.
         let mut e = (*entry("https://a", FAR, 1)).clone();
         e.narinfo = Bytes::from(vec![b'x'; 64 * 1024]);
-        assert!(w.try_write(WriteOp::Route(hash(i), Arc::new(e))));
+        assert!(w.try_write(route(hash(i), Arc::new(e))));
         w.flush_blocking().unwrap();
     }
     assert_eq!(w.write_errors(), errors, "{setup}");
@@ -535,16 +670,16 @@ fn degraded_while_writes_fail_and_cleared_by_the_next_commit() {
     assert!(!w.is_degraded());
     let mut big = (*entry("https://a", FAR, 1)).clone();
     big.narinfo = Bytes::from(vec![b'x'; 64 * 1024]);
-    assert!(w.try_write(WriteOp::Route(hash(1), Arc::new(big))));
+    assert!(w.try_write(route(hash(1), Arc::new(big))));
     w.flush_blocking().unwrap();
     assert!(w.is_degraded(), "a failed batch degrades");
     assert_eq!(w.stored_routes(), 0);
-    assert!(w.try_write(WriteOp::Route(hash(2), entry("https://a", FAR, 1))));
+    assert!(w.try_write(route(hash(2), entry("https://a", FAR, 1))));
     w.flush_blocking().unwrap();
     assert_eq!(w.stored_routes(), 1, "new writes commit past the held one");
     assert!(w.is_degraded(), "the 64 KiB route is still held back");
     // A newer write for the same path replaces the held-back one.
-    assert!(w.try_write(WriteOp::Route(hash(1), entry("https://a", FAR, 1))));
+    assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
     w.flush_blocking().unwrap();
     assert!(
         !w.is_degraded(),
@@ -565,9 +700,9 @@ fn writes_that_failed_on_a_lock_are_stored_once_it_is_released() {
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let (w, join) = spawn_writer(db, cfg(1000));
     for i in 0..3 {
-        assert!(w.try_write(WriteOp::Route(hash(i), entry("https://a", FAR, 1))));
+        assert!(w.try_write(route(hash(i), entry("https://a", FAR, 1))));
     }
-    assert!(w.try_write(WriteOp::Remove(hash(2))));
+    assert!(w.try_write(remove(hash(2))));
     w.flush_blocking().unwrap();
     assert!(w.is_degraded(), "the lock makes the batch fail");
     assert_eq!(w.stored_routes(), 0);
@@ -585,6 +720,40 @@ fn writes_that_failed_on_a_lock_are_stored_once_it_is_released() {
     let mut hashes: Vec<_> = routes.routes.iter().map(|r| r.0).collect();
     hashes.sort();
     assert_eq!(hashes, [hash(0), hash(1)]);
+}
+
+/// A write held back while the database fails, then replaced by a newer
+/// one for the same path, still gets the older row it replaced deleted.
+#[test]
+fn a_held_write_replaced_by_a_newer_one_passes_on_its_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (_, db) = open_and_load(&path, 0).unwrap();
+    db.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+    let (w, join) = spawn_writer(db, cfg(1000));
+    assert!(w.try_write(route(hash(1), entry("https://a", FAR, 1))));
+    w.flush_blocking().unwrap();
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Replaces the first row; fails on the lock and is held back.
+    assert!(w.try_write(route(hash(1), entry("https://b", FAR, 2))));
+    w.flush_blocking().unwrap();
+    assert!(w.is_degraded());
+    // Replaces the held one (whose row was never written).
+    assert!(w.try_write(route(hash(1), entry("https://c", FAR, 3))));
+    w.flush_blocking().unwrap();
+    other.execute_batch("COMMIT").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.is_degraded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!w.is_degraded(), "held-back writes never committed");
+    assert_eq!(w.stored_routes(), 1, "the first row was deleted too");
+    w.shutdown_blocking().unwrap();
+    join.join().unwrap();
+    let (loaded, _) = open_and_load(&path, 0).unwrap();
+    assert_eq!(loaded.routes.len(), 1);
+    assert_eq!(&*loaded.routes[0].1.upstream, "https://c");
 }
 
 #[test]

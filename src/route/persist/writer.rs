@@ -20,7 +20,7 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
-    /// Cap on rows in `routes`; the least recently verified go first.
+    /// Cap on rows in `route_log`; the oldest go first.
     pub max_entries: usize,
     /// How often expired routes and negative entries are deleted.
     pub sweep_interval: Duration,
@@ -52,6 +52,9 @@ struct WriterStats {
     batches: AtomicU64,
     rows: AtomicU64,
     stored_routes: AtomicU64,
+    /// The next route row id to hand out: [`Db::next_row_id`] of the
+    /// database the writer owns at first.
+    next_row_id: AtomicU64,
     /// Set while the last write transaction failed (full disk, read-only
     /// file system): routes are then served from memory only.
     degraded: AtomicBool,
@@ -137,7 +140,14 @@ impl WriterHandle {
     pub fn rows_written(&self) -> u64 {
         self.stats.rows.load(Ordering::Relaxed)
     }
-    /// Rows in the `routes` table after the last batch or sweep.
+    /// A row id for a new route (see [`super::RowIds`]): after every row
+    /// of the database, and growing with time, so the log is appended to.
+    /// One counter per writer, shared by every handle.
+    pub fn allocate_row_id(&self) -> u64 {
+        self.stats.next_row_id.fetch_add(1, Ordering::Relaxed)
+    }
+    /// Rows in `route_log` after the last batch or sweep (older copies of
+    /// a route not yet deleted included).
     pub fn stored_routes(&self) -> u64 {
         self.stats.stored_routes.load(Ordering::Relaxed)
     }
@@ -151,7 +161,10 @@ impl WriterHandle {
     #[cfg(test)]
     pub(crate) fn detached(capacity: usize) -> (Self, flume::Receiver<WriteOp>) {
         let (tx, rx) = flume::bounded(capacity);
-        let stats = Arc::default();
+        let stats = Arc::new(WriterStats {
+            next_row_id: AtomicU64::new(1),
+            ..WriterStats::default()
+        });
         let thread = None;
         (WriterHandle { tx, stats, thread }, rx)
     }
@@ -162,6 +175,7 @@ pub fn spawn_writer(db: Db, cfg: WriterConfig) -> (WriterHandle, std::thread::Jo
     let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
     let stats = Arc::new(WriterStats::default());
     stats.stored_routes.store(db.route_count, Ordering::Relaxed);
+    stats.next_row_id.store(db.next_row_id(), Ordering::Relaxed);
     let writer = Writer {
         db,
         cfg,
@@ -197,11 +211,38 @@ enum HeldKey {
 
 fn held_key(op: &WriteOp) -> Option<HeldKey> {
     match op {
-        WriteOp::Route(h, _) | WriteOp::Negative(h, _) | WriteOp::Remove(h) => {
+        WriteOp::Route(h, ..) | WriteOp::Negative(h, ..) | WriteOp::Remove(h, _) => {
             Some(HeldKey::Path(*h))
         }
         WriteOp::Health(row) => Some(HeldKey::Health(row.url.clone())),
         WriteOp::Flush(_) | WriteOp::Shutdown => None,
+    }
+}
+
+/// The row an op deletes (the route it replaces or removes).
+fn deleted_row(op: &mut WriteOp) -> Option<&mut Option<u64>> {
+    match op {
+        WriteOp::Route(_, _, ids) => Some(&mut ids.replaces),
+        WriteOp::Negative(_, _, row) | WriteOp::Remove(_, row) => Some(row),
+        _ => None,
+    }
+}
+
+/// `op` replaces `held`, a write for the same path that never committed:
+/// the row `held` was to delete (an older route) is now `op`'s to delete,
+/// when `op` would only delete `held`'s own row (never written) or none.
+/// Without this, that older row would outlive the route that replaced it.
+fn inherit_deletion(op: &mut WriteOp, held: &WriteOp) {
+    let (own, owed) = match held {
+        WriteOp::Route(_, _, ids) => (Some(ids.id), ids.replaces),
+        WriteOp::Negative(_, _, row) | WriteOp::Remove(_, row) => (None, *row),
+        _ => return,
+    };
+    let Some(owed) = owed else { return };
+    if let Some(row) = deleted_row(op) {
+        if row.is_none() || *row == own {
+            *row = Some(owed);
+        }
     }
 }
 
@@ -313,10 +354,11 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<WriteOp>) {
         if !self.held.is_empty() {
             // Newer writes replace held-back ones for the same path, so the
-            // two can commit in either order.
-            for op in batch.iter() {
-                if let Some(k) = held_key(op) {
-                    self.held.remove(&k);
+            // two can commit in either order; the newer one takes over the
+            // row deletion the held one still owes.
+            for op in batch.iter_mut() {
+                if let Some(held) = held_key(op).and_then(|k| self.held.remove(&k)) {
+                    inherit_deletion(op, &held);
                 }
             }
         }

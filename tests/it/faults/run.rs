@@ -402,7 +402,7 @@ fn check_kept(s: &Setup, row: &Row, first: &Got, sees: Sees) {
             let got = s.get(&path, &[]);
             assert_eq!((got.status, &got.body), (200, &first.body));
             assert_eq!(s.asked(row.target), asked, "a route asks nobody");
-            wait_in_db(s, "routes");
+            wait_in_db(s, "route_log");
         }
         Kept::Nothing => {
             s.faulty.heal();
@@ -436,7 +436,13 @@ fn in_db(db: &Path, table: &str, hash: &str) -> bool {
         return false;
     };
     let _ = c.busy_timeout(Duration::from_secs(1)); // the default (0) applies otherwise
-    let sql = format!("SELECT count(*) FROM {table} WHERE store_path = ?1");
+                                                    // The route log names the store hash `hash`; ncro 2.2's tables `store_path`.
+    let column = if table == "route_log" {
+        "hash"
+    } else {
+        "store_path"
+    };
+    let sql = format!("SELECT count(*) FROM {table} WHERE {column} = ?1");
     c.query_row(&sql, [hash], |r| r.get::<_, i64>(0))
         .is_ok_and(|n| n == 1)
 }
