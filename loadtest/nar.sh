@@ -28,7 +28,9 @@
 # Usage: loadtest/nar.sh [NCRO_BIN] [ROUNDS]      (default ROUNDS=5)
 # Env: CACHES (/tmp/ncro-bench/caches), SINGLE_REPS (20), STREAMS (16),
 #      MULTI_REPS (3), SMALL_DUR (5s; empty skips), TARGETS (all six),
-#      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18680).
+#      LOAD_MAX/BUSY_MAX/WAIT_MAX (lib.sh), BASEPORT (18680),
+#      NCRO_TOML_EXTRA (lines appended to each ncro config, after [cache];
+#      e.g. $'[cache.nar_ranges]\nenabled = false').
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 NCRO=$(lt_ncro_bin "${1:-}")
@@ -36,6 +38,7 @@ ROUNDS=${2:-5}
 CACHES=${CACHES:-/tmp/ncro-bench/caches}
 SINGLE_REPS=${SINGLE_REPS:-20}; STREAMS=${STREAMS:-16}; MULTI_REPS=${MULTI_REPS:-3}
 SMALL_DUR=${SMALL_DUR-5s}
+NCRO_TOML_EXTRA=${NCRO_TOML_EXTRA:-}
 TARGETS=${TARGETS:-"direct nginx-proxy uring-copy uring-splice epoll-copy epoll-splice"}
 BASEPORT=${BASEPORT:-18680}
 UPA=$((BASEPORT + 1)); UPB=$((BASEPORT + 2)); NGPROXY=$((BASEPORT + 3))
@@ -131,6 +134,7 @@ url = "http://127.0.0.1:$UPB"
 priority = 20
 [cache]
 db_path = "$W/routes-$t.db"
+$NCRO_TOML_EXTRA
 NC
   cp "$W/ncro-$t.toml" "$RUN/ncro-$t.toml"
   lt_ncro "$W/ncro-$t.log" "${envs[@]}" -- "$NCRO" serve --config "$W/ncro-$t.toml"

@@ -487,8 +487,11 @@ fn forged_replayed_oversized_and_malformed_packets_are_dropped_and_counted() {
     };
     send(&seal(&peer_key, &rmp_serde::to_vec_named(&map).unwrap())); // accepted
 
-    let m = scrape_until(&ncro, "all 11 datagrams", |m| {
-        [
+    // A datagram is counted when it is received; the routes of an accepted
+    // one are judged after that (the narinfo may be checked first), so wait
+    // for all three routes to be merged or rejected as well.
+    let m = scrape_until(&ncro, "all 11 datagrams and their 3 routes", |m| {
+        let datagrams = [
             "accepted",
             "bad_signature",
             "unknown_sender",
@@ -498,8 +501,10 @@ fn forged_replayed_oversized_and_malformed_packets_are_dropped_and_counted() {
         ]
         .iter()
         .map(|r| packets(m, r))
-        .sum::<f64>()
-            >= 11.0
+        .sum::<f64>();
+        let judged = m.value("ncro_mesh_routes_merged_total", &[])
+            + m.sum("ncro_mesh_routes_rejected_total");
+        datagrams >= 11.0 && judged >= 3.0
     });
     let counts = [
         ("accepted", 3.0),

@@ -74,6 +74,15 @@ impl Scrape {
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in\n{}", self.text))
     }
 
+    /// The sum of every sample of `name`, whatever its labels (0 if none).
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
     /// Whether `name` is a family here, or a histogram's `_bucket`, `_sum`
     /// or `_count` series.
     pub fn has_metric(&self, name: &str) -> bool {
