@@ -47,7 +47,8 @@ priority = 20
 db_path = "$OUT/routes.db"
 [logging]
 level = "info"
-${EXTRA:-}
+${EXTRA-[cache.nar_ranges]
+min_latency = "0s"}
 EOF
 "$NCRO" serve --config "$OUT/ncro.toml" >"$OUT/ncro.log" 2>&1 &
 pn=$!; pids+=("$pn")

@@ -69,6 +69,7 @@ pub struct RawNarRanges {
     pub connections: u32,
     pub max_memory: Size,
     pub stall_timeout: Dur,
+    pub min_latency: Dur,
 }
 
 impl Default for RawNarRanges {
@@ -80,6 +81,7 @@ impl Default for RawNarRanges {
             connections: 8,
             max_memory: Size(256 << 20),
             stall_timeout: Dur(Duration::from_secs(10)),
+            min_latency: Dur(Duration::from_millis(5)),
         }
     }
 }
@@ -98,6 +100,9 @@ pub struct NarRanges {
     pub max_memory: u64,
     /// A range that receives no byte for this long is fetched elsewhere.
     pub stall_timeout: std::time::Duration,
+    /// Only upstreams whose measured latency (EMA) is at least this are
+    /// fetched in ranges; an unmeasured one counts as far.
+    pub min_latency: std::time::Duration,
 }
 
 impl NarRanges {
@@ -123,6 +128,7 @@ pub(super) fn validate(r: &RawNarRanges) -> Result<NarRanges, ConfigError> {
         connections: r.connections,
         max_memory: r.max_memory.0,
         stall_timeout: positive("cache.nar_ranges.stall_timeout", r.stall_timeout.0)?,
+        min_latency: r.min_latency.0,
     };
     if ranges.enabled && ranges.max_memory < ranges.per_transfer() {
         return Err(invalid(format!(

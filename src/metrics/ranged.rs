@@ -22,14 +22,24 @@ pub enum RangedResult {
     Declined = 3,
     /// `max_memory` was in use, or no stream permit: one stream instead.
     NoRoom = 4,
+    /// The upstream's latency is below `min_latency`: one stream (one
+    /// connection fills a nearby link, and splice costs far less CPU).
+    Near = 5,
 }
 
-pub const RANGED_RESULTS: [&str; 5] = ["completed", "failed", "client_gone", "declined", "no_room"];
+pub const RANGED_RESULTS: [&str; 6] = [
+    "completed",
+    "failed",
+    "client_gone",
+    "declined",
+    "no_room",
+    "near",
+];
 
 /// One worker's counters.
 #[derive(Default)]
 pub struct RangedCounters {
-    pub results: [LocalCounter; 5],
+    pub results: [LocalCounter; 6],
     /// Ranges asked again after a failure or stall.
     pub retries: LocalCounter,
 }
@@ -57,7 +67,7 @@ pub(super) fn families(m: &Metrics) -> Vec<MetricFamily> {
     vec![
         family(
             "ncro_nar_ranged_total",
-            "Large NARs eligible for parallel ranges, by how they went (declined and no_room were relayed as one stream).",
+            "Large NARs eligible for parallel ranges, by how they went (declined, no_room and near were relayed as one stream).",
             MetricType::COUNTER,
             results,
         ),

@@ -31,6 +31,8 @@ fn ranges(enabled: bool) -> toml::Value {
     t.insert("connections".into(), CONNECTIONS.into());
     t.insert("max_memory".into(), "16MiB".into());
     t.insert("stall_timeout".into(), "1s".into());
+    // The fake upstreams are on loopback: ranges whatever their latency.
+    t.insert("min_latency".into(), "0s".into());
     toml::Value::Table(t)
 }
 
@@ -208,6 +210,46 @@ fn small_nars_and_disabled_ranges_use_one_stream() {
     let got = fetch(ncro.addr(), &p.nar_request_path(), &[], LIMIT);
     assert!(got.complete && got.body == p.nar, "{}", ncro.logs());
     assert_eq!(a.request_count(&p.nar_request_path()), 1);
+}
+
+/// `min_latency`: an upstream measured nearer than it gets one stream
+/// (spliced), counted as `near`; one not measured yet still gets ranges.
+#[test]
+fn a_nearby_upstream_gets_one_stream() {
+    let s = Setup::with(NAR_FILE, None, false, |c| {
+        let mut t = ranges(true);
+        // Every loopback upstream is "near" once its latency is measured.
+        t.as_table_mut()
+            .unwrap()
+            .insert("min_latency".into(), "1h".into());
+        // Probes measure A's latency; until the first one A counts as far.
+        c.set("cache", "nar_ranges", t)
+            .set("health", "enabled", true)
+            .set("health", "probe_interval", "100ms")
+    });
+    let near = |s: &Setup| scrape(&s.ncro).value("ncro_nar_ranged_total", &[("result", "near")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while near(&s) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "never near\n{}\n{}",
+            s.ncro.get("/status").text(),
+            s.ncro.logs()
+        );
+        assert_whole(&s, &s.get(&[]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = s.nar_requests(&s.a).len();
+    let completed = scrape(&s.ncro).value("ncro_nar_ranged_total", &[("result", "completed")]);
+    assert_whole(&s, &s.get(&[]));
+    s.ranged_reaches("near", near(&s).max(2.0));
+    let reqs = s.nar_requests(&s.a);
+    assert_eq!(reqs.len(), before + 1, "one request, no ranges: {reqs:?}");
+    assert!(reqs[before].0.is_none(), "{reqs:?}");
+    assert_eq!(
+        scrape(&s.ncro).value("ncro_nar_ranged_total", &[("result", "completed")]),
+        completed
+    );
 }
 
 /// The client's own Range on top: a 206 of exactly its bytes, fetched as

@@ -82,6 +82,26 @@ fn eligible(
     (content_addressed || object.has_etag() || from.candidate.proven).then_some(object)
 }
 
+/// Whether upstream `slot` answers faster than `min_latency` (its latency
+/// EMA from probes and races). On such a link one connection already
+/// carries what the link can, so ranges would only add CPU: the single
+/// stream is spliced, ranges are copied through ncro (docs/benchmarks.md,
+/// "NAR relay and parallel ranges"). An upstream not measured yet counts
+/// as far.
+fn is_near(ctx: &WorkerCtx, slot: usize, min_latency: std::time::Duration) -> bool {
+    if min_latency.is_zero() {
+        return false;
+    }
+    let ema = ctx
+        .shared
+        .routing
+        .snapshot()
+        .entries
+        .get(slot)
+        .and_then(|e| e.ema_ms);
+    ema.is_some_and(|ms| ms < min_latency.as_secs_f64() * 1000.0)
+}
+
 /// Relays a large NAR in parallel ranges when `resp` allows it (see the
 /// module docs); otherwise gives `resp` back untouched.
 pub async fn try_relay(
@@ -110,6 +130,11 @@ pub async fn try_relay(
     let Some(up) = set.live(origin) else {
         return Ranged::Declined(resp, from);
     };
+    if is_near(ctx, origin, cfg.min_latency) {
+        counters.result(RangedResult::Near);
+        tracing::debug!(upstream = %up.url, path = req.path, "NAR ranges: the upstream is nearer than min_latency; one stream");
+        return Ranged::Declined(resp, from);
+    }
     // The probe: the second range, on a connection of its own.
     let Some(permit) = Held::take(ctx, origin, up) else {
         counters.result(RangedResult::NoRoom);

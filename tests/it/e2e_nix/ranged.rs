@@ -109,7 +109,7 @@ fn nix_client_substitutes_a_large_nar_through_a_capped_upstream() {
     ];
     let mut config = test_config("127.0.0.1:0", &ups, &db.path().join("routes.db"));
     config.push_str(
-        "\n[cache.nar_ranges]\nenabled = true\nmin_size = \"8MiB\"\nchunk_size = \"2MiB\"\nconnections = 8\n",
+        "\n[cache.nar_ranges]\nenabled = true\nmin_size = \"8MiB\"\nchunk_size = \"2MiB\"\nconnections = 8\nmin_latency = \"0s\"\n",
     );
     let ncro = NcroProcess::try_start(&config).unwrap_or_else(|e| panic!("start ncro: {e}"));
     let paths = [c.role("large_a")];
