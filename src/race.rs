@@ -211,6 +211,44 @@ pub struct RaceConfig {
     pub early: EarlyStarts,
 }
 
+/// A small fixed map from a tier's priority to a delay: up to `N` tiers,
+/// `Copy` and allocation-free, so a race plan carries it by value. A
+/// priority listed twice keeps its first delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TierDelays<const N: usize> {
+    priority: [i32; N],
+    delay: [Duration; N],
+    len: u8,
+}
+
+impl<const N: usize> TierDelays<N> {
+    const EMPTY: Self = TierDelays {
+        priority: [0; N],
+        delay: [Duration::ZERO; N],
+        len: 0,
+    };
+
+    /// False (and no change) when `N` tiers are already listed.
+    fn push(&mut self, priority: i32, delay: Duration) -> bool {
+        let n = self.len as usize;
+        if n == N {
+            return false;
+        }
+        self.priority[n] = priority;
+        self.delay[n] = delay;
+        self.len += 1;
+        true
+    }
+
+    fn get(&self, priority: i32) -> Option<Duration> {
+        let n = self.len as usize;
+        self.priority[..n]
+            .iter()
+            .position(|&p| p == priority)
+            .map(|i| self.delay[i])
+    }
+}
+
 /// Per-tier hedge delays for one race: "once a tier of priority `p` has
 /// run for `after(p)`, the next tier joins in". Each tier's delay comes
 /// from its own members' latency (`upstream::health::hedge_delay`), so a
@@ -220,9 +258,7 @@ pub struct RaceConfig {
 /// [`EarlyStarts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hedges {
-    priority: [i32; Hedges::MAX],
-    delay: [Duration; Hedges::MAX],
-    len: u8,
+    tiers: TierDelays<{ Hedges::MAX }>,
     other: Duration,
 }
 
@@ -233,9 +269,7 @@ impl Hedges {
     /// `delay` for every tier, until [`Self::push`] sets one's own.
     pub const fn uniform(delay: Duration) -> Hedges {
         Hedges {
-            priority: [0; Hedges::MAX],
-            delay: [Duration::ZERO; Hedges::MAX],
-            len: 0,
+            tiers: TierDelays::EMPTY,
             other: delay,
         }
     }
@@ -244,23 +278,12 @@ impl Hedges {
     /// [`Self::MAX`] tiers are already listed. A priority listed twice
     /// keeps its first delay.
     pub fn push(&mut self, priority: i32, delay: Duration) -> bool {
-        let n = self.len as usize;
-        if n == Self::MAX {
-            return false;
-        }
-        self.priority[n] = priority;
-        self.delay[n] = delay;
-        self.len += 1;
-        true
+        self.tiers.push(priority, delay)
     }
 
     /// How long the tier of `priority` runs before the next one joins.
     pub fn after(&self, priority: i32) -> Duration {
-        let n = self.len as usize;
-        self.priority[..n]
-            .iter()
-            .position(|&p| p == priority)
-            .map_or(self.other, |i| self.delay[i])
+        self.tiers.get(priority).unwrap_or(self.other)
     }
 }
 
@@ -268,47 +291,34 @@ impl Hedges {
 /// run for `delay`, start the next tier too". At most [`EarlyStarts::MAX`]
 /// tiers (later ones are ignored); `Copy` and allocation-free, so a race
 /// plan carries it by value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct EarlyStarts {
-    priority: [i32; EarlyStarts::MAX],
-    delay: [Duration; EarlyStarts::MAX],
-    len: u8,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlyStarts(TierDelays<{ EarlyStarts::MAX }>);
+
+impl Default for EarlyStarts {
+    fn default() -> Self {
+        EarlyStarts::NONE
+    }
 }
 
 impl EarlyStarts {
     /// Tiers one race can start early after.
     pub const MAX: usize = 4;
     /// No early starts.
-    pub const NONE: EarlyStarts = EarlyStarts {
-        priority: [0; EarlyStarts::MAX],
-        delay: [Duration::ZERO; EarlyStarts::MAX],
-        len: 0,
-    };
+    pub const NONE: EarlyStarts = EarlyStarts(TierDelays::EMPTY);
 
     /// Arms an early start after the tier of `priority`; false (and no
     /// change) when [`Self::MAX`] tiers are already armed.
     pub fn push(&mut self, priority: i32, delay: Duration) -> bool {
-        let n = self.len as usize;
-        if n == Self::MAX {
-            return false;
-        }
-        self.priority[n] = priority;
-        self.delay[n] = delay;
-        self.len += 1;
-        true
+        self.0.push(priority, delay)
     }
 
     /// The early-start delay after the tier of `priority`, if armed.
     pub fn after(&self, priority: i32) -> Option<Duration> {
-        let n = self.len as usize;
-        self.priority[..n]
-            .iter()
-            .position(|&p| p == priority)
-            .map(|i| self.delay[i])
+        self.0.get(priority)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.0.len == 0
     }
 }
 
