@@ -310,6 +310,27 @@ lt_check_records() {
 
 # lt_caches DIR: the fake caches A and B from gen-caches.py (seed 42, no
 # big NAR files: ~330 MB, ~15 s). Reused when already there.
+# lt_caches_nginx_conf FILE DIR PROCESS_LINES UPA UPB CACHES: writes an nginx
+# config (pid and error log in DIR) serving the fake caches CACHES/A on
+# 127.0.0.1:UPA and CACHES/B on 127.0.0.1:UPB statically, keep-alive;
+# PROCESS_LINES are the worker lines (e.g. "worker_processes auto;").
+lt_caches_nginx_conf() {
+  local file=$1 dir=$2 proc=$3 upa=$4 upb=$5 caches=$6
+  cat > "$file" <<NG
+$proc
+pid $dir/nginx-up.pid;
+error_log $dir/nginx-up-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_timeout 65s; keepalive_requests 1000000;
+  types { text/x-nix-narinfo narinfo; }
+  server { listen 127.0.0.1:$upa backlog=4096; root $caches/A; }
+  server { listen 127.0.0.1:$upb backlog=4096; root $caches/B; }
+}
+NG
+}
+
 lt_caches() {
   local dir=$1
   local gen

@@ -65,19 +65,7 @@ NPATHS=$(wc -l < "$L")
 echo "caches: $CACHES (gen-caches.py --no-big, seed 42); paths: first $NPATHS of present-all" >> "$RUN/machine.txt"
 
 mkdir -p "$W/px"
-cat > "$W/nginx-up.conf" <<NG
-$NG_UP
-pid $W/nginx-up.pid;
-error_log $W/nginx-up-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_timeout 65s; keepalive_requests 1000000;
-  types { text/x-nix-narinfo narinfo; }
-  server { listen 127.0.0.1:$UPA backlog=4096; root $CACHES/A; }
-  server { listen 127.0.0.1:$UPB backlog=4096; root $CACHES/B; }
-}
-NG
+lt_caches_nginx_conf "$W/nginx-up.conf" "$W" "$NG_UP" "$UPA" "$UPB" "$CACHES"
 cat > "$W/nginx-chain.conf" <<NG
 $NG_PROXY
 pid $W/nginx-chain.pid;

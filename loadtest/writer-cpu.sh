@@ -30,19 +30,7 @@ lt_machine
 lt_caches "$CACHES"
 L="$W/paths.txt"
 head -n "$MISS_PATHS" "$CACHES/lists/present-all.txt" > "$L"
-cat > "$W/nginx-up.conf" <<NG
-worker_processes auto;
-pid $W/nginx-up.pid;
-error_log $W/nginx-up-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_timeout 65s; keepalive_requests 1000000;
-  types { text/x-nix-narinfo narinfo; }
-  server { listen 127.0.0.1:$UPA backlog=4096; root $CACHES/A; }
-  server { listen 127.0.0.1:$UPB backlog=4096; root $CACHES/B; }
-}
-NG
+lt_caches_nginx_conf "$W/nginx-up.conf" "$W" "worker_processes auto;" "$UPA" "$UPB" "$CACHES"
 cat > "$W/ncro.toml" <<NC
 [server]
 listen = "127.0.0.1:$NCPORT"
