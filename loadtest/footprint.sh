@@ -38,6 +38,15 @@ if [ ! -s "$SRC" ] || [ ! -s "$SRC.hashes" ]; then
 fi
 echo "route database: $SRC ($(du -m "$SRC" | cut -f1) MB)" >> "$RUN/machine.txt"
 lt_cmd cp "$SRC" "$W/routes.db"
+# The generated routes were verified when the file was made; ncro drops
+# routes older than its TTL at load, so a file kept from an earlier day
+# would load nothing. Move every timestamp forward by the file's age.
+lt_cmd python3 -c '
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1])
+d = int(time.time()) - c.execute("SELECT MAX(last_verified) FROM routes").fetchone()[0]
+c.execute("UPDATE routes SET last_verified = last_verified + ?, ttl = ttl + ?", (d, d))
+c.commit()' "$W/routes.db"
 cat > "$W/ncro-routes.toml" <<NC
 [server]
 listen = "127.0.0.1:$PORT"
@@ -71,6 +80,7 @@ start_routes() {
   ms=$(grep -o '"route database loaded".*' "$W/ncro-$label.log" | grep -o '"ms":[0-9]*' | cut -d: -f2)
   local routes
   routes=$(grep -o '"route database loaded".*' "$W/ncro-$label.log" | grep -o '"routes":[0-9]*' | cut -d: -f2)
+  [ "${routes:-0}" -gt 0 ] || lt_die "ncro loaded no routes from $W/routes.db (see $W/ncro-$label.log)"
   sleep 0.5
   echo "label=$label routes=${routes:-0} load_ms=${ms:-0} ready_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b - a}') cpu_s=$(cpu_s "$NCRO_PID") rss_kB=$(rss_kb "$NCRO_PID") hwm_kB=$(hwm_kb "$NCRO_PID") load1=$(lt_load1)" \
     | tee -a "$RUN/records.txt"
