@@ -262,7 +262,7 @@ pub struct WorkerCtx {
 /// worker may hold all of them), and never fewer than the client's default.
 /// With a smaller pool, every burst of answers closed the connections past
 /// it and the next burst opened new ones: a TCP handshake, a close and a
-/// TIME-WAIT socket for about one miss in eleven under a c64 miss load
+/// TIME-WAIT socket for about one miss in ten under a c64 miss load
 /// (docs/benchmarks.md, "Where a miss's CPU goes").
 fn pool_options(config: &crate::config::Config) -> crate::http::client::PoolOptions {
     let default = crate::http::client::PoolOptions::default();
