@@ -256,6 +256,24 @@ pub struct WorkerCtx {
     date: RefCell<(u64, [u8; 29])>,
 }
 
+/// The worker's keep-alive pool: room for as many idle connections per
+/// upstream as the race may keep busy at once
+/// (`mass_query.per_upstream_max_inflight`, all workers together, so one
+/// worker may hold all of them), and never fewer than the client's default.
+/// With a smaller pool, every burst of answers closed the connections past
+/// it and the next burst opened new ones: a TCP handshake, a close and a
+/// TIME-WAIT socket for about one miss in ten under a c64 miss load
+/// (docs/benchmarks.md, "Where a miss's CPU goes").
+fn pool_options(config: &crate::config::Config) -> crate::http::client::PoolOptions {
+    let default = crate::http::client::PoolOptions::default();
+    crate::http::client::PoolOptions {
+        max_idle_per_origin: default
+            .max_idle_per_origin
+            .max(config.cache.per_upstream_max_inflight as usize),
+        ..default
+    }
+}
+
 impl WorkerCtx {
     pub fn new(index: usize, shared: Arc<SharedState>, driver: &'static str) -> WorkerCtx {
         let metrics = shared.metrics.workers[index].clone();
@@ -269,7 +287,7 @@ impl WorkerCtx {
             shared.resolver.clone(),
             shared.tls.clone(),
             timeouts,
-            Default::default(),
+            pool_options(&shared.config),
         )
         .with_pool_discards(metrics.pool_discards.clone());
         WorkerCtx {

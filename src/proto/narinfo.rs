@@ -345,15 +345,16 @@ impl NarInfo {
 ///
 /// Borrowed (no copy) when nothing changes, the usual case.
 pub fn relay_form<'a>(body: &'a [u8], url: Option<&str>) -> Cow<'a, [u8]> {
-    let mut lines = body.split(|&b| b == b'\n').peekable();
     let mut out: Option<Vec<u8>> = None;
     let mut at = 0usize; // bytes of `body` consumed so far
-    while let Some(line) = lines.next() {
-        let last = lines.peek().is_none();
-        let next_at = at + line.len() + usize::from(!last);
-        if last && line.is_empty() {
-            break; // the body ended with a newline
-        }
+                         // Runs on every race won (twice with a `URL:` rewrite): one scan for
+                         // each line's end, no iterator looking one line ahead.
+    while at < body.len() {
+        let rest = &body[at..];
+        let (line, next_at, last) = match rest.iter().position(|&b| b == b'\n') {
+            Some(end) => (&rest[..end], at + end + 1, false),
+            None => (rest, body.len(), true),
+        };
         let fix = line_fix(line, url);
         let needs_newline = last; // no final newline
         if fix.is_none() && !needs_newline && out.is_none() {
@@ -361,7 +362,7 @@ pub fn relay_form<'a>(body: &'a [u8], url: Option<&str>) -> Cow<'a, [u8]> {
             continue;
         }
         let buf = out.get_or_insert_with(|| {
-            let mut v = Vec::with_capacity(body.len() + 16);
+            let mut v = Vec::with_capacity(body.len() + 16 + url.map_or(0, str::len));
             v.extend_from_slice(&body[..at]);
             v
         });
@@ -415,11 +416,16 @@ fn line_fix<'u>(line: &[u8], url: Option<&'u str>) -> Option<LineFix<'u>> {
             return (!same).then_some(LineFix::Value(colon, url));
         }
     }
-    let known = std::str::from_utf8(name)
-        .ok()
-        .and_then(Key::from_name)
-        .is_some();
-    (!spaced && (known || value.is_empty())).then_some(LineFix::Space(colon))
+    if spaced {
+        return None; // the usual line: nothing to look up
+    }
+    let known = || {
+        std::str::from_utf8(name)
+            .ok()
+            .and_then(Key::from_name)
+            .is_some()
+    };
+    (value.is_empty() || known()).then_some(LineFix::Space(colon))
 }
 
 fn non_empty(value: &str) -> Option<String> {

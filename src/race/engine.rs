@@ -43,7 +43,25 @@ where
     if candidates.is_empty() {
         return Outcome::Unavailable { timed_out: false };
     }
-    let mut state = RaceState::new(tier_order(candidates), cfg);
+    let order = tier_order(candidates);
+    let n = order.len();
+    // The slots live in this future (which the caller has boxed once per
+    // miss) when there are few candidates, the usual case: no allocation
+    // of their own, and none through the allocator's slow aligned path
+    // (an attempt holds a monoio `Sleep`, aligned to 128 bytes).
+    let inline: Pin<&mut [Option<Fut>; INLINE_SLOTS]> = pin!(std::array::from_fn(|_| None));
+    let mut spilled: Option<Pin<Box<[Option<Fut>]>>> = None;
+    let slots: Pin<&mut [Option<Fut>]> = if n <= INLINE_SLOTS {
+        let all: Pin<&mut [Option<Fut>]> = inline;
+        // SAFETY: a prefix of a pinned slice is pinned too; nothing is
+        // moved out of it.
+        unsafe { all.map_unchecked_mut(|s| &mut s[..n]) }
+    } else {
+        spilled
+            .insert(Box::into_pin((0..n).map(|_| None).collect()))
+            .as_mut()
+    };
+    let mut state = RaceState::new(order, Slots { slots }, cfg);
     state.launch_next(&mut fetch, Instant::now());
     // One timer for the whole race, moved to the earliest pending deadline
     // or hedge point instead of allocating a sleep per event.
@@ -105,21 +123,20 @@ fn tier_order(candidates: &[Candidate]) -> Cow<'_, [Candidate]> {
     }
 }
 
+/// Races with at most this many candidates keep their attempts inside the
+/// race's own future; larger ones allocate the slot array.
+const INLINE_SLOTS: usize = 4;
+
 /// The race's attempts: one slot per candidate, by position in tier order,
-/// allocated once per race (not per tier or per attempt). A slot holds its
+/// set up once per race (not per tier or per attempt). A slot holds its
 /// attempt from launch until it answers or is abandoned; emptying a slot
-/// drops the attempt in place (which cancels it).
-struct Slots<Fut> {
-    slots: Pin<Box<[Option<Fut>]>>,
+/// drops the attempt in place (which cancels it). Attempts still in their
+/// slots when the race ends are dropped as `race` returns.
+struct Slots<'s, Fut> {
+    slots: Pin<&'s mut [Option<Fut>]>,
 }
 
-impl<Fut: Future> Slots<Fut> {
-    fn new(n: usize) -> Self {
-        Slots {
-            slots: Box::into_pin((0..n).map(|_| None).collect()),
-        }
-    }
-
+impl<Fut: Future> Slots<'_, Fut> {
     fn slot(&mut self, i: usize) -> Pin<&mut Option<Fut>> {
         // SAFETY: the slice is pinned and never reallocated or moved out
         // of; a slot's value is only replaced through `Pin::set`, which
@@ -211,7 +228,7 @@ impl Tally {
     }
 }
 
-struct RaceState<'c, Fut> {
+struct RaceState<'c, 's, Fut> {
     order: Cow<'c, [Candidate]>,
     tier_deadline: std::time::Duration,
     hedge_after: Option<super::Hedges>,
@@ -223,12 +240,12 @@ struct RaceState<'c, Fut> {
     /// Started tiers with attempts still in flight, oldest first.
     running: Vec<Running>,
     /// Every candidate's attempt, by position in `order`.
-    slots: Slots<Fut>,
+    slots: Slots<'s, Fut>,
     tally: Tally,
 }
 
-impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
-    fn new(order: Cow<'c, [Candidate]>, cfg: &RaceConfig) -> Self {
+impl<'c, 's, Fut: Future<Output = Attempt>> RaceState<'c, 's, Fut> {
+    fn new(order: Cow<'c, [Candidate]>, slots: Slots<'s, Fut>, cfg: &RaceConfig) -> Self {
         RaceState {
             tier_deadline: cfg.tier_deadline,
             hedge_after: cfg.hedge_after,
@@ -236,7 +253,7 @@ impl<'c, Fut: Future<Output = Attempt>> RaceState<'c, Fut> {
             next_start: 0,
             launched: 0,
             running: Vec::with_capacity(2),
-            slots: Slots::new(order.len()),
+            slots,
             order,
             tally: Tally::default(),
         }

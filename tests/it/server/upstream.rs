@@ -33,6 +33,49 @@ fn sequential_misses_reuse_upstream_connections() {
 }
 
 #[test]
+fn concurrent_misses_keep_their_upstream_connections() {
+    // Three rounds of 20 misses at once on one worker, each held 150 ms by
+    // the upstream, so each round has many requests in flight together.
+    // ncro never needs more connections than requests in flight (20), as
+    // long as every connection that answered goes back to the pool; a pool
+    // smaller than the race's in-flight limit closed the ones past it after
+    // each round and opened new ones for the next.
+    const AT_ONCE: usize = 20;
+    let key = TestKey::generate("pool-2");
+    let paths: Vec<TestPath> = (0..3 * AT_ONCE)
+        .map(|i| TestPath::new(&format!("c{i}")))
+        .collect();
+    let up = paths
+        .iter()
+        .fold(FakeUpstream::builder(), |f, p| f.path(p, &key))
+        .latency(Duration::from_millis(150))
+        .start();
+    let n = start(&[(&up.url(), &key.public_key())], "[server]\nworkers = 1\n");
+    let addr = n.addr();
+    for round in paths.chunks(AT_ONCE) {
+        std::thread::scope(|s| {
+            let asks: Vec<_> = round
+                .iter()
+                .map(|p| s.spawn(move || http_get(addr, &p.narinfo_request_path())))
+                .collect();
+            for (ask, p) in asks.into_iter().zip(round) {
+                let r = ask.join().unwrap().expect("narinfo through ncro");
+                assert_eq!(r.status, 200, "{}", p.hash);
+            }
+        });
+    }
+    for p in &paths {
+        assert_eq!(up.request_count(&p.narinfo_request_path()), 1, "{}", p.hash);
+    }
+    let conns = up.connections();
+    assert!(
+        conns <= AT_ONCE,
+        "{} misses, at most {AT_ONCE} at once, opened {conns} upstream connections",
+        paths.len()
+    );
+}
+
+#[test]
 fn stale_pooled_connection_is_replaced_transparently() {
     let key = TestKey::generate("stale-1");
     let (a, b, c) = (TestPath::new("a"), TestPath::new("b"), TestPath::new("c"));
