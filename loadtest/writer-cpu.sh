@@ -74,7 +74,7 @@ for r in $(seq "$ROUNDS"); do
     sleep 0.5
     c0=$(writer_ns "$NCRO_PID"); n0=$(rows)
     if [ "${PERF:-0}" = 1 ]; then
-      perf record -q -t "$(writer_tid "$NCRO_PID")" -o "$RUN/perf-$t-$r.data" 2>/dev/null &
+      perf record -q ${PERF_ARGS:-} -t "$(writer_tid "$NCRO_PID")" -o "$RUN/perf-$t-$r.data" 2>/dev/null &
       PERF_PID=$!
     fi
     lt_wrk "$t-r$r" "http://127.0.0.1:$NCPORT" "$L" "$CONNS" "$DUR" "$NCRO_PID" "$UPPIDS" >/dev/null

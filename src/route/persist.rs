@@ -21,11 +21,14 @@
 //! - `db`: the schema, opening the file, loading it back, and the SQL of
 //!   each write;
 //! - `migrate`: the one-time import of an older file's `routes` table;
+//! - `stmt`: a prepared statement that binds without copying (the route
+//!   INSERTs);
 //! - `writer`: the writer thread, its queue and statistics, and the writes
 //!   held back while the database fails.
 
 mod db;
 mod migrate;
+mod stmt;
 #[cfg(test)]
 mod tests;
 mod writer;

@@ -21,13 +21,14 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::migrate::{self, PAGE_SIZE};
+use super::stmt::{StaticStmt, Val};
 use super::{unix_now, HealthRow, PersistError, RowIds, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache of the writer's connection (see [`Db::tune_for_writes`]).
-pub(super) const WRITER_CACHE_KIB: u32 = 32 * 1024;
+pub(super) const WRITER_CACHE_KIB: u32 = 8 * 1024;
 /// WAL bytes after which a commit checkpoints (SQLite's default: 1,000
 /// pages, 4 MB with 4 KiB pages).
 pub(super) const WAL_CHECKPOINT_BYTES: u32 = 40 << 20;
@@ -62,6 +63,10 @@ pub struct StoredRoute<'a> {
 
 /// An open database. Move it to the writer with [`spawn_writer`](super::spawn_writer).
 pub struct Db {
+    /// The two route INSERTs, prepared at the first route written. Declared
+    /// before `conn`: fields drop in order, so they are finalized before
+    /// the connection closes (the contract of [`StaticStmt::prepare`]).
+    inserts: Option<RouteInserts>,
     pub(super) conn: Connection,
     pub(super) path: String,
     /// Exact row count of `route_log`, kept in step with every statement so
@@ -139,6 +144,7 @@ impl Db {
             })?;
         }
         let mut db = Db {
+            inserts: None,
             conn: Connection::open(path).map_err(|e| open_err(path, &dir, "open", e))?,
             path: path.to_owned(),
             route_count: 0,
@@ -215,9 +221,15 @@ impl Db {
     /// (after the startup load, which reads every row once and has no use
     /// for a big cache).
     ///
-    /// New routes are appended, but negative entries (keyed by store path)
-    /// and the rows deleted by id land on random pages: a cache of 32 MB
-    /// saves reading those back from the OS, and checkpointing every ~40 MB
+    /// The cache holds 8 MiB of pages (SQLite's default: 2 MB): more than
+    /// the pages a batch of 4,096 routes dirties (~5 MB), so that a batch
+    /// never spills pages to the WAL before its commit. Not more: new routes
+    /// are appended to pages the writer never reads again, and the rows
+    /// deleted by id land on random pages of a file of up to ~1 GB, which
+    /// a cache of 32 MiB missed almost as often as one of 8 (the OS page
+    /// cache holds them either way), while growing to 32 MiB (a `malloc`
+    /// and page faults per new page) cost ~17 % of the writer's CPU for
+    /// the first ~25,000 routes after a start. Checkpointing every ~40 MB
     /// of WAL instead of every 4 MB lets a page touched by several batches
     /// be copied into the database file once. Measured in
     /// docs/benchmarks.md ("Route writer CPU per route written").
@@ -374,7 +386,7 @@ impl Db {
                 tx: &tx,
                 negatives: &mut self.negatives,
                 cleared: &mut cleared,
-                insert: None,
+                inserts: &mut self.inserts,
             };
             for op in ops {
                 delta += b.apply(op)?;
@@ -523,14 +535,20 @@ const INSERT_LOG: &str = "INSERT INTO route_log (id, hash, upstream, nar_url, ex
 const INSERT_BODY: &str = "INSERT OR REPLACE INTO route_body (id, latency_ms, nar_hash, \
     nar_size, narinfo) VALUES (?1, ?2, ?3, ?4, ?5)";
 
+/// The route INSERTs of the writer's connection, prepared once. They bind
+/// the narinfo and the strings without copying them (`stmt`).
+struct RouteInserts {
+    log: StaticStmt,
+    body: StaticStmt,
+}
+
 /// One batch's transaction and what it keeps between ops.
 struct Batch<'t> {
     tx: &'t rusqlite::Transaction<'t>,
     negatives: &'t mut HashSet<StoreHash>,
     cleared: &'t mut Vec<StoreHash>,
-    /// The two route INSERTs, looked up in the statement cache once per
-    /// batch rather than once per route (hashing the SQL text each time).
-    insert: Option<(rusqlite::CachedStatement<'t>, rusqlite::CachedStatement<'t>)>,
+    /// The connection's two route INSERTs ([`Db::inserts`]).
+    inserts: &'t mut Option<RouteInserts>,
 }
 
 impl Batch<'_> {
@@ -588,28 +606,32 @@ impl Batch<'_> {
             Some(old) if old != ids.id => delete_route(self.tx, Some(old))?,
             _ => 0,
         };
-        let (log, body) = match &mut self.insert {
+        let RouteInserts { log, body } = match self.inserts {
             Some(s) => s,
-            None => self.insert.insert((
-                self.tx.prepare_cached(INSERT_LOG)?,
-                self.tx.prepare_cached(INSERT_BODY)?,
-            )),
+            // SAFETY: kept in `Db::inserts`, dropped before `Db::conn`, the
+            // connection under `tx`.
+            None => self.inserts.insert(unsafe {
+                RouteInserts {
+                    log: StaticStmt::prepare(self.tx, INSERT_LOG)?,
+                    body: StaticStmt::prepare(self.tx, INSERT_BODY)?,
+                }
+            }),
         };
-        let inserted = log.execute(params![
-            id,
-            hash.as_str(),
-            &*e.upstream,
-            &*e.nar_url,
-            to_i64(e.expires_at),
-            to_i64(e.verified_at),
+        let inserted = log.execute(&[
+            Val::Int(id),
+            Val::Text(hash.as_str()),
+            Val::Text(&e.upstream),
+            Val::Text(&e.nar_url),
+            Val::Int(to_i64(e.expires_at)),
+            Val::Int(to_i64(e.verified_at)),
         ])?;
         if inserted == 1 {
-            body.execute(params![
-                id,
-                f64::from(e.latency_ms),
-                &*e.nar_hash,
-                to_i64(e.nar_size),
-                &e.narinfo[..],
+            body.execute(&[
+                Val::Int(id),
+                Val::Real(f64::from(e.latency_ms)),
+                Val::Text(&e.nar_hash),
+                Val::Int(to_i64(e.nar_size)),
+                Val::Blob(&e.narinfo),
             ])?;
             delta += 1;
         }
