@@ -15,7 +15,9 @@
 # Usage: loadtest/writer-cpu.sh BIN_A BIN_B [ROUNDS] [DURATION]   (3, 4s)
 # Env: MISS_PATHS (50000), CONNS (64), CACHES, BASEPORT (18880), SETTLE (1),
 #      PERF=1 (perf record of the writer thread during each run, into the
-#      run folder: perf-BIN-ROUND.data).
+#      run folder: perf-BIN-ROUND.data; PERF_ARGS adds options to it, e.g.
+#      "--call-graph dwarf,16384"; the sampling costs the thread CPU too,
+#      so compare µs/route only between runs without PERF).
 set -euo pipefail
 export LT_PIN=0 WRK_THREADS=${WRK_THREADS:-2}
 . "$(dirname "$0")/lib.sh"

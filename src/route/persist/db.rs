@@ -22,7 +22,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::migrate::{self, PAGE_SIZE};
 use super::stmt::{StaticStmt, Val};
-use super::{unix_now, HealthRow, PersistError, RowIds, WriteOp};
+use super::{unix_now, HealthRow, PersistError, RouteRow, RowIds, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
@@ -598,7 +598,7 @@ impl Batch<'_> {
     fn append_route(
         &mut self,
         hash: &StoreHash,
-        e: &RouteEntry,
+        e: &RouteRow,
         ids: RowIds,
     ) -> rusqlite::Result<i64> {
         let id = to_i64(ids.id);
@@ -621,7 +621,7 @@ impl Batch<'_> {
             Val::Int(id),
             Val::Text(hash.as_str()),
             Val::Text(&e.upstream),
-            Val::Text(&e.nar_url),
+            Val::Text(e.nar_url()),
             Val::Int(to_i64(e.expires_at)),
             Val::Int(to_i64(e.verified_at)),
         ])?;
@@ -629,9 +629,9 @@ impl Batch<'_> {
             body.execute(&[
                 Val::Int(id),
                 Val::Real(f64::from(e.latency_ms)),
-                Val::Text(&e.nar_hash),
+                Val::Text(e.nar_hash()),
                 Val::Int(to_i64(e.nar_size)),
-                Val::Blob(&e.narinfo),
+                Val::Blob(e.narinfo()),
             ])?;
             delta += 1;
         }

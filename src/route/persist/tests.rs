@@ -49,7 +49,7 @@ fn route(h: StoreHash, e: Arc<RouteEntry>) -> WriteOp {
             replaces: rows.insert(h, id),
         }
     });
-    WriteOp::Route(h, e, ids)
+    WriteOp::Route(h, RouteRow::of(&e), ids)
 }
 
 /// The row of `h`'s current route, forgotten (a negative entry or a
