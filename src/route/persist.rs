@@ -26,6 +26,7 @@
 //! - `writer`: the writer thread, its queue and statistics, and the writes
 //!   held back while the database fails.
 
+mod batch;
 mod db;
 mod migrate;
 mod stmt;

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row};
 
+use super::batch::{to_i64, Batch, RouteInserts};
 use super::migrate::{self, PAGE_SIZE};
-use super::stmt::{StaticStmt, Val};
-use super::{unix_now, HealthRow, PersistError, RouteRow, RowIds, WriteOp};
+use super::{unix_now, HealthRow, PersistError, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
@@ -377,8 +377,7 @@ impl Db {
     /// when the commit succeeds.
     pub(super) fn write_batch(&mut self, ops: &[WriteOp]) -> rusqlite::Result<u64> {
         let tx = self.conn.transaction()?;
-        let mut delta: i64 = 0;
-        let mut rows = 0;
+        let (delta, rows);
         // Negative rows deleted by this batch: forgotten only once it commits.
         let mut cleared = Vec::new();
         {
@@ -388,10 +387,7 @@ impl Db {
                 cleared: &mut cleared,
                 inserts: &mut self.inserts,
             };
-            for op in ops {
-                delta += b.apply(op)?;
-                rows += u64::from(!matches!(op, WriteOp::Flush(_) | WriteOp::Shutdown));
-            }
+            (delta, rows) = b.run(ops)?;
         }
         tx.commit()?;
         for h in cleared {
@@ -523,141 +519,4 @@ fn decode_route(
         latency_ms: real(row, 2)? as f32,
     };
     Some((hash, Arc::new(entry)))
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-const INSERT_LOG: &str = "INSERT INTO route_log (id, hash, upstream, nar_url, expires_at, \
-    verified_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING";
-
-const INSERT_BODY: &str = "INSERT OR REPLACE INTO route_body (id, latency_ms, nar_hash, \
-    nar_size, narinfo) VALUES (?1, ?2, ?3, ?4, ?5)";
-
-/// The route INSERTs of the writer's connection, prepared once. They bind
-/// the narinfo and the strings without copying them (`stmt`).
-struct RouteInserts {
-    log: StaticStmt,
-    body: StaticStmt,
-}
-
-/// One batch's transaction and what it keeps between ops.
-struct Batch<'t> {
-    tx: &'t rusqlite::Transaction<'t>,
-    negatives: &'t mut HashSet<StoreHash>,
-    cleared: &'t mut Vec<StoreHash>,
-    /// The connection's two route INSERTs ([`Db::inserts`]).
-    inserts: &'t mut Option<RouteInserts>,
-}
-
-impl Batch<'_> {
-    /// Runs one op; returns the change in the number of `route_log` rows.
-    fn apply(&mut self, op: &WriteOp) -> rusqlite::Result<i64> {
-        let tx = self.tx;
-        match op {
-            WriteOp::Route(hash, e, ids) => self.append_route(hash, e, *ids),
-            WriteOp::Negative(hash, expires_at, replaces) => {
-                tx.prepare_cached(
-                    "INSERT INTO negative_cache (store_path, expires_at) VALUES (?1, ?2) \
-                     ON CONFLICT(store_path) DO UPDATE SET expires_at = excluded.expires_at",
-                )?
-                .execute(params![hash.as_str(), to_i64(*expires_at)])?;
-                // At once, even if the batch fails: a superset is harmless.
-                self.negatives.insert(*hash);
-                // One state per hash: the route it replaces goes.
-                delete_route(tx, *replaces)
-            }
-            WriteOp::Health(h) => {
-                tx.prepare_cached(
-                    "INSERT INTO upstream_health (url, ema_latency, consecutive_fails, \
-                     total_queries) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(url) DO UPDATE SET \
-                     ema_latency = excluded.ema_latency, \
-                     consecutive_fails = excluded.consecutive_fails, \
-                     total_queries = excluded.total_queries",
-                )?
-                .execute(params![
-                    h.url,
-                    h.ema_latency,
-                    h.consecutive_fails,
-                    to_i64(h.total_queries)
-                ])?;
-                Ok(0)
-            }
-            WriteOp::Remove(hash, id) => {
-                self.delete_negative(hash)?;
-                delete_route(tx, *id)
-            }
-            WriteOp::Flush(_) | WriteOp::Shutdown => Ok(0),
-        }
-    }
-
-    /// Appends the route under its row id (both tables) and deletes the
-    /// row it replaces. A row id already present (a write retried after it
-    /// committed) is left as it is.
-    fn append_route(
-        &mut self,
-        hash: &StoreHash,
-        e: &RouteRow,
-        ids: RowIds,
-    ) -> rusqlite::Result<i64> {
-        let id = to_i64(ids.id);
-        let mut delta = match ids.replaces {
-            Some(old) if old != ids.id => delete_route(self.tx, Some(old))?,
-            _ => 0,
-        };
-        let RouteInserts { log, body } = match self.inserts {
-            Some(s) => s,
-            // SAFETY: kept in `Db::inserts`, dropped before `Db::conn`, the
-            // connection under `tx`.
-            None => self.inserts.insert(unsafe {
-                RouteInserts {
-                    log: StaticStmt::prepare(self.tx, INSERT_LOG)?,
-                    body: StaticStmt::prepare(self.tx, INSERT_BODY)?,
-                }
-            }),
-        };
-        let inserted = log.execute(&[
-            Val::Int(id),
-            Val::Text(hash.as_str()),
-            Val::Text(&e.upstream),
-            Val::Text(e.nar_url()),
-            Val::Int(to_i64(e.expires_at)),
-            Val::Int(to_i64(e.verified_at)),
-        ])?;
-        if inserted == 1 {
-            body.execute(&[
-                Val::Int(id),
-                Val::Real(f64::from(e.latency_ms)),
-                Val::Text(e.nar_hash()),
-                Val::Int(to_i64(e.nar_size)),
-                Val::Blob(e.narinfo()),
-            ])?;
-            delta += 1;
-        }
-        self.delete_negative(hash)?;
-        Ok(delta)
-    }
-
-    fn delete_negative(&mut self, hash: &StoreHash) -> rusqlite::Result<()> {
-        if self.negatives.contains(hash) {
-            self.tx
-                .prepare_cached("DELETE FROM negative_cache WHERE store_path = ?1")?
-                .execute([hash.as_str()])?;
-            self.cleared.push(*hash);
-        }
-        Ok(())
-    }
-}
-
-/// Deletes route row `id` (when there is one) from both tables.
-fn delete_route(tx: &rusqlite::Transaction<'_>, id: Option<u64>) -> rusqlite::Result<i64> {
-    let Some(id) = id else { return Ok(0) };
-    let id = to_i64(id);
-    let n = tx
-        .prepare_cached("DELETE FROM route_log WHERE id = ?1")?
-        .execute([id])?;
-    tx.prepare_cached("DELETE FROM route_body WHERE id = ?1")?
-        .execute([id])?;
-    Ok(-(n as i64))
 }
