@@ -18,8 +18,10 @@
 //! docs/operations.md ("Crash safety") states the promise to operators and
 //! `tests/it/crash.rs` checks it through the real binary.
 //!
-//! - `db`: the schema, opening the file, loading it back, and the SQL of
-//!   each write;
+//! - `db`: the schema, opening the file, loading it back, and the
+//!   transaction of a write batch;
+//! - `batch`: the SQL of each write in a batch (new routes many to a
+//!   statement);
 //! - `migrate`: the one-time import of an older file's `routes` table;
 //! - `stmt`: a prepared statement that binds without copying (the route
 //!   INSERTs);

@@ -1,11 +1,11 @@
 //! The route database itself: schema, opening and migrating the file,
-//! reading it back, and the SQL of each write. Only `writer`'s thread
-//! writes through it.
+//! reading it back, and the transaction of each write batch (its SQL is in
+//! `batch`). Only `writer`'s thread writes through it.
 //!
 //! Routes are an append-only log keyed by a row id that the route table
-//! allocates ([`RowIds`]): `route_log` holds the routing columns (what the
-//! startup load reads), `route_body` the narinfo and the rest, under the
-//! same id. Neither has an index on the store hash: a new route appends a
+//! allocates ([`RowIds`](super::RowIds)): `route_log` holds the routing
+//! columns (what the startup load reads), `route_body` the narinfo and the
+//! rest, under the same id. Neither has an index on the store hash: a new route appends a
 //! row to each table (no random B-tree page per route, which is what made
 //! ncro 2.2's `routes` table cost ~30 µs of writer CPU per route with
 //! random store hashes); a route that replaces or removes another names the
@@ -63,9 +63,9 @@ pub struct StoredRoute<'a> {
 
 /// An open database. Move it to the writer with [`spawn_writer`](super::spawn_writer).
 pub struct Db {
-    /// The two route INSERTs, prepared at the first route written. Declared
+    /// The route INSERTs, prepared at the first route written. Declared
     /// before `conn`: fields drop in order, so they are finalized before
-    /// the connection closes (the contract of [`StaticStmt::prepare`]).
+    /// the connection closes (the contract of `StaticStmt::prepare`).
     inserts: Option<RouteInserts>,
     pub(super) conn: Connection,
     pub(super) path: String,
