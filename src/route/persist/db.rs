@@ -5,10 +5,10 @@
 //! Routes are an append-only log keyed by a row id that the route table
 //! allocates ([`RowIds`](super::RowIds)): `route_log` holds the routing
 //! columns (what the startup load reads), `route_body` the narinfo and the
-//! rest, under the same id. Neither has an index on the store hash: a new route appends a
-//! row to each table (no random B-tree page per route, which is what made
-//! ncro 2.2's `routes` table cost ~30 µs of writer CPU per route with
-//! random store hashes); a route that replaces or removes another names the
+//! rest, under the same id. Neither has an index on the store hash: a new
+//! route appends a row to each table (no random B-tree page per route,
+//! which is what made ncro 2.2's `routes` table cost ~30 µs of writer CPU
+//! per route with random store hashes); a route that replaces or removes another names the
 //! old row, deleted by id. The newest row of a hash wins at the load.
 
 use std::collections::HashSet;
