@@ -8,8 +8,9 @@
 //! rest, under the same id. Neither has an index on the store hash: a new
 //! route appends a row to each table (no random B-tree page per route,
 //! which is what made ncro 2.2's `routes` table cost ~30 µs of writer CPU
-//! per route with random store hashes); a route that replaces or removes another names the
-//! old row, deleted by id. The newest row of a hash wins at the load.
+//! per route with random store hashes); a route that replaces or removes
+//! another names the old row, deleted by id. The newest row of a hash wins
+//! at the load.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
