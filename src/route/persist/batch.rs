@@ -58,7 +58,10 @@ pub(super) struct Batch<'t> {
 /// A route that replaces no row: consecutive ones are written [`MANY`] at
 /// a time.
 fn is_new_route(op: &WriteOp) -> bool {
-    matches!(op, WriteOp::Route(_, _, ids) if ids.replaces.is_none() || ids.replaces == Some(ids.id))
+    match op {
+        WriteOp::Route(_, _, ids) => ids.replaces.is_none() || ids.replaces == Some(ids.id),
+        _ => false,
+    }
 }
 
 impl Batch<'_> {

@@ -82,9 +82,10 @@ impl StaticStmt {
     pub(super) fn execute(&mut self, values: &[Val<'_>]) -> rusqlite::Result<usize> {
         let stmt = self.stmt.as_ptr();
         // SAFETY: `stmt` is a live statement of the open connection `db`
-        // (see `prepare`), used by this thread only (`&mut self`). `SQLITE_STATIC` tells SQLite that each text and blob
-        // outlives its use: it reads them during `sqlite3_step` (copying
-        // them into the record it writes) and not after a rebind or
+        // (see `prepare`), used by this thread only (`&mut self`).
+        // `SQLITE_STATIC` tells SQLite that each text and blob outlives its
+        // use: it reads them during `sqlite3_step` (copying them into the
+        // record it writes) and not after a rebind or
         // `sqlite3_clear_bindings`. Every value is borrowed for this whole
         // call, and `finish` clears the bindings before the call returns,
         // on every path (error ones included), so no pointer to them is
