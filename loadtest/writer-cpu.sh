@@ -15,7 +15,9 @@
 # Usage: loadtest/writer-cpu.sh BIN_A BIN_B [ROUNDS] [DURATION]   (3, 4s)
 # Env: MISS_PATHS (50000), CONNS (64), CACHES, BASEPORT (18880), SETTLE (1),
 #      PERF=1 (perf record of the writer thread during each run, into the
-#      run folder: perf-BIN-ROUND.data).
+#      run folder: perf-BIN-ROUND.data; PERF_ARGS adds options to it, e.g.
+#      "--call-graph dwarf,16384"; the sampling costs the thread CPU too,
+#      so compare µs/route only between runs without PERF).
 set -euo pipefail
 export LT_PIN=0 WRK_THREADS=${WRK_THREADS:-2}
 . "$(dirname "$0")/lib.sh"
@@ -74,7 +76,7 @@ for r in $(seq "$ROUNDS"); do
     sleep 0.5
     c0=$(writer_ns "$NCRO_PID"); n0=$(rows)
     if [ "${PERF:-0}" = 1 ]; then
-      perf record -q -t "$(writer_tid "$NCRO_PID")" -o "$RUN/perf-$t-$r.data" 2>/dev/null &
+      perf record -q ${PERF_ARGS:-} -t "$(writer_tid "$NCRO_PID")" -o "$RUN/perf-$t-$r.data" 2>/dev/null &
       PERF_PID=$!
     fi
     lt_wrk "$t-r$r" "http://127.0.0.1:$NCPORT" "$L" "$CONNS" "$DUR" "$NCRO_PID" "$UPPIDS" >/dev/null

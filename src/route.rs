@@ -54,7 +54,7 @@ use crate::proto::store_path::StoreHash;
 use key::RouteKey;
 use nar_index::{nar_index, NarClaim, NarClaimStats, NarKey, NarSlot};
 pub use nar_index::{NarSource, NarUrlRule};
-use persist::{Db, PersistError, RowIds, StoredRoute, WriteOp, WriterHandle};
+use persist::{Db, PersistError, RouteRow, RowIds, StoredRoute, WriteOp, WriterHandle};
 use reader::BodyReader;
 
 /// Memory for narinfo bodies when the configuration does not say.
@@ -442,7 +442,10 @@ impl RouteTable {
         };
         self.put(key, slot, entry.nar_key(), crate::rt::unix_now());
         if let Some(w) = &self.writer {
-            self.enqueue(w, WriteOp::Route(hash, entry, RowIds { id, replaces }));
+            // One allocation for the writer to free, not the entry's five
+            // (`RouteRow`); the entry is freed here, where it was made.
+            let row = RouteRow::of(&entry);
+            self.enqueue(w, WriteOp::Route(hash, row, RowIds { id, replaces }));
         }
         narinfo
     }

@@ -284,7 +284,7 @@ fn writes_are_queued_and_a_full_queue_drops_without_blocking() {
     let ops: Vec<_> = rx.drain().collect();
     assert!(
         matches!(&ops[0], WriteOp::Route(h, e, RowIds { id: 1, replaces: None })
-        if *h == hash(1) && &*e.nar_url == "nar/x")
+        if *h == hash(1) && e.nar_url() == "nar/x")
     );
     assert!(matches!(ops[1], WriteOp::Negative(h, 100, None) if h == hash(2)));
     assert_eq!(table(1, None).dropped_writes(), 0);
@@ -348,7 +348,7 @@ fn database(dir: &tempfile::TempDir, ops: Vec<WriteOp>) -> String {
 
 /// A route write under row `id`, replacing nothing.
 fn logged(id: u64, h: StoreHash, e: Arc<RouteEntry>) -> WriteOp {
-    WriteOp::Route(h, e, RowIds { id, replaces: None })
+    WriteOp::Route(h, RouteRow::of(&e), RowIds { id, replaces: None })
 }
 
 fn stored(upstream: &str, nar: &str, verified_at: u64) -> Arc<RouteEntry> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ncro::proto::store_path::{StoreHash, NIX_BASE32_ALPHABET};
 use ncro::route::persist::{
-    open, open_and_load, spawn_writer, unix_now, RowIds, WriteOp, WriterConfig,
+    open, open_and_load, spawn_writer, unix_now, RouteRow, RowIds, WriteOp, WriterConfig,
 };
 use ncro::route::{RouteEntry, RouteTable};
 
@@ -326,7 +326,7 @@ fn thread_cpu_ns(name: &str) -> u64 {
 fn new_route(h: StoreHash, e: Arc<RouteEntry>, i: u64) -> WriteOp {
     WriteOp::Route(
         h,
-        e,
+        RouteRow::of(&e),
         RowIds {
             id: i + 1,
             replaces: None,
@@ -410,6 +410,68 @@ fn measure_writer_cpu_per_route() {
         cpu as f64 / 1e3 / n as f64,
         n as f64 / batches as f64,
     );
+}
+
+/// What the route table's thread pays to queue a route as a [`RouteRow`]
+/// (one allocation, the narinfo and two strings copied, then its
+/// `RouteEntry` freed there) instead of handing the `Arc<RouteEntry>` to
+/// the writer, which then freed it: the CPU that change moves onto the
+/// workers. One thread builds NCRO_ROW_ROUTES
+/// (50,000) entries as the race engine does (600-byte narinfos), each
+/// queued at once as the route table does (`a`: the `Arc` moved into a
+/// vector; `b`: a `RouteRow` built, the entry dropped), alternating `a`
+/// and `b` in rounds of 1,000; its CPU time per route, of each.
+#[test]
+#[ignore = "measurement: run alone in release"]
+fn measure_route_row_cost_on_the_worker() {
+    let n = std::env::var("NCRO_ROW_ROUTES").map_or(50_000, |v| v.parse().unwrap());
+    let up: Arc<str> = Arc::from("https://c0");
+    let t = std::thread::spawn(move || {
+        let (mut arcs, mut rows) = (Vec::with_capacity(1000), Vec::with_capacity(1000));
+        let (mut a, mut b) = (0u64, 0u64);
+        for round in 0..n / 1000 {
+            for pass in 0..2 {
+                let c0 = own_cpu_ns();
+                for i in 0..1000u64 {
+                    let e = Arc::new(entry(round * 1000 + i, &up, 600));
+                    if pass == 0 {
+                        arcs.push(e);
+                    } else {
+                        rows.push(RouteRow::of(&e));
+                    }
+                }
+                let spent = own_cpu_ns() - c0;
+                *if pass == 0 { &mut a } else { &mut b } += spent;
+                // Freed outside the measured loops (the writer's work).
+                std::hint::black_box((&arcs, &rows));
+                arcs.clear();
+                rows.clear();
+            }
+        }
+        (a, b)
+    });
+    let (a, b) = t.join().unwrap();
+    let per = |ns: u64| ns as f64 / n as f64;
+    println!(
+        "{n} routes: build + queue the Arc {:.0} ns/route, build + RouteRow + free the entry \
+         {:.0} ns/route: {:.0} ns/route more on the worker",
+        per(a),
+        per(b),
+        per(b) - per(a)
+    );
+}
+
+/// CPU time of the calling thread, exact to the call (`schedstat` of a
+/// running thread lags by up to a scheduler tick).
+fn own_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// ncro 2.2's `routes` table as it left it (its migration added

@@ -1,15 +1,16 @@
 //! The route database itself: schema, opening and migrating the file,
-//! reading it back, and the SQL of each write. Only `writer`'s thread
-//! writes through it.
+//! reading it back, and the transaction of each write batch (its SQL is in
+//! `batch`). Only `writer`'s thread writes through it.
 //!
 //! Routes are an append-only log keyed by a row id that the route table
-//! allocates ([`RowIds`]): `route_log` holds the routing columns (what the
-//! startup load reads), `route_body` the narinfo and the rest, under the
-//! same id. Neither has an index on the store hash: a new route appends a
-//! row to each table (no random B-tree page per route, which is what made
-//! ncro 2.2's `routes` table cost ~30 µs of writer CPU per route with
-//! random store hashes); a route that replaces or removes another names the
-//! old row, deleted by id. The newest row of a hash wins at the load.
+//! allocates ([`RowIds`](super::RowIds)): `route_log` holds the routing
+//! columns (what the startup load reads), `route_body` the narinfo and the
+//! rest, under the same id. Neither has an index on the store hash: a new
+//! route appends a row to each table (no random B-tree page per route,
+//! which is what made ncro 2.2's `routes` table cost ~30 µs of writer CPU
+//! per route with random store hashes); a route that replaces or removes
+//! another names the old row, deleted by id. The newest row of a hash wins
+//! at the load.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -18,16 +19,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row};
 
+use super::batch::{to_i64, Batch, RouteInserts};
 use super::migrate::{self, PAGE_SIZE};
-use super::{unix_now, HealthRow, PersistError, RowIds, WriteOp};
+use super::{unix_now, HealthRow, PersistError, WriteOp};
 use crate::proto::store_path::StoreHash;
 use crate::route::RouteEntry;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache of the writer's connection (see [`Db::tune_for_writes`]).
-pub(super) const WRITER_CACHE_KIB: u32 = 32 * 1024;
+pub(super) const WRITER_CACHE_KIB: u32 = 8 * 1024;
 /// WAL bytes after which a commit checkpoints (SQLite's default: 1,000
 /// pages, 4 MB with 4 KiB pages).
 pub(super) const WAL_CHECKPOINT_BYTES: u32 = 40 << 20;
@@ -62,6 +64,10 @@ pub struct StoredRoute<'a> {
 
 /// An open database. Move it to the writer with [`spawn_writer`](super::spawn_writer).
 pub struct Db {
+    /// The route INSERTs, prepared at the first route written. Declared
+    /// before `conn`: fields drop in order, so they are finalized before
+    /// the connection closes (the contract of `StaticStmt::prepare`).
+    inserts: Option<RouteInserts>,
     pub(super) conn: Connection,
     pub(super) path: String,
     /// Exact row count of `route_log`, kept in step with every statement so
@@ -139,6 +145,7 @@ impl Db {
             })?;
         }
         let mut db = Db {
+            inserts: None,
             conn: Connection::open(path).map_err(|e| open_err(path, &dir, "open", e))?,
             path: path.to_owned(),
             route_count: 0,
@@ -215,9 +222,15 @@ impl Db {
     /// (after the startup load, which reads every row once and has no use
     /// for a big cache).
     ///
-    /// New routes are appended, but negative entries (keyed by store path)
-    /// and the rows deleted by id land on random pages: a cache of 32 MB
-    /// saves reading those back from the OS, and checkpointing every ~40 MB
+    /// The cache holds 8 MiB of pages (SQLite's default: 2 MB): more than
+    /// the pages a batch of 4,096 routes dirties (~5 MB), so that a batch
+    /// never spills pages to the WAL before its commit. Not more: new routes
+    /// are appended to pages the writer never reads again, and the rows
+    /// deleted by id land on random pages of a file of up to ~1 GB, which
+    /// a cache of 32 MiB missed almost as often as one of 8 (the OS page
+    /// cache holds them either way), while growing to 32 MiB (a `malloc`
+    /// and page faults per new page) cost ~17 % of the writer's CPU for
+    /// the first ~25,000 routes after a start. Checkpointing every ~40 MB
     /// of WAL instead of every 4 MB lets a page touched by several batches
     /// be copied into the database file once. Measured in
     /// docs/benchmarks.md ("Route writer CPU per route written").
@@ -365,8 +378,7 @@ impl Db {
     /// when the commit succeeds.
     pub(super) fn write_batch(&mut self, ops: &[WriteOp]) -> rusqlite::Result<u64> {
         let tx = self.conn.transaction()?;
-        let mut delta: i64 = 0;
-        let mut rows = 0;
+        let (delta, rows);
         // Negative rows deleted by this batch: forgotten only once it commits.
         let mut cleared = Vec::new();
         {
@@ -374,12 +386,9 @@ impl Db {
                 tx: &tx,
                 negatives: &mut self.negatives,
                 cleared: &mut cleared,
-                insert: None,
+                inserts: &mut self.inserts,
             };
-            for op in ops {
-                delta += b.apply(op)?;
-                rows += u64::from(!matches!(op, WriteOp::Flush(_) | WriteOp::Shutdown));
-            }
+            (delta, rows) = b.run(ops)?;
         }
         tx.commit()?;
         for h in cleared {
@@ -511,131 +520,4 @@ fn decode_route(
         latency_ms: real(row, 2)? as f32,
     };
     Some((hash, Arc::new(entry)))
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-const INSERT_LOG: &str = "INSERT INTO route_log (id, hash, upstream, nar_url, expires_at, \
-    verified_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING";
-
-const INSERT_BODY: &str = "INSERT OR REPLACE INTO route_body (id, latency_ms, nar_hash, \
-    nar_size, narinfo) VALUES (?1, ?2, ?3, ?4, ?5)";
-
-/// One batch's transaction and what it keeps between ops.
-struct Batch<'t> {
-    tx: &'t rusqlite::Transaction<'t>,
-    negatives: &'t mut HashSet<StoreHash>,
-    cleared: &'t mut Vec<StoreHash>,
-    /// The two route INSERTs, looked up in the statement cache once per
-    /// batch rather than once per route (hashing the SQL text each time).
-    insert: Option<(rusqlite::CachedStatement<'t>, rusqlite::CachedStatement<'t>)>,
-}
-
-impl Batch<'_> {
-    /// Runs one op; returns the change in the number of `route_log` rows.
-    fn apply(&mut self, op: &WriteOp) -> rusqlite::Result<i64> {
-        let tx = self.tx;
-        match op {
-            WriteOp::Route(hash, e, ids) => self.append_route(hash, e, *ids),
-            WriteOp::Negative(hash, expires_at, replaces) => {
-                tx.prepare_cached(
-                    "INSERT INTO negative_cache (store_path, expires_at) VALUES (?1, ?2) \
-                     ON CONFLICT(store_path) DO UPDATE SET expires_at = excluded.expires_at",
-                )?
-                .execute(params![hash.as_str(), to_i64(*expires_at)])?;
-                // At once, even if the batch fails: a superset is harmless.
-                self.negatives.insert(*hash);
-                // One state per hash: the route it replaces goes.
-                delete_route(tx, *replaces)
-            }
-            WriteOp::Health(h) => {
-                tx.prepare_cached(
-                    "INSERT INTO upstream_health (url, ema_latency, consecutive_fails, \
-                     total_queries) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(url) DO UPDATE SET \
-                     ema_latency = excluded.ema_latency, \
-                     consecutive_fails = excluded.consecutive_fails, \
-                     total_queries = excluded.total_queries",
-                )?
-                .execute(params![
-                    h.url,
-                    h.ema_latency,
-                    h.consecutive_fails,
-                    to_i64(h.total_queries)
-                ])?;
-                Ok(0)
-            }
-            WriteOp::Remove(hash, id) => {
-                self.delete_negative(hash)?;
-                delete_route(tx, *id)
-            }
-            WriteOp::Flush(_) | WriteOp::Shutdown => Ok(0),
-        }
-    }
-
-    /// Appends the route under its row id (both tables) and deletes the
-    /// row it replaces. A row id already present (a write retried after it
-    /// committed) is left as it is.
-    fn append_route(
-        &mut self,
-        hash: &StoreHash,
-        e: &RouteEntry,
-        ids: RowIds,
-    ) -> rusqlite::Result<i64> {
-        let id = to_i64(ids.id);
-        let mut delta = match ids.replaces {
-            Some(old) if old != ids.id => delete_route(self.tx, Some(old))?,
-            _ => 0,
-        };
-        let (log, body) = match &mut self.insert {
-            Some(s) => s,
-            None => self.insert.insert((
-                self.tx.prepare_cached(INSERT_LOG)?,
-                self.tx.prepare_cached(INSERT_BODY)?,
-            )),
-        };
-        let inserted = log.execute(params![
-            id,
-            hash.as_str(),
-            &*e.upstream,
-            &*e.nar_url,
-            to_i64(e.expires_at),
-            to_i64(e.verified_at),
-        ])?;
-        if inserted == 1 {
-            body.execute(params![
-                id,
-                f64::from(e.latency_ms),
-                &*e.nar_hash,
-                to_i64(e.nar_size),
-                &e.narinfo[..],
-            ])?;
-            delta += 1;
-        }
-        self.delete_negative(hash)?;
-        Ok(delta)
-    }
-
-    fn delete_negative(&mut self, hash: &StoreHash) -> rusqlite::Result<()> {
-        if self.negatives.contains(hash) {
-            self.tx
-                .prepare_cached("DELETE FROM negative_cache WHERE store_path = ?1")?
-                .execute([hash.as_str()])?;
-            self.cleared.push(*hash);
-        }
-        Ok(())
-    }
-}
-
-/// Deletes route row `id` (when there is one) from both tables.
-fn delete_route(tx: &rusqlite::Transaction<'_>, id: Option<u64>) -> rusqlite::Result<i64> {
-    let Some(id) = id else { return Ok(0) };
-    let id = to_i64(id);
-    let n = tx
-        .prepare_cached("DELETE FROM route_log WHERE id = ?1")?
-        .execute([id])?;
-    tx.prepare_cached("DELETE FROM route_body WHERE id = ?1")?
-        .execute([id])?;
-    Ok(-(n as i64))
 }

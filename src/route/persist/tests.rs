@@ -49,7 +49,7 @@ fn route(h: StoreHash, e: Arc<RouteEntry>) -> WriteOp {
             replaces: rows.insert(h, id),
         }
     });
-    WriteOp::Route(h, e, ids)
+    WriteOp::Route(h, RouteRow::of(&e), ids)
 }
 
 /// The row of `h`'s current route, forgotten (a negative entry or a
@@ -778,4 +778,72 @@ fn error_kinds_are_distinct_bits() {
     ];
     let bits: Vec<u32> = kinds.iter().map(|&c| error_kind(&e(c)).0).collect();
     assert_eq!(bits.iter().fold(0, |acc, b| acc | b).count_ones(), 7);
+}
+
+/// The ops of a busy batch: 150 new routes (distinct narinfos), with a
+/// route that replaces an earlier one of the same batch, a negative entry
+/// and the route that clears it among them. Explicit row ids, so that two
+/// databases get the same ops.
+fn busy_batch() -> Vec<WriteOp> {
+    let new = |i: u32, id: u64, replaces: Option<u64>| {
+        let mut e = (*entry(&format!("https://u{}", i % 3), FAR, u64::from(i))).clone();
+        e.narinfo = Bytes::from(format!("StorePath: /nix/store/{i}\nURL: nar/{i}.nar\n"));
+        e.nar_url = format!("nar/{i}.nar").into();
+        WriteOp::Route(hash(i), RouteRow::of(&e), RowIds { id, replaces })
+    };
+    let mut ops: Vec<WriteOp> = (0..70).map(|i| new(i, u64::from(i) + 1, None)).collect();
+    ops.push(new(3, 71, Some(4))); // hash 3's route (row 4) replaced
+    ops.extend((71..100).map(|i| new(i, u64::from(i) + 1, None)));
+    ops.push(WriteOp::Negative(hash(500), FAR, None));
+    ops.push(new(500, 500, None)); // clears that negative entry
+    ops.extend((100..150).map(|i| new(i, u64::from(i) + 1, None)));
+    ops
+}
+
+/// Every row of the route and negative tables, in order.
+fn dump(db: &Db) -> Vec<String> {
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT id, hash, upstream, nar_url, expires_at, verified_at FROM route_log ORDER BY id",
+        "SELECT id, latency_ms, nar_hash, nar_size, hex(narinfo) FROM route_body ORDER BY id",
+        "SELECT store_path, expires_at FROM negative_cache ORDER BY store_path",
+    ] {
+        let mut stmt = db.conn.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                let cols: Vec<String> = (0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect();
+                Ok(cols.join("|"))
+            })
+            .unwrap();
+        out.extend(rows.map(Result::unwrap));
+        out.push("--".into());
+    }
+    out
+}
+
+#[test]
+fn new_routes_written_many_to_a_statement_match_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_db = |name: &str| open(dir.path().join(name).to_str().unwrap()).unwrap();
+    // One batch: the runs of new routes go 64 to a statement.
+    let mut many = open_db("many.db");
+    assert_eq!(many.write_batch(&busy_batch()).unwrap(), 152);
+    // One op per batch: every route through the one-row statements.
+    let mut one = open_db("one.db");
+    for op in busy_batch() {
+        one.write_batch(std::slice::from_ref(&op)).unwrap();
+    }
+    let rows = dump(&one);
+    assert_eq!(rows.len(), 150 + 1 + 150 + 1 + 1, "{rows:?}");
+    assert_eq!(dump(&many), rows);
+    assert_eq!((many.route_count(), one.route_count()), (150, 150));
+    // The same batch again (a write retried after it committed): rows
+    // already there are left as they are, none is added.
+    assert_eq!(many.write_batch(&busy_batch()).unwrap(), 152);
+    assert_eq!(dump(&many), rows);
+    assert_eq!(many.route_count(), 150);
+    assert_eq!(many.integrity_check().unwrap(), "ok");
 }

@@ -15,7 +15,9 @@ use super::{unix_now, Db, PersistError, WriteOp};
 use crate::proto::store_path::StoreHash;
 
 /// Ops queued for the writer before `try_write` starts dropping them.
-/// At ~100 bytes per op this bounds the queue to a few MB.
+/// A route op holds its row, narinfo included (~1 KB): a full queue holds
+/// ~70 MB, reached only by a writer far behind (it needs ~5-6 us of CPU
+/// a route, docs/benchmarks.md).
 pub const QUEUE_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone)]
