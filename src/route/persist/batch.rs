@@ -128,27 +128,14 @@ impl Batch<'_> {
             })
         };
         for (hash, e, id) in routes() {
-            vals.extend([
-                Val::Int(id),
-                Val::Text(hash.as_str()),
-                Val::Text(&e.upstream),
-                Val::Text(e.nar_url()),
-                Val::Int(to_i64(e.expires_at)),
-                Val::Int(to_i64(e.verified_at)),
-            ]);
+            vals.extend(log_row(hash, e, id));
         }
         let ins = self.inserts()?;
         let inserted = ins.log_many.execute(&vals)?;
         vals.clear();
         if inserted == MANY {
             for (_, e, id) in routes() {
-                vals.extend([
-                    Val::Int(id),
-                    Val::Real(f64::from(e.latency_ms)),
-                    Val::Text(e.nar_hash()),
-                    Val::Int(to_i64(e.nar_size)),
-                    Val::Blob(e.narinfo()),
-                ]);
+                vals.extend(body_row(e, id));
             }
             ins.body_many.execute(&vals)?;
         } else {
@@ -228,22 +215,9 @@ impl Batch<'_> {
             _ => 0,
         };
         let RouteInserts { log, body, .. } = self.inserts()?;
-        let inserted = log.execute(&[
-            Val::Int(id),
-            Val::Text(hash.as_str()),
-            Val::Text(&e.upstream),
-            Val::Text(e.nar_url()),
-            Val::Int(to_i64(e.expires_at)),
-            Val::Int(to_i64(e.verified_at)),
-        ])?;
+        let inserted = log.execute(&log_row(hash, e, id))?;
         if inserted == 1 {
-            body.execute(&[
-                Val::Int(id),
-                Val::Real(f64::from(e.latency_ms)),
-                Val::Text(e.nar_hash()),
-                Val::Int(to_i64(e.nar_size)),
-                Val::Blob(e.narinfo()),
-            ])?;
+            body.execute(&body_row(e, id))?;
             delta += 1;
         }
         self.delete_negative(hash)?;
@@ -276,4 +250,27 @@ fn delete_route(tx: &rusqlite::Transaction<'_>, id: Option<u64>) -> rusqlite::Re
 /// SQLite's integers are signed: values past `i64::MAX` are stored as it.
 pub(super) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The `route_log` columns of a route, in the order of its INSERTs.
+fn log_row<'a>(hash: &'a StoreHash, e: &'a RouteRow, id: i64) -> [Val<'a>; 6] {
+    [
+        Val::Int(id),
+        Val::Text(hash.as_str()),
+        Val::Text(&e.upstream),
+        Val::Text(e.nar_url()),
+        Val::Int(to_i64(e.expires_at)),
+        Val::Int(to_i64(e.verified_at)),
+    ]
+}
+
+/// The `route_body` columns of a route, in the order of its INSERTs.
+fn body_row(e: &RouteRow, id: i64) -> [Val<'_>; 5] {
+    [
+        Val::Int(id),
+        Val::Real(f64::from(e.latency_ms)),
+        Val::Text(e.nar_hash()),
+        Val::Int(to_i64(e.nar_size)),
+        Val::Blob(e.narinfo()),
+    ]
 }
