@@ -1,7 +1,6 @@
 //! `GET/HEAD /<hash>.narinfo`: route cache, then single-flight race. HOT.
 
 mod fallback;
-mod race_box;
 mod tiers;
 
 use std::borrow::Cow;
@@ -61,10 +60,8 @@ pub async fn answer(ctx: &WorkerCtx, hash: StoreHash) -> Resolved {
         }
     }
     // Boxed: the race's state is large and only misses need it, so it is
-    // not part of every idle connection's task. In a reused block: a fresh
-    // one costs an aligned allocation and often a page fault (`race_box`).
-    let flight = ctx.flights.run(hash, || resolve_once(ctx, hash));
-    let (resolved, role) = race_box::RaceBox::new(flight).await;
+    // not part of every idle connection's task.
+    let (resolved, role) = Box::pin(ctx.flights.run(hash, || resolve_once(ctx, hash))).await;
     if role == race::Role::Joined {
         ctx.metrics.singleflight_waiters.inc();
     }
