@@ -11,6 +11,8 @@
 # SETTLE seconds after wrk ends (its last batch committed), and divided by
 # the routes it committed in between (`ncro_route_writer_rows_total`).
 # The binaries run alternately, ROUNDS rounds, each on a fresh database.
+# The sizes of the database file and its WAL at that moment say whether
+# the run included a WAL checkpoint (the file grows only at one).
 #
 # Usage: loadtest/writer-cpu.sh BIN_A BIN_B [ROUNDS] [DURATION]   (3, 4s)
 # Env: MISS_PATHS (50000), CONNS (64), CACHES, BASEPORT (18880), SETTLE (1),
@@ -82,10 +84,13 @@ for r in $(seq "$ROUNDS"); do
     lt_wrk "$t-r$r" "http://127.0.0.1:$NCPORT" "$L" "$CONNS" "$DUR" "$NCRO_PID" "$UPPIDS" >/dev/null
     sleep "$SETTLE"
     c1=$(writer_ns "$NCRO_PID"); n1=$(rows)
+    # The database file only grows at a checkpoint (the WAL's pages are
+    # copied into it): db_mb > 0 says this run included one.
+    db=$(stat -c %s "$W/routes.db"); wal=$(stat -c %s "$W/routes.db-wal" 2>/dev/null || echo 0)
     if [ "${PERF:-0}" = 1 ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; fi
     kill -TERM "$NCRO_PID"; wait "$NCRO_PID" 2>/dev/null || true
-    awk -v t="$t" -v r="$r" -v bin="$bin" -v c="$((c1 - c0))" -v n="$((n1 - n0))" \
-      'BEGIN {printf "binary=%s bin=%s round=%d writer_cpu_s=%.3f rows=%d us_per_route=%.2f\n", t, bin, r, c / 1e9, n, (n > 0 ? c / 1e3 / n : 0)}' \
+    awk -v t="$t" -v r="$r" -v bin="$bin" -v c="$((c1 - c0))" -v n="$((n1 - n0))" -v db="$db" -v wal="$wal" \
+      'BEGIN {printf "binary=%s bin=%s round=%d writer_cpu_s=%.3f rows=%d us_per_route=%.2f db_mb=%.1f wal_mb=%.1f\n", t, bin, r, c / 1e9, n, (n > 0 ? c / 1e3 / n : 0), db / 1e6, wal / 1e6}' \
       | tee -a "$RUN/writer.txt"
   done
 done

@@ -847,3 +847,35 @@ fn new_routes_written_many_to_a_statement_match_one_at_a_time() {
     assert_eq!(many.route_count(), 150);
     assert_eq!(many.integrity_check().unwrap(), "ok");
 }
+
+#[test]
+fn a_body_without_its_log_row_is_replaced_by_the_new_route_of_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_db = |name: &str| {
+        let db = open(dir.path().join(name).to_str().unwrap()).unwrap();
+        // Row 5's body, its log row gone (a hand-edited file, say).
+        db.conn
+            .execute(
+                "INSERT INTO route_body (id, latency_ms, nar_hash, nar_size, narinfo) \
+                 VALUES (5, 1.0, 'sha256:old', 1, x'6f6c64')",
+                [],
+            )
+            .unwrap();
+        db
+    };
+    let mut many = open_db("many.db");
+    assert_eq!(many.write_batch(&busy_batch()).unwrap(), 152);
+    let mut one = open_db("one.db");
+    for op in busy_batch() {
+        one.write_batch(std::slice::from_ref(&op)).unwrap();
+    }
+    assert_eq!(dump(&many), dump(&one));
+    let body: Vec<u8> = many
+        .conn
+        .query_row("SELECT narinfo FROM route_body WHERE id = 5", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(body, b"StorePath: /nix/store/4\nURL: nar/4.nar\n");
+    assert_eq!(many.integrity_check().unwrap(), "ok");
+}
