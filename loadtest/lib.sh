@@ -309,7 +309,10 @@ lt_check_records() {
 }
 
 # lt_caches DIR: the fake caches A and B from gen-caches.py (seed 42, no
-# big NAR files: ~330 MB, ~15 s). Reused when already there.
+# big NAR files: ~330 MB, ~15 s), PER_CLASS (20000) paths a class.
+# Reused when already there; made again (A, B and lists emptied first:
+# the size decides which cache holds a hash) when the generator or
+# PER_CLASS changed.
 # lt_caches_nginx_conf FILE DIR PROCESS_LINES UPA UPB CACHES: writes an nginx
 # config (pid and error log in DIR) serving the fake caches CACHES/A on
 # 127.0.0.1:UPA and CACHES/B on 127.0.0.1:UPB statically, keep-alive;
@@ -332,12 +335,13 @@ NG
 }
 
 lt_caches() {
-  local dir=$1
+  local dir=$1 per=${PER_CLASS:-20000}
   local gen
-  gen=$(sha256sum "$LT_DIR/gen-caches.py" | cut -c1-16)
-  # Regenerate when made by another version of the generator.
+  gen="$(sha256sum "$LT_DIR/gen-caches.py" | cut -c1-16) per-class=$per"
+  # Regenerate when made by another version of the generator or size.
   if [ "$(cat "$dir/.generator" 2>/dev/null)" != "$gen" ] || [ ! -s "$dir/lists/big-nars.txt" ]; then
-    lt_cmd python3 "$LT_DIR/gen-caches.py" "$dir" --no-big >&2
+    rm -rf "${dir:?}/A" "$dir/B" "$dir/lists"
+    lt_cmd python3 "$LT_DIR/gen-caches.py" "$dir" --no-big --per-class "$per" >&2
     echo "$gen" > "$dir/.generator"
   fi
   chmod -R a+rX "$dir"

@@ -16,6 +16,9 @@
 #
 # Usage: loadtest/writer-cpu.sh BIN_A BIN_B [ROUNDS] [DURATION]   (3, 4s)
 # Env: MISS_PATHS (50000), CONNS (64), CACHES, BASEPORT (18880), SETTLE (1),
+#      MAX_ENTRIES (cache.max_entries: 100000, or twice MISS_PATHS above it),
+#      PER_CLASS (gen-caches.py's; 40000 gives 120,000 present paths: use
+#      its own CACHES directory),
 #      PERF=1 (perf record of the writer thread during each run, into the
 #      run folder: perf-BIN-ROUND.data; PERF_ARGS adds options to it, e.g.
 #      "--call-graph dwarf,16384"; the sampling costs the thread CPU too,
@@ -25,6 +28,8 @@ export LT_PIN=0 WRK_THREADS=${WRK_THREADS:-2}
 . "$(dirname "$0")/lib.sh"
 A=$1; B=$2; ROUNDS=${3:-3}; DUR=${4:-4s}
 CONNS=${CONNS:-64}; MISS_PATHS=${MISS_PATHS:-50000}; SETTLE=${SETTLE:-1}
+# Above MISS_PATHS: no route is evicted (and raced again) during a run.
+MAX_ENTRIES=${MAX_ENTRIES:-$((MISS_PATHS > 100000 ? MISS_PATHS * 2 : 100000))}
 CACHES=${CACHES:-/tmp/ncro-bench/caches}
 BASEPORT=${BASEPORT:-18880}
 UPA=$((BASEPORT + 1)); UPB=$((BASEPORT + 2)); NCPORT=$((BASEPORT + 3))
@@ -47,6 +52,7 @@ url = "http://127.0.0.1:$UPB"
 priority = 20
 [cache]
 db_path = "$W/routes.db"
+max_entries = $MAX_ENTRIES
 [logging]
 level = "warn"
 NC
