@@ -16,8 +16,8 @@ use crate::proto::store_path::StoreHash;
 
 /// Ops queued for the writer before `try_write` starts dropping them.
 /// A route op holds its row, narinfo included (~1 KB): a full queue holds
-/// ~70 MB, reached only by a writer far behind (it needs ~5-6 us of CPU
-/// a route, docs/benchmarks.md).
+/// ~70 MB, reached only by a writer far behind (it needs ~4-5 us of CPU
+/// a route, ~5 once the database is full, docs/benchmarks.md).
 pub const QUEUE_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone)]
