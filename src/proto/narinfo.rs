@@ -346,9 +346,10 @@ impl NarInfo {
 /// Borrowed (no copy) when nothing changes, the usual case.
 pub fn relay_form<'a>(body: &'a [u8], url: Option<&str>) -> Cow<'a, [u8]> {
     let mut out: Option<Vec<u8>> = None;
-    let mut at = 0usize; // bytes of `body` consumed so far
-                         // Runs on every race won (twice with a `URL:` rewrite): one scan for
-                         // each line's end, no iterator looking one line ahead.
+    // Bytes of `body` consumed so far. This runs on every race won (twice
+    // with a `URL:` rewrite): one scan for each line's end, no iterator
+    // looking one line ahead.
+    let mut at = 0usize;
     while at < body.len() {
         let rest = &body[at..];
         let (line, next_at, last) = match rest.iter().position(|&b| b == b'\n') {
